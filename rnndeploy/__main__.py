@@ -1,0 +1,3 @@
+from rnndeploy.cli import main
+
+main()
