@@ -9,7 +9,9 @@ from rnndeploy import ModelConfig, SequenceModel
 
 
 def test_lm_state_carry_equals_one_long_pass():
-    model = SequenceModel(ModelConfig(task="lm", cell="lstm", vocab_size=11, embed_dim=4, hidden_size=6, num_layers=2))
+    model = SequenceModel(
+        ModelConfig(task="lm", cell="lstm", vocab_size=11, embed_dim=4, hidden_size=6, num_layers=2)
+    )
     x = torch.randint(0, 11, (3, 9))
     y_full, s_full = model(x)
     assert y_full.shape == (3, 9, 11)
@@ -35,7 +37,13 @@ def test_regression_head_is_linear_map_of_recurrent_output():
 
 def test_bidirectional_classifier_uses_both_final_states_and_lengths():
     cfg = ModelConfig(
-        task="classification", cell="rnn", vocab_size=7, output_size=3, embed_dim=4, hidden_size=5, bidirectional=True
+        task="classification",
+        cell="rnn",
+        vocab_size=7,
+        output_size=3,
+        embed_dim=4,
+        hidden_size=5,
+        bidirectional=True,
     )
     model = SequenceModel(cfg)
     x = torch.randint(0, 7, (2, 6))

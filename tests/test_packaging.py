@@ -13,7 +13,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_wheel_installs_one_namespace(tmp_path):
     wheel_dir = tmp_path / "wheel"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheel_dir, ROOT],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            wheel_dir,
+            ROOT,
+        ],
         check=True,
         cwd=tmp_path,
     )
@@ -25,8 +36,9 @@ def test_wheel_installs_one_namespace(tmp_path):
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
     site = Path(
-        subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True)
-        .strip()
+        subprocess.check_output(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
     )
     # The current environment's packages stay visible (fast: no torch install), but not its .pth hooks,
     # so the editable install of this checkout cannot leak in.
