@@ -25,8 +25,8 @@ from rnndeploy.models import SequenceModel
 
 from .recurrent import ONNX_OP, OnnxRecurrent, UnsupportedLayerError, cell_of, onnx_recurrent_layers
 
-# NOTE: opset 17 is the newest opset that TensorRT 8.6 (still common in deployed Triton/Jetson images) parses
-# completely, onnxruntime has run it since 1.12, and its RNN/LSTM/GRU (version 14) are the current definitions.
+# NOTE: opset 17 is the newest opset that TensorRT 8.6 (still common in deployed Triton/Jetson images)
+# parses completely, onnxruntime has run it since 1.12, and its RNN/LSTM/GRU (version 14) are current.
 DEFAULT_OPSET = 17
 # LSTM/GRU/RNN-14 is the first definition with the current semantics; 20 is the newest opset the TorchScript
 # exporter writes.
@@ -93,7 +93,7 @@ def save_onnx(proto: onnx.ModelProto, path: str | Path) -> Path:
 
 
 def check_and_infer(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``onnx.checker.check_model(full_check=True)`` and strict shape inference; returns the inferred model."""
+    """Runs ``onnx.checker.check_model(full_check=True)`` and strict shape inference; returns the result."""
     try:
         onnx.checker.check_model(proto, full_check=True)
         return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
@@ -106,7 +106,13 @@ def state_spec(model: SequenceModel) -> list[dict[str, Any]]:
     c = model.config
     rows = c.num_layers * c.num_directions
     return [
-        {"input": f"{s}0", "output": f"{s}n", "shape": [rows, "batch", c.hidden_size], "batch_axis": 1, "dtype": "float32"}
+        {
+            "input": f"{s}0",
+            "output": f"{s}n",
+            "shape": [rows, "batch", c.hidden_size],
+            "batch_axis": 1,
+            "dtype": "float32",
+        }
         for s in c.state_names
     ]
 
@@ -175,7 +181,9 @@ class _ContractGraph(nn.Module):
         return (y, *new_state)
 
 
-def example_input(model: SequenceModel, batch: int, time: int, generator: torch.Generator | None = None) -> Tensor:
+def example_input(
+    model: SequenceModel, batch: int, time: int, generator: torch.Generator | None = None
+) -> Tensor:
     """A random model input: ``[batch, time]`` int64 token ids or ``[batch, time, F]`` float32 features."""
     c = model.config
     if c.vocab_size is not None:
@@ -204,7 +212,7 @@ def _export_sequence_model(
 
 
 def check_layer(module: nn.Module, name: str) -> None:
-    """Raises :class:`ExportError` (naming ``name`` and the option) if a recurrent layer cannot be exported."""
+    """Raises :class:`ExportError` naming ``name`` and the option if a recurrent layer cannot be exported."""
     try:
         OnnxRecurrent(module, name)
     except UnsupportedLayerError as exc:
@@ -224,7 +232,7 @@ def _export_module(
     if dynamic_axes is None:
         dynamic_axes = {
             name: {axis: f"axis{axis}" for axis in range(min(2, a.dim()))}
-            for name, a in zip(input_names, args)
+            for name, a in zip(input_names, args, strict=True)
             if isinstance(a, Tensor)
         }
     expected: dict[str, int] = {}
@@ -277,10 +285,13 @@ def _check_recurrent_nodes(proto: onnx.ModelProto, expected: dict[str, int]) -> 
     bad = sorted({n.op_type for n in proto.graph.node if n.op_type in FORBIDDEN_OPS})
     custom = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
     if bad or custom:
-        raise ExportError(f"the exported graph holds control-flow or custom nodes {bad + custom}; expected none")
+        raise ExportError(
+            f"the exported graph holds control-flow or custom nodes {bad + custom}; expected none"
+        )
     counts = recurrent_node_counts(proto)
     for op, n in expected.items():
         if counts[op] < n:
             raise ExportError(
-                f"expected at least {n} ONNX {op} node(s) (one per layer), the exported graph has {counts[op]}"
+                f"expected at least {n} ONNX {op} node(s) (one per layer), "
+                f"the exported graph has {counts[op]}"
             )

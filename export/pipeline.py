@@ -1,4 +1,4 @@
-"""``export_checkpoint``: checkpoint -> ONNX (+ fp16, int8, Triton repository), verified, with a printable report.
+"""``export_checkpoint``: checkpoint -> ONNX (+ fp16, int8, Triton repository), verified, with a report.
 
 This is what ``rnndeploy export`` and the demo call.
 """
@@ -66,10 +66,11 @@ def export_checkpoint(
         onnx_path: the fp32 graph to write; default: the checkpoint's path with ``.onnx``.
         verify: compare every written graph with PyTorch (see :func:`rnndeploy.export.verify`).
         opset: ONNX opset of the graphs.
-        fp16: also write ``<name>.fp16.onnx`` (half compute, float32 I/O; for CUDA/TensorRT execution providers).
+        fp16: also write ``<name>.fp16.onnx`` (half compute, float32 I/O; for the CUDA/TensorRT providers).
         int8: also write ``<name>.int8.onnx`` (dynamic int8) and measure its accuracy change and CPU speed.
         triton_repo: also write a Triton Inference Server model repository there (see
-            :func:`rnndeploy.export.write_triton_repository`); ``triton_name`` names the model (default: stem).
+            :func:`rnndeploy.export.write_triton_repository`); ``triton_name`` names the model (default:
+            the ONNX file's stem).
         max_batch_size: Triton ``max_batch_size``.
 
     Returns:
@@ -106,7 +107,9 @@ def export_checkpoint(
     return report
 
 
-def int8_accuracy(model: SequenceModel, fp32_path: Path, int8_path: Path, batch: int = 16, time: int = 64) -> list[str]:
+def int8_accuracy(
+    model: SequenceModel, fp32_path: Path, int8_path: Path, batch: int = 16, time: int = 64
+) -> list[str]:
     """How much int8 changes the model's outputs on random held-out inputs, as printable lines.
 
     Language models and classifiers: top-1 agreement with fp32 and the change of the mean log-probability of
@@ -114,13 +117,22 @@ def int8_accuracy(model: SequenceModel, fp32_path: Path, int8_path: Path, batch:
     """
     c = model.config
     x = example_input(model, batch, time, torch.Generator().manual_seed(1)).numpy()
-    feeds = {"input": x, **{f"{s}0": np.zeros(st.shape, np.float32) for s, st in zip(c.state_names, model.init_state(batch))}}
+    feeds = {
+        "input": x,
+        **{
+            f"{s}0": np.zeros(st.shape, np.float32)
+            for s, st in zip(c.state_names, model.init_state(batch), strict=True)
+        },
+    }
     y32 = session(fp32_path).run(["output"], feeds)[0]
     y8 = session(int8_path, precision="int8").run(["output"], feeds)[0]
     head = f"int8 accuracy change (random inputs, batch {batch} x time {time}; the checkpoint holds no data):"
     if c.task == "regression":
         rms = float(np.sqrt(np.mean((y8 - y32) ** 2)))
-        return [head, f"  RMS(int8 - fp32) = {rms:.3e}, {rms / (float(y32.std()) or 1.0):.2%} of the output std"]
+        return [
+            head,
+            f"  RMS(int8 - fp32) = {rms:.3e}, {rms / (float(y32.std()) or 1.0):.2%} of the output std",
+        ]
     top32, top8 = y32.argmax(-1), y8.argmax(-1)
     logp32 = _log_probs(y32, c.head)
     logp8 = _log_probs(y8, c.head)
@@ -144,12 +156,18 @@ def _log_probs(y: np.ndarray, head: str) -> np.ndarray:
 
 
 def int8_speed(model: SequenceModel, fp32_path: Path, int8_path: Path) -> list[str]:
-    """Median CPU latency (1 thread) of fp32 vs int8: one step at batch 1, and a 64-step sequence at batch 1."""
+    """Median CPU latency (1 thread) of fp32 vs int8 at batch 1: one step, and a 64-step sequence."""
     c = model.config
     lines = ["CPU latency, onnxruntime CPUExecutionProvider, 1 thread, median of 200 runs:"]
     for time in (1, 64):
         x = example_input(model, 1, time, torch.Generator().manual_seed(2)).numpy()
-        feeds = {"input": x, **{f"{s}0": np.zeros(st.shape, np.float32) for s, st in zip(c.state_names, model.init_state(1))}}
+        feeds = {
+            "input": x,
+            **{
+                f"{s}0": np.zeros(st.shape, np.float32)
+                for s, st in zip(c.state_names, model.init_state(1), strict=True)
+            },
+        }
         t32 = latency_us(fp32_path, feeds)
         t8 = latency_us(int8_path, feeds)
         lines.append(f"  batch 1 x time {time:>2}: fp32 {t32:8.1f} us, int8 {t8:8.1f} us ({t32 / t8:.2f}x)")

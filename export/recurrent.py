@@ -1,9 +1,9 @@
 """Recurrent layers as standard ONNX ``RNN`` / ``LSTM`` / ``GRU`` nodes.
 
 During export every ``torch.nn.RNN/LSTM/GRU`` (rnndeploy's subclass them) is swapped for an
-:class:`OnnxRecurrent` wrapper. Each layer of the wrapper calls :class:`RecurrentFunction`, whose ``symbolic()``
-emits one ONNX node per layer (both directions in one node) with ``W``, ``R`` and ``B`` as initializers, gates
-reordered from PyTorch's layout to ONNX's:
+:class:`OnnxRecurrent` wrapper. Each layer of the wrapper calls :class:`RecurrentFunction`, whose
+``symbolic()`` emits one ONNX node per layer (both directions in one node) with ``W``, ``R`` and ``B`` as
+initializers, gates reordered from PyTorch's layout to ONNX's:
 
 - LSTM: PyTorch ``i, f, g, o`` -> ONNX ``i, o, f, c``;
 - GRU: PyTorch ``r, z, n`` -> ONNX ``z, r, h`` with ``linear_before_reset=1`` (PyTorch applies the reset gate
@@ -23,9 +23,8 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from torch import Tensor, nn
-
 from rnndeploy.kernels import reference_layer
+from torch import Tensor, nn
 
 ONNX_OP = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU"}
 # Position k of each list is the PyTorch gate block that becomes ONNX gate block k.
@@ -117,7 +116,9 @@ class RecurrentFunction(torch.autograd.Function):
         hidden, gh = R.shape[-1], R.shape[-2]
 
         def torch_order(v: Tensor) -> Tensor:  # ONNX gate blocks back to PyTorch's (slices only: traceable)
-            return torch.cat([v[order.index(j) * hidden : (order.index(j) + 1) * hidden] for j in range(len(order))])
+            return torch.cat(
+                [v[order.index(j) * hidden : (order.index(j) + 1) * hidden] for j in range(len(order))]
+            )
 
         ys, finals = [], []
         with _untraced():

@@ -1,7 +1,8 @@
 """A Triton Inference Server model repository for a ``SequenceModel``: sequence batcher with implicit state.
 
-Triton keeps each sequence's state on the server (``sequence_batching.state``) and feeds it back as an input on
-the sequence's next request, batch axis first. The exported contract graph (``h0 [L*D, batch, H]``) is wrapped:
+Triton keeps each sequence's state on the server (``sequence_batching.state``) and feeds it back as an input
+on the sequence's next request, batch axis first. The exported contract graph (``h0 [L*D, batch, H]``) is
+wrapped:
 
     START [batch, 1] int32 ──► Where(START, 0, state_h_in) ──► Transpose ──► h0 ─┐
     state_h_in [batch, L*D, H] ─────────────────────────────────────────────────┘   contract graph
@@ -25,7 +26,11 @@ from rnndeploy.models import SequenceModel
 from .exporter import DEFAULT_OPSET, check_and_infer, export_onnx, save_onnx, set_metadata
 
 START = "START"
-_TRITON_TYPE = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.INT64: "TYPE_INT64", TensorProto.INT32: "TYPE_INT32"}
+_TRITON_TYPE = {
+    TensorProto.FLOAT: "TYPE_FP32",
+    TensorProto.INT64: "TYPE_INT64",
+    TensorProto.INT32: "TYPE_INT32",
+}
 
 
 def state_names(model: SequenceModel) -> list[tuple[str, str, str, str]]:
@@ -51,9 +56,13 @@ def triton_graph(model: SequenceModel, opset: int = DEFAULT_OPSET) -> onnx.Model
     kept_outputs = [v for v in graph.output if v.name not in contract_outputs]
     head = [
         helper.make_node("Cast", [START], ["start_bool"], to=TensorProto.BOOL, name="start_cast"),
-        helper.make_node("Constant", [], ["start_shape"], value=helper.make_tensor("", TensorProto.INT64, [3], [-1, 1, 1])),
+        helper.make_node(
+            "Constant", [], ["start_shape"], value=helper.make_tensor("", TensorProto.INT64, [3], [-1, 1, 1])
+        ),
         helper.make_node("Reshape", ["start_bool", "start_shape"], ["start_mask"], name="start_reshape"),
-        helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("", TensorProto.FLOAT, [], [0.0])),
+        helper.make_node(
+            "Constant", [], ["zero"], value=helper.make_tensor("", TensorProto.FLOAT, [], [0.0])
+        ),
     ]
     tail = []
     new_inputs = [*kept_inputs, helper.make_tensor_value_info(START, TensorProto.INT32, ["batch", 1])]
@@ -62,9 +71,13 @@ def triton_graph(model: SequenceModel, opset: int = DEFAULT_OPSET) -> onnx.Model
         reset = f"{state_in}_reset"
         head += [
             helper.make_node("Where", ["start_mask", "zero", state_in], [reset], name=f"{state_in}_where"),
-            helper.make_node("Transpose", [reset], [contract_in], perm=[1, 0, 2], name=f"{state_in}_transpose"),
+            helper.make_node(
+                "Transpose", [reset], [contract_in], perm=[1, 0, 2], name=f"{state_in}_transpose"
+            ),
         ]
-        tail.append(helper.make_node("Transpose", [contract_out], [state_out], perm=[1, 0, 2], name=f"{state_out}_t"))
+        tail.append(
+            helper.make_node("Transpose", [contract_out], [state_out], perm=[1, 0, 2], name=f"{state_out}_t")
+        )
         shape = ["batch", rows, c.hidden_size]
         new_inputs.append(helper.make_tensor_value_info(state_in, TensorProto.FLOAT, shape))
         new_outputs.append(helper.make_tensor_value_info(state_out, TensorProto.FLOAT, shape))
@@ -77,7 +90,13 @@ def triton_graph(model: SequenceModel, opset: int = DEFAULT_OPSET) -> onnx.Model
     graph.output.extend(new_outputs)
     del graph.value_info[:]
     states = [
-        {"input": s_in, "output": s_out, "shape": ["batch", rows, c.hidden_size], "batch_axis": 0, "dtype": "float32"}
+        {
+            "input": s_in,
+            "output": s_out,
+            "shape": ["batch", rows, c.hidden_size],
+            "batch_axis": 0,
+            "dtype": "float32",
+        }
         for _, _, s_in, s_out in names
     ]
     set_metadata(proto, {"rnndeploy.states": json.dumps(states), "rnndeploy.triton.start_input": START})
@@ -135,7 +154,8 @@ def triton_config(
         "sequence_batching {\n"
         f"  max_sequence_idle_microseconds: {idle_timeout_us}\n"
         "  control_input [\n"
-        f'    {{ name: "{START}" control [ {{ kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] }} ] }}\n'
+        f'    {{ name: "{START}"\n'
+        "      control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] }\n"
         "  ]\n"
         "  state [\n" + ",\n".join(state_blocks) + "\n  ]\n"
         "  oldest {\n"
@@ -157,7 +177,7 @@ def write_triton_repository(
     max_queue_delay_us: int = 100,
     idle_timeout_us: int = 60_000_000,
 ) -> Path:
-    """Writes ``repo/<name>/config.pbtxt`` and ``repo/<name>/1/model.onnx`` (atomically) and returns ``repo/<name>``.
+    """Writes ``repo/<name>/config.pbtxt`` and ``repo/<name>/1/model.onnx`` atomically; returns the folder.
 
     Args:
         model: the ``SequenceModel``.

@@ -2,10 +2,12 @@
 
 - fp16: every float initializer and constant becomes float16 and the graph computes in half precision; graph
   inputs and outputs stay float32 (a ``Cast`` on each side), so runtimes and the state contract are unchanged.
-  onnxruntime's CUDA (cuDNN) and TensorRT execution providers run half RNN/LSTM/GRU; the CPU execution provider
-  has no float16 kernels for them, so on CPU the fp16 graph is checked with ``onnx.reference`` instead.
-- int8: ``onnxruntime.quantization.quantize_dynamic``: LSTM -> ``com.microsoft.DynamicQuantizeLSTM``, MatMul ->
-  ``DynamicQuantizeMatMul``/``MatMulInteger``, embedding ``Gather`` on int8 weights. GRU and RNN have no
+  onnxruntime's CUDA (cuDNN) and TensorRT execution providers run half RNN/LSTM/GRU. The CPU execution
+  provider has no float16 kernels for them: it inserts casts and computes in float32 (and onnxruntime 1.31
+  crashes loading such a graph at ``ORT_ENABLE_ALL``, see ``verification.session``), so true fp16 arithmetic
+  is checked on CPU with ``onnx.reference``.
+- int8: ``onnxruntime.quantization.quantize_dynamic``: LSTM -> ``com.microsoft.DynamicQuantizeLSTM``,
+  MatMul -> ``MatMulInteger``, embedding ``Gather`` on int8 weights. GRU and RNN have no
   quantized kernel and stay fp32. onnxruntime only (custom ``com.microsoft`` ops), CPU execution provider.
 """
 
@@ -46,14 +48,20 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
         if value.type.tensor_type.elem_type == TensorProto.FLOAT:
             half = f"{value.name}.fp16"
             _rename_uses(graph, value.name, half)
-            head.append(helper.make_node("Cast", [value.name], [half], to=TensorProto.FLOAT16, name=f"cast_{half}"))
+            head.append(
+                helper.make_node("Cast", [value.name], [half], to=TensorProto.FLOAT16, name=f"cast_{half}")
+            )
     for value in graph.output:
         if value.type.tensor_type.elem_type == TensorProto.FLOAT:
             half = f"{value.name}.fp16"
             for node in graph.node:
                 node.output[:] = [half if o == value.name else o for o in node.output]
             _rename_uses(graph, value.name, half)
-            tail.append(helper.make_node("Cast", [half], [value.name], to=TensorProto.FLOAT, name=f"cast_{value.name}"))
+            tail.append(
+                helper.make_node(
+                    "Cast", [half], [value.name], to=TensorProto.FLOAT, name=f"cast_{value.name}"
+                )
+            )
     nodes = head + list(graph.node) + tail
     del graph.node[:]
     graph.node.extend(nodes)
