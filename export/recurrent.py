@@ -23,8 +23,9 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from rnndeploy.kernels import reference_layer
 from torch import Tensor, nn
+
+from rnndeploy.kernels import reference_layer
 
 ONNX_OP = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU"}
 # Position k of each list is the PyTorch gate block that becomes ONNX gate block k.
