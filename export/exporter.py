@@ -23,7 +23,14 @@ from torch import Tensor, nn
 from rnndeploy.checkpoint import atomic_write
 from rnndeploy.models import SequenceModel
 
-from .recurrent import ONNX_OP, OnnxRecurrent, UnsupportedLayerError, cell_of, onnx_recurrent_layers
+from .recurrent import (
+    ONNX_OP,
+    OnnxRecurrent,
+    UnsupportedLayerError,
+    cell_of,
+    check_exportable,
+    onnx_recurrent_layers,
+)
 
 # NOTE: opset 17 is the newest opset that TensorRT 8.6 (still common in deployed Triton/Jetson images)
 # parses completely, onnxruntime has run it since 1.12, and its RNN/LSTM/GRU (version 14) are current.
@@ -214,7 +221,7 @@ def _export_sequence_model(
 def check_layer(module: nn.Module, name: str) -> None:
     """Raises :class:`ExportError` naming ``name`` and the option if a recurrent layer cannot be exported."""
     try:
-        OnnxRecurrent(module, name)
+        check_exportable(module, name)
     except UnsupportedLayerError as exc:
         raise ExportError(str(exc)) from exc
 

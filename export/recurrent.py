@@ -108,7 +108,7 @@ class RecurrentFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, W, R, B, cell, bidirectional, nonlinearity):  # noqa: N803 - ONNX names
+    def forward(ctx, x, h0, c0, W, R, B, cell, bidirectional, nonlinearity):
         """``x [T, B, I]``, ``h0``/``c0`` ``[D, B, H]`` -> ``y [T, B, D*H]``, ``hn`` (, ``cn``) ``[D, B, H]``.
 
         ``c0`` is ignored and ``cn`` not returned unless ``cell == "lstm"``.
@@ -136,7 +136,7 @@ class RecurrentFunction(torch.autograd.Function):
         return y, hn
 
     @staticmethod
-    def symbolic(g, x, h0, c0, W, R, B, cell, bidirectional, nonlinearity):  # noqa: N803
+    def symbolic(g, x, h0, c0, W, R, B, cell, bidirectional, nonlinearity):
         hidden = R.type().sizes()[-1]
         attrs = {
             "hidden_size_i": hidden,
@@ -177,7 +177,7 @@ class OnnxRecurrent(nn.Module):
         self.batch_first = module.batch_first
         self.nonlinearity = getattr(module, "nonlinearity", "tanh")
         for layer in range(module.num_layers):
-            W, R, B = onnx_weights(module, layer)  # noqa: N806
+            W, R, B = onnx_weights(module, layer)
             self.register_buffer(f"W_l{layer}", W)
             self.register_buffer(f"R_l{layer}", R)
             self.register_buffer(f"B_l{layer}", B)
@@ -190,7 +190,7 @@ class OnnxRecurrent(nn.Module):
                 "(PackedSequence and unbatched inputs are not exportable; pad the batch instead)"
             )
         x = input.transpose(0, 1) if self.batch_first else input  # layout=0: [T, B, I]
-        D, L = self.num_directions, self.num_layers  # noqa: N806
+        D, L = self.num_directions, self.num_layers
         if hx is None:
             zeros = x.new_zeros(L * D, x.shape[1], self.hidden_size)
             h0, c0 = zeros, zeros

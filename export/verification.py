@@ -8,6 +8,7 @@ of both onnxruntime and PyTorch. Each comparison is a row of a printable table.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +146,7 @@ def verify(
     """
     if precision not in TOLERANCES:
         raise ValueError(f"precision must be one of {sorted(TOLERANCES)}, got {precision!r}")
-    model = model.cpu().float().eval()
+    model = copy.deepcopy(model).cpu().float().eval()
     c = model.config
     sess = session(onnx_path, providers, precision)
     report = VerifyReport(precision, sess.get_providers())

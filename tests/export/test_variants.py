@@ -45,6 +45,8 @@ def test_int8_quantizes_lstm_only_and_stays_within_tolerance(name, tmp_path):
     export_onnx(model, tmp_path / "fp32.onnx")
     proto = quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx")
     ops = {n.op_type for n in proto.graph.node}
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["rnndeploy.precision"] == "int8" and meta["rnndeploy.config"] == model.config.to_json()
     cell = model.config.cell
     if cell == "lstm":
         assert "DynamicQuantizeLSTM" in ops and "LSTM" not in ops
