@@ -1,1 +1,36 @@
-"""ONNX export for rnndeploy models: standard RNN/LSTM/GRU nodes, state as graph I/O, verification."""
+"""ONNX export for rnndeploy models: standard RNN/LSTM/GRU nodes, state as graph I/O, verification,
+fp16 / int8 variants and Triton Inference Server repositories.
+
+Entry points:
+- :func:`export_onnx`: any ``nn.Module`` (``SequenceModel`` per the ONNX contract) -> checked ``.onnx``;
+- :func:`verify`: onnxruntime and ``onnx.reference`` against PyTorch, as a printable table;
+- :func:`export_checkpoint`: checkpoint -> ONNX (+ variants, Triton repository) with a printable report;
+- :func:`write_triton_repository`: a model repository for Triton's sequence batcher with implicit state.
+"""
+
+from .exporter import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError, export_onnx, save_onnx
+from .pipeline import ExportReport, export_checkpoint
+from .recurrent import OnnxRecurrent, UnsupportedLayerError, onnx_recurrent_layers
+from .triton import write_triton_repository
+from .variants import quantize_int8, to_fp16
+from .verification import TOLERANCES, VerifyReport, verify
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "MAX_OPSET",
+    "MIN_OPSET",
+    "TOLERANCES",
+    "ExportError",
+    "ExportReport",
+    "OnnxRecurrent",
+    "UnsupportedLayerError",
+    "VerifyReport",
+    "export_checkpoint",
+    "export_onnx",
+    "onnx_recurrent_layers",
+    "quantize_int8",
+    "save_onnx",
+    "to_fp16",
+    "verify",
+    "write_triton_repository",
+]

@@ -1,0 +1,174 @@
+"""``export_checkpoint``: checkpoint -> ONNX (+ fp16, int8, Triton repository), verified, with a report.
+
+This is what ``rnndeploy export`` and the demo call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rnndeploy.checkpoint import load_checkpoint
+from rnndeploy.models import SequenceModel
+
+from .exporter import DEFAULT_OPSET, example_input, export_onnx, save_onnx
+from .variants import latency_us, quantize_int8, to_fp16
+from .verification import VerifyReport, session
+from .verification import verify as verify_graph
+
+
+@dataclass
+class ExportReport:
+    """What ``export_checkpoint`` wrote and measured; ``str(report)`` prints it all."""
+
+    paths: dict[str, Path] = field(default_factory=dict)
+    verifications: dict[str, VerifyReport] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every verification that ran passed (vacuously True when none ran)."""
+        return all(v.ok for v in self.verifications.values())
+
+    def __str__(self) -> str:
+        out = [f"wrote {kind}: {path}" for kind, path in self.paths.items()]
+        for v in self.verifications.values():
+            out += ["", v.table()]
+        if self.lines:
+            out += ["", *self.lines]
+        return "\n".join(out)
+
+
+def variant_path(onnx_path: Path, precision: str) -> Path:
+    """``model.onnx`` -> ``model.fp16.onnx`` / ``model.int8.onnx``."""
+    return onnx_path.with_name(f"{onnx_path.stem}.{precision}{onnx_path.suffix}")
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    onnx_path: str | Path | None = None,
+    *,
+    verify: bool = True,
+    opset: int = DEFAULT_OPSET,
+    fp16: bool = False,
+    int8: bool = False,
+    triton_repo: str | Path | None = None,
+    triton_name: str | None = None,
+    max_batch_size: int = 64,
+) -> ExportReport:
+    """Exports a checkpoint written by ``rnndeploy.save_checkpoint`` and checks the result.
+
+    Args:
+        checkpoint: the ``.pt`` checkpoint.
+        onnx_path: the fp32 graph to write; default: the checkpoint's path with ``.onnx``.
+        verify: compare every written graph with PyTorch (see :func:`rnndeploy.export.verify`).
+        opset: ONNX opset of the graphs.
+        fp16: also write ``<name>.fp16.onnx`` (half compute, float32 I/O; for the CUDA/TensorRT providers).
+        int8: also write ``<name>.int8.onnx`` (dynamic int8) and measure its accuracy change and CPU speed.
+        triton_repo: also write a Triton Inference Server model repository there (see
+            :func:`rnndeploy.export.write_triton_repository`); ``triton_name`` names the model (default:
+            the ONNX file's stem).
+        max_batch_size: Triton ``max_batch_size``.
+
+    Returns:
+        An :class:`ExportReport`; ``report.ok`` is False when a verification failed.
+    """
+    checkpoint = Path(checkpoint)
+    ckpt = load_checkpoint(checkpoint, backend="torch")
+    onnx_path = Path(onnx_path) if onnx_path is not None else checkpoint.with_suffix(".onnx")
+    model = ckpt.model
+    report = ExportReport()
+    proto = export_onnx(model, onnx_path, opset=opset, vocab=ckpt.vocab, data_stats=ckpt.data_stats)
+    report.paths["fp32"] = onnx_path
+    if verify:
+        report.verifications["fp32"] = verify_graph(model, onnx_path, precision="fp32")
+    if fp16:
+        path = save_onnx(to_fp16(proto), variant_path(onnx_path, "fp16"))
+        report.paths["fp16"] = path
+        if verify:
+            report.verifications["fp16"] = verify_graph(model, path, precision="fp16")
+    if int8:
+        path = variant_path(onnx_path, "int8")
+        quantize_int8(onnx_path, path)
+        report.paths["int8"] = path
+        if verify:
+            report.verifications["int8"] = verify_graph(model, path, precision="int8")
+        report.lines += int8_accuracy(model, onnx_path, path) + int8_speed(model, onnx_path, path)
+    if triton_repo is not None:
+        from .triton import write_triton_repository
+
+        name = triton_name or onnx_path.stem
+        report.paths["triton"] = write_triton_repository(
+            model, triton_repo, name, opset=opset, max_batch_size=max_batch_size
+        )
+    return report
+
+
+def int8_accuracy(
+    model: SequenceModel, fp32_path: Path, int8_path: Path, batch: int = 16, time: int = 64
+) -> list[str]:
+    """How much int8 changes the model's outputs on random held-out inputs, as printable lines.
+
+    Language models and classifiers: top-1 agreement with fp32 and the change of the mean log-probability of
+    the fp32 top-1 class; regression: RMS difference relative to the fp32 outputs' standard deviation.
+    """
+    c = model.config
+    x = example_input(model, batch, time, torch.Generator().manual_seed(1)).numpy()
+    feeds = {
+        "input": x,
+        **{
+            f"{s}0": np.zeros(st.shape, np.float32)
+            for s, st in zip(c.state_names, model.init_state(batch), strict=True)
+        },
+    }
+    y32 = session(fp32_path).run(["output"], feeds)[0]
+    y8 = session(int8_path, precision="int8").run(["output"], feeds)[0]
+    head = f"int8 accuracy change (random inputs, batch {batch} x time {time}; the checkpoint holds no data):"
+    if c.task == "regression":
+        rms = float(np.sqrt(np.mean((y8 - y32) ** 2)))
+        return [
+            head,
+            f"  RMS(int8 - fp32) = {rms:.3e}, {rms / (float(y32.std()) or 1.0):.2%} of the output std",
+        ]
+    top32, top8 = y32.argmax(-1), y8.argmax(-1)
+    logp32 = _log_probs(y32, c.head)
+    logp8 = _log_probs(y8, c.head)
+    picked32 = np.take_along_axis(logp32, top32[..., None], -1).mean()
+    picked8 = np.take_along_axis(logp8, top32[..., None], -1).mean()
+    return [
+        head,
+        f"  top-1 agreement with fp32: {float((top32 == top8).mean()):.2%}",
+        f"  mean log-prob of the fp32 top-1 class: fp32 {picked32:.4f}, int8 {picked8:.4f}",
+        f"  max |int8 - fp32| over outputs: {float(np.abs(y8 - y32).max()):.3e}",
+    ]
+
+
+def _log_probs(y: np.ndarray, head: str) -> np.ndarray:
+    if head == "log_softmax":
+        return y
+    if head == "softmax":
+        return np.log(np.clip(y, 1e-30, None))
+    z = y - y.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def int8_speed(model: SequenceModel, fp32_path: Path, int8_path: Path) -> list[str]:
+    """Median CPU latency (1 thread) of fp32 vs int8 at batch 1: one step, and a 64-step sequence."""
+    c = model.config
+    lines = ["CPU latency, onnxruntime CPUExecutionProvider, 1 thread, median of 200 runs:"]
+    for time in (1, 64):
+        x = example_input(model, 1, time, torch.Generator().manual_seed(2)).numpy()
+        feeds = {
+            "input": x,
+            **{
+                f"{s}0": np.zeros(st.shape, np.float32)
+                for s, st in zip(c.state_names, model.init_state(1), strict=True)
+            },
+        }
+        t32 = latency_us(fp32_path, feeds)
+        t8 = latency_us(int8_path, feeds)
+        lines.append(f"  batch 1 x time {time:>2}: fp32 {t32:8.1f} us, int8 {t8:8.1f} us ({t32 / t8:.2f}x)")
+    return lines

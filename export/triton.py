@@ -1,0 +1,197 @@
+"""A Triton Inference Server model repository for a ``SequenceModel``: sequence batcher with implicit state.
+
+Triton keeps each sequence's state on the server (``sequence_batching.state``) and feeds it back as an input
+on the sequence's next request, batch axis first. The exported contract graph (``h0 [L*D, batch, H]``) is
+wrapped:
+
+    START [batch, 1] int32 ──► Where(START, 0, state_h_in) ──► Transpose ──► h0 ─┐
+    state_h_in [batch, L*D, H] ─────────────────────────────────────────────────┘   contract graph
+    hn ──► Transpose ──► state_h_out [batch, L*D, H]                    (and c for LSTM)
+
+so the state resets inside the graph on the request that starts a sequence (Triton also starts it from the
+zero ``initial_state``), and a slot Triton reuses for a new sequence never inherits an old state.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+from rnndeploy.checkpoint import atomic_write
+from rnndeploy.models import SequenceModel
+
+from .exporter import DEFAULT_OPSET, check_and_infer, export_onnx, save_onnx, set_metadata
+
+START = "START"
+_TRITON_TYPE = {
+    TensorProto.FLOAT: "TYPE_FP32",
+    TensorProto.INT64: "TYPE_INT64",
+    TensorProto.INT32: "TYPE_INT32",
+}
+
+
+def state_names(model: SequenceModel) -> list[tuple[str, str, str, str]]:
+    """``(contract input, contract output, triton input, triton output)`` per state tensor."""
+    return [(f"{s}0", f"{s}n", f"state_{s}_in", f"state_{s}_out") for s in model.config.state_names]
+
+
+def triton_graph(model: SequenceModel, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """The contract graph wrapped for Triton's implicit state (see the module docstring).
+
+    Inputs: ``input`` (``[batch, time]`` or ``[batch, time, F]``), ``START`` ``[batch, 1]`` int32 (1 on a
+    sequence's first request), ``state_{h,c}_in`` ``[batch, L*D, H]``. Outputs: ``output``,
+    ``state_{h,c}_out`` ``[batch, L*D, H]``.
+    """
+    c = model.config
+    proto = export_onnx(model, opset=opset)
+    graph = proto.graph
+    rows = c.num_layers * c.num_directions
+    names = state_names(model)
+    contract_inputs = {n[0] for n in names}
+    contract_outputs = {n[1] for n in names}
+    kept_inputs = [v for v in graph.input if v.name not in contract_inputs]
+    kept_outputs = [v for v in graph.output if v.name not in contract_outputs]
+    head = [
+        helper.make_node("Cast", [START], ["start_bool"], to=TensorProto.BOOL, name="start_cast"),
+        helper.make_node(
+            "Constant", [], ["start_shape"], value=helper.make_tensor("", TensorProto.INT64, [3], [-1, 1, 1])
+        ),
+        helper.make_node("Reshape", ["start_bool", "start_shape"], ["start_mask"], name="start_reshape"),
+        helper.make_node(
+            "Constant", [], ["zero"], value=helper.make_tensor("", TensorProto.FLOAT, [], [0.0])
+        ),
+    ]
+    tail = []
+    new_inputs = [*kept_inputs, helper.make_tensor_value_info(START, TensorProto.INT32, ["batch", 1])]
+    new_outputs = list(kept_outputs)
+    for contract_in, contract_out, state_in, state_out in names:
+        reset = f"{state_in}_reset"
+        head += [
+            helper.make_node("Where", ["start_mask", "zero", state_in], [reset], name=f"{state_in}_where"),
+            helper.make_node(
+                "Transpose", [reset], [contract_in], perm=[1, 0, 2], name=f"{state_in}_transpose"
+            ),
+        ]
+        tail.append(
+            helper.make_node("Transpose", [contract_out], [state_out], perm=[1, 0, 2], name=f"{state_out}_t")
+        )
+        shape = ["batch", rows, c.hidden_size]
+        new_inputs.append(helper.make_tensor_value_info(state_in, TensorProto.FLOAT, shape))
+        new_outputs.append(helper.make_tensor_value_info(state_out, TensorProto.FLOAT, shape))
+    nodes = head + list(graph.node) + tail
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.input[:]
+    graph.input.extend(new_inputs)
+    del graph.output[:]
+    graph.output.extend(new_outputs)
+    del graph.value_info[:]
+    states = [
+        {
+            "input": s_in,
+            "output": s_out,
+            "shape": ["batch", rows, c.hidden_size],
+            "batch_axis": 0,
+            "dtype": "float32",
+        }
+        for _, _, s_in, s_out in names
+    ]
+    set_metadata(proto, {"rnndeploy.states": json.dumps(states), "rnndeploy.triton.start_input": START})
+    return check_and_infer(proto)
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int]:
+    """Triton dims of a graph value: without the batch axis, ``-1`` for every symbolic axis."""
+    dims = value.type.tensor_type.shape.dim[1:]
+    return [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+
+
+def _list(values: list[int]) -> str:
+    return "[ " + ", ".join(str(v) for v in values) + " ]"
+
+
+def triton_config(
+    proto: onnx.ModelProto,
+    name: str,
+    max_batch_size: int = 64,
+    max_queue_delay_us: int = 100,
+    idle_timeout_us: int = 60_000_000,
+) -> str:
+    """``config.pbtxt`` text for the wrapped graph ``proto`` (Triton's ``ModelConfig`` text format)."""
+    states = json.loads(next(p.value for p in proto.metadata_props if p.key == "rnndeploy.states"))
+    state_inputs = {s["input"] for s in states}
+    state_outputs = {s["output"] for s in states}
+    by_name = {v.name: v for v in [*proto.graph.input, *proto.graph.output]}
+
+    def tensor(v: onnx.ValueInfoProto) -> str:
+        dtype = _TRITON_TYPE[v.type.tensor_type.elem_type]
+        return f'  {{ name: "{v.name}" data_type: {dtype} dims: {_list(_dims(v))} }}'
+
+    inputs = [tensor(v) for v in proto.graph.input if v.name not in state_inputs and v.name != START]
+    outputs = [tensor(v) for v in proto.graph.output if v.name not in state_outputs]
+    state_blocks = []
+    for s in states:
+        dims = _list(_dims(by_name[s["input"]]))
+        state_blocks.append(
+            "    {\n"
+            f'      input_name: "{s["input"]}"\n'
+            f'      output_name: "{s["output"]}"\n'
+            "      data_type: TYPE_FP32\n"
+            f"      dims: {dims}\n"
+            f'      initial_state: {{ name: "zeros" data_type: TYPE_FP32 dims: {dims} zero_data: true }}\n'
+            "    }"
+        )
+    preferred = sorted({b for b in (1, 4, 16, max_batch_size) if b <= max_batch_size})
+    return (
+        f'name: "{name}"\n'
+        'backend: "onnxruntime"\n'
+        f"max_batch_size: {max_batch_size}\n"
+        "input [\n" + ",\n".join(inputs) + "\n]\n"
+        "output [\n" + ",\n".join(outputs) + "\n]\n"
+        "sequence_batching {\n"
+        f"  max_sequence_idle_microseconds: {idle_timeout_us}\n"
+        "  control_input [\n"
+        f'    {{ name: "{START}"\n'
+        "      control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] }\n"
+        "  ]\n"
+        "  state [\n" + ",\n".join(state_blocks) + "\n  ]\n"
+        "  oldest {\n"
+        f"    max_candidate_sequences: {max_batch_size}\n"
+        f"    preferred_batch_size: {_list(preferred)}\n"
+        f"    max_queue_delay_microseconds: {max_queue_delay_us}\n"
+        "  }\n"
+        "}\n"
+    )
+
+
+def write_triton_repository(
+    model: SequenceModel,
+    repo: str | Path,
+    name: str,
+    *,
+    opset: int = DEFAULT_OPSET,
+    max_batch_size: int = 64,
+    max_queue_delay_us: int = 100,
+    idle_timeout_us: int = 60_000_000,
+) -> Path:
+    """Writes ``repo/<name>/config.pbtxt`` and ``repo/<name>/1/model.onnx`` atomically; returns the folder.
+
+    Args:
+        model: the ``SequenceModel``.
+        repo: the model repository folder (``tritonserver --model-repository=repo``).
+        name: the model's name in Triton.
+        max_batch_size: the largest batch of sequences Triton runs together (``oldest`` strategy).
+        max_queue_delay_us: how long the batcher waits to fill a batch.
+        idle_timeout_us: a sequence with no request for this long is released (its state dropped).
+    """
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1 for the sequence batcher, got {max_batch_size}")
+    folder = Path(repo) / name
+    proto = triton_graph(model, opset)
+    save_onnx(proto, folder / "1" / "model.onnx")
+    text = triton_config(proto, name, max_batch_size, max_queue_delay_us, idle_timeout_us)
+    atomic_write(folder / "config.pbtxt", lambda tmp: Path(tmp).write_text(text))
+    return folder
