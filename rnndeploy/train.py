@@ -534,7 +534,11 @@ class _Run:
         unit = "bits per character" if self.metric == "bpc" else "mean squared error (normalised)"
         trained = [r for r in self.history if f"train_{self.metric}" in r]
         if trained:
-            ax.plot([r["step"] for r in trained], [r[f"train_{self.metric}"] for r in trained], label="train")
+            ax.plot(
+                [r["step"] for r in trained],
+                [r[f"train_{self.metric}"] for r in trained],
+                label="train (mean since the previous point)",
+            )
         ax.plot(
             [r["step"] for r in self.history],
             [r[f"valid_{self.metric}"] for r in self.history],
