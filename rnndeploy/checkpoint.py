@@ -80,18 +80,14 @@ def load_checkpoint(path: str | Path, backend: str = "auto", map_location: str =
     """Loads a checkpoint written by :func:`save_checkpoint` and rebuilds its model (in eval mode)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist (train one with `rnndeploy train --out {path}`)"
-        )
+        raise CheckpointError(f"checkpoint {path} does not exist (train one with `rnndeploy train --out {path}`)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
         raise CheckpointError(f"checkpoint {path} is not a readable torch file: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(
-            f"{path} is not an rnndeploy checkpoint (expected format {FORMAT!r}, found {found!r})"
-        )
+        raise CheckpointError(f"{path} is not an rnndeploy checkpoint (expected format {FORMAT!r}, found {found!r})")
     try:
         config = ModelConfig.from_json(payload["config"])
         model = SequenceModel(config, backend=backend)

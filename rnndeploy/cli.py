@@ -175,7 +175,7 @@ def train(ctx: click.Context, **kwargs) -> None:
 )
 @click.option("--quick", is_flag=True, hidden=True, help="Tiny model and few steps (for tests).")
 def demo(out_dir: Path, steps: int | None, quick: bool) -> None:
-    """Train a small character LSTM on the built-in corpus and show what it learned (~3 minutes on 2 CPU cores).
+    """Train a small character LSTM on the built-in corpus and show what it learned (minutes on 2 CPU cores).
 
     Prints the validation bits per character before and after training, a sample of generated text, and
     where the files went.

@@ -65,9 +65,7 @@ class ModelConfig:
                 raise ValueError("task='lm' needs vocab_size (token ids in)")
             self.output_size = self.output_size or self.vocab_size
         if self.output_size is None or self.output_size < 1:
-            raise ValueError(
-                f"output_size must be a positive int for task={self.task!r}, got {self.output_size}"
-            )
+            raise ValueError(f"output_size must be a positive int for task={self.task!r}, got {self.output_size}")
         if self.bidirectional and self.task != "classification":
             raise ValueError(
                 f"bidirectional=True needs the whole sequence, so it works for task='classification' only, "
@@ -165,9 +163,7 @@ class SequenceModel(nn.Module):
         if c.vocab_size is not None and x.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"this model takes token ids (int64) of shape [B, T], got dtype {x.dtype}")
         if c.input_size is not None and (x.dim() != 3 or x.shape[-1] != c.input_size):
-            raise ValueError(
-                f"this model takes features of shape [B, T, {c.input_size}], got {tuple(x.shape)}"
-            )
+            raise ValueError(f"this model takes features of shape [B, T, {c.input_size}], got {tuple(x.shape)}")
         e = self.encoder(x)
         hx = None if state is None else (tuple(state) if c.cell == "lstm" else state[0])
         if lengths is not None:
@@ -195,9 +191,5 @@ class SequenceModel(nn.Module):
         head = self.config.head
         if self.config.task == "regression":
             return F.mse_loss(y, target)
-        logp = (
-            y
-            if head == "log_softmax"
-            else (y.clamp_min(1e-30).log() if head == "softmax" else F.log_softmax(y, -1))
-        )
+        logp = y if head == "log_softmax" else (y.clamp_min(1e-30).log() if head == "softmax" else F.log_softmax(y, -1))
         return F.nll_loss(logp.reshape(-1, logp.shape[-1]), target.reshape(-1))

@@ -69,11 +69,7 @@ class _Recurrent:
             return "triton"
         if backend != "auto" or x.device.type != "cuda":
             return "torch" if backend == "auto" else backend
-        batch = (
-            x.batch_sizes[0].item()
-            if isinstance(x, PackedSequence)
-            else x.shape[0 if self.batch_first else 1]
-        )
+        batch = x.batch_sizes[0].item() if isinstance(x, PackedSequence) else x.shape[0 if self.batch_first else 1]
         if not kernels.prefer_triton(self.cell, int(batch), self.hidden_size, x.dtype, x.device):
             return "torch"
         reason = kernels.triton_unavailable_reason(x.device)
@@ -114,9 +110,7 @@ class _Recurrent:
             elif self.batch_first:
                 x = x.transpose(0, 1)
         if x.shape[-1] != self.input_size:
-            raise ValueError(
-                f"input has {x.shape[-1]} features per step, expected input_size={self.input_size}"
-            )
+            raise ValueError(f"input has {x.shape[-1]} features per step, expected input_size={self.input_size}")
 
         n_dir = 2 if self.bidirectional else 1
         n_state = 2 if self.cell == "lstm" else 1
@@ -220,9 +214,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
             continue
         if ours is not None:
             if getattr(module, "proj_size", 0):
-                raise ValueError(
-                    f"cannot convert {name or 'model'}: proj_size={module.proj_size} is not supported"
-                )
+                raise ValueError(f"cannot convert {name or 'model'}: proj_size={module.proj_size} is not supported")
             module.__class__ = ours
         module.backend = backend
     return model
