@@ -83,7 +83,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, mon
 
     monkeypatch.setattr(SequenceModel, "loss", poisoned)
     out = tmp_path / "m.pt"
-    with pytest.raises(TrainingDiverged, match=r"diverged at step 7: loss nan.*checkpoint .*m\.pt \(step 6\) was kept"):
+    with pytest.raises(
+        TrainingDiverged, match=r"diverged at step 7: loss nan.*checkpoint .*m\.pt \(step 6\) was kept"
+    ):
         train(TrainOptions(data=str(corpus), steps=20, eval_every=3, out=out, **TINY))
     ckpt = load_checkpoint(out)
     assert ckpt.step == 6
@@ -97,7 +99,9 @@ def test_series_regression_learns_a_sine_and_stores_stats(tmp_path):
     series = np.stack([10 + 3 * np.sin(t / 8), np.cos(t / 8)], axis=1)
     np.save(tmp_path / "s.npy", series)
     result = train(
-        TrainOptions(data=str(tmp_path / "s.npy"), cell="gru", steps=80, eval_every=40, out=tmp_path / "s.pt", **TINY)
+        TrainOptions(
+            data=str(tmp_path / "s.npy"), cell="gru", steps=80, eval_every=40, out=tmp_path / "s.pt", **TINY
+        )
     )
     assert result.metric == "mse"
     assert result.last_valid < 0.2 * result.first_valid
@@ -114,6 +118,14 @@ def test_amp_on_cpu_is_a_clear_error(corpus, tmp_path):
 @pytest.mark.gpu
 def test_bf16_training_on_gpu(corpus, tmp_path):
     result = train(
-        TrainOptions(data=str(corpus), amp="bf16", device="cuda", steps=40, eval_every=20, out=tmp_path / "m.pt", **TINY)
+        TrainOptions(
+            data=str(corpus),
+            amp="bf16",
+            device="cuda",
+            steps=40,
+            eval_every=20,
+            out=tmp_path / "m.pt",
+            **TINY,
+        )
     )
     assert result.last_valid < result.first_valid - 1.0
