@@ -61,7 +61,7 @@ def stage_train(ctx: DemoContext) -> None:
         settings["steps"] = ctx.steps
     options = TrainOptions(**settings, out=ctx.out_dir / "model.pt", device="cpu")
     ctx.echo(
-        f"training a {options.cell.upper()} (hidden {options.hidden}) for {options.steps} steps of "
+        f"training {options.cell.upper()} (hidden {options.hidden}) for {options.steps} steps of "
         f"{options.batch} x {options.seq_len} characters"
     )
     start = time.perf_counter()
