@@ -246,11 +246,17 @@ class StreamBatcher:
     """
 
     def __init__(
-        self, data: Tensor, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1
+        self,
+        data: Tensor,
+        batch_size: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        what: str = "the training split",
     ) -> None:
         if batch_size < 1 or seq_len < 1:
             raise DataError(f"batch size and seq_len must be >= 1, got {batch_size} and {seq_len}")
-        all_streams = streams(data, batch_size * world_size, seq_len, what="the training split")
+        all_streams = streams(data, batch_size * world_size, seq_len, what=what)
         self.streams = all_streams[rank * batch_size : (rank + 1) * batch_size]  # [B, L, ...]
         self.seq_len = seq_len
         self.chunks_per_epoch = (self.streams.shape[1] - 1) // seq_len

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from rnndeploy import kernels
 from rnndeploy.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from rnndeploy.data import Dataset, StreamBatcher, load_data
 from rnndeploy.models import ModelConfig, SequenceModel
@@ -245,6 +246,10 @@ class _Run:
         self.device = resolve_device(options.device, local_rank)
         if options.amp is not None and self.device.type != "cuda":
             raise TrainError(f"--amp {options.amp} needs a CUDA device, but training runs on {self.device}")
+        if options.backend == "triton":
+            reason = kernels.triton_unavailable_reason(self.device)
+            if reason is not None:
+                raise TrainError(f"--backend triton cannot run on {self.device}: {reason}")
         self.out = options.out
         self.log_file = log_path(self.out)
         self.plot_file = plot_path(self.out)
@@ -276,7 +281,10 @@ class _Run:
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.batcher = StreamBatcher(data.train, opts.batch, opts.seq_len, self.rank, self.world_size)
+        split = f"the training split of {data.source}"
+        self.batcher = StreamBatcher(
+            data.train, opts.batch, opts.seq_len, self.rank, self.world_size, what=split
+        )
         self.history = self._open_log(ckpt)
         return self._loop()
 

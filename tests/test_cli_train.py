@@ -63,10 +63,14 @@ def test_train_then_resume(corpus, tmp_path):
         (["--data", "no/such/file.txt"], 1, "data file no/such/file.txt does not exist"),
         (["--amp", "bf16", "--device", "cpu"], 1, "--amp bf16 needs a CUDA device"),
         (["--resume", "no/such.pt"], 1, "checkpoint no/such.pt does not exist"),
+        (["--seq-len", "5000", "--data", "SMALL"], 1, "the training split of SMALL has"),
+        (["--backend", "triton", "--device", "cpu"], 1, "--backend triton cannot run on cpu"),
     ],
-    ids=["cell", "hidden", "lr", "data", "amp", "resume"],
+    ids=["cell", "hidden", "lr", "data", "amp", "resume", "too-short", "triton"],
 )
-def test_train_bad_arguments(args, code, message, tmp_path):
+def test_train_bad_arguments(args, code, message, tmp_path, corpus):
+    args = [str(corpus) if a == "SMALL" else a for a in args]
+    message = message.replace("SMALL", str(corpus))
     result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "m.pt"), *args])
     assert result.exit_code == code, result.output
     assert message in " ".join(result.output.split())
@@ -87,3 +91,14 @@ def test_demo_quick_writes_the_files(tmp_path):
         assert (tmp_path / "demo" / name).is_file()
         assert str(tmp_path / "demo" / name) in result.output
     assert "validation bits/char:" in result.output and "[3/3] sample" in result.output
+
+
+def test_train_stops_on_nan_loss_with_a_message(corpus, tmp_path, monkeypatch):
+    from rnndeploy.models import SequenceModel
+
+    monkeypatch.setattr(SequenceModel, "loss", lambda self, y, target: (y * float("nan")).mean())
+    out = tmp_path / "m.pt"
+    result = CliRunner().invoke(main, ["train", "--data", str(corpus), "--out", str(out), *TINY])
+    assert result.exit_code == 1
+    assert "training diverged at step 1: loss nan" in result.output
+    assert f"last good checkpoint {out} (step 0) was kept" in " ".join(result.output.split())

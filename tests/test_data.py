@@ -90,7 +90,9 @@ def test_npy_with_nan_is_rejected(tmp_path):
 def test_series_too_short_for_seq_len(tmp_path):
     np.save(tmp_path / "s.npy", np.arange(30.0))
     data = load_data(tmp_path / "s.npy", valid_fraction=0.1)
-    with pytest.raises(DataError, match=r"has 27 steps; 2 stream\(s\) of seq_len 16 need at least 34"):
+    with pytest.raises(
+        DataError, match=r"the training split has 27 steps; 2 stream\(s\) of seq_len 16 need at least 34"
+    ):
         StreamBatcher(data.train, batch_size=2, seq_len=16)
 
 
