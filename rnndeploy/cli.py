@@ -171,7 +171,7 @@ def train(ctx: click.Context, **kwargs) -> None:
     "--steps",
     type=click.IntRange(min=1),
     default=None,
-    help="Training steps [default: 1500; 30 with --quick]",
+    help="Training steps [default: 1000; 30 with --quick]",
 )
 @click.option("--quick", is_flag=True, hidden=True, help="Tiny model and few steps (for tests).")
 def demo(out_dir: Path, steps: int | None, quick: bool) -> None:
