@@ -52,8 +52,8 @@ RUN_DEFINING = (
     "lr",
     "clip",
     "seed",
+    "valid_fraction",
 )
-RUN_DEFINING += ("valid_fraction",)
 
 
 class TrainError(ValueError):
@@ -313,7 +313,9 @@ class _Run:
             )
         now = self.opts.to_dict()
         changed = [
-            f"{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in RUN_DEFINING if saved[k] != now[k]
+            f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now"
+            for k in RUN_DEFINING
+            if saved.get(k) != now[k]
         ]
         if changed:
             raise TrainError(
