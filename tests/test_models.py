@@ -97,3 +97,17 @@ def test_checkpoint_errors_name_the_file(tmp_path):
     torch.save({"weights": 1}, other)
     with pytest.raises(rnndeploy.CheckpointError, match="not an rnndeploy checkpoint"):
         rnndeploy.load_checkpoint(other)
+
+
+def test_atomic_write_keeps_the_umask_mode(tmp_path):
+    import os
+
+    from rnndeploy.checkpoint import atomic_write
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "x.txt", lambda tmp: open(tmp, "w").write("hi"))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "x.txt").read_text() == "hi"
+    assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o644

@@ -1,0 +1,121 @@
+"""``rnndeploy demo``: the whole pipeline on the built-in corpus, as a list of named stages.
+
+Each stage is a function taking the shared :class:`DemoContext`; it reads what earlier stages left there and
+adds its own results and files. Later parts of the pipeline (export and verification, streaming through
+onnxruntime) join the demo by adding a :class:`Stage` to :data:`STAGES`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rnndeploy.data import Dataset, decode, encode, load_data
+from rnndeploy.models import SequenceModel
+from rnndeploy.train import TrainOptions, TrainResult, train
+
+#: The demo's model and schedule: under a minute on 2 idle CPU cores (~2 min on busy ones); ``quick``: seconds
+FULL = dict(cell="lstm", hidden=256, embed=64, seq_len=64, batch=32, steps=1000, lr=3e-3, eval_every=200)
+QUICK = dict(cell="lstm", hidden=32, embed=16, seq_len=32, batch=8, steps=30, lr=3e-3, eval_every=15)
+
+
+@dataclass
+class DemoContext:
+    """What the stages share. ``files`` (label -> path) is printed at the end of the demo."""
+
+    out_dir: Path
+    steps: int | None = None
+    quick: bool = False
+    echo: Callable[[str], None] = print
+    dataset: Dataset | None = None
+    result: TrainResult | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the demo: ``run(ctx)`` does the work and reports through ``ctx.echo``."""
+
+    name: str
+    run: Callable[[DemoContext], None]
+
+
+def stage_data(ctx: DemoContext) -> None:
+    """Loads the built-in corpus (Python's pydoc topics) and describes it."""
+    data = load_data("builtin")
+    ctx.dataset = data
+    ctx.echo(
+        f"corpus: {len(data.train) + len(data.valid):,} characters of Python's documentation, "
+        f"{len(data.vocab)} distinct; the last {len(data.valid):,} are held out for validation"
+    )
+
+
+def stage_train(ctx: DemoContext) -> None:
+    """Trains a character LSTM and reports validation bits per character before and after."""
+    settings = dict(QUICK if ctx.quick else FULL)
+    if ctx.steps is not None:
+        settings["steps"] = ctx.steps
+    options = TrainOptions(**settings, out=ctx.out_dir / "model.pt", device="cpu")
+    ctx.echo(
+        f"training {options.cell.upper()} (hidden {options.hidden}) for {options.steps} steps of "
+        f"{options.batch} x {options.seq_len} characters"
+    )
+    start = time.perf_counter()
+    result = train(options)
+    ctx.result = result
+    ctx.files.update(checkpoint=result.checkpoint, log=result.log, **{"loss curve": result.plot})
+    ctx.echo(
+        f"validation bits/char: {result.first_valid:.2f} before training -> {result.last_valid:.2f} after "
+        f"{result.step} steps ({time.perf_counter() - start:.0f} s)"
+    )
+
+
+def stage_sample(ctx: DemoContext) -> None:
+    """Generates text from the trained model with torch, starting from a prompt."""
+    from rnndeploy.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(ctx.result.checkpoint)
+    prompt = "The "
+    text = sample_text(ckpt.model, ckpt.vocab, prompt, length=40 if ctx.quick else 300, temperature=0.7)
+    ctx.echo(f"sample (temperature 0.7):\n{prompt}{text}")
+
+
+STAGES: list[Stage] = [Stage("data", stage_data), Stage("train", stage_train), Stage("sample", stage_sample)]
+
+
+@torch.no_grad()
+def sample_text(
+    model: SequenceModel, vocab: list[str], prompt: str, length: int, temperature: float = 1.0, seed: int = 0
+) -> str:
+    """Feeds ``prompt`` through a character model, then samples ``length`` characters one step at a time.
+
+    The state is carried between steps (inputs ``[1, 1]``), the way a streaming runtime serves the model.
+    """
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    y, state = model(encode(prompt, vocab)[None])
+    out = []
+    for _ in range(length):
+        logp = y[0, -1].float() / temperature
+        token = torch.multinomial(torch.softmax(logp, dim=-1), 1, generator=generator)
+        out.append(int(token))
+        y, state = model(token.view(1, 1), state)
+    return decode(out, vocab)
+
+
+def run_demo(ctx: DemoContext, stages: list[Stage] | None = None) -> DemoContext:
+    """Runs ``stages`` (default :data:`STAGES`) in order, then lists the files they wrote."""
+    stages = STAGES if stages is None else stages
+    start = time.perf_counter()
+    for number, stage in enumerate(stages, start=1):
+        ctx.echo(f"[{number}/{len(stages)}] {stage.name}")
+        stage.run(ctx)
+    ctx.echo(f"done in {time.perf_counter() - start:.0f} s; files:")
+    width = max((len(label) for label in ctx.files), default=0)
+    for label, path in ctx.files.items():
+        ctx.echo(f"  {label + ':':<{width + 1}} {path}")
+    return ctx

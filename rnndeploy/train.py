@@ -1,0 +1,569 @@
+"""Training: truncated BPTT with carried state, periodic validation, atomic checkpoints, exact resume, DDP.
+
+:func:`train` runs one training job described by :class:`TrainOptions`. It writes, next to the checkpoint
+``out`` (say ``runs/model.pt``): a JSON-lines log (``runs/model.log.jsonl``) and a loss curve
+(``runs/model.loss.png``). Text is measured in bits per character (nats / ln 2), a series in mean squared
+error of the normalised values.
+
+A run is a pure function of its options: the chunk read at step ``k`` depends on ``k`` only, and the
+checkpoint keeps the optimizer, the carried recurrent state and the RNG state of every rank, so resuming from
+step ``N`` to ``N + M`` gives the parameters an uninterrupted ``N + M``-step run gives.
+
+Launched with ``torchrun --nproc_per_node N``, every process trains a DistributedDataParallel replica on its
+own streams (gloo on CPU, nccl on CUDA); rank 0 alone validates, writes files and shows the progress bar, and
+at the end all replicas are compared and the result is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from rnndeploy import kernels
+from rnndeploy.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from rnndeploy.data import Dataset, StreamBatcher, load_data
+from rnndeploy.models import ModelConfig, SequenceModel
+
+DEVICES = ("auto", "cpu", "cuda")
+AMP_MODES = ("bf16",)
+#: Options that define a run: a resumed run must keep them (the rest may change between sessions).
+RUN_DEFINING = (
+    "data",
+    "cell",
+    "hidden",
+    "layers",
+    "embed",
+    "dropout",
+    "seq_len",
+    "batch",
+    "lr",
+    "clip",
+    "seed",
+    "valid_fraction",
+)
+
+
+class TrainError(ValueError):
+    """Options or a resume request that cannot be honoured."""
+
+
+class TrainingDiverged(TrainError):
+    """The loss or the gradient became NaN or infinite; the last good checkpoint was kept."""
+
+
+@dataclass
+class TrainOptions:
+    """One training job. Field names match the ``rnndeploy train`` options (``seq_len`` is ``--seq-len``).
+
+    Attributes:
+        data: ``"builtin"`` (Python's pydoc topics, English text), a UTF-8 text file, or a ``.npy``/``.csv``
+            series ``[T]`` / ``[T, F]``.
+        cell, hidden, layers, embed, dropout: the model (``embed``: embedding or input-projection width).
+        seq_len: BPTT chunk length; batch: parallel streams per process; steps: total optimizer steps of the
+            run (a resumed run continues up to ``steps``).
+        lr: Adam learning rate; clip: maximum global gradient norm (0 disables clipping).
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``; amp: ``"bf16"`` autocast (CUDA).
+        seed: initialisation and dropout seed; out: checkpoint path (default: ``resume``, else
+            ``runs/model.pt``); resume: checkpoint to continue; eval_every: steps between validations and
+            checkpoints;
+        backend: recurrent backend (``"auto"``, ``"torch"``, ``"triton"``, ``"reference"``);
+        valid_fraction: share at the end of the data used for validation; progress: show a tqdm bar.
+    """
+
+    data: str = "builtin"
+    cell: str = "lstm"
+    hidden: int = 256
+    layers: int = 1
+    embed: int = 64
+    dropout: float = 0.0
+    seq_len: int = 64
+    batch: int = 32
+    steps: int = 2000
+    lr: float = 3e-3
+    clip: float = 1.0
+    device: str = "auto"
+    amp: str | None = None
+    seed: int = 0
+    out: Path | None = None
+    resume: Path | None = None
+    eval_every: int = 200
+    backend: str = "auto"
+    valid_fraction: float = 0.05
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.data = str(self.data)
+        self.resume = Path(self.resume) if self.resume is not None else None
+        self.out = Path(self.out) if self.out is not None else (self.resume or Path("runs/model.pt"))
+        for name in ("hidden", "layers", "embed", "seq_len", "batch", "steps", "eval_every"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or self.clip < 0:
+            raise TrainError(f"lr must be > 0 and clip >= 0, got lr={self.lr}, clip={self.clip}")
+        if self.device not in DEVICES:
+            raise TrainError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.amp is not None and self.amp not in AMP_MODES:
+            raise TrainError(f"amp must be one of {AMP_MODES} or None, got {self.amp!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as JSON-ready values (paths as strings)."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class TrainResult:
+    """What a finished run left behind. ``history`` holds the log's ``eval`` records (all sessions)."""
+
+    checkpoint: Path
+    log: Path
+    plot: Path
+    step: int
+    rank: int
+    world_size: int
+    metric: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    replicas_identical: bool | None = None
+
+    @property
+    def first_valid(self) -> float:
+        return self.history[0][f"valid_{self.metric}"]
+
+    @property
+    def last_valid(self) -> float:
+        return self.history[-1][f"valid_{self.metric}"]
+
+
+def log_path(out: Path) -> Path:
+    """The JSON-lines log written next to checkpoint ``out``."""
+    return out.with_name(out.stem + ".log.jsonl")
+
+
+def plot_path(out: Path) -> Path:
+    """The loss-curve PNG written next to checkpoint ``out``."""
+    return out.with_name(out.stem + ".loss.png")
+
+
+def options_for_resume(checkpoint: str | Path, **given: Any) -> TrainOptions:
+    """The options of the run saved in ``checkpoint``, updated with ``given`` (e.g. a larger ``steps``)."""
+    saved = load_checkpoint(checkpoint).extra.get("options")
+    if not saved:
+        raise TrainError(f"checkpoint {checkpoint} was not written by rnndeploy train (no saved options)")
+    merged = {**saved, "out": None, **given, "resume": Path(checkpoint)}
+    return TrainOptions(**merged)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; ``"cuda"`` is this process's GPU (``LOCAL_RANK``)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(
+                "device 'cuda' was requested but torch sees no CUDA device; use --device cpu or auto"
+            )
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if name == "cpu":
+        return torch.device("cpu")
+    raise TrainError(f"device must be one of {DEVICES}, got {name!r}")
+
+
+@torch.no_grad()
+def evaluate(
+    model: SequenceModel, data: Tensor, seq_len: int, num_streams: int, amp: str | None = None
+) -> float:
+    """Mean per-step loss of ``model`` on a split (``[N]`` ids or ``[N, F]`` features).
+
+    The split is cut into at most ``num_streams`` contiguous streams read in ``seq_len`` chunks with the state
+    carried, as in training. Returns nats per token (language model) or the mean squared error.
+    """
+    device = model.head.weight.device
+    streams = max(1, min(num_streams, (len(data) - 1) // (seq_len + 1)))
+    length = len(data) // streams
+    split = data[: streams * length].reshape(streams, length, *data.shape[1:]).to(device)
+    was_training = model.training
+    model.eval()
+    total, count, state = 0.0, 0, None
+    for start in range(0, length - 1, seq_len):
+        end = min(start + seq_len, length - 1)
+        with _autocast(amp, device):
+            y, state = model(split[:, start:end], state)
+        n = streams * (end - start)
+        total += model.loss(y.float(), split[:, start + 1 : end + 1]).item() * n
+        count += n
+    model.train(was_training)
+    return total / count
+
+
+def train(options: TrainOptions) -> TrainResult:
+    """Trains a :class:`SequenceModel` as ``options`` describe and returns where the results went.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) this joins the process group, trains a DistributedDataParallel
+    replica per process and leaves the group at the end.
+
+    Raises:
+        DataError: the data cannot be used. TrainError: bad options or resume request.
+        TrainingDiverged: the loss became NaN/inf; the checkpoint on disk is the last good one.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return _Run(options, rank=0, world_size=1, local_rank=0).run()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(options.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _Run(options, rank=rank, world_size=world_size, local_rank=local_rank).run()
+    finally:
+        dist.destroy_process_group()
+
+
+def _autocast(amp: str | None, device: torch.device):
+    if amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class _Run:
+    """One training session of one process; see :func:`train`."""
+
+    def __init__(self, options: TrainOptions, rank: int, world_size: int, local_rank: int) -> None:
+        self.opts = options
+        self.rank, self.world_size = rank, world_size
+        self.device = resolve_device(options.device, local_rank)
+        if options.amp is not None and self.device.type != "cuda":
+            raise TrainError(f"--amp {options.amp} needs a CUDA device, but training runs on {self.device}")
+        if options.backend == "triton":
+            reason = kernels.triton_unavailable_reason(self.device)
+            if reason is not None:
+                raise TrainError(f"--backend triton cannot run on {self.device}: {reason}")
+        self.out = options.out
+        self.log_file = log_path(self.out)
+        self.plot_file = plot_path(self.out)
+
+    # --- setup -------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        opts = self.opts
+        ckpt = load_checkpoint(opts.resume, backend=opts.backend) if opts.resume is not None else None
+        if ckpt is not None:
+            self._check_resumable(ckpt)
+        data = load_data(opts.data, valid_fraction=opts.valid_fraction, vocab=ckpt.vocab if ckpt else None)
+        self.data = data
+        self.metric = "bpc" if data.kind == "text" else "mse"
+        if ckpt is not None and data.kind == "series" and not _same_stats(ckpt.data_stats, data.data_stats):
+            raise TrainError(f"data {opts.data} is not the series checkpoint {opts.resume} was trained on")
+
+        torch.manual_seed(opts.seed)
+        self.model = ckpt.model if ckpt else SequenceModel(self._config(data), backend=opts.backend)
+        self.model.to(self.device).train()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=opts.lr)
+        self.start = self.last_saved = 0
+        self.state: tuple[Tensor, ...] | None = None
+        torch.manual_seed(opts.seed + 1 + self.rank)  # dropout masks differ between ranks
+        if ckpt is not None:
+            self.optimizer.load_state_dict(ckpt.optimizer)
+            self.start = self.last_saved = ckpt.step
+            self._restore_rank_state(ckpt.extra)
+        self.net: torch.nn.Module = self.model
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        split = f"the training split of {data.source}"
+        self.batcher = StreamBatcher(
+            data.train, opts.batch, opts.seq_len, self.rank, self.world_size, what=split
+        )
+        self.history = self._open_log(ckpt)
+        return self._loop()
+
+    def _config(self, data: Dataset) -> ModelConfig:
+        opts = self.opts
+        common = dict(
+            cell=opts.cell,
+            embed_dim=opts.embed,
+            hidden_size=opts.hidden,
+            num_layers=opts.layers,
+            dropout=opts.dropout,
+        )
+        try:
+            if data.kind == "text":
+                return ModelConfig(task="lm", vocab_size=len(data.vocab), **common)
+            features = data.num_features
+            return ModelConfig(task="regression", input_size=features, output_size=features, **common)
+        except ValueError as exc:
+            raise TrainError(f"bad model options: {exc}") from exc
+
+    def _check_resumable(self, ckpt) -> None:
+        saved = ckpt.extra.get("options")
+        if not saved:
+            raise TrainError(
+                f"checkpoint {self.opts.resume} was not written by rnndeploy train (no saved options)"
+            )
+        now = self.opts.to_dict()
+        changed = [
+            f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now"
+            for k in RUN_DEFINING
+            if saved.get(k) != now[k]
+        ]
+        if changed:
+            raise TrainError(
+                f"--resume continues the run saved in {self.opts.resume}, but these options differ: "
+                + "; ".join(changed)
+                + ". Keep them, or start a new run without --resume."
+            )
+        if ckpt.step >= self.opts.steps:
+            raise TrainError(
+                f"checkpoint {self.opts.resume} is already at step {ckpt.step}; give --steps larger than that"
+            )
+
+    def _restore_rank_state(self, extra: dict[str, Any]) -> None:
+        ranks = extra.get("ranks") or []
+        if len(ranks) != self.world_size:
+            warnings.warn(
+                f"the checkpoint was written by {len(ranks)} process(es), this run has {self.world_size}: "
+                "the carried state restarts from zeros and the data streams are cut differently",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        saved = ranks[self.rank]
+        torch.set_rng_state(saved["rng"])
+        if self.device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
+        if saved["state"] is not None:
+            self.state = tuple(s.to(self.device) for s in saved["state"])
+
+    def _open_log(self, ckpt) -> list[dict[str, Any]]:
+        """Eval records so far; the log is rewritten without the records after the resumed step."""
+        if self.rank != 0:
+            return []
+        records = []
+        if ckpt is not None:
+            old = log_path(self.opts.resume)
+            if old.is_file():
+                lines = old.read_text(encoding="utf-8").splitlines()
+                records = [r for r in map(json.loads, filter(None, lines)) if r.get("step", 0) <= ckpt.step]
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        atomic_write(self.log_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        data = self.data
+        self._log(
+            event="start",
+            step=self.start,
+            options=self.opts.to_dict(),
+            world_size=self.world_size,
+            device=str(self.device),
+            torch=torch.__version__,
+            data={
+                "kind": data.kind,
+                "source": data.source,
+                "train_steps": len(data.train),
+                "valid_steps": len(data.valid),
+                "vocab_size": len(data.vocab) if data.vocab else None,
+            },
+            parameters=sum(p.numel() for p in self.model.parameters()),
+        )
+        return [r for r in records if r.get("event") == "eval"]
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    def _loop(self) -> TrainResult:
+        opts = self.opts
+        tokens_per_step = opts.batch * opts.seq_len * self.world_size
+        bar = tqdm(
+            total=opts.steps,
+            initial=self.start,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not opts.progress or self.rank != 0,
+        )
+        if self.start == 0:
+            self._validate_and_save(0, train_loss=None, tokens_per_s=None)
+        loss_sum, loss_count, rate, t_last = 0.0, 0, 0.0, time.perf_counter()
+        with bar:
+            for step in range(self.start, opts.steps):
+                loss = self._step(step)
+                now = time.perf_counter()
+                current = tokens_per_step / (now - t_last)
+                rate = current if rate == 0 else 0.9 * rate + 0.1 * current
+                t_last = now
+                loss_sum, loss_count = loss_sum + loss, loss_count + 1
+                bar.update(1)
+                bar.set_postfix(
+                    {self.metric: f"{self._metric(loss):.3f}", "tok/s": f"{rate:,.0f}"}, refresh=False
+                )
+                if (step + 1) % opts.eval_every == 0 or step + 1 == opts.steps:
+                    record = self._validate_and_save(step + 1, loss_sum / loss_count, rate)
+                    loss_sum, loss_count = 0.0, 0
+                    if record is not None:
+                        bar.set_postfix(
+                            {
+                                self.metric: f"{record[f'train_{self.metric}']:.3f}",
+                                f"val_{self.metric}": f"{record[f'valid_{self.metric}']:.3f}",
+                                "tok/s": f"{rate:,.0f}",
+                            }
+                        )
+                t_last = time.perf_counter()
+        identical = self._compare_replicas()
+        self._log(event="end", step=opts.steps, checkpoint=str(self.out))
+        return TrainResult(
+            checkpoint=self.out,
+            log=self.log_file,
+            plot=self.plot_file,
+            step=opts.steps,
+            rank=self.rank,
+            world_size=self.world_size,
+            metric=self.metric,
+            history=self.history,
+            replicas_identical=identical,
+        )
+
+    def _step(self, step: int) -> float:
+        """One optimizer step on the chunk of ``step``; returns the loss (mean over ranks)."""
+        x, y, fresh = self.batcher.batch(step)
+        if fresh:
+            self.state = None
+        x, y = x.to(self.device), y.to(self.device)
+        with _autocast(self.opts.amp, self.device):
+            out, new_state = self.net(x, self.state)
+        loss = self.model.loss(out.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.clip or math.inf)
+        # NOTE: the decision to stop must be the same on every rank, so it is taken on all-reduced values.
+        stats = torch.stack([loss.detach().float(), grad_norm.detach().float()])
+        if self.world_size > 1:
+            dist.all_reduce(stats)
+            stats[0] /= self.world_size
+        loss_value, norm_value = stats.tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self._diverged(step + 1, loss_value, norm_value)
+        self.optimizer.step()
+        self.state = tuple(s.detach() for s in new_state)
+        return loss_value
+
+    def _diverged(self, step: int, loss: float, grad_norm: float) -> None:
+        message = (
+            f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}. Stopped; "
+            f"the last good checkpoint {self.out} (step {self.last_saved}) was kept. "
+            f"Try a lower --lr (now {self.opts.lr}) or a smaller --clip (now {self.opts.clip})."
+        )
+        self._log(event="diverged", step=step, loss=loss, grad_norm=grad_norm, message=message)
+        raise TrainingDiverged(message)
+
+    def _metric(self, loss: float) -> float:
+        return loss / math.log(2) if self.metric == "bpc" else loss
+
+    def _validate_and_save(
+        self, step: int, train_loss: float | None, tokens_per_s: float | None
+    ) -> dict | None:
+        """Gathers every rank's carried state and RNG; rank 0 validates, saves the checkpoint and the plot."""
+        ranks = self._gather_rank_state()
+        self.last_saved = step
+        if self.rank != 0:
+            return None
+        valid_loss = evaluate(self.model, self.data.valid, self.opts.seq_len, self.opts.batch, self.opts.amp)
+        record: dict[str, Any] = {"event": "eval", "step": step, "valid_loss": valid_loss}
+        record[f"valid_{self.metric}"] = self._metric(valid_loss)
+        if train_loss is not None:
+            record.update(train_loss=train_loss, tokens_per_s=tokens_per_s)
+            record[f"train_{self.metric}"] = self._metric(train_loss)
+        save_checkpoint(
+            self.out,
+            self.model,
+            vocab=self.data.vocab,
+            step=step,
+            data_stats=self.data.data_stats,
+            optimizer=self.optimizer,
+            extra={
+                "options": self.opts.to_dict(),
+                "ranks": ranks,
+                "world_size": self.world_size,
+                "data_position": dict(zip(("epoch", "chunk"), self.batcher.position(step), strict=True)),
+            },
+        )
+        self.history.append(record)
+        self._log(**record)
+        self._plot()
+        return record
+
+    def _gather_rank_state(self) -> list[dict[str, Any]]:
+        mine = {
+            "state": None if self.state is None else [s.detach().cpu() for s in self.state],
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
+        if self.world_size == 1:
+            return [mine]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        return gathered
+
+    def _compare_replicas(self) -> bool | None:
+        """All-gathers every replica's flat parameter vector and logs whether they are identical."""
+        if self.world_size == 1:
+            return None
+        flat = torch.cat([p.detach().float().flatten() for p in self.model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(self.world_size)]
+        dist.all_gather(gathered, flat)
+        diff = max((g - gathered[0]).abs().max().item() for g in gathered)
+        self._log(
+            event="replicas",
+            step=self.opts.steps,
+            world_size=self.world_size,
+            identical=diff == 0.0,
+            max_abs_diff=diff,
+        )
+        return diff == 0.0
+
+    # --- files -------------------------------------------------------------------------------------------
+    def _log(self, **record: Any) -> None:
+        if self.rank != 0:
+            return
+        record["time"] = time.time()
+        with self.log_file.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def _plot(self) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(7, 4), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        unit = "bits per character" if self.metric == "bpc" else "mean squared error (normalised)"
+        trained = [r for r in self.history if f"train_{self.metric}" in r]
+        if trained:
+            ax.plot(
+                [r["step"] for r in trained],
+                [r[f"train_{self.metric}"] for r in trained],
+                label="train (mean since the previous point)",
+            )
+        ax.plot(
+            [r["step"] for r in self.history],
+            [r[f"valid_{self.metric}"] for r in self.history],
+            "o-",
+            label="validation",
+        )
+        ax.set_xlabel("step")
+        ax.set_ylabel(unit)
+        ax.set_title(f"{self.opts.cell.upper()} {self.opts.hidden}x{self.opts.layers} on {self.data.source}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        atomic_write(self.plot_file, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def _same_stats(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = ("mean", "std")
+    return all(k in a and k in b and torch.allclose(torch.tensor(a[k]), torch.tensor(b[k])) for k in keys)

@@ -1,0 +1,104 @@
+"""`rnndeploy train` and `rnndeploy demo` through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from rnndeploy.checkpoint import load_checkpoint
+from rnndeploy.cli import main
+from rnndeploy.data import builtin_text
+
+TINY = ["--hidden", "16", "--embed", "8", "--seq-len", "10", "--batch", "4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "pydoc.txt"
+    path.write_text(builtin_text()[:4000], encoding="utf-8")
+    return path
+
+
+def test_train_help_lists_the_options():
+    result = CliRunner().invoke(main, ["train", "-h"])
+    assert result.exit_code == 0
+    for option in (
+        "--data",
+        "--cell",
+        "--seq-len",
+        "--clip",
+        "--amp",
+        "--resume",
+        "--eval-every",
+        "--backend",
+    ):
+        assert option in result.output
+
+
+def test_train_then_resume(corpus, tmp_path):
+    out = tmp_path / "m.pt"
+    runner = CliRunner()
+    first = runner.invoke(
+        main, ["train", "--data", str(corpus), "--steps", "6", "--eval-every", "3", "--out", str(out), *TINY]
+    )
+    assert first.exit_code == 0, first.output
+    assert "validation bpc:" in first.output and f"checkpoint: {out}" in first.output
+    assert out.with_name("m.log.jsonl").is_file() and out.with_name("m.loss.png").is_file()
+    second = runner.invoke(main, ["train", "--resume", str(out), "--steps", "9", "--no-progress"])
+    assert second.exit_code == 0, second.output
+    ckpt = load_checkpoint(out)
+    assert ckpt.step == 9 and ckpt.config.hidden_size == 16  # options not given came from the checkpoint
+    events = [json.loads(line)["event"] for line in out.with_name("m.log.jsonl").read_text().splitlines()]
+    assert events.count("start") == 2 and events[-1] == "end"
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--cell", "transformer"], 2, "'transformer' is not one of 'rnn', 'lstm', 'gru'"),
+        (["--hidden", "0"], 2, "0 is not in the range x>=1"),
+        (["--lr", "0"], 2, "0.0 is not in the range x>0"),
+        (["--data", "no/such/file.txt"], 1, "data file no/such/file.txt does not exist"),
+        (["--amp", "bf16", "--device", "cpu"], 1, "--amp bf16 needs a CUDA device"),
+        (["--resume", "no/such.pt"], 1, "checkpoint no/such.pt does not exist"),
+        (["--seq-len", "5000", "--data", "SMALL"], 1, "the training split of SMALL has"),
+        (["--backend", "triton", "--device", "cpu"], 1, "--backend triton cannot run on cpu"),
+    ],
+    ids=["cell", "hidden", "lr", "data", "amp", "resume", "too-short", "triton"],
+)
+def test_train_bad_arguments(args, code, message, tmp_path, corpus):
+    args = [str(corpus) if a == "SMALL" else a for a in args]
+    message = message.replace("SMALL", str(corpus))
+    result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "m.pt"), *args])
+    assert result.exit_code == code, result.output
+    assert message in " ".join(result.output.split())
+
+
+def test_train_csv_with_text_cell_reports_the_line(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text("1\n2\nx\n")
+    result = CliRunner().invoke(main, ["train", "--data", str(path), "--out", str(tmp_path / "m.pt")])
+    assert result.exit_code == 1
+    assert "line 3, column 1: expected a number, got 'x'" in result.output
+
+
+def test_demo_quick_writes_the_files(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--quick", "--out-dir", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    for name in ("model.pt", "model.log.jsonl", "model.loss.png"):
+        assert (tmp_path / "demo" / name).is_file()
+        assert str(tmp_path / "demo" / name) in result.output
+    assert "validation bits/char:" in result.output and "[3/3] sample" in result.output
+
+
+def test_train_stops_on_nan_loss_with_a_message(corpus, tmp_path, monkeypatch):
+    from rnndeploy.models import SequenceModel
+
+    monkeypatch.setattr(SequenceModel, "loss", lambda self, y, target: (y * float("nan")).mean())
+    out = tmp_path / "m.pt"
+    result = CliRunner().invoke(main, ["train", "--data", str(corpus), "--out", str(out), *TINY])
+    assert result.exit_code == 1
+    assert "training diverged at step 1: loss nan" in result.output
+    assert f"last good checkpoint {out} (step 0) was kept" in " ".join(result.output.split())

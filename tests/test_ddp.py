@@ -1,0 +1,57 @@
+"""Two CPU processes with gloo under torch.distributed.run: replicas stay identical, a resumed distributed run
+continues exactly, and the result matches one process training on the same global batch (DDP averages the
+gradients of the ranks' streams, and the ranks' streams are the single process's streams split in two)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from rnndeploy.checkpoint import load_checkpoint
+from rnndeploy.data import builtin_text
+from rnndeploy.train import TrainOptions, train
+
+ARGS = dict(hidden=16, embed=8, seq_len=10, lr=1e-2, eval_every=4, device="cpu")
+
+
+def _torchrun(*args: str) -> str:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run = subprocess.run(
+        [*command, "-m", "rnndeploy", "train", *args], capture_output=True, text=True, timeout=240
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+def test_two_gloo_processes_resume_and_match_one_process_with_the_global_batch(tmp_path):
+    corpus = tmp_path / "pydoc.txt"
+    corpus.write_text(builtin_text()[:6000], encoding="utf-8")
+    out = tmp_path / "ddp" / "m.pt"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in ARGS.items()]
+    first = _torchrun("--data", str(corpus), "--batch", "3", "--steps", "4", "--out", str(out), *flags)
+    assert "replicas of 2 processes: identical" in first
+    second = _torchrun("--resume", str(out), "--steps", "8", "--no-progress")
+    assert "replicas of 2 processes: identical" in second
+
+    records = [json.loads(line) for line in out.with_name("m.log.jsonl").read_text().splitlines()]
+    replicas = [r for r in records if r["event"] == "replicas"]
+    assert [(r["step"], r["world_size"], r["identical"], r["max_abs_diff"]) for r in replicas] == [
+        (4, 2, True, 0.0),
+        (8, 2, True, 0.0),
+    ]
+    assert sum(r["event"] == "start" for r in records) == 2  # rank 0 alone writes, once per launch
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 4, 8]
+    assert evals[-1]["valid_bpc"] < evals[0]["valid_bpc"] - 0.5
+
+    single = train(
+        TrainOptions(data=str(corpus), batch=6, steps=8, out=tmp_path / "one.pt", progress=False, **ARGS)
+    )
+    expected = load_checkpoint(single.checkpoint).model.state_dict()
+    ddp = load_checkpoint(out)
+    assert ddp.step == 8 and len(ddp.extra["ranks"]) == 2
+    for name, value in ddp.model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -1,0 +1,131 @@
+"""train(): learning, exact resume, divergence handling, series data, files written."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rnndeploy.checkpoint import load_checkpoint
+from rnndeploy.data import builtin_text
+from rnndeploy.models import SequenceModel
+from rnndeploy.train import TrainError, TrainingDiverged, TrainOptions, options_for_resume, train
+
+TINY = dict(hidden=24, embed=8, seq_len=12, batch=4, lr=1e-2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "pydoc.txt"
+    path.write_text(builtin_text()[:6000], encoding="utf-8")
+    return path
+
+
+def _params(path):
+    return load_checkpoint(path).model.state_dict()
+
+
+def test_training_lowers_validation_bits_per_char_and_writes_files(corpus, tmp_path):
+    out = tmp_path / "run" / "m.pt"
+    result = train(TrainOptions(data=str(corpus), steps=60, eval_every=30, out=out, **TINY))
+    vocab_size = len(set(corpus.read_text()))
+    assert result.history[0]["step"] == 0
+    assert result.first_valid == pytest.approx(math.log2(vocab_size), abs=0.5)  # untrained: ~uniform
+    assert result.last_valid < result.first_valid - 1.5
+    ckpt = load_checkpoint(out)
+    assert ckpt.step == 60 and ckpt.vocab == sorted(set(corpus.read_text()))
+    assert ckpt.config.task == "lm" and ckpt.config.hidden_size == 24
+    records = [json.loads(line) for line in result.log.read_text().splitlines()]
+    assert [r["event"] for r in records] == ["start", "eval", "eval", "eval", "end"]
+    assert [r["step"] for r in records if r["event"] == "eval"] == [0, 30, 60]
+    assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, cell):
+    # dropout between 2 layers draws random numbers, and 12 steps cross an epoch boundary (state reset)
+    options = dict(data=str(corpus), cell=cell, layers=2, dropout=0.3, eval_every=5, **TINY)
+    train(TrainOptions(steps=12, out=tmp_path / "whole.pt", **options))
+    train(TrainOptions(steps=5, out=tmp_path / "part.pt", **options))
+    result = train(TrainOptions(steps=12, resume=tmp_path / "part.pt", **options))
+    assert result.checkpoint == tmp_path / "part.pt" and result.step == 12
+    whole, resumed = _params(tmp_path / "whole.pt"), _params(tmp_path / "part.pt")
+    for name, value in whole.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    steps = [r["step"] for r in result.history]
+    assert steps == [0, 5, 10, 12]
+
+
+def test_resume_options_come_from_the_checkpoint(corpus, tmp_path):
+    train(TrainOptions(data=str(corpus), steps=4, eval_every=4, out=tmp_path / "m.pt", **TINY))
+    options = options_for_resume(tmp_path / "m.pt", steps=8)
+    assert (options.hidden, options.seq_len, options.steps, options.out) == (24, 12, 8, tmp_path / "m.pt")
+    with pytest.raises(TrainError, match=r"options differ: hidden: 24 in the checkpoint, 32 now"):
+        train(options_for_resume(tmp_path / "m.pt", steps=8, hidden=32))
+    with pytest.raises(TrainError, match="already at step 4; give --steps larger"):
+        train(options_for_resume(tmp_path / "m.pt", steps=4))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    calls = {"train": 0}
+    real_loss = SequenceModel.loss
+
+    def poisoned(self, y, target):
+        loss = real_loss(self, y, target)
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] == 7:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(SequenceModel, "loss", poisoned)
+    out = tmp_path / "m.pt"
+    with pytest.raises(
+        TrainingDiverged, match=r"diverged at step 7: loss nan.*checkpoint .*m\.pt \(step 6\) was kept"
+    ):
+        train(TrainOptions(data=str(corpus), steps=20, eval_every=3, out=out, **TINY))
+    ckpt = load_checkpoint(out)
+    assert ckpt.step == 6
+    assert all(torch.isfinite(p).all() for p in ckpt.model.parameters())
+    last = json.loads(out.with_name("m.log.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "diverged" and last["step"] == 7
+
+
+def test_series_regression_learns_a_sine_and_stores_stats(tmp_path):
+    t = np.arange(1200, dtype=np.float32)
+    series = np.stack([10 + 3 * np.sin(t / 8), np.cos(t / 8)], axis=1)
+    np.save(tmp_path / "s.npy", series)
+    result = train(
+        TrainOptions(
+            data=str(tmp_path / "s.npy"), cell="gru", steps=80, eval_every=40, out=tmp_path / "s.pt", **TINY
+        )
+    )
+    assert result.metric == "mse"
+    assert result.last_valid < 0.2 * result.first_valid
+    ckpt = load_checkpoint(tmp_path / "s.pt")
+    assert ckpt.config.task == "regression" and ckpt.config.input_size == 2 and ckpt.config.output_size == 2
+    np.testing.assert_allclose(ckpt.data_stats["mean"], series[: 1200 - 60].mean(0), rtol=1e-5)
+
+
+def test_amp_on_cpu_is_a_clear_error(corpus, tmp_path):
+    with pytest.raises(TrainError, match="--amp bf16 needs a CUDA device, but training runs on cpu"):
+        train(TrainOptions(data=str(corpus), amp="bf16", device="cpu", out=tmp_path / "m.pt", **TINY))
+
+
+@pytest.mark.gpu
+def test_bf16_training_on_gpu(corpus, tmp_path):
+    result = train(
+        TrainOptions(
+            data=str(corpus),
+            amp="bf16",
+            device="cuda",
+            steps=40,
+            eval_every=20,
+            out=tmp_path / "m.pt",
+            **TINY,
+        )
+    )
+    assert result.last_valid < result.first_valid - 1.0
