@@ -84,7 +84,28 @@ def stage_sample(ctx: DemoContext) -> None:
     ctx.echo(f"sample (temperature 0.7):\n{prompt}{text}")
 
 
-STAGES: list[Stage] = [Stage("data", stage_data), Stage("train", stage_train), Stage("sample", stage_sample)]
+def stage_export(ctx: DemoContext) -> None:
+    """Exports the checkpoint to ONNX and verifies onnxruntime against PyTorch (whole sequence and stepwise)."""
+    from rnndeploy.export import export_checkpoint
+
+    report = export_checkpoint(ctx.result.checkpoint, ctx.out_dir / "model.onnx", verify=True)
+    if not report.ok:
+        ctx.echo(str(report))
+        raise RuntimeError("the exported ONNX model disagrees with PyTorch beyond tolerance (see the table above)")
+    for v in report.verifications.values():
+        ctx.echo(
+            f"verified {v.precision} graph: {len(v.checks)} checks (onnxruntime and onnx.reference vs PyTorch, "
+            f"whole sequence and step by step, new batch sizes and lengths), max abs error {v.max_abs:.1e}"
+        )
+    ctx.files["onnx model"] = report.paths["fp32"]
+
+
+STAGES: list[Stage] = [
+    Stage("data", stage_data),
+    Stage("train", stage_train),
+    Stage("export + verify", stage_export),
+    Stage("sample", stage_sample),
+]
 
 
 @torch.no_grad()
