@@ -1,10 +1,10 @@
 """KServe v2 / Open Inference Protocol over HTTP, as Triton Inference Server speaks it, on FastAPI.
 
 Endpoints: ``/v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{name}[/versions/{v}]``,
-``.../ready`` and ``.../infer``. Tensors travel as JSON or with the binary tensor data extension
-(``Inference-Header-Content-Length``); stateful models are served per sequence (``sequence_id``,
-``sequence_start``, ``sequence_end`` request parameters) through a :class:`SequenceBatcher`, so a stock
-``tritonclient.http.InferenceServerClient`` works unchanged.
+``.../ready``, ``.../stats`` (step and batch counts) and ``.../infer``. Tensors travel as JSON or with the
+binary tensor data extension (``Inference-Header-Content-Length``); stateful models are served per
+sequence (``sequence_id``, ``sequence_start``, ``sequence_end`` request parameters) through a
+:class:`SequenceBatcher`, so a stock ``tritonclient.http.InferenceServerClient`` works unchanged.
 """
 
 from __future__ import annotations
@@ -116,6 +116,19 @@ def create_app(
     async def model_ready(name: str, version: str | None = None) -> dict:
         check_model(name, version)
         return {"name": model_name, "ready": True}
+
+    @app.get("/v2/models/{name}/stats")
+    @app.get("/v2/models/{name}/versions/{version}/stats")
+    async def model_stats(name: str, version: str | None = None) -> dict:
+        check_model(name, version)
+        stats = {
+            "name": model_name,
+            "version": model_version,
+            "inference_count": batcher.steps_run,
+            "execution_count": batcher.batches_run,
+            "live_sequences": len(batcher.live),
+        }
+        return {"model_stats": [stats]}
 
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")

@@ -78,6 +78,7 @@ class SequenceBatcher:
         self.max_sequences = max_sequences
         self.live: dict[Hashable, _Live] = {}
         self.batches_run = 0
+        self.steps_run = 0
         self._pending: deque[_Request] = deque()
         self._stateless = itertools.count()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="rnndeploy-batcher")
@@ -214,6 +215,7 @@ class SequenceBatcher:
             if request.end:
                 self.session.close(request.stream)
         self.batches_run += 1
+        self.steps_run += len(batch)
         return [outputs[r.stream] for r in batch]
 
     async def _evict_loop(self) -> None:

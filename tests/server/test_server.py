@@ -83,32 +83,6 @@ def test_metadata_and_health(server):
     assert meta["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, -1, V]}]
 
 
-def test_32_sequences_200_steps_tritonclient(server, lm_bytes):
-    url, app = server
-    S, T = 32, 200
-    tokens = np.random.default_rng(0).integers(0, V, (S, T))
-    client = httpclient.InferenceServerClient(url, concurrency=S)
-    got = np.full((S, T, V), np.nan, np.float32)
-    batches_before = app.state.batcher.batches_run
-    for t in range(T):
-        pending = [
-            client.async_infer(
-                "lm",
-                [token_input(tokens[s : s + 1, t : t + 1])],
-                sequence_id=1000 + s,
-                sequence_start=t == 0,
-                sequence_end=t == T - 1,
-                outputs=[httpclient.InferRequestedOutput("output", binary_data=t % 2 == 0)],
-            )
-            for s in range(S)
-        ]
-        for s, handle in enumerate(pending):
-            got[s, t] = handle.get_result().as_numpy("output")[0, 0]
-    np.testing.assert_allclose(got, offline(lm_bytes, tokens), **TOL)
-    assert app.state.batcher.batches_run - batches_before < 0.75 * S * T, "concurrent steps were not batched"
-    assert not app.state.batcher.live and not app.state.batcher.session.streams
-
-
 def test_httpx_json_sequences_interleaved(server, lm_bytes):
     url, _ = server
     S, T = 6, 15
