@@ -116,7 +116,9 @@ def run_command(model, input_path, states, constants, provider, threads) -> None
         arrays, lead = {}, None
         for name, value in row.items():
             spec = session.inputs.get(name)
-            array = np.asarray(value, dtype=spec.dtype if spec is not None else None)
+            array = np.asarray(value)
+            if spec is not None and np.can_cast(array.dtype, spec.dtype, "same_kind"):
+                array = array.astype(spec.dtype)
             missing = len(spec.shape) - array.ndim if spec is not None else 0
             arrays[name] = array.reshape((1,) * max(missing, 0) + array.shape)
             lead = missing if lead is None else min(lead, missing)
