@@ -2,8 +2,9 @@
 
 Like Triton Inference Server's sequence batcher: a request carries ``sequence_id`` / ``sequence_start`` /
 ``sequence_end``; the state of a live sequence stays in the :class:`StreamingSession`; steps that are queued
-together (up to ``max_batch_size``, waiting at most ``max_queue_delay_s`` for more) run through one
-:meth:`StreamingSession.step_many` call in one worker thread, so the event loop keeps serving meanwhile.
+together (up to ``max_batch_size``, waiting at most ``max_queue_delay_s`` for more, but never for more than
+there are live sequences) run through one :meth:`StreamingSession.step_many` call in one worker thread, so
+the event loop keeps serving meanwhile.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ class SequenceBatcher:
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_Request(stream, start, end, arrays, future))
         self._wakeup.set()
-        if len(self._pending) >= self.max_batch_size:
+        if len(self._pending) >= self._batch_target():
             self._full.set()
         try:
             return await future
@@ -163,6 +164,10 @@ class SequenceBatcher:
                 live.last_used = time.monotonic()
                 if end:
                     del self.live[stream]
+
+    def _batch_target(self) -> int:
+        """Steps worth waiting for: no more sequences can join than are live (no wait for a lone sequence)."""
+        return min(self.max_batch_size, max(len(self.live), 1))
 
     def _take_batch(self) -> list[_Request]:
         """The oldest queued step of each sequence, oldest first, at most ``max_batch_size``."""
@@ -181,7 +186,7 @@ class SequenceBatcher:
         loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
-            if self.max_queue_delay_s > 0 and len(self._pending) < self.max_batch_size:
+            if self.max_queue_delay_s > 0 and len(self._pending) < self._batch_target():
                 try:
                     await asyncio.wait_for(self._full.wait(), self.max_queue_delay_s)
                 except asyncio.TimeoutError:
@@ -189,7 +194,7 @@ class SequenceBatcher:
             batch = self._take_batch()
             if not self._pending:
                 self._wakeup.clear()
-            if len(self._pending) < self.max_batch_size:
+            if len(self._pending) < self._batch_target():
                 self._full.clear()
             if not batch:
                 continue
