@@ -585,16 +585,19 @@ class StreamingSession:
         results: dict[Hashable, dict[str, np.ndarray]] = {}
         new_states: dict[Hashable, dict[str, np.ndarray]] = {}
         for members in groups.values():
-            feed = {
-                n: np.concatenate([checked[s][0][n] for s in members], axis=spec.batch_axis)
-                for n, spec in self.inputs.items()
-            }
-            feed.update(
-                {
-                    p.input: np.concatenate([states[s][p.input] for s in members], axis=p.batch_axis)
-                    for p in self.states
+            if len(members) == 1:  # nothing to gather or scatter
+                feed = {**checked[members[0]][0], **states[members[0]]}
+            else:
+                feed = {
+                    n: np.concatenate([checked[s][0][n] for s in members], axis=spec.batch_axis)
+                    for n, spec in self.inputs.items()
                 }
-            )
+                feed.update(
+                    {
+                        p.input: np.concatenate([states[s][p.input] for s in members], axis=p.batch_axis)
+                        for p in self.states
+                    }
+                )
             outs = self._session.run(self._output_names, {**feed, **self.constants})
             bounds = np.cumsum([checked[s][1] for s in members])[:-1]
             split_outs = [
