@@ -9,6 +9,7 @@ caller only passes the new input of each step. Steps of several streams run as o
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import os
 import re
@@ -599,15 +600,13 @@ class StreamingSession:
                     }
                 )
             outs = self._session.run(self._output_names, {**feed, **self.constants})
-            bounds = np.cumsum([checked[s][1] for s in members])[:-1]
-            split_outs = [
-                np.split(o, bounds, axis=spec.batch_axis)
-                for o, spec in zip(outs, self.outputs.values(), strict=False)
-            ]
-            split_states = [
-                np.split(o, bounds, axis=p.batch_axis)
-                for o, p in zip(outs[len(self.outputs) :], self.states, strict=False)
-            ]
+            axes = [spec.batch_axis for spec in self.outputs.values()] + [p.batch_axis for p in self.states]
+            if len(members) == 1:
+                parts = [[o] for o in outs]
+            else:
+                bounds = list(itertools.accumulate(checked[s][1] for s in members))[:-1]
+                parts = [np.split(o, bounds, axis=axis) for o, axis in zip(outs, axes, strict=True)]
+            split_outs, split_states = parts[: len(self.outputs)], parts[len(self.outputs) :]
             for k, stream in enumerate(members):
                 result = {name: parts[k] for name, parts in zip(self.outputs, split_outs, strict=False)}
                 results[stream] = self._strip(result) if checked[stream][2] else result
