@@ -1,4 +1,4 @@
-"""KServe v2 / Open Inference Protocol over HTTP, as Triton Inference Server speaks it, on FastAPI.
+"""KServe v2 / Open Inference Protocol over HTTP, as Triton Inference Server speaks it, on Starlette.
 
 Endpoints: ``/v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{name}[/versions/{v}]``,
 ``.../ready``, ``.../stats`` (step and batch counts) and ``.../infer``. Tensors travel as JSON or with the
@@ -14,9 +14,11 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from rnndeploy import __version__
 from rnndeploy.runtime import StepInputError, StreamingSession
@@ -47,8 +49,8 @@ def create_app(
     idle_timeout_s: float = 60.0,
     max_sequences: int = 1024,
     max_body_bytes: int = 16 * 2**20,
-) -> FastAPI:
-    """A FastAPI app serving ``session`` as model ``model_name`` (version ``model_version``).
+) -> Starlette:
+    """A Starlette (ASGI) app serving ``session`` as model ``model_name`` (version ``model_version``).
 
     ``max_batch_size`` / ``max_queue_delay_us`` configure dynamic batching of concurrent sequences (1 / 0:
     no batching), ``idle_timeout_s`` evicts idle sequences, ``max_sequences`` caps live sequences (HTTP 429
@@ -63,19 +65,16 @@ def create_app(
     )
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI):
+    async def lifespan(_: Starlette):
         await batcher.start()
         yield
         await batcher.stop()
 
-    app = FastAPI(title="rnndeploy", version=__version__, lifespan=lifespan)
-    app.state.batcher = batcher
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
         return JSONResponse({"error": str(error.detail)}, status_code=error.status_code)
 
-    def check_model(name: str, version: str | None = None) -> None:
+    def check_model(request: Request) -> None:
+        name, version = request.path_params["name"], request.path_params.get("version")
         if name != model_name:
             raise HTTPException(404, f"unknown model {name!r}; this server serves {model_name!r}")
         if version not in (None, "", model_version):
@@ -87,40 +86,34 @@ def create_app(
         shape = [d if isinstance(d, int) else -1 for d in spec.shape]
         return {"name": spec.name, "datatype": _TO_DATATYPE[spec.dtype], "shape": shape}
 
-    @app.get("/v2/health/live")
-    async def live() -> dict:
-        return {"live": True}
+    async def live(_: Request) -> JSONResponse:
+        return JSONResponse({"live": True})
 
-    @app.get("/v2/health/ready")
-    async def ready() -> dict:
-        return {"ready": True}
+    async def ready(_: Request) -> JSONResponse:
+        return JSONResponse({"ready": True})
 
-    @app.get("/v2")
-    async def server_metadata() -> dict:
-        return {"name": "rnndeploy", "version": __version__, "extensions": ["binary_tensor_data", "sequence"]}
+    async def server_metadata(_: Request) -> JSONResponse:
+        extensions = ["binary_tensor_data", "sequence"]
+        return JSONResponse({"name": "rnndeploy", "version": __version__, "extensions": extensions})
 
-    @app.get("/v2/models/{name}")
-    @app.get("/v2/models/{name}/versions/{version}")
-    async def model_metadata(name: str, version: str | None = None) -> dict:
-        check_model(name, version)
-        return {
-            "name": model_name,
-            "versions": [model_version],
-            "platform": "onnxruntime_onnx",
-            "inputs": [tensor_metadata(s) for s in session.inputs.values()],
-            "outputs": [tensor_metadata(s) for s in session.outputs.values()],
-        }
+    async def model_metadata(request: Request) -> JSONResponse:
+        check_model(request)
+        return JSONResponse(
+            {
+                "name": model_name,
+                "versions": [model_version],
+                "platform": "onnxruntime_onnx",
+                "inputs": [tensor_metadata(s) for s in session.inputs.values()],
+                "outputs": [tensor_metadata(s) for s in session.outputs.values()],
+            }
+        )
 
-    @app.get("/v2/models/{name}/ready")
-    @app.get("/v2/models/{name}/versions/{version}/ready")
-    async def model_ready(name: str, version: str | None = None) -> dict:
-        check_model(name, version)
-        return {"name": model_name, "ready": True}
+    async def model_ready(request: Request) -> JSONResponse:
+        check_model(request)
+        return JSONResponse({"name": model_name, "ready": True})
 
-    @app.get("/v2/models/{name}/stats")
-    @app.get("/v2/models/{name}/versions/{version}/stats")
-    async def model_stats(name: str, version: str | None = None) -> dict:
-        check_model(name, version)
+    async def model_stats(request: Request) -> JSONResponse:
+        check_model(request)
         stats = {
             "name": model_name,
             "version": model_version,
@@ -128,12 +121,10 @@ def create_app(
             "execution_count": batcher.batches_run,
             "live_sequences": len(batcher.live),
         }
-        return {"model_stats": [stats]}
+        return JSONResponse({"model_stats": [stats]})
 
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer(name: str, request: Request, version: str | None = None) -> Response:
-        check_model(name, version)
+    async def infer(request: Request) -> Response:
+        check_model(request)
         body = await _read_body(request, max_body_bytes)
         header, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
         inputs = _decode_inputs(header, binary)
@@ -154,6 +145,18 @@ def create_app(
             raise HTTPException(error.status, str(error)) from error
         return _encode_outputs(header, parameters, outputs, model_name, model_version)
 
+    model = "/v2/models/{name}"
+    versioned = "/v2/models/{name}/versions/{version}"
+    routes = [Route(f"{prefix}/infer", infer, methods=["POST"]) for prefix in (model, versioned)]
+    for suffix, endpoint in (("", model_metadata), ("/ready", model_ready), ("/stats", model_stats)):
+        routes += [Route(prefix + suffix, endpoint, methods=["GET"]) for prefix in (model, versioned)]
+    routes += [
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/v2", server_metadata, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app.state.batcher = batcher
     return app
 
 
