@@ -20,9 +20,9 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,7 @@ def time_steps(step, steps: int, warmup: int = 50) -> dict[str, float]:
 
 
 def bench_latency(model_bytes: bytes, steps: int) -> list[dict]:
-    """Per-step latency at batch 1: bare InferenceSession.run loop, StreamingSession (run / IOBinding), torch."""
+    """Per-step latency at batch 1: a bare InferenceSession.run loop, StreamingSession, torch eager."""
     tokens = np.array([[5]], np.int64)
     bare = ort.InferenceSession(model_bytes, default_session_options(1), providers=["CPUExecutionProvider"])
     state = {"h0": np.zeros((LAYERS, 1, HIDDEN), np.float32), "c0": np.zeros((LAYERS, 1, HIDDEN), np.float32)}
@@ -104,18 +104,19 @@ def bench_streams(model_bytes: bytes, counts: list[int], rounds: int) -> list[di
         batched = StreamingSession(model_bytes, providers="cpu")
         separate = StreamingSession(model_bytes, providers="cpu")
 
-        def one_by_one():
-            for s, x in xs.items():
-                separate.step(x, stream=s)
-
         reps = max(rounds // n, 5)
         for name, fn in (
-            ("batched step_many", lambda: batched.step_many(xs)),
-            ("one step per stream", one_by_one),
+            ("batched step_many", partial(batched.step_many, xs)),
+            ("one step per stream", partial(_one_by_one, separate, xs)),
         ):
             stats = time_steps(fn, reps, warmup=3)
             rows.append({"streams": n, "mode": name, "steps_per_s": n / (stats["p50_us"] * 1e-6), **stats})
     return rows
+
+
+def _one_by_one(session: StreamingSession, xs: dict) -> None:
+    for stream, x in xs.items():
+        session.step(x, stream=stream)
 
 
 def _free_port() -> int:
@@ -125,9 +126,8 @@ def _free_port() -> int:
 
 
 def bench_server(model_path: Path, concurrency: list[int], steps: int) -> list[dict]:
-    """`rnndeploy serve` in a subprocess, driven by threads of tritonclient.http clients (one per sequence)."""
+    """`rnndeploy serve` in a subprocess, driven by threads of tritonclient.http clients, one per sequence."""
     import httpx
-    import tritonclient.http as httpclient
 
     rows = []
     for mode, flags in (
@@ -161,28 +161,10 @@ def bench_server(model_path: Path, concurrency: list[int], steps: int) -> list[d
                     if time.monotonic() > deadline or server.poll() is not None:
                         raise RuntimeError("server did not start") from None
                     time.sleep(0.1)
+            _client_sequence(port, 20, [], 10_000)  # warm-up: first runs, connection set-up
             for n in concurrency:
                 latencies: list[float] = []
-                lock = threading.Lock()
-
-                def sequence(s: int, n: int = n) -> None:
-                    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
-                    mine = []
-                    for t in range(steps):
-                        tensor = httpclient.InferInput("input", [1, 1], "INT64")
-                        tensor.set_data_from_numpy(np.array([[(s + t) % len(VOCAB)]], np.int64))
-                        start = time.perf_counter()
-                        client.infer(
-                            "lm",
-                            [tensor],
-                            sequence_id=s + 1,
-                            sequence_start=t == 0,
-                            sequence_end=t == steps - 1,
-                        )
-                        mine.append(time.perf_counter() - start)
-                    with lock:
-                        latencies.extend(mine)
-
+                sequence = partial(_client_sequence, port, steps, latencies)
                 start = time.perf_counter()
                 with ThreadPoolExecutor(n) as pool:
                     list(pool.map(sequence, range(n)))
@@ -194,6 +176,21 @@ def bench_server(model_path: Path, concurrency: list[int], steps: int) -> list[d
             server.terminate()
             server.wait(30)
     return rows
+
+
+def _client_sequence(port: int, steps: int, latencies: list[float], s: int) -> None:
+    """One sequence of ``steps`` steps through its own tritonclient client; appends step latencies."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+    mine = []
+    for t in range(steps):
+        tensor = httpclient.InferInput("input", [1, 1], "INT64")
+        tensor.set_data_from_numpy(np.array([[(s + t) % len(VOCAB)]], np.int64))
+        start = time.perf_counter()
+        client.infer("lm", [tensor], sequence_id=s + 1, sequence_start=t == 0, sequence_end=t == steps - 1)
+        mine.append(time.perf_counter() - start)
+    latencies.extend(mine)  # list.extend is atomic under the GIL
 
 
 def machine() -> dict:
@@ -294,7 +291,7 @@ def plot(path: Path, latency: list[dict], streams: list[dict], server: list[dict
 
 
 def main(quick: bool = False, out: Path | None = None) -> dict:
-    """Run all benchmarks, print tables, write runtime.json / runtime.csv / runtime.png; return the results."""
+    """Run all benchmarks, print tables, write runtime.json / .csv / .png; return the results."""
     from rnndeploy.checkpoint import atomic_write
 
     out = Path(out) if out is not None else RESULTS

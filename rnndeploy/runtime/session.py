@@ -560,7 +560,8 @@ class StreamingSession:
         """Run one step of each of several streams as one batched onnxruntime call per input shape.
 
         State rows of the streams are gathered along each state's batch axis, run together and scattered
-        back; the result equals calling :meth:`step` for each stream. Streams whose inputs (or grown states)
+        back (on CUDA through host memory; with ``cuda_graph`` each stream replays its own graphs instead);
+        the result equals calling :meth:`step` for each stream. Streams whose inputs (or grown states)
         differ in shape run in separate calls. All inputs are validated before anything runs, so a bad
         input changes no stream's state.
 
@@ -574,6 +575,8 @@ class StreamingSession:
             entry = self._streams.get(stream)
             if entry is not None and entry.batch is not None and entry.batch != batch:
                 raise StepInputError(f"stream {stream!r} has batch size {entry.batch}, this step has {batch}")
+        if self.cuda_graph:  # each stream replays its own captured graphs on fixed device buffers
+            return {s: self.step(x, stream=s) for s, x in xs.items()}
         entries = {s: self._open(s, batch) for s, (_, batch, _) in checked.items()}
         states = {s: self._load(e) for s, e in entries.items()}
         groups: dict[tuple, list[Hashable]] = {}

@@ -152,3 +152,8 @@ def test_info(lm_path):
     assert info["inputs"] == ["input: int64[batch, time]"]
     assert info["metadata"]["rnndeploy.task"] == "lm"
     assert "CPUExecutionProvider" in info["providers_available"]
+
+
+def test_serve_refuses_a_model_without_states(odd_path):
+    result = CliRunner().invoke(main, ["serve", str(odd_path), "--port", "1"])
+    assert result.exit_code == 1 and "no state pairs found" in result.output, result.output

@@ -260,8 +260,9 @@ def test_cuda_state_on_device_matches_cpu(lm_bytes, cuda_graph):
                 rtol=1e-4,
                 atol=1e-5,
             )
-    if not cuda_graph:
-        xs = {s: tokens[s, :, :1] for s in range(2)}
-        got, want = gpu.step_many(xs), cpu.step_many(xs)
-        for s in xs:
-            np.testing.assert_allclose(got[s]["output"], want[s]["output"], rtol=1e-4, atol=1e-5)
+    xs = {s: tokens[s, :, :1] for s in range(2)}
+    got, want = gpu.step_many(xs), cpu.step_many(xs)
+    for s in xs:
+        np.testing.assert_allclose(got[s]["output"], want[s]["output"], rtol=1e-4, atol=1e-5)
+        for name, value in cpu.get_state(s).items():
+            np.testing.assert_allclose(gpu.get_state(s)[name], value, rtol=1e-4, atol=1e-5)
