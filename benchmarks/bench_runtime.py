@@ -125,57 +125,63 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def bench_server(model_path: Path, concurrency: list[int], steps: int) -> list[dict]:
-    """`rnndeploy serve` in a subprocess, driven by threads of tritonclient.http clients, one per sequence."""
-    import httpx
+def bench_server(model_path: Path, concurrency: list[int], steps: int, repeats: int) -> list[dict]:
+    """`rnndeploy serve` batched and unbatched side by side, driven by threads of tritonclient.http clients.
 
-    rows = []
-    for mode, flags in (
-        ("batched", ["--max-batch-size", "64", "--max-queue-delay-us", "500"]),
-        ("unbatched", ["--max-batch-size", "1", "--max-queue-delay-us", "0"]),
-    ):
-        port = _free_port()
-        command = [
-            sys.executable,
-            "-m",
-            "rnndeploy",
-            "serve",
-            str(model_path),
-            "--name",
-            "lm",
-            "--port",
-            str(port),
-        ]
-        server = subprocess.Popen(
-            command + ["--log-level", "warning", "--provider", "cpu", *flags],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        raise RuntimeError("server did not start") from None
-                    time.sleep(0.1)
-            _client_sequence(port, 20, [], 10_000)  # warm-up: first runs, connection set-up
-            for n in concurrency:
-                latencies: list[float] = []
-                sequence = partial(_client_sequence, port, steps, latencies)
-                start = time.perf_counter()
-                with ThreadPoolExecutor(n) as pool:
-                    list(pool.map(sequence, range(n)))
-                wall = time.perf_counter() - start
-                rows.append(
-                    {"mode": mode, "sequences": n, "steps_per_s": n * steps / wall, **quantiles(latencies)}
-                )
-        finally:
+    The two servers are measured alternately, ``repeats`` times per concurrency, and the median throughput
+    is kept, so load from other processes on a shared machine hits both modes alike.
+    """
+    modes = {
+        "batched": ["--max-batch-size", "64", "--max-queue-delay-us", "500"],
+        "unbatched": ["--max-batch-size", "1", "--max-queue-delay-us", "0"],
+    }
+    servers, ports = {}, {}
+    try:
+        for mode, flags in modes.items():
+            ports[mode] = _free_port()
+            command = [sys.executable, "-m", "rnndeploy", "serve", str(model_path), "--name", "lm"]
+            servers[mode] = subprocess.Popen(
+                command + ["--port", str(ports[mode]), "--log-level", "warning", "--provider", "cpu", *flags],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        for mode, server in servers.items():
+            _wait_ready(server, ports[mode])
+            _client_sequence(ports[mode], 20, [], 10_000)  # warm-up: first runs, connection set-up
+        rows = []
+        for n in concurrency:
+            rates: dict[str, list[float]] = {mode: [] for mode in modes}
+            latencies: dict[str, list[float]] = {mode: [] for mode in modes}
+            for _ in range(repeats):
+                for mode in modes:
+                    sequence = partial(_client_sequence, ports[mode], steps, latencies[mode])
+                    start = time.perf_counter()
+                    with ThreadPoolExecutor(n) as pool:
+                        list(pool.map(sequence, range(n)))
+                    rates[mode].append(n * steps / (time.perf_counter() - start))
+            for mode in modes:
+                rate = float(np.median(rates[mode]))
+                rows.append({"mode": mode, "sequences": n, "steps_per_s": rate, **quantiles(latencies[mode])})
+    finally:
+        for server in servers.values():
             server.terminate()
             server.wait(30)
     return rows
+
+
+def _wait_ready(server: subprocess.Popen, port: int) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            raise RuntimeError(f"the server on port {port} did not start")
+        time.sleep(0.1)
 
 
 def _client_sequence(port: int, steps: int, latencies: list[float], s: int) -> None:
@@ -307,7 +313,7 @@ def main(quick: bool = False, out: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lm.onnx"
         onnx.save(model, path)
-        server = bench_server(path, [1, 16] if quick else [1, 16, 64], 20 if quick else 60)
+        server = bench_server(path, [1, 16] if quick else [1, 16, 64], 20 if quick else 50, 1 if quick else 3)
     print_table(
         "Server: steps/s and step latency", server, ["mode", "sequences", "steps_per_s", "p50_us", "p99_us"]
     )
