@@ -31,6 +31,7 @@ class DemoContext:
     steps: int | None = None
     quick: bool = False
     echo: Callable[[str], None] = print
+    write: Callable[[str], None] = field(default=lambda text: print(text, end="", flush=True))
     dataset: Dataset | None = None
     result: TrainResult | None = None
     files: dict[str, Path] = field(default_factory=dict)
@@ -74,16 +75,6 @@ def stage_train(ctx: DemoContext) -> None:
     )
 
 
-def stage_sample(ctx: DemoContext) -> None:
-    """Generates text from the trained model with torch, starting from a prompt."""
-    from rnndeploy.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(ctx.result.checkpoint)
-    prompt = "The "
-    text = sample_text(ckpt.model, ckpt.vocab, prompt, length=40 if ctx.quick else 300, temperature=0.7)
-    ctx.echo(f"sample (temperature 0.7):\n{prompt}{text}")
-
-
 def stage_export(ctx: DemoContext) -> None:
     """Exports the checkpoint to ONNX and verifies onnxruntime against PyTorch (whole sequence and stepwise)."""
     from rnndeploy.export import export_checkpoint
@@ -91,7 +82,9 @@ def stage_export(ctx: DemoContext) -> None:
     report = export_checkpoint(ctx.result.checkpoint, ctx.out_dir / "model.onnx", verify=True)
     if not report.ok:
         ctx.echo(str(report))
-        raise RuntimeError("the exported ONNX model disagrees with PyTorch beyond tolerance (see the table above)")
+        raise RuntimeError(
+            "the exported ONNX model disagrees with PyTorch beyond tolerance (see the table above)"
+        )
     for v in report.verifications.values():
         ctx.echo(
             f"verified {v.precision} graph: {len(v.checks)} checks (onnxruntime and onnx.reference vs PyTorch, "
@@ -100,11 +93,26 @@ def stage_export(ctx: DemoContext) -> None:
     ctx.files["onnx model"] = report.paths["fp32"]
 
 
+def stage_stream(ctx: DemoContext) -> None:
+    """Streams generated text from the ONNX model through onnxruntime, one character per step, state carried."""
+    from rnndeploy.runtime import StreamingSession, generate
+
+    session = StreamingSession(ctx.files["onnx model"])
+    prompt, length = "The ", 40 if ctx.quick else 300
+    ctx.echo(f"onnxruntime ({', '.join(session.providers)}), temperature 0.7, prompt {prompt!r}:")
+    ctx.write(prompt)
+    start = time.perf_counter()
+    for char in generate(session, prompt, length, temperature=0.7, seed=0):
+        ctx.write(char)
+    per_step = (time.perf_counter() - start) / max(length, 1) * 1e6
+    ctx.echo(f"\n({length} characters, {per_step:.0f} us per step including sampling)")
+
+
 STAGES: list[Stage] = [
     Stage("data", stage_data),
     Stage("train", stage_train),
     Stage("export + verify", stage_export),
-    Stage("sample", stage_sample),
+    Stage("stream", stage_stream),
 ]
 
 

@@ -90,7 +90,10 @@ def test_demo_quick_writes_the_files(tmp_path):
     for name in ("model.pt", "model.log.jsonl", "model.loss.png"):
         assert (tmp_path / "demo" / name).is_file()
         assert str(tmp_path / "demo" / name) in result.output
-    assert "validation bits/char:" in result.output and "[3/3] sample" in result.output
+    assert "validation bits/char:" in result.output
+    assert "[3/4] export + verify" in result.output and "verified fp32 graph" in result.output
+    assert "[4/4] stream" in result.output and "onnxruntime (CPUExecutionProvider" in result.output
+    assert (tmp_path / "demo" / "model.onnx").is_file()
 
 
 def test_train_stops_on_nan_loss_with_a_message(corpus, tmp_path, monkeypatch):

@@ -1,0 +1,409 @@
+"""Runtime and server benchmarks: per-step latency, batched stream throughput, server throughput and latency.
+
+Model: a character LSTM LM, 2 layers x 256 hidden, embedding 64, vocabulary 64 (built with onnx.helper as
+the exporter writes it); torch eager runs the same shape as a ``rnndeploy.SequenceModel``. Everything runs
+with one onnxruntime / torch thread. Prints a table and writes runtime.json, runtime.csv and runtime.png
+under benchmarks/results/ (or ``out``).
+
+    python benchmarks/bench_runtime.py [--quick]     or     rnndeploy bench runtime [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from rnndeploy.runtime import StreamingSession, default_session_options, testing
+
+VOCAB = [chr(ord("!") + i) for i in range(64)]
+EMBED, HIDDEN, LAYERS = 64, 256, 2
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def quantiles(samples_s: list[float]) -> dict[str, float]:
+    """Median and 0.2 / 0.8 / 0.99 quantiles in microseconds."""
+    q = np.quantile(np.asarray(samples_s) * 1e6, [0.5, 0.2, 0.8, 0.99])
+    return {"p50_us": q[0], "p20_us": q[1], "p80_us": q[2], "p99_us": q[3]}
+
+
+def time_steps(step, steps: int, warmup: int = 50) -> dict[str, float]:
+    for _ in range(warmup):
+        step()
+    samples = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        samples.append(time.perf_counter() - start)
+    return quantiles(samples)
+
+
+def bench_latency(model_bytes: bytes, steps: int) -> list[dict]:
+    """Per-step latency at batch 1: a bare InferenceSession.run loop, StreamingSession, torch eager."""
+    tokens = np.array([[5]], np.int64)
+    bare = ort.InferenceSession(model_bytes, default_session_options(1), providers=["CPUExecutionProvider"])
+    state = {"h0": np.zeros((LAYERS, 1, HIDDEN), np.float32), "c0": np.zeros((LAYERS, 1, HIDDEN), np.float32)}
+
+    def bare_step():
+        _, state["h0"], state["c0"] = bare.run(None, {"input": tokens, **state})
+
+    ours = StreamingSession(model_bytes, providers="cpu")
+    bound = StreamingSession(model_bytes, providers="cpu", io_binding=True)
+    rows = [
+        {"case": "onnxruntime run loop (bare)", **time_steps(bare_step, steps)},
+        {"case": "StreamingSession.step", **time_steps(lambda: ours.step(tokens), steps)},
+        {"case": "StreamingSession.step io_binding", **time_steps(lambda: bound.step(tokens), steps)},
+    ]
+    import torch
+
+    from rnndeploy.models import ModelConfig, SequenceModel
+
+    torch.set_num_threads(1)
+    model = SequenceModel(
+        ModelConfig(
+            task="lm",
+            cell="lstm",
+            vocab_size=len(VOCAB),
+            embed_dim=EMBED,
+            hidden_size=HIDDEN,
+            num_layers=LAYERS,
+        )
+    ).eval()
+    x = torch.tensor([[5]])
+    torch_state = {"s": model.init_state(1)}
+
+    def torch_step():
+        with torch.inference_mode():
+            _, torch_state["s"] = model(x, torch_state["s"])
+
+    rows.append({"case": "torch eager SequenceModel", **time_steps(torch_step, max(steps // 4, 100))})
+    return rows
+
+
+def bench_streams(model_bytes: bytes, counts: list[int], rounds: int) -> list[dict]:
+    """Steps per second for N streams: one batched step_many call vs one step call per stream."""
+    rows = []
+    rng = np.random.default_rng(0)
+    for n in counts:
+        xs = {s: rng.integers(0, len(VOCAB), (1, 1)) for s in range(n)}
+        batched = StreamingSession(model_bytes, providers="cpu")
+        separate = StreamingSession(model_bytes, providers="cpu")
+
+        reps = max(rounds // n, 5)
+        for name, fn in (
+            ("batched step_many", partial(batched.step_many, xs)),
+            ("one step per stream", partial(_one_by_one, separate, xs)),
+        ):
+            stats = time_steps(fn, reps, warmup=3)
+            rows.append({"streams": n, "mode": name, "steps_per_s": n / (stats["p50_us"] * 1e-6), **stats})
+    return rows
+
+
+def _one_by_one(session: StreamingSession, xs: dict) -> None:
+    for stream, x in xs.items():
+        session.step(x, stream=stream)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bench_server(model_path: Path, concurrency: list[int], steps: int, repeats: int) -> list[dict]:
+    """`rnndeploy serve` batched and unbatched side by side, driven by threads of tritonclient.http clients.
+
+    The two servers are measured alternately, ``repeats`` times per concurrency, and the median throughput
+    is kept, so load from other processes on a shared machine hits both modes alike.
+    """
+    modes = {
+        "batched": ["--max-batch-size", "64", "--max-queue-delay-us", "500"],
+        "unbatched": ["--max-batch-size", "1", "--max-queue-delay-us", "0"],
+    }
+    servers, ports = {}, {}
+    try:
+        for mode, flags in modes.items():
+            ports[mode] = _free_port()
+            command = [sys.executable, "-m", "rnndeploy", "serve", str(model_path), "--name", "lm"]
+            servers[mode] = subprocess.Popen(
+                command + ["--port", str(ports[mode]), "--log-level", "warning", "--provider", "cpu", *flags],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        for mode, server in servers.items():
+            _wait_ready(server, ports[mode])
+            _client_sequence(ports[mode], 20, [], 10_000)  # warm-up: first runs, connection set-up
+        rows = []
+        for n in concurrency:
+            rates: dict[str, list[float]] = {mode: [] for mode in modes}
+            latencies: dict[str, list[float]] = {mode: [] for mode in modes}
+            for _ in range(repeats):
+                for mode in modes:
+                    sequence = partial(_client_sequence, ports[mode], steps, latencies[mode])
+                    start = time.perf_counter()
+                    with ThreadPoolExecutor(n) as pool:
+                        list(pool.map(sequence, range(n)))
+                    rates[mode].append(n * steps / (time.perf_counter() - start))
+            for mode in modes:
+                rate = float(np.median(rates[mode]))
+                rows.append({"mode": mode, "sequences": n, "steps_per_s": rate, **quantiles(latencies[mode])})
+    finally:
+        for server in servers.values():
+            server.terminate()
+            server.wait(30)
+    return rows
+
+
+def _wait_ready(server: subprocess.Popen, port: int) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            raise RuntimeError(f"the server on port {port} did not start")
+        time.sleep(0.1)
+
+
+def _client_sequence(port: int, steps: int, latencies: list[float], s: int) -> None:
+    """One sequence of ``steps`` steps through its own tritonclient client; appends step latencies."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+    mine = []
+    for t in range(steps):
+        tensor = httpclient.InferInput("input", [1, 1], "INT64")
+        tensor.set_data_from_numpy(np.array([[(s + t) % len(VOCAB)]], np.int64))
+        start = time.perf_counter()
+        client.infer("lm", [tensor], sequence_id=s + 1, sequence_start=t == 0, sequence_end=t == steps - 1)
+        mine.append(time.perf_counter() - start)
+    latencies.extend(mine)  # list.extend is atomic under the GIL
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    import torch
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "commit": commit,
+        "model": f"char LSTM LM {LAYERS}x{HIDDEN}, embed {EMBED}, vocab {len(VOCAB)}, 1 thread",
+    }
+
+
+def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+    print(f"\n{title}")
+    widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in rows:
+        print("  ".join(_fmt(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
+
+
+def _fmt(value) -> str:
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def summarize(latency: list[dict], streams: list[dict], server: list[dict]) -> dict:
+    by_case = {r["case"]: r["p50_us"] for r in latency}
+    bare = by_case["onnxruntime run loop (bare)"]
+    ours = by_case["StreamingSession.step"]
+    summary = {
+        "overhead_vs_bare_run_pct": 100 * (ours / bare - 1),
+        "io_binding_vs_run": by_case["StreamingSession.step io_binding"] / ours,
+        "speedup_vs_torch_eager": by_case["torch eager SequenceModel"] / ours,
+    }
+    rate = {(r["streams"], r["mode"]): r["steps_per_s"] for r in streams}
+    for n in sorted({r["streams"] for r in streams}):
+        summary[f"batched_speedup_{n}_streams"] = (
+            rate[(n, "batched step_many")] / rate[(n, "one step per stream")]
+        )
+    serve = {(r["sequences"], r["mode"]): r["steps_per_s"] for r in server}
+    for n in sorted({r["sequences"] for r in server}):
+        summary[f"server_batched_speedup_{n}_sequences"] = serve[(n, "batched")] / serve[(n, "unbatched")]
+    return summary
+
+
+def plot(path: Path, latency: list[dict], streams: list[dict], server: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    names = [r["case"] for r in latency]
+    axes[0].barh(
+        names,
+        [r["p50_us"] for r in latency],
+        xerr=[[r["p50_us"] - r["p20_us"] for r in latency], [r["p80_us"] - r["p50_us"] for r in latency]],
+    )
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("us per step (median, 0.2-0.8), batch 1")
+    axes[0].set_title("Per-step latency")
+    for mode in ("batched step_many", "one step per stream"):
+        rows = [r for r in streams if r["mode"] == mode]
+        axes[1].plot([r["streams"] for r in rows], [r["steps_per_s"] for r in rows], "o-", label=mode)
+    axes[1].set(
+        xscale="log", yscale="log", xlabel="streams", ylabel="steps / s", title="Streams in one session"
+    )
+    axes[1].legend()
+    for mode in ("batched", "unbatched"):
+        rows = [r for r in server if r["mode"] == mode]
+        axes[2].plot([r["sequences"] for r in rows], [r["steps_per_s"] for r in rows], "o-", label=mode)
+    axes[2].set(
+        xscale="log", xlabel="concurrent sequences", ylabel="steps / s", title="Server (HTTP, tritonclient)"
+    )
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def main(quick: bool = False, out: Path | None = None) -> dict:
+    """Run all benchmarks, print tables, write runtime.json / .csv / .png; return the results."""
+    from rnndeploy.checkpoint import atomic_write
+
+    out = Path(out) if out is not None else RESULTS
+    info = machine()
+    model = testing.lstm_lm(vocab=VOCAB, embed_dim=EMBED, hidden_size=HIDDEN, num_layers=LAYERS)
+    model_bytes = model.SerializeToString()
+    latency = bench_latency(model_bytes, 300 if quick else 3000)
+    print_table("Per-step latency, batch 1 (us)", latency, ["case", "p50_us", "p20_us", "p80_us", "p99_us"])
+    streams = bench_streams(model_bytes, [1, 8, 64] if quick else [1, 8, 64, 256], 256 if quick else 2048)
+    print_table(
+        "Streams: batched vs one call per stream", streams, ["streams", "mode", "steps_per_s", "p50_us"]
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lm.onnx"
+        onnx.save(model, path)
+        server = bench_server(path, [1, 16] if quick else [1, 16, 64], 20 if quick else 50, 1 if quick else 3)
+    print_table(
+        "Server: steps/s and step latency", server, ["mode", "sequences", "steps_per_s", "p50_us", "p99_us"]
+    )
+    summary = summarize(latency, streams, server)
+    print("\nSummary: " + json.dumps({k: round(v, 2) for k, v in summary.items()}, indent=1))
+    results = {
+        "machine": info,
+        "quick": quick,
+        "latency": latency,
+        "streams": streams,
+        "server": server,
+        "summary": summary,
+    }
+    results = json.loads(json.dumps(results, default=float))
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(
+                [
+                    "section",
+                    "case",
+                    "streams_or_sequences",
+                    "steps_per_s",
+                    "p50_us",
+                    "p20_us",
+                    "p80_us",
+                    "p99_us",
+                    "commit",
+                    "date",
+                ]
+            )
+            for r in results["latency"]:
+                writer.writerow(
+                    [
+                        "latency",
+                        r["case"],
+                        1,
+                        1e6 / r["p50_us"],
+                        r["p50_us"],
+                        r["p20_us"],
+                        r["p80_us"],
+                        r["p99_us"],
+                        info["commit"],
+                        info["date"],
+                    ]
+                )
+            for r in results["streams"]:
+                writer.writerow(
+                    [
+                        "streams",
+                        r["mode"],
+                        r["streams"],
+                        r["steps_per_s"],
+                        r["p50_us"],
+                        r["p20_us"],
+                        r["p80_us"],
+                        r["p99_us"],
+                        info["commit"],
+                        info["date"],
+                    ]
+                )
+            for r in results["server"]:
+                writer.writerow(
+                    [
+                        "server",
+                        r["mode"],
+                        r["sequences"],
+                        r["steps_per_s"],
+                        r["p50_us"],
+                        r["p20_us"],
+                        r["p80_us"],
+                        r["p99_us"],
+                        info["commit"],
+                        info["date"],
+                    ]
+                )
+
+    atomic_write(out / "runtime.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    atomic_write(out / "runtime.csv", write_csv)
+    atomic_write(out / "runtime.png", lambda tmp: plot(Path(tmp), latency, streams, server))
+    print(f"\nwrote {out / 'runtime.json'}, runtime.csv, runtime.png")
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes (a smoke run)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    args = parser.parse_args()
+    main(quick=args.quick, out=args.out)

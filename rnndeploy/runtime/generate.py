@@ -1,0 +1,94 @@
+"""Sampling text from a character language model served by a :class:`StreamingSession`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Hashable, Iterator
+
+import numpy as np
+
+from rnndeploy.runtime.session import StreamingSession
+
+
+class GenerateError(ValueError):
+    """The model is not a language model, or the prompt or sampling settings are invalid."""
+
+
+def vocabulary(session: StreamingSession) -> list[str]:
+    """The character vocabulary of a language model (``rnndeploy.vocab`` metadata); token id = list index."""
+    task = session.metadata.get("rnndeploy.task")
+    if task != "lm" or "rnndeploy.vocab" not in session.metadata:
+        raise GenerateError(
+            f"this model is not a language model (metadata rnndeploy.task={task!r}"
+            + ("" if "rnndeploy.vocab" in session.metadata else ", no rnndeploy.vocab")
+            + "); generate needs a model exported with task='lm'"
+        )
+    vocab = json.loads(session.metadata["rnndeploy.vocab"])
+    if not isinstance(vocab, list) or not all(isinstance(v, str) for v in vocab):
+        raise GenerateError("metadata rnndeploy.vocab must be a JSON list of strings")
+    return vocab
+
+
+def generate(
+    session: StreamingSession,
+    prompt: str,
+    length: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stream: Hashable = "generate",
+) -> Iterator[str]:
+    """Feed ``prompt`` to a character LM, then sample ``length`` characters, yielding each as it is drawn.
+
+    The prompt runs as one chunk (``[T]`` token ids), then one step per sampled character. ``temperature`` 0
+    picks the most likely character; ``top_k`` samples among the k most likely. ``stream`` is the session
+    stream used (reset at the start, closed at the end).
+
+    Raises:
+        GenerateError: not an LM, empty prompt, characters outside the vocabulary, bad settings.
+    """
+    vocab = vocabulary(session)
+    index = {token: i for i, token in enumerate(vocab)}
+    if not prompt:
+        raise GenerateError("the prompt is empty; give at least one character to start from")
+    unknown = sorted({c for c in prompt if c not in index})
+    if unknown:
+        raise GenerateError(
+            f"prompt characters {unknown} are not in the model's vocabulary ({len(vocab)} characters: "
+            f"{''.join(vocab)!r})"
+        )
+    if length < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+        raise GenerateError(
+            f"need length >= 0, temperature >= 0, top_k >= 1; got {length}, {temperature}, {top_k}"
+        )
+    output = "output" if "output" in session.outputs else next(iter(session.outputs))
+    head = json.loads(session.metadata.get("rnndeploy.config", "{}")).get("head")
+    rng = np.random.default_rng(seed)
+
+    def last_scores(ids: np.ndarray) -> np.ndarray:
+        scores = session.step(ids, stream)[output][-1].astype(np.float64)  # [V]
+        return np.log(np.maximum(scores, 1e-30)) if head == "softmax" else scores
+
+    session.reset(stream)
+    try:
+        scores = last_scores(np.array([index[c] for c in prompt], np.int64))
+        for i in range(length):
+            token = _sample(scores, temperature, top_k, rng)
+            yield vocab[token]
+            if i + 1 < length:
+                scores = last_scores(np.array([token], np.int64))
+    finally:
+        session.reset(stream)
+
+
+def _sample(scores: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
+    """Draw a token id from unnormalised log-probabilities ``scores`` ``[V]``."""
+    if temperature == 0:
+        return int(np.argmax(scores))
+    scores = scores / temperature
+    if top_k is not None and top_k < scores.size:
+        cutoff = np.partition(scores, -top_k)[-top_k]
+        scores = np.where(scores >= cutoff, scores, -np.inf)
+    probs = np.exp(scores - scores.max())
+    return int(rng.choice(scores.size, p=probs / probs.sum()))

@@ -1,0 +1,159 @@
+"""`rnndeploy run / generate / info` through click's CliRunner, against whole-sequence reference runs."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx.reference import ReferenceEvaluator
+
+from rnndeploy.cli import main
+from rnndeploy.runtime import testing
+
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+VOCAB = list("abcdefgh ")
+
+
+@pytest.fixture(scope="module")
+def lm_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "lm.onnx"
+    onnx.save(testing.lstm_lm(vocab=VOCAB, hidden_size=7), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def odd_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "odd.onnx"
+    onnx.save(testing.scaled_rnn(memory=("mem", "mem_updated"), total=("acc", "acc_new"), const="gain"), path)
+    return path
+
+
+def lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines()]
+
+
+def reference_lm(path, tokens: np.ndarray) -> np.ndarray:
+    zeros = np.zeros((2, 1, 7), np.float32)
+    return ReferenceEvaluator(str(path)).run(["output"], {"input": tokens[None], "h0": zeros, "c0": zeros})[
+        0
+    ][0]
+
+
+def test_run_npy(lm_path, tmp_path):
+    tokens = np.random.default_rng(0).integers(0, len(VOCAB), 12)
+    np.save(tmp_path / "tokens.npy", tokens)
+    result = CliRunner().invoke(main, ["run", str(lm_path), "--input", str(tmp_path / "tokens.npy")])
+    assert result.exit_code == 0, result.output
+    rows = lines(result.output)
+    assert [r["step"] for r in rows] == list(range(12))
+    np.testing.assert_allclose(np.array([r["output"] for r in rows]), reference_lm(lm_path, tokens), **TOL)
+
+
+def test_run_stdin_with_state_mapping_and_constant(odd_path):
+    x = np.random.default_rng(1).normal(size=(6, 3)).astype(np.float32)
+    stdin = "\n".join(json.dumps(row.tolist()) for row in x) + "\n"
+    args = [
+        "run",
+        str(odd_path),
+        "--state",
+        "mem=mem_updated",
+        "--state",
+        "acc=acc_new",
+        "--const",
+        "gain=0.5",
+    ]
+    result = CliRunner().invoke(main, args, input=stdin)
+    assert result.exit_code == 0, result.output
+    zeros = np.zeros((1, 5), np.float32)
+    want = ReferenceEvaluator(str(odd_path)).run(
+        ["y"], {"x": x[None], "mem": zeros, "acc": zeros, "gain": np.array([0.5], np.float32)}
+    )[0][0]
+    np.testing.assert_allclose(np.array([r["y"] for r in lines(result.output)]), want, **TOL)
+
+
+@pytest.mark.parametrize(
+    "args, stdin, message",
+    [
+        ([], "[0.1, 0.2, 0.3]\n", "no state pairs found"),
+        (
+            ["--state", "mem=mem_updated", "--state", "acc=acc_new"],
+            "[1, 2, 3]\n",
+            "give each line as a JSON object",
+        ),
+        (["--state", "mem"], "", "expected NAME=VALUE"),
+        (
+            ["--state", "mem=mem_updated", "--state", "acc=acc_new", "--const", "gain=x"],
+            "",
+            "VALUE must be JSON",
+        ),
+        (["--provider", "nosuch"], "", "'nosuch' (nosuch) is not available"),
+    ],
+    ids=["no-states", "const-missing", "bad-state", "bad-const", "bad-provider"],
+)
+def test_run_errors(odd_path, args, stdin, message):
+    result = CliRunner().invoke(main, ["run", str(odd_path), *args], input=stdin)
+    assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_run_bad_line_names_the_step(lm_path):
+    result = CliRunner().invoke(main, ["run", str(lm_path)], input="1\n0.5\n")
+    assert result.exit_code == 1
+    assert json.loads(result.output.splitlines()[0])["step"] == 0
+    assert "step 1: input must have dtype int64, got float64" in result.output
+
+
+def test_generate_greedy_matches_whole_sequence_argmax(lm_path):
+    result = CliRunner().invoke(
+        main, ["generate", str(lm_path), "--prompt", "abc", "--length", "8", "--temperature", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    session = ort.InferenceSession(str(lm_path), providers=["CPUExecutionProvider"])
+    text = "abc"
+    for _ in range(8):
+        ids = np.array([[VOCAB.index(c) for c in text]])
+        zeros = np.zeros((2, 1, 7), np.float32)
+        scores = session.run(["output"], {"input": ids, "h0": zeros, "c0": zeros})[0][0, -1]
+        text += VOCAB[int(np.argmax(scores))]
+    assert result.output == text[3:] + "\n"
+
+
+def test_generate_sampling_is_seeded(lm_path):
+    args = ["generate", str(lm_path), "--prompt", "ab", "--length", "40", "--top-k", "3"]
+    first = CliRunner().invoke(main, [*args, "--seed", "1"]).output
+    assert first == CliRunner().invoke(main, [*args, "--seed", "1"]).output
+    assert len(first) == 41 and set(first[:-1]) <= set(VOCAB)
+    assert first != CliRunner().invoke(main, [*args, "--seed", "2"]).output
+
+
+def test_generate_errors(lm_path, odd_path, tmp_path):
+    inferred = tmp_path / "inferred.onnx"
+    onnx.save(testing.scaled_rnn(), inferred)
+    result = CliRunner().invoke(main, ["generate", str(lm_path), "--prompt", "abz"])
+    assert (
+        result.exit_code == 1 and "prompt characters ['z'] are not in the model's vocabulary" in result.output
+    )
+    args = ["generate", str(odd_path), "--prompt", "a"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "no state pairs found" in result.output
+    result = CliRunner().invoke(main, ["generate", str(inferred), "--prompt", "a"])
+    assert result.exit_code == 1 and "not a language model" in result.output
+
+
+def test_info(lm_path):
+    result = CliRunner().invoke(main, ["info", str(lm_path)])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert [(s["input"], s["output"], s["batch_axis"]) for s in info["states"]] == [
+        ("h0", "hn", 1),
+        ("c0", "cn", 1),
+    ]
+    assert info["inputs"] == ["input: int64[batch, time]"]
+    assert info["metadata"]["rnndeploy.task"] == "lm"
+    assert "CPUExecutionProvider" in info["providers_available"]
+
+
+def test_serve_refuses_a_model_without_states(odd_path):
+    result = CliRunner().invoke(main, ["serve", str(odd_path), "--port", "1"])
+    assert result.exit_code == 1 and "no state pairs found" in result.output, result.output

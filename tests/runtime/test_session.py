@@ -1,0 +1,268 @@
+"""StreamingSession against independent references: onnx.reference on whole sequences."""
+
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx.reference import ReferenceEvaluator
+
+from rnndeploy.runtime import (
+    ModelError,
+    ProviderError,
+    StepInputError,
+    StreamingSession,
+    available_providers,
+    testing,
+)
+
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+V = 9
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return testing.lstm_lm(hidden_size=7, num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def lm_bytes(lm):
+    return lm.SerializeToString()
+
+
+def reference_lm(model, tokens: np.ndarray, state: dict | None = None) -> dict:
+    """Whole-sequence run of the LM through onnx.reference: tokens [B, T] -> output, hn, cn."""
+    B = tokens.shape[0]
+    state = state or {"h0": np.zeros((2, B, 7), np.float32), "c0": np.zeros((2, B, 7), np.float32)}
+    output, hn, cn = ReferenceEvaluator(model).run(None, {"input": tokens, **state})
+    return {"output": output, "hn": hn, "cn": cn}
+
+
+@pytest.mark.parametrize("io_binding", [False, True], ids=["run", "iobinding"])
+@pytest.mark.parametrize("chunk", [1, 3, 11], ids=lambda c: f"chunk{c}")
+def test_stepwise_equals_full_sequence(lm, lm_bytes, io_binding, chunk):
+    tokens = np.random.default_rng(1).integers(0, V, (2, 11))
+    full = reference_lm(lm, tokens)
+    session = StreamingSession(lm_bytes, io_binding=io_binding, providers="cpu")
+    outs = [session.step(tokens[:, t : t + chunk], stream="s")["output"] for t in range(0, 11, chunk)]
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), full["output"], **TOL)
+    state = session.get_state("s")
+    np.testing.assert_allclose(state["h0"], full["hn"], **TOL)
+    np.testing.assert_allclose(state["c0"], full["cn"], **TOL)
+
+
+def test_batch_axis_may_be_left_out(lm, lm_bytes):
+    tokens = np.array([3, 1, 4, 1, 5])
+    session = StreamingSession(lm_bytes)
+    out = np.concatenate([session.step(tokens[t : t + 1])["output"] for t in range(5)])  # [T, V]
+    np.testing.assert_allclose(out, reference_lm(lm, tokens[None])["output"][0], **TOL)
+
+
+def test_interleaved_streams_equal_independent_runs(lm, lm_bytes):
+    rng = np.random.default_rng(2)
+    seqs = {name: rng.integers(0, V, (1, 6 + k)) for k, name in enumerate(["a", "b", ("c", 1)])}
+    session = StreamingSession(lm_bytes)
+    got = {name: [] for name in seqs}
+    order = [(name, t) for name, seq in seqs.items() for t in range(seq.shape[1])]
+    rng.shuffle(order)
+    order.sort(key=lambda item: item[1])  # keep each stream's own steps in order, streams interleaved
+    for name, t in order:
+        got[name].append(session.step(seqs[name][:, t : t + 1], stream=name)["output"])
+    for name, seq in seqs.items():
+        np.testing.assert_allclose(np.concatenate(got[name], axis=1), reference_lm(lm, seq)["output"], **TOL)
+
+
+@pytest.mark.parametrize("io_binding", [False, True], ids=["run", "iobinding"])
+def test_step_many_equals_separate_steps(lm_bytes, io_binding):
+    rng = np.random.default_rng(3)
+    batched = StreamingSession(lm_bytes, io_binding=io_binding, providers="cpu")
+    separate = StreamingSession(lm_bytes, providers="cpu")
+    rows = {s: 1 + s % 3 for s in range(7)}
+    for round_ in range(4):
+        # Mixed chunk lengths and batch rows: streams with equal shapes share one call, others run apart.
+        xs = {s: rng.integers(0, V, (rows[s], 1 + (s + round_) % 2)) for s in rows if (s + round_) % 5}
+        xs[99] = rng.integers(0, V, (2,))  # batch axis left out
+        got = batched.step_many(xs)
+        assert list(got) == list(xs)
+        for s, x in xs.items():
+            np.testing.assert_allclose(got[s]["output"], separate.step(x, stream=s)["output"], **TOL)
+    for s in rows:
+        for name, value in separate.get_state(s).items():
+            np.testing.assert_allclose(batched.get_state(s)[name], value, **TOL)
+
+
+def test_step_many_bad_input_changes_no_state(lm_bytes):
+    session = StreamingSession(lm_bytes)
+    session.step(np.array([[1, 2]]), stream="a")
+    before = session.get_state("a")
+    with pytest.raises(StepInputError, match="input must have dtype int64"):
+        session.step_many({"a": np.array([[1]]), "b": np.array([[0.5]], np.float32)})
+    for name, value in session.get_state("a").items():
+        np.testing.assert_array_equal(value, before[name])
+
+
+def test_reset_and_close(lm, lm_bytes):
+    session = StreamingSession(lm_bytes)
+    tokens = np.array([[2, 5, 7]])
+    first = session.step(tokens, stream="x")["output"]
+    session.reset("x")
+    np.testing.assert_allclose(session.step(tokens, stream="x")["output"], first, **TOL)
+    session.close("x")
+    assert "x" not in session.streams
+    with pytest.raises(KeyError, match="not open"):
+        session.close("x")
+    state = reference_lm(lm, tokens)
+    session.reset("y", state={"h0": state["hn"], "c0": state["cn"]})
+    more = np.array([[1, 1]])
+    full = reference_lm(lm, np.concatenate([tokens, more], axis=1))["output"][:, 3:]
+    np.testing.assert_allclose(session.step(more, stream="y")["output"], full, **TOL)
+
+
+def test_stream_batch_size_is_fixed(lm_bytes):
+    session = StreamingSession(lm_bytes)
+    session.step(np.array([[1], [2]]), stream=0)
+    with pytest.raises(StepInputError, match="stream 0 has batch size 2, this step has 1"):
+        session.step(np.array([[1]]), stream=0)
+
+
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (np.array([[0.5]], np.float32), "input must have dtype int64, got float32"),
+        (
+            np.zeros((1, 1, 1), np.int64),
+            r"input must have shape input: int64\[batch, time\].*got \[1, 1, 1\]",
+        ),
+        ({"input": np.array([[1]]), "h0": np.zeros(1)}, r"unexpected \['h0'\]"),
+        ({}, r"missing \['input'\]"),
+        (np.zeros((0, 1), np.int64), "at least one batch row"),
+    ],
+    ids=["dtype", "rank", "extra", "missing", "empty-batch"],
+)
+def test_bad_step_input(lm_bytes, x, message):
+    with pytest.raises(StepInputError, match=message):
+        StreamingSession(lm_bytes).step(x)
+
+
+def reference_scaled(model, x, rate, names=("state_in", "past_total")):
+    B, H = x.shape[0], 5
+    zeros = np.zeros((B, H), np.float32)
+    return ReferenceEvaluator(model).run(
+        None, {"x": x, names[0]: zeros, names[1]: zeros, "sample_rate": np.array([rate], np.float32)}
+    )
+
+
+def test_inferred_names_and_constant():
+    model = testing.scaled_rnn()
+    session = StreamingSession(model.SerializeToString(), constants={"sample_rate": 2.5})
+    assert [(p.input, p.output, p.batch_axis) for p in session.states] == [
+        ("state_in", "state_out", 0),
+        ("past_total", "present_total", 0),
+    ]
+    assert list(session.inputs) == ["x"] and list(session.outputs) == ["y"]
+    x = np.random.default_rng(4).normal(size=(3, 6, 3)).astype(np.float32)
+    y = np.concatenate([session.step(x[:, t : t + 2])["y"] for t in range(0, 6, 2)], axis=1)
+    y_ref, h_ref, total_ref = reference_scaled(model, x, 2.5)
+    np.testing.assert_allclose(y, y_ref, **TOL)
+    np.testing.assert_allclose(session.get_state()["state_in"], h_ref, **TOL)
+    np.testing.assert_allclose(session.get_state()["past_total"], total_ref, **TOL)
+
+
+def test_explicit_mapping_with_unusual_names():
+    names = {"mem": "mem_updated", "acc": "acc_new"}
+    model = testing.scaled_rnn(memory=("mem", "mem_updated"), total=("acc", "acc_new"), const="gain")
+    with pytest.raises(ModelError, match="no state pairs found"):
+        StreamingSession(model.SerializeToString(), constants={"gain": 1.0})
+    session = StreamingSession(model.SerializeToString(), names, constants={"gain": 0.5})
+    x = np.random.default_rng(5).normal(size=(2, 4, 3)).astype(np.float32)
+    y = np.concatenate([session.step(x[:, t : t + 1])["y"] for t in range(4)], axis=1)
+    zeros = np.zeros((2, 5), np.float32)
+    y_ref, *_ = ReferenceEvaluator(model).run(
+        None, {"x": x, "mem": zeros, "acc": zeros, "gain": np.array([0.5], np.float32)}
+    )
+    np.testing.assert_allclose(y, y_ref, **TOL)
+
+
+def test_unset_constant_is_a_step_input():
+    model = testing.scaled_rnn()
+    session = StreamingSession(model.SerializeToString())
+    assert sorted(session.inputs) == ["sample_rate", "x"]
+    x = np.ones((1, 2, 3), np.float32)
+    with pytest.raises(StepInputError, match="several step inputs"):
+        session.step(x)
+    y = session.step({"x": x, "sample_rate": np.array([3.0], np.float32)})["y"]
+    np.testing.assert_allclose(y, reference_scaled(model, x, 3.0)[0], **TOL)
+
+
+@pytest.mark.parametrize(
+    "states, constants, message",
+    [
+        ({"nope": "hn"}, None, "state input 'nope' from the states mapping is not a model input"),
+        ({"h0": "nope"}, None, "state output 'nope' from the states mapping is not a model output"),
+        ({"input": "hn"}, None, "dtypes differ"),
+        ({"h0": "output"}, None, "shapes differ"),
+        ({"h0": "hn", "c0": "hn"}, None, "appear in more than one pair"),
+        (None, {"temperature": 1.0}, r"constants \['temperature'\] are not inputs"),
+    ],
+    ids=["missing-input", "missing-output", "dtype", "shape", "duplicate", "const"],
+)
+def test_bad_mapping(lm_bytes, states, constants, message):
+    with pytest.raises(ModelError, match=message):
+        StreamingSession(lm_bytes, states, constants=constants)
+
+
+def test_inferred_without_metadata_matches_metadata():
+    bare = StreamingSession(testing.lstm_lm(metadata=False).SerializeToString())
+    described = StreamingSession(testing.lstm_lm().SerializeToString())
+    assert bare.states == described.states
+
+
+def test_providers():
+    with pytest.raises(ProviderError, match="'nosuch' .* not available"):
+        StreamingSession(testing.lstm_lm().SerializeToString(), providers="nosuch")
+    if "CUDAExecutionProvider" in available_providers() and not _cuda_works():
+        with pytest.raises(ProviderError, match="could not start it"):
+            StreamingSession(testing.lstm_lm().SerializeToString(), providers="cuda")
+    assert StreamingSession(testing.lstm_lm().SerializeToString(), providers="cpu").providers == [
+        "CPUExecutionProvider"
+    ]
+
+
+def _cuda_works() -> bool:
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    session = ort.InferenceSession(
+        testing.lstm_lm().SerializeToString(), options, providers=["CUDAExecutionProvider"]
+    )
+    return "CUDAExecutionProvider" in session.get_providers()
+
+
+def test_import_does_not_load_torch():
+    code = (
+        "import sys, rnndeploy.runtime, rnndeploy.server; assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["iobinding", "cuda-graph"])
+def test_cuda_state_on_device_matches_cpu(lm_bytes, cuda_graph):
+    cpu = StreamingSession(lm_bytes, providers="cpu")
+    gpu = StreamingSession(lm_bytes, providers="cuda", cuda_graph=cuda_graph)
+    assert gpu.io_binding and gpu.device == "cuda"
+    tokens = np.random.default_rng(6).integers(0, V, (2, 1, 12))
+    for t in range(12):
+        for s in range(2):
+            np.testing.assert_allclose(
+                gpu.step(tokens[s, :, t : t + 1], stream=s)["output"],
+                cpu.step(tokens[s, :, t : t + 1], stream=s)["output"],
+                rtol=1e-4,
+                atol=1e-5,
+            )
+    xs = {s: tokens[s, :, :1] for s in range(2)}
+    got, want = gpu.step_many(xs), cpu.step_many(xs)
+    for s in xs:
+        np.testing.assert_allclose(got[s]["output"], want[s]["output"], rtol=1e-4, atol=1e-5)
+        for name, value in cpu.get_state(s).items():
+            np.testing.assert_allclose(gpu.get_state(s)[name], value, rtol=1e-4, atol=1e-5)
