@@ -1,5 +1,6 @@
 """The wheel installs ``rnndeploy.kernels`` and ``rnndeploy.export`` inside the namespace and nothing top-level."""
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -11,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_installs_one_namespace(tmp_path):
+    # Build from a clean copy: an in-tree build/ folder could carry stale modules into the wheel.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__"))
     wheel_dir = tmp_path / "wheel"
     subprocess.run(
         [
@@ -23,7 +27,7 @@ def test_wheel_installs_one_namespace(tmp_path):
             "--no-build-isolation",
             "-w",
             wheel_dir,
-            ROOT,
+            source,
         ],
         check=True,
         cwd=tmp_path,
