@@ -1,0 +1,180 @@
+"""Shared pieces of the persistent kernels: stable activations, the grid barrier, the launch configuration.
+
+Every kernel in this package runs on a grid ``(cdiv(B, BB), NSPLIT)``: program ``(i_b, i_h)`` owns batch rows
+``[i_b*BB, i_b*BB + BB)`` and hidden units ``[i_h*BH, i_h*BH + BH)`` of every gate, and runs the whole time loop.
+
+- ``NSPLIT == 1`` and ``BH >= H``: one program holds the full state; the recurrent operand stays in registers.
+- ``NSPLIT > 1`` (GPU only): the hidden dimension is split over co-resident programs; after each step a program
+  writes its slice of the recurrent operand (``h`` forward, gate gradients backward) to a double-buffered fp32
+  scratch and waits at a grid barrier; the next step reads the full operand back from L2.
+- ``STREAM_W``: the program's ``W_hh`` slice is re-read from L2 every step instead of being held in registers
+  (for slices too large for the register file).
+- ``SCRATCH``: exchange the recurrent operand through the scratch buffer. Always on when ``NSPLIT > 1``; the tests
+  switch it on for ``NSPLIT == 1`` so the interpreter runs the exchange code of the split path (everything but the
+  barrier itself, which would deadlock there: the interpreter runs programs one after another).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+
+
+@triton.jit
+def _sigmoid(x):
+    # NOTE: exp of -|x| only, so |x| up to 1e4 (and beyond) cannot overflow.
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _grid_barrier(p_bar, target):
+    """Waits until ``target`` arrivals have been counted at ``p_bar`` (GPU only: spin-waits)."""
+    # all warps of this program have written their slice before one thread publishes the arrival
+    tl.debug_barrier()
+    tl.atomic_add(p_bar, 1, sem="release", scope="gpu")
+    while tl.atomic_add(p_bar, 0, sem="acquire", scope="gpu") < target:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _load_w(p_w, o_row, o_col, H, TRANSPOSE: tl.constexpr):
+    """One gate's ``W_hh`` tile; rows/cols index the ``[H, H]`` gate block. ``TRANSPOSE`` loads ``W^T``."""
+    m = (o_row[:, None] < H) & (o_col[None, :] < H)
+    if TRANSPOSE:
+        return tl.load(p_w + o_col[None, :].to(tl.int64) * H + o_row[:, None], mask=m, other=0.0)
+    return tl.load(p_w + o_row[:, None].to(tl.int64) * H + o_col[None, :], mask=m, other=0.0)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """How one layer is launched (see the module docstring). ``BK`` is ``H`` padded to a power of two."""
+
+    BB: int
+    BH: int
+    BK: int
+    NSPLIT: int
+    STREAM_W: bool
+    SCRATCH: bool
+    num_warps: int
+
+    @property
+    def strategy(self) -> str:
+        if self.NSPLIT > 1:
+            return "split-stream" if self.STREAM_W else "split"
+        return "stream" if self.STREAM_W else ("resident-scratch" if self.SCRATCH else "resident")
+
+
+STRATEGIES = ("resident", "resident-scratch", "stream", "split", "split-stream")
+
+# Register budget for a program's W_hh slice (bytes). Provisional: not measured yet (no GPU run so far).
+_W_REGISTER_BYTES = 64 * 1024
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+def make_config(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device, strategy: str | None = None):
+    """Chooses block sizes and the strategy for one layer. ``strategy`` forces one of :data:`STRATEGIES`.
+
+    The rules below are the provisional dispatch table (README, "Kernels"): none of it is measured yet.
+    """
+    G = GATES[cell]
+    BK = _pow2(H)
+    BB = _pow2(min(B, 16))
+    n_b = triton.cdiv(B, BB)
+    esize = torch.empty((), dtype=dtype).element_size()
+    if device.type != "cuda":
+        if strategy not in (None, "resident", "resident-scratch", "stream"):
+            raise ValueError(f"strategy {strategy!r} needs a CUDA GPU (grid barrier); the interpreter runs "
+                             "'resident', 'resident-scratch' or 'stream'")
+        strategy = strategy or "resident"
+        return KernelConfig(BB, BK, BK, 1, strategy == "stream", strategy != "resident", 4)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if strategy is None:
+        if G * BK * BK * esize <= _W_REGISTER_BYTES:
+            strategy = "resident"
+        else:
+            strategy = "split"
+    if strategy in ("split", "split-stream"):
+        BH = 16
+        while G * BK * BH * esize * 2 <= _W_REGISTER_BYTES and BH < BK:
+            BH *= 2
+        nsplit = triton.cdiv(H, BH)
+        while n_b * nsplit > sms and BH < BK:
+            BH *= 2
+            nsplit = triton.cdiv(H, BH)
+        if n_b * nsplit > sms or nsplit == 1:
+            # NOTE: co-residency of the whole grid is what makes the spin barrier safe; never launch more.
+            return KernelConfig(BB, BK, BK, 1, True, True, 8)
+        stream = strategy == "split-stream" or G * BK * BH * esize > _W_REGISTER_BYTES
+        return KernelConfig(BB, BH, BK, nsplit, stream, True, 4)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    return KernelConfig(BB, BK, BK, 1, strategy == "stream", strategy != "resident", 8 if BK >= 128 else 4)
+
+
+def launch_buffers(ref: Tensor, H: int, out_gates: int, ws_gates: int, scr_gates: int, config: KernelConfig):
+    """Allocates a kernel's outputs: ``out [T, B, out_gates*H]`` and ``ws [T, B, ws_gates*H]`` (``ref``'s dtype),
+    the fp32 exchange scratch ``[2, B, scr_gates*H]``, the barrier counters; also the grid and dot precision."""
+    T, B = ref.shape[0], ref.shape[1]
+    out = ref.new_empty(T, B, out_gates * H)
+    ws = ref.new_empty(T, B, ws_gates * H) if ws_gates else None
+    scr = torch.empty(2, B, scr_gates * H, dtype=torch.float32, device=ref.device) if config.SCRATCH else None
+    n_b = triton.cdiv(B, config.BB)
+    bar = torch.zeros(n_b, dtype=torch.int32, device=ref.device) if config.NSPLIT > 1 else None
+    # fp32 follows cuDNN's switch: TF32 tensor cores unless torch.backends.cudnn.allow_tf32 is off
+    precision = "tf32" if ref.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
+    return out, ws, scr, bar, (n_b, config.NSPLIT), precision
+
+
+def previous_states(y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool) -> Tensor:
+    """``h_{t-1}`` for every step ``t`` in processing order, ``[T, B, H]``, rebuilt from the outputs ``y``.
+
+    Steps past a row's length get any value: their gate gradients are zero.
+    """
+    h0 = h0.to(y.dtype)[None]
+    if not reverse:
+        return torch.cat([h0, y[:-1]])
+    hp = torch.cat([y[1:], h0])
+    if lengths is not None:
+        first = torch.arange(y.shape[0], device=y.device)[:, None] == (lengths - 1)[None, :]  # [T, B]
+        hp = torch.where(first[..., None], h0, hp)
+    return hp
+
+
+def projection_grads(ctx, dg_in: Tensor, dg_hh: Tensor, x: Tensor, hp: Tensor | None, w_ih: Tensor, k: int):
+    """The gradients that are plain matmuls over all steps at once, given the gate gradients.
+
+    ``dg_in [T, B, G*H]`` reaches ``x``, ``W_ih``, ``b_ih``; ``dg_hh`` reaches ``W_hh`` (through ``hp``, the
+    previous states ``[T, B, H]``) and ``b_hh``. ``k`` is the index of ``w_ih`` among the Function's inputs.
+    Returns ``dx, dw_ih, dw_hh, db_ih, db_hh`` (``None`` where no gradient is needed).
+    """
+    need = ctx.needs_input_grad
+    T, B = x.shape[0], x.shape[1]
+    g_in = dg_in.reshape(T * B, -1)
+    g_hh = dg_hh.reshape(T * B, -1)
+    dx = (g_in @ w_ih).view(T, B, -1) if need[0] else None
+    dw_ih = g_in.t() @ x.reshape(T * B, -1) if need[k] else None
+    dw_hh = g_hh.t() @ hp.reshape(T * B, -1) if need[k + 1] else None
+    db_ih = g_in.sum(0) if ctx.has_bias and need[k + 2] else None
+    db_hh = g_hh.sum(0) if ctx.has_bias and need[k + 3] else None
+    return dx, dw_ih, dw_hh, db_ih, db_hh
