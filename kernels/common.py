@@ -20,9 +20,9 @@ import os
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 import triton
 import triton.language as tl
+from torch import Tensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

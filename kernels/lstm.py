@@ -11,7 +11,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import KernelConfig, _grid_barrier, _load_w, _sigmoid, _tanh, launch_buffers, previous_states, projection_grads
+from .common import (
+    KernelConfig,
+    _grid_barrier,
+    _load_w,
+    _sigmoid,
+    _tanh,
+    launch_buffers,
+    previous_states,
+    projection_grads,
+)
 
 # NOTE: store, not recompute. The forward writes the gate activations and c_{t-1} (5 values per unit, input
 # dtype) for the backward. Recomputing them would add a full W_hh product to every backward step, and that
