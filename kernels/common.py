@@ -28,6 +28,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 
+# NOTE: triton 3.8's interpreter computes bf16 x bf16 tl.dot wrongly (garbage of order 1e10); there the operands
+# are rounded to the weight dtype as on GPU, then multiplied in fp32.
+_DOT_FP32 = tl.constexpr(INTERPRET)
+
 
 @triton.jit
 def _sigmoid(x):
@@ -41,6 +45,15 @@ def _tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _dot(a, w, PRECISION: tl.constexpr):
+    """``a @ w`` with ``a`` rounded to ``w``'s dtype first and fp32 accumulation."""
+    a = a.to(w.dtype)
+    if _DOT_FP32:
+        return tl.dot(a.to(tl.float32), w.to(tl.float32))
+    return tl.dot(a, w, input_precision=PRECISION)
 
 
 @triton.jit
@@ -141,8 +154,9 @@ def launch_buffers(ref: Tensor, H: int, out_gates: int, ws_gates: int, scr_gates
     scr = torch.empty(2, B, scr_gates * H, dtype=torch.float32, device=ref.device) if config.SCRATCH else None
     n_b = triton.cdiv(B, config.BB)
     bar = torch.zeros(n_b, dtype=torch.int32, device=ref.device) if config.NSPLIT > 1 else None
-    # fp32 follows cuDNN's switch: TF32 tensor cores unless torch.backends.cudnn.allow_tf32 is off
-    precision = "tf32" if ref.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
+    # fp32 follows cuDNN's switch: TF32 tensor cores unless torch.backends.cudnn.allow_tf32 is off; the setting
+    # means nothing to bf16/fp16 operands, which get triton's default
+    precision = "ieee" if ref.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32 else "tf32"
     return out, ws, scr, bar, (n_b, config.NSPLIT), precision
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .common import (
     KernelConfig,
+    _dot,
     _grid_barrier,
     _load_w,
     _sigmoid,
@@ -88,14 +89,13 @@ def gru_fwd_kernel(
             b_wr = _load_w(p_w, o_k, o_h, H, True)
             b_wz = _load_w(p_w + HH, o_k, o_h, H, True)
             b_wn = _load_w(p_w + 2 * HH, o_k, o_h, H, True)
-        b_op = b_hk.to(b_wr.dtype)
         p_gt = p_gx + t.to(tl.int64) * B * 3 * H + o_bg
         b_ar = tl.load(p_gt, mask=m_bh, other=0.0).to(tl.float32)
         b_az = tl.load(p_gt + H, mask=m_bh, other=0.0).to(tl.float32)
         b_an = tl.load(p_gt + 2 * H, mask=m_bh, other=0.0).to(tl.float32)
-        b_ar += tl.dot(b_op, b_wr, input_precision=PRECISION)
-        b_az += tl.dot(b_op, b_wz, input_precision=PRECISION)
-        b_hn = tl.dot(b_op, b_wn, input_precision=PRECISION)
+        b_ar += _dot(b_hk, b_wr, PRECISION)
+        b_az += _dot(b_hk, b_wz, PRECISION)
+        b_hn = _dot(b_hk, b_wn, PRECISION)
         if HAS_BIAS:
             b_ar += b_br
             b_az += b_bz
@@ -220,9 +220,9 @@ def gru_bwd_kernel(
             b_wr = _load_w(p_w, o_k, o_h, H, False)
             b_wz = _load_w(p_w + HH, o_k, o_h, H, False)
             b_wn = _load_w(p_w + 2 * HH, o_k, o_h, H, False)
-        b_dhp = b_direct + tl.dot(b_kr.to(b_wr.dtype), b_wr, input_precision=PRECISION)
-        b_dhp += tl.dot(b_kz.to(b_wr.dtype), b_wz, input_precision=PRECISION)
-        b_dhp += tl.dot(b_kn.to(b_wr.dtype), b_wn, input_precision=PRECISION)
+        b_dhp = b_direct + _dot(b_kr, b_wr, PRECISION)
+        b_dhp += _dot(b_kz, b_wz, PRECISION)
+        b_dhp += _dot(b_kn, b_wn, PRECISION)
         if HAS_LENGTHS:
             b_dh = tl.where(m_t, b_dhp, b_dh)
         else:

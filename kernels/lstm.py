@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .common import (
     KernelConfig,
+    _dot,
     _grid_barrier,
     _load_w,
     _sigmoid,
@@ -94,16 +95,15 @@ def lstm_fwd_kernel(
             b_wf = _load_w(p_w + HH, o_k, o_h, H, True)
             b_wg = _load_w(p_w + 2 * HH, o_k, o_h, H, True)
             b_wo = _load_w(p_w + 3 * HH, o_k, o_h, H, True)
-        b_op = b_hk.to(b_wi.dtype)
         p_gt = p_gx + t.to(tl.int64) * B * 4 * H + o_bg
         b_ai = tl.load(p_gt, mask=m_bh, other=0.0).to(tl.float32)
         b_af = tl.load(p_gt + H, mask=m_bh, other=0.0).to(tl.float32)
         b_ag = tl.load(p_gt + 2 * H, mask=m_bh, other=0.0).to(tl.float32)
         b_ao = tl.load(p_gt + 3 * H, mask=m_bh, other=0.0).to(tl.float32)
-        b_ai += tl.dot(b_op, b_wi, input_precision=PRECISION)
-        b_af += tl.dot(b_op, b_wf, input_precision=PRECISION)
-        b_ag += tl.dot(b_op, b_wg, input_precision=PRECISION)
-        b_ao += tl.dot(b_op, b_wo, input_precision=PRECISION)
+        b_ai += _dot(b_hk, b_wi, PRECISION)
+        b_af += _dot(b_hk, b_wf, PRECISION)
+        b_ag += _dot(b_hk, b_wg, PRECISION)
+        b_ao += _dot(b_hk, b_wo, PRECISION)
         if HAS_BIAS:
             b_ai += b_bi
             b_af += b_bf
@@ -246,10 +246,10 @@ def lstm_bwd_kernel(
             b_wf = _load_w(p_w + HH, o_k, o_h, H, False)
             b_wg = _load_w(p_w + 2 * HH, o_k, o_h, H, False)
             b_wo = _load_w(p_w + 3 * HH, o_k, o_h, H, False)
-        b_dhp = tl.dot(b_ki.to(b_wi.dtype), b_wi, input_precision=PRECISION)
-        b_dhp += tl.dot(b_kf.to(b_wi.dtype), b_wf, input_precision=PRECISION)
-        b_dhp += tl.dot(b_kg.to(b_wi.dtype), b_wg, input_precision=PRECISION)
-        b_dhp += tl.dot(b_ko.to(b_wi.dtype), b_wo, input_precision=PRECISION)
+        b_dhp = _dot(b_ki, b_wi, PRECISION)
+        b_dhp += _dot(b_kf, b_wf, PRECISION)
+        b_dhp += _dot(b_kg, b_wg, PRECISION)
+        b_dhp += _dot(b_ko, b_wo, PRECISION)
         if HAS_LENGTHS:
             b_dh = tl.where(m_t, b_dhp, b_dh)
         else:

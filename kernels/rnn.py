@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .common import (
     KernelConfig,
+    _dot,
     _grid_barrier,
     _load_w,
     _tanh,
@@ -72,7 +73,7 @@ def rnn_fwd_kernel(
         if STREAM_W:
             b_w = _load_w(p_w, o_k, o_h, H, True)
         b_a = tl.load(p_gx + t.to(tl.int64) * B * H + o_bh, mask=m_bh, other=0.0).to(tl.float32)
-        b_a += tl.dot(b_hk.to(b_w.dtype), b_w, input_precision=PRECISION)
+        b_a += _dot(b_hk, b_w, PRECISION)
         if HAS_BIAS:
             b_a += b_b
         if RELU:
@@ -166,7 +167,7 @@ def rnn_bwd_kernel(
             b_k = b_da
         if STREAM_W:
             b_w = _load_w(p_w, o_k, o_h, H, False)
-        b_dhp = tl.dot(b_k.to(b_w.dtype), b_w, input_precision=PRECISION)
+        b_dhp = _dot(b_k, b_w, PRECISION)
         if HAS_LENGTHS:
             b_dh = tl.where(m_t, b_dhp, b_dh)
         else:
