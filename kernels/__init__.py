@@ -77,10 +77,13 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     from .common import INTERPRET
 
     if not INTERPRET:
-        return "CPU tensors run the kernels only in Triton's interpreter: set TRITON_INTERPRET=1 before importing rnndeploy"
+        return (
+            "CPU tensors run the kernels only in Triton's interpreter: "
+            "set TRITON_INTERPRET=1 before importing rnndeploy"
+        )
     version = tuple(int(v) for v in triton.__version__.split(".")[:2])
     if version < (3, 8):
-        return f"the Triton interpreter needs triton>=3.8 (range over a runtime length), found {triton.__version__}"
+        return f"the Triton interpreter needs triton>=3.8 (runtime loop bounds), found {triton.__version__}"
     return None
 
 
@@ -97,9 +100,9 @@ def _check_inputs(cell: str, x: Tensor, state: tuple[Tensor, ...], weights: tupl
     if len(state) != n_state:
         raise ValueError(f"state must hold {n_state} tensor(s) for {cell}, got {len(state)}")
     names = ("h0", "c0")[:n_state] + ("w_ih", "w_hh", "b_ih", "b_hh")
-    for name, t in zip(names, (*state, *weights)):
+    for name, t in zip(names, (*state, *weights), strict=True):
         if t is not None and t.dtype != x.dtype:
-            raise ValueError(f"{name} is {t.dtype} but x is {x.dtype}: cast them to one dtype (or use autocast)")
+            raise ValueError(f"{name} is {t.dtype} but x is {x.dtype}: use one dtype for all, or autocast")
 
 
 def triton_layer(
@@ -115,9 +118,9 @@ def triton_layer(
     """Same contract as :func:`reference_layer`, on the persistent Triton kernels (differentiable).
 
     One forward launch per call (plus the input projection, one matmul over all steps); the backward is one
-    reverse-time launch plus matmuls. Inputs may be float32, bfloat16 or float16 (all the same dtype); state and
-    accumulation are float32, outputs come in the input dtype. Under ``torch.autocast`` everything is cast to the
-    autocast dtype first, as torch does for its own recurrent layers.
+    reverse-time launch plus matmuls. Inputs may be float32, bfloat16 or float16 (all one dtype); state and
+    accumulation are float32, outputs come in the input dtype. Under ``torch.autocast`` everything is cast to
+    the autocast dtype first, as torch does for its own recurrent layers.
 
     Args:
         strategy: force a launch strategy (``rnndeploy.kernels.common.STRATEGIES``); ``None`` picks one.
@@ -142,12 +145,13 @@ def triton_layer(
 
     w_ih, w_hh, b_ih, b_hh = (None if w is None else w.contiguous() for w in weights)
     state = tuple(s.contiguous() for s in state)
-    T, B, H = x.shape[0], x.shape[1], w_hh.shape[1]
+    B, H = x.shape[1], w_hh.shape[1]
     if lengths is not None:
         if tuple(lengths.shape) != (B,):
             raise ValueError(f"lengths must be [B]=[{B}], got shape {tuple(lengths.shape)}")
         lengths = lengths.to(device=x.device, dtype=torch.int64).contiguous()
-    store_ws = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *state, *weights))
+    needs_grad = any(t is not None and t.requires_grad for t in (x, *state, *weights))
+    store_ws = torch.is_grad_enabled() and needs_grad
     config = make_config(cell, B, H, x.dtype, x.device, strategy)
     if cell == "lstm":
         y, h, c = LSTMFunction.apply(x, *state, w_ih, w_hh, b_ih, b_hh, lengths, reverse, config, store_ws)
@@ -155,7 +159,8 @@ def triton_layer(
     if cell == "gru":
         y, h = GRUFunction.apply(x, *state, w_ih, w_hh, b_ih, b_hh, lengths, reverse, config, store_ws)
         return y, (h,)
-    y, h = RNNFunction.apply(x, *state, w_ih, w_hh, b_ih, b_hh, lengths, reverse, config, nonlinearity == "relu")
+    relu = nonlinearity == "relu"
+    y, h = RNNFunction.apply(x, *state, w_ih, w_hh, b_ih, b_hh, lengths, reverse, config, relu)
     return y, (h,)
 
 

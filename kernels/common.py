@@ -1,17 +1,18 @@
 """Shared pieces of the persistent kernels: stable activations, the grid barrier, the launch configuration.
 
-Every kernel in this package runs on a grid ``(cdiv(B, BB), NSPLIT)``: program ``(i_b, i_h)`` owns batch rows
-``[i_b*BB, i_b*BB + BB)`` and hidden units ``[i_h*BH, i_h*BH + BH)`` of every gate, and runs the whole time loop.
+Every kernel in this package runs on a grid ``(cdiv(B, BB), NSPLIT)``: program ``(i_b, i_h)`` owns batch
+rows ``[i_b*BB, i_b*BB + BB)`` and hidden units ``[i_h*BH, i_h*BH + BH)`` of every gate, and runs the whole
+time loop.
 
 - ``NSPLIT == 1`` and ``BH >= H``: one program holds the full state; the recurrent operand stays in registers.
-- ``NSPLIT > 1`` (GPU only): the hidden dimension is split over co-resident programs; after each step a program
-  writes its slice of the recurrent operand (``h`` forward, gate gradients backward) to a double-buffered fp32
-  scratch and waits at a grid barrier; the next step reads the full operand back from L2.
+- ``NSPLIT > 1`` (GPU only): the hidden dimension is split over co-resident programs; after each step a
+  program writes its slice of the recurrent operand (``h`` forward, gate gradients backward) to a
+  double-buffered fp32 scratch and waits at a grid barrier; the next step reads the full operand back from L2.
 - ``STREAM_W``: the program's ``W_hh`` slice is re-read from L2 every step instead of being held in registers
   (for slices too large for the register file).
-- ``SCRATCH``: exchange the recurrent operand through the scratch buffer. Always on when ``NSPLIT > 1``; the tests
-  switch it on for ``NSPLIT == 1`` so the interpreter runs the exchange code of the split path (everything but the
-  barrier itself, which would deadlock there: the interpreter runs programs one after another).
+- ``SCRATCH``: exchange the recurrent operand through the scratch buffer. Always on when ``NSPLIT > 1``; the
+  tests switch it on for ``NSPLIT == 1`` so the interpreter runs the exchange code of the split path (all but
+  the barrier itself, which would deadlock there: the interpreter runs programs one after another).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 
-# NOTE: triton 3.8's interpreter computes bf16 x bf16 tl.dot wrongly (garbage of order 1e10); there the operands
-# are rounded to the weight dtype as on GPU, then multiplied in fp32.
+# NOTE: triton 3.8's interpreter computes bf16 x bf16 tl.dot wrongly (garbage of order 1e10); there the
+# operands are rounded to the weight dtype as on GPU, then multiplied in fp32.
 _DOT_FP32 = tl.constexpr(INTERPRET)
 
 
@@ -97,65 +98,77 @@ class KernelConfig:
 
 STRATEGIES = ("resident", "resident-scratch", "stream", "split", "split-stream")
 
-# Register budget for a program's W_hh slice (bytes). Provisional: not measured yet (no GPU run so far).
-_W_REGISTER_BYTES = 64 * 1024
+# The PROVISIONAL dispatch table (README, "Kernels"). Nothing here is measured yet: no GPU run has happened.
+# Byte budgets for a program's W_hh slice held in registers across the time loop:
+_RESIDENT_BYTES = 64 * 1024  # whole W_hh in one program (8 warps): H <= 64 for every cell and dtype
+_SPLIT_RESIDENT_BYTES = 128 * 1024  # one program's column slice when split (8 warps)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
+    # tl.dot needs every block dimension >= 16 on GPU
     return max(lo, triton.next_power_of_2(n))
 
 
-def make_config(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device, strategy: str | None = None):
-    """Chooses block sizes and the strategy for one layer. ``strategy`` forces one of :data:`STRATEGIES`.
+def make_config(
+    cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device, strategy: str | None = None
+) -> KernelConfig:
+    """Chooses block sizes and the strategy for one layer; ``strategy`` forces one of :data:`STRATEGIES`.
 
-    The rules below are the provisional dispatch table (README, "Kernels"): none of it is measured yet.
+    Provisional rules (no GPU measurement yet):
+
+    - ``resident`` when the whole ``W_hh`` fits ``_RESIDENT_BYTES`` (one program per batch block);
+    - otherwise ``split``: the narrowest column slice ``BH >= 16`` whose grid ``cdiv(B, BB) * cdiv(H, BH)``
+      fits the SM count, held in registers when it fits ``_SPLIT_RESIDENT_BYTES``, else ``split-stream``;
+    - when no split fits the SM count: ``stream`` (one program per batch block re-reading ``W_hh``: correct,
+      slow).
+
+    The interpreter (CPU tensors) runs ``resident``, ``resident-scratch`` and ``stream`` only.
     """
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     G = GATES[cell]
     BK = _pow2(H)
-    BB = _pow2(min(B, 16))
-    n_b = triton.cdiv(B, BB)
     esize = torch.empty((), dtype=dtype).element_size()
     if device.type != "cuda":
-        if strategy not in (None, "resident", "resident-scratch", "stream"):
-            raise ValueError(f"strategy {strategy!r} needs a CUDA GPU (grid barrier); the interpreter runs "
-                             "'resident', 'resident-scratch' or 'stream'")
+        if strategy in ("split", "split-stream"):
+            raise ValueError(
+                f"strategy {strategy!r} needs a CUDA GPU (grid barrier); the interpreter runs "
+                "'resident', 'resident-scratch' or 'stream'"
+            )
         strategy = strategy or "resident"
-        return KernelConfig(BB, BK, BK, 1, strategy == "stream", strategy != "resident", 4)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return KernelConfig(_pow2(min(B, 16)), BK, BK, 1, strategy == "stream", strategy != "resident", 4)
+    BB = _pow2(min(B, 64))
+    n_b = triton.cdiv(B, BB)
     if strategy is None:
-        if G * BK * BK * esize <= _W_REGISTER_BYTES:
-            strategy = "resident"
-        else:
-            strategy = "split"
-    if strategy in ("split", "split-stream"):
-        BH = 16
-        while G * BK * BH * esize * 2 <= _W_REGISTER_BYTES and BH < BK:
-            BH *= 2
-        nsplit = triton.cdiv(H, BH)
-        while n_b * nsplit > sms and BH < BK:
-            BH *= 2
-            nsplit = triton.cdiv(H, BH)
-        if n_b * nsplit > sms or nsplit == 1:
-            # NOTE: co-residency of the whole grid is what makes the spin barrier safe; never launch more.
-            return KernelConfig(BB, BK, BK, 1, True, True, 8)
-        stream = strategy == "split-stream" or G * BK * BH * esize > _W_REGISTER_BYTES
-        return KernelConfig(BB, BH, BK, nsplit, stream, True, 4)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    return KernelConfig(BB, BK, BK, 1, strategy == "stream", strategy != "resident", 8 if BK >= 128 else 4)
+        strategy = "resident" if G * min(H, BK) * BK * esize <= _RESIDENT_BYTES else "split"
+    if strategy in ("resident", "resident-scratch", "stream"):
+        return KernelConfig(BB, BK, BK, 1, strategy == "stream", strategy != "resident", 8)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    BH = 16
+    while n_b * triton.cdiv(H, BH) > sms and BH < BK:
+        BH *= 2
+    nsplit = triton.cdiv(H, BH)
+    if nsplit == 1 or n_b * nsplit > sms:
+        # NOTE: the spin barrier is safe only when the whole grid is co-resident: never more programs than SMs
+        return KernelConfig(BB, BK, BK, 1, True, True, 8)
+    stream = strategy == "split-stream" or G * min(H, BK) * BH * esize > _SPLIT_RESIDENT_BYTES
+    return KernelConfig(BB, BH, BK, nsplit, stream, True, 8)
 
 
 def launch_buffers(ref: Tensor, H: int, out_gates: int, ws_gates: int, scr_gates: int, config: KernelConfig):
-    """Allocates a kernel's outputs: ``out [T, B, out_gates*H]`` and ``ws [T, B, ws_gates*H]`` (``ref``'s dtype),
-    the fp32 exchange scratch ``[2, B, scr_gates*H]``, the barrier counters; also the grid and dot precision."""
+    """Allocates a kernel's outputs and work buffers; also computes the grid and the dot precision.
+
+    ``out [T, B, out_gates*H]`` and ``ws [T, B, ws_gates*H]`` in ``ref``'s dtype, the fp32 exchange scratch
+    ``[2, B, scr_gates*H]`` and the barrier counters ``[cdiv(B, BB)]``.
+    """
     T, B = ref.shape[0], ref.shape[1]
     out = ref.new_empty(T, B, out_gates * H)
     ws = ref.new_empty(T, B, ws_gates * H) if ws_gates else None
     scr = torch.empty(2, B, scr_gates * H, dtype=torch.float32, device=ref.device) if config.SCRATCH else None
     n_b = triton.cdiv(B, config.BB)
     bar = torch.zeros(n_b, dtype=torch.int32, device=ref.device) if config.NSPLIT > 1 else None
-    # fp32 follows cuDNN's switch: TF32 tensor cores unless torch.backends.cudnn.allow_tf32 is off; the setting
-    # means nothing to bf16/fp16 operands, which get triton's default
+    # fp32 follows cuDNN's switch: TF32 tensor cores unless torch.backends.cudnn.allow_tf32 is off; the
+    # setting means nothing to bf16/fp16 operands, which get triton's default
     precision = "ieee" if ref.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32 else "tf32"
     return out, ws, scr, bar, (n_b, config.NSPLIT), precision
 

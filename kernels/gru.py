@@ -24,8 +24,8 @@ from .common import (
     projection_grads,
 )
 
-# NOTE: store, not recompute (see lstm.py): r, z, n and W_hn h + b_hn, 4 values per unit. h_{t-1} is not stored:
-# the backward rebuilds it from the outputs.
+# NOTE: store, not recompute (see lstm.py): r, z, n and W_hn h + b_hn, 4 values per unit. h_{t-1} is not
+# stored: the backward rebuilds it from the outputs.
 WS = 4
 
 
@@ -67,7 +67,7 @@ def gru_fwd_kernel(
     o_bk = o_b[:, None].to(tl.int64) * H + o_k[None, :]
     o_bg = o_b[:, None].to(tl.int64) * 3 * H + o_h[None, :]
     o_bw = o_b[:, None].to(tl.int64) * WS * H + o_h[None, :]
-    HH = H.to(tl.int64) * H
+    HH = tl.cast(H, tl.int64) * H  # H == 1 arrives as a constexpr on GPU
 
     b_h = tl.load(p_h0 + o_bh, mask=m_bh, other=0.0).to(tl.float32)  # [BB, BH] own slice
     b_hk = tl.load(p_h0 + o_bk, mask=m_bk, other=0.0).to(tl.float32)  # [BB, BK] recurrent operand
@@ -167,7 +167,7 @@ def gru_bwd_kernel(
     o_bs = o_b[:, None].to(tl.int64) * 3 * H + o_h[None, :]
     o_bsk = o_b[:, None].to(tl.int64) * 3 * H + o_k[None, :]
     o_bw = o_b[:, None].to(tl.int64) * WS * H + o_h[None, :]
-    HH = H.to(tl.int64) * H
+    HH = tl.cast(H, tl.int64) * H  # H == 1 arrives as a constexpr on GPU
 
     b_dh = tl.load(p_dhT + o_bh, mask=m_bh, other=0.0).to(tl.float32)  # [BB, BH]
     if not STREAM_W:
@@ -291,7 +291,7 @@ class GRUFunction(torch.autograd.Function):
     def backward(ctx, dy, dhT):
         x, h0, w_ih, w_hh, y, ws, lengths = ctx.saved_tensors
         if ws is None:
-            raise RuntimeError("GRUFunction: the forward ran without a workspace (store_ws=False); cannot backprop")
+            raise RuntimeError("GRUFunction: forward ran with store_ws=False: nothing to backprop")
         hp = previous_states(y, h0, lengths, ctx.reverse)
         dg, dh0 = gru_bwd(dy.contiguous(), dhT.contiguous(), ws, hp, w_hh, lengths, ctx.reverse, ctx.config)
         H = w_hh.shape[1]

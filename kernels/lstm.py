@@ -69,7 +69,7 @@ def lstm_fwd_kernel(
     o_bk = o_b[:, None].to(tl.int64) * H + o_k[None, :]
     o_bg = o_b[:, None].to(tl.int64) * 4 * H + o_h[None, :]
     o_bw = o_b[:, None].to(tl.int64) * WS * H + o_h[None, :]
-    HH = H.to(tl.int64) * H
+    HH = tl.cast(H, tl.int64) * H  # H == 1 arrives as a constexpr on GPU
 
     b_h = tl.load(p_h0 + o_bh, mask=m_bh, other=0.0).to(tl.float32)  # [BB, BH] own slice
     b_c = tl.load(p_c0 + o_bh, mask=m_bh, other=0.0).to(tl.float32)
@@ -183,7 +183,7 @@ def lstm_bwd_kernel(
     o_bg = o_b[:, None].to(tl.int64) * 4 * H + o_h[None, :]
     o_bgk = o_b[:, None].to(tl.int64) * 4 * H + o_k[None, :]
     o_bw = o_b[:, None].to(tl.int64) * WS * H + o_h[None, :]
-    HH = H.to(tl.int64) * H
+    HH = tl.cast(H, tl.int64) * H  # H == 1 arrives as a constexpr on GPU
 
     b_dh = tl.load(p_dhT + o_bh, mask=m_bh, other=0.0).to(tl.float32)  # [BB, BH] dL/dh of the carried state
     b_dc = tl.load(p_dcT + o_bh, mask=m_bh, other=0.0).to(tl.float32)
@@ -269,7 +269,7 @@ def lstm_fwd(
     store_ws: bool,
     config: KernelConfig,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Runs the recurrence over ``gx [T, B, 4H]``. Returns ``y [T, B, H]``, ``h_T``, ``c_T`` and the workspace."""
+    """Runs the recurrence over ``gx [T, B, 4H]``. Returns ``y [T, B, H]``, ``h_T``, ``c_T``, workspace."""
     T, B, H = gx.shape[0], gx.shape[1], w_hh.shape[1]
     y, ws, scr, bar, grid, precision = launch_buffers(gx, H, 1, WS if store_ws else 0, 1, config)
     hT, cT = torch.empty_like(h0), torch.empty_like(c0)
@@ -320,7 +320,7 @@ class LSTMFunction(torch.autograd.Function):
     def backward(ctx, dy, dhT, dcT):
         x, h0, w_ih, w_hh, y, ws, lengths = ctx.saved_tensors
         if ws is None:
-            raise RuntimeError("LSTMFunction: the forward ran without a workspace (store_ws=False); cannot backprop")
+            raise RuntimeError("LSTMFunction: forward ran with store_ws=False: nothing to backprop")
         dg, dh0, dc0 = lstm_bwd(dy.contiguous(), dhT.contiguous(), dcT.contiguous(), ws, w_hh, lengths,
                                 ctx.reverse, ctx.config)  # fmt: skip
         hp = previous_states(y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[4] else None

@@ -238,7 +238,8 @@ class RNNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dhT):
         x, h0, w_ih, w_hh, y, lengths = ctx.saved_tensors
-        dg, dh0 = rnn_bwd(dy.contiguous(), dhT.contiguous(), y, w_hh, lengths, ctx.reverse, ctx.relu, ctx.config)
+        dy, dhT = dy.contiguous(), dhT.contiguous()
+        dg, dh0 = rnn_bwd(dy, dhT, y, w_hh, lengths, ctx.reverse, ctx.relu, ctx.config)
         hp = previous_states(y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[3] else None
         dx, dw_ih, dw_hh, db_ih, db_hh = projection_grads(ctx, dg, dg, x, hp, w_ih, 2)
         return dx, dh0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None

@@ -10,11 +10,11 @@ import math
 
 import pytest
 import torch
+from rnndeploy.kernels.common import make_config
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnndeploy
 from rnndeploy import kernels
-from rnndeploy.kernels.common import make_config
 
 # (atol, rtol) per input dtype, for outputs, states and gradients alike
 TOL = {
@@ -24,7 +24,7 @@ TOL = {
 }
 DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
-I = 4  # input features
+IN = 4  # input features
 
 
 @pytest.fixture
@@ -51,9 +51,10 @@ def make_layer(cell, B, T, H, dtype=torch.float32, bias=True, lengths=False, sca
     def u(*shape):
         return ((torch.rand(*shape, device=device) * 2 - 1) * k).to(dtype).requires_grad_()
 
-    x = (torch.randn(T, B, I, device=device) * scale).to(dtype).requires_grad_()
-    state = tuple(torch.randn(B, H, device=device).to(dtype).requires_grad_() for _ in range(2 if cell == "lstm" else 1))
-    weights = (u(G * H, I), u(G * H, H), u(G * H) if bias else None, u(G * H) if bias else None)
+    x = (torch.randn(T, B, IN, device=device) * scale).to(dtype).requires_grad_()
+    n_state = 2 if cell == "lstm" else 1
+    state = tuple(torch.randn(B, H, device=device).to(dtype).requires_grad_() for _ in range(n_state))
+    weights = (u(G * H, IN), u(G * H, H), u(G * H) if bias else None, u(G * H) if bias else None)
     lens = None
     if lengths:
         lens = torch.tensor([max(1, T // 2), T, 1][:B] if B > 1 else [max(1, T - 2)], device=device)
@@ -172,7 +173,8 @@ MODULE_CASES = [
 
 def _module_id(cell, nl, layers, bidir, batch_first, packed, H):
     name = cell if cell != "rnn" else f"rnn_{nl}"
-    flags = "".join(["-bidir" if bidir else "", "-batch_first" if batch_first else "", "-packed" if packed else ""])
+    flags = "-bidir" if bidir else ""
+    flags += ("-batch_first" if batch_first else "") + ("-packed" if packed else "")
     return f"{name}-L{layers}-B3-T7-H{H}-fp32{flags}"
 
 
@@ -188,19 +190,21 @@ def test_module_matches_torch_nn(nan_outputs, cell, nl, layers, bidir, batch_fir
         kwargs["nonlinearity"] = nl
     torch_cls = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
     ours_cls = {"rnn": rnndeploy.RNN, "lstm": rnndeploy.LSTM, "gru": rnndeploy.GRU}[cell]
-    theirs = torch_cls(I, H, **kwargs)
-    ours = ours_cls(I, H, backend="triton", **kwargs)
+    theirs = torch_cls(IN, H, **kwargs)
+    ours = ours_cls(IN, H, backend="triton", **kwargs)
     ours.load_state_dict(theirs.state_dict())
 
     D = 2 if bidir else 1
-    x = torch.randn(B, T, I) if batch_first else torch.randn(T, B, I)
+    x = torch.randn(B, T, IN) if batch_first else torch.randn(T, B, IN)
     hx = tuple(torch.randn(layers * D, B, H) for _ in range(2 if cell == "lstm" else 1))
     lengths = torch.tensor([4, 7, 2])
 
     def run(module):
         xi = x.clone().requires_grad_()
         hi = tuple(h.clone().requires_grad_() for h in hx)
-        inp = pack_padded_sequence(xi, lengths, batch_first=batch_first, enforce_sorted=False) if packed else xi
+        inp = xi
+        if packed:
+            inp = pack_padded_sequence(xi, lengths, batch_first=batch_first, enforce_sorted=False)
         out, hn = module(inp, hi if cell == "lstm" else hi[0])
         if packed:
             out = pad_packed_sequence(out, batch_first=batch_first)[0]
