@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import platform
 import subprocess
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
@@ -125,19 +126,28 @@ def run_benchmark(
     seq_lens: Iterable[int],
     reference_max_t: int = 256,
     rep_ms: int = 100,
+    time_budget_s: float | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[Row]:
     """Times every combination with ``triton.testing.do_bench`` (median and 0.2/0.8 quantiles, ms).
 
-    The reference runs only where ``seq_len <= reference_max_t`` (its Python time loop is slow).
+    The reference runs only where ``seq_len <= reference_max_t`` (its Python time loop is slow). Once
+    ``time_budget_s`` has passed, the remaining cases are skipped (reported through ``progress``).
     """
     from .common import make_config
 
     rows = []
-    grid = itertools.product(cells, modes, dtypes, seq_lens, hiddens, batches, providers)
-    for cell, mode, dtype_name, T, H, B, provider in grid:
+    start = time.monotonic()
+    grid = list(itertools.product(cells, modes, dtypes, seq_lens, hiddens, batches, providers))
+    for n, (cell, mode, dtype_name, T, H, B, provider) in enumerate(grid):
         if provider == "reference" and T > reference_max_t:
             continue
+        if time_budget_s is not None and time.monotonic() - start > time_budget_s:
+            if progress is not None:
+                progress(
+                    f"time budget of {time_budget_s:.0f} s spent: skipped the last {len(grid) - n} cases"
+                )
+            break
         dtype = DTYPES[dtype_name]
         if progress is not None:
             progress(f"{cell} {mode} {provider} {dtype_name} B={B} H={H} T={T}")

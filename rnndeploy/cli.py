@@ -137,6 +137,7 @@ def write_kernel_results(rows: list, env: dict, options: dict, out_dir: Path) ->
     help="Run the plain reference only up to this sequence length (it is slow).",
 )
 @click.option("--rep-ms", default=100, show_default=True, help="do_bench measuring time per case (ms).")
+@click.option("--time-budget-s", type=float, default=None, help="Stop starting new cases after this long.")
 @click.option(
     "--out",
     "out_dir",
@@ -145,7 +146,9 @@ def write_kernel_results(rows: list, env: dict, options: dict, out_dir: Path) ->
     type=click.Path(file_okay=False, path_type=Path),
     help="Where the JSON, CSV and PNG go.",
 )
-def bench_kernels(cells, modes, providers, dtypes, batch, hidden, seq_len, reference_max_t, rep_ms, out_dir):
+def bench_kernels(
+    cells, modes, providers, dtypes, batch, hidden, seq_len, reference_max_t, rep_ms, time_budget_s, out_dir
+):
     """Time the Triton kernels against torch.nn (cuDNN) and the plain reference: forward and forward+backward.
 
     Median and 0.2/0.8 quantiles of triton.testing.do_bench, peak memory. Needs a CUDA GPU. Example:
@@ -161,7 +164,7 @@ def bench_kernels(cells, modes, providers, dtypes, batch, hidden, seq_len, refer
     from rnndeploy.kernels.benchmark import environment, run_benchmark
 
     rows = run_benchmark(cells, modes, providers, dtypes, batch, hidden, seq_len, reference_max_t, rep_ms,
-                         progress=lambda s: click.echo(f"  {s}", err=True))  # fmt: skip
+                         time_budget_s, progress=lambda s: click.echo(f"  {s}", err=True))  # fmt: skip
     if not rows:
         raise click.ClickException("nothing was measured: every case was filtered out (--reference-max-t)")
     header = f"{'cell':5} {'mode':8} {'provider':9} {'dtype':5} {'B':>4} {'H':>5} {'T':>5} " + (
@@ -174,6 +177,7 @@ def bench_kernels(cells, modes, providers, dtypes, batch, hidden, seq_len, refer
             f"{r.ms:9.3f} {r.ms_p20:9.3f} {r.ms_p80:9.3f} {r.peak_mib:9.1f}  {r.strategy}"
         )
     options = dict(cells=cells, modes=modes, providers=providers, dtypes=dtypes, batch=batch, hidden=hidden,
-                   seq_len=seq_len, reference_max_t=reference_max_t, rep_ms=rep_ms)  # fmt: skip
+                   seq_len=seq_len, reference_max_t=reference_max_t, rep_ms=rep_ms,
+                   time_budget_s=time_budget_s)  # fmt: skip
     for path in write_kernel_results(rows, environment(), options, out_dir):
         click.echo(f"wrote {path}")

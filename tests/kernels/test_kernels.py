@@ -1,7 +1,8 @@
-"""The persistent Triton kernels against the plain-torch reference and torch.nn (CPU: Triton's interpreter).
+"""The persistent Triton kernels against the plain-torch reference and torch.nn.
 
-Every case checks outputs, final states and every gradient (input, weights, biases, initial states).
-Fresh tensors are filled with NaN while a kernel runs, so an element the kernel forgets to write fails.
+On CPU the kernels run in Triton's interpreter (tests/conftest.py); on a GPU machine the same cases run
+compiled on the GPU. Every case checks outputs, final states and every gradient (input, weights, biases,
+initial states). Fresh tensors are filled with NaN while a kernel runs, so an unwritten element fails.
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ TOL = {
 DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 IN = 4  # input features
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 on GPU: the kernels follow cudnn.allow_tf32 like cuDNN does; compare exact fp32 here."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.fixture
@@ -43,7 +54,7 @@ def nan_outputs(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty", nan_fill(torch.Tensor.new_empty))
 
 
-def make_layer(cell, B, T, H, dtype=torch.float32, bias=True, lengths=False, scale=1.0, device="cpu"):
+def make_layer(cell, B, T, H, dtype=torch.float32, bias=True, lengths=False, scale=1.0, device=DEVICE):
     """Random inputs for one layer; weights uniform in +-1/sqrt(H) like torch's init."""
     G = GATES[cell]
     k = 1.0 / math.sqrt(H)
@@ -74,7 +85,7 @@ def run_with_grads(fn, cell, x, state, weights, lens, reverse, nonlinearity, pro
 
 
 def assert_matches_reference(cell, nonlinearity, B, T, H, dtype, reverse, lengths, bias, strategy=None,
-                             scale=1.0, device="cpu"):  # fmt: skip
+                             scale=1.0, device=DEVICE):  # fmt: skip
     x, state, weights, lens = make_layer(cell, B, T, H, dtype, bias, lengths, scale, device)
 
     def ours(*args, **kwargs):
@@ -150,7 +161,7 @@ def test_inference_forward_skips_workspace_and_matches():
 
 def test_autocast_runs_in_low_precision_and_trains_fp32_params():
     x, state, weights, _ = make_layer("gru", 3, 7, 33)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         y, (h,) = kernels.triton_layer("gru", x, state, weights)
     assert y.dtype == torch.bfloat16 and h.dtype == torch.bfloat16
     y.float().sum().backward()
@@ -190,13 +201,13 @@ def test_module_matches_torch_nn(nan_outputs, cell, nl, layers, bidir, batch_fir
         kwargs["nonlinearity"] = nl
     torch_cls = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
     ours_cls = {"rnn": rnndeploy.RNN, "lstm": rnndeploy.LSTM, "gru": rnndeploy.GRU}[cell]
-    theirs = torch_cls(IN, H, **kwargs)
-    ours = ours_cls(IN, H, backend="triton", **kwargs)
+    theirs = torch_cls(IN, H, **kwargs).to(DEVICE)
+    ours = ours_cls(IN, H, backend="triton", **kwargs).to(DEVICE)
     ours.load_state_dict(theirs.state_dict())
 
     D = 2 if bidir else 1
-    x = torch.randn(B, T, IN) if batch_first else torch.randn(T, B, IN)
-    hx = tuple(torch.randn(layers * D, B, H) for _ in range(2 if cell == "lstm" else 1))
+    x = torch.randn(B, T, IN, device=DEVICE) if batch_first else torch.randn(T, B, IN, device=DEVICE)
+    hx = tuple(torch.randn(layers * D, B, H, device=DEVICE) for _ in range(2 if cell == "lstm" else 1))
     lengths = torch.tensor([4, 7, 2])
 
     def run(module):
@@ -210,7 +221,7 @@ def test_module_matches_torch_nn(nan_outputs, cell, nl, layers, bidir, batch_fir
             out = pad_packed_sequence(out, batch_first=batch_first)[0]
         hn = hn if isinstance(hn, tuple) else (hn,)
         gen = torch.Generator().manual_seed(1)
-        loss = sum((t * torch.randn(t.shape, generator=gen)).sum() for t in (out, *hn))
+        loss = sum((t * torch.randn(t.shape, generator=gen).to(DEVICE)).sum() for t in (out, *hn))
         params = list(module.parameters())
         grads = torch.autograd.grad(loss, [xi, *hi, *params])
         return (out, *hn), grads, [n for n, _ in module.named_parameters()]
@@ -237,7 +248,7 @@ def test_barrier_strategies_are_refused_off_gpu():
 
 
 def test_availability_and_auto_dispatch():
-    assert kernels.triton_unavailable_reason(torch.device("cpu")) is None  # conftest sets TRITON_INTERPRET=1
+    assert kernels.triton_unavailable_reason(DEVICE) is None  # CPU: conftest sets TRITON_INTERPRET=1
     assert "not supported" in kernels.triton_unavailable_reason(torch.device("meta"))
     # no GPU measurement yet: backend="auto" keeps cuDNN everywhere
     for cell in ("rnn", "lstm", "gru"):
