@@ -26,7 +26,7 @@ from .common import (
 
 # NOTE: store, not recompute (see lstm.py): r, z, n and W_hn h + b_hn, 4 values per unit. h_{t-1} is not
 # stored: the backward rebuilds it from the outputs.
-WS = 4
+WS = tl.constexpr(4)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -242,7 +242,7 @@ def gru_fwd(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Runs the recurrence over ``gx [T, B, 3H]``. Returns ``y [T, B, H]``, ``h_T`` and the workspace."""
     T, B, H = gx.shape[0], gx.shape[1], w_hh.shape[1]
-    y, ws, scr, bar, grid, precision = launch_buffers(gx, H, 1, WS if store_ws else 0, 1, config)
+    y, ws, scr, bar, grid, precision = launch_buffers(gx, H, 1, WS.value if store_ws else 0, 1, config)
     hT = torch.empty_like(h0)
     gru_fwd_kernel[grid](
         gx, w_hh, b_hh, h0, lengths, y, hT, ws, scr, bar, T, B, H,

@@ -26,7 +26,7 @@ from .common import (
 # NOTE: store, not recompute. The forward writes the gate activations and c_{t-1} (5 values per unit, input
 # dtype) for the backward. Recomputing them would add a full W_hh product to every backward step, and that
 # product sits on the serial critical path; the workspace costs 5*T*B*H elements, about what cuDNN reserves.
-WS = 5
+WS = tl.constexpr(5)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -271,7 +271,7 @@ def lstm_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Runs the recurrence over ``gx [T, B, 4H]``. Returns ``y [T, B, H]``, ``h_T``, ``c_T``, workspace."""
     T, B, H = gx.shape[0], gx.shape[1], w_hh.shape[1]
-    y, ws, scr, bar, grid, precision = launch_buffers(gx, H, 1, WS if store_ws else 0, 1, config)
+    y, ws, scr, bar, grid, precision = launch_buffers(gx, H, 1, WS.value if store_ws else 0, 1, config)
     hT, cT = torch.empty_like(h0), torch.empty_like(c0)
     lstm_fwd_kernel[grid](
         gx, w_hh, b_hh, h0, c0, lengths, y, hT, cT, ws, scr, bar, T, B, H,
