@@ -58,6 +58,15 @@ def _dot(a, w, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _load_op(p, o_b, o_k, stride, H, m_b):
+    """``[BB, len(o_k)]`` chunk of a ``[B, stride]`` buffer, read through L2 (other programs may have written it)."""
+    m = m_b[:, None] & (o_k < H)[None, :]
+    return tl.load(
+        p + o_b[:, None].to(tl.int64) * stride + o_k[None, :], mask=m, other=0.0, cache_modifier=".cg"
+    )
+
+
+@triton.jit
 def _grid_barrier(p_bar, target):
     """Waits until ``target`` arrivals have been counted at ``p_bar`` (GPU only: spin-waits)."""
     # all warps of this program have written their slice before one thread publishes the arrival
@@ -79,11 +88,13 @@ def _load_w(p_w, o_row, o_col, H, TRANSPOSE: tl.constexpr):
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """How one layer is launched (see the module docstring). ``BK`` is ``H`` padded to a power of two."""
+    """How one layer is launched (see the module docstring). ``BK`` is ``H`` padded to a power of two; the
+    streamed path walks it in chunks of ``BKC``."""
 
     BB: int
     BH: int
     BK: int
+    BKC: int
     NSPLIT: int
     STREAM_W: bool
     SCRATCH: bool
@@ -136,13 +147,16 @@ def make_config(
                 "'resident', 'resident-scratch' or 'stream'"
             )
         strategy = strategy or "resident"
-        return KernelConfig(_pow2(min(B, 16)), BK, BK, 1, strategy == "stream", strategy != "resident", 4)
+        # chunks of 16 so that H=33 already walks several chunks in the tests
+        stream = strategy == "stream"
+        return KernelConfig(_pow2(min(B, 16)), BK, BK, 16, 1, stream, strategy != "resident", 4)
     BB = _pow2(min(B, 64))
+    BKC = min(BK, 64)
     n_b = triton.cdiv(B, BB)
     if strategy is None:
         strategy = "resident" if G * min(H, BK) * BK * esize <= _RESIDENT_BYTES else "split"
     if strategy in ("resident", "resident-scratch", "stream"):
-        return KernelConfig(BB, BK, BK, 1, strategy == "stream", strategy != "resident", 8)
+        return KernelConfig(BB, BK, BK, BKC, 1, strategy == "stream", strategy != "resident", 8)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     BH = 16
     while n_b * triton.cdiv(H, BH) > sms and BH < BK:
@@ -150,9 +164,9 @@ def make_config(
     nsplit = triton.cdiv(H, BH)
     if nsplit == 1 or n_b * nsplit > sms:
         # NOTE: the spin barrier is safe only when the whole grid is co-resident: never more programs than SMs
-        return KernelConfig(BB, BK, BK, 1, True, True, 8)
+        return KernelConfig(BB, BK, BK, BKC, 1, True, True, 8)
     stream = strategy == "split-stream" or G * min(H, BK) * BH * esize > _SPLIT_RESIDENT_BYTES
-    return KernelConfig(BB, BH, BK, nsplit, stream, True, 8)
+    return KernelConfig(BB, BH, BK, BKC, nsplit, stream, True, 8)
 
 
 def launch_buffers(ref: Tensor, H: int, out_gates: int, ws_gates: int, scr_gates: int, config: KernelConfig):

@@ -16,6 +16,7 @@ from .common import (
     KernelConfig,
     _dot,
     _grid_barrier,
+    _load_op,
     _load_w,
     _sigmoid,
     _tanh,
@@ -47,6 +48,7 @@ def gru_fwd_kernel(
     BB: tl.constexpr,
     BH: tl.constexpr,
     BK: tl.constexpr,
+    BKC: tl.constexpr,
     NSPLIT: tl.constexpr,
     STREAM_W: tl.constexpr,
     SCRATCH: tl.constexpr,
@@ -62,16 +64,14 @@ def gru_fwd_kernel(
     o_k = tl.arange(0, BK)
     m_b = o_b < B
     m_bh = m_b[:, None] & (o_h < H)[None, :]
-    m_bk = m_b[:, None] & (o_k < H)[None, :]
     o_bh = o_b[:, None].to(tl.int64) * H + o_h[None, :]
-    o_bk = o_b[:, None].to(tl.int64) * H + o_k[None, :]
     o_bg = o_b[:, None].to(tl.int64) * 3 * H + o_h[None, :]
     o_bw = o_b[:, None].to(tl.int64) * WS * H + o_h[None, :]
     HH = tl.cast(H, tl.int64) * H  # H == 1 arrives as a constexpr on GPU
 
     b_h = tl.load(p_h0 + o_bh, mask=m_bh, other=0.0).to(tl.float32)  # [BB, BH] own slice
-    b_hk = tl.load(p_h0 + o_bk, mask=m_bk, other=0.0).to(tl.float32)  # [BB, BK] recurrent operand
     if not STREAM_W:
+        b_hk = _load_op(p_h0, o_b, o_k, H, H, m_b).to(tl.float32)  # [BB, BK] recurrent operand
         b_wr = _load_w(p_w, o_k, o_h, H, True)  # [BK, BH] W_r^T
         b_wz = _load_w(p_w + HH, o_k, o_h, H, True)
         b_wn = _load_w(p_w + 2 * HH, o_k, o_h, H, True)
@@ -85,17 +85,24 @@ def gru_fwd_kernel(
 
     for s in range(T):
         t = T - 1 - s if REVERSE else s
-        if STREAM_W:
-            b_wr = _load_w(p_w, o_k, o_h, H, True)
-            b_wz = _load_w(p_w + HH, o_k, o_h, H, True)
-            b_wn = _load_w(p_w + 2 * HH, o_k, o_h, H, True)
         p_gt = p_gx + t.to(tl.int64) * B * 3 * H + o_bg
         b_ar = tl.load(p_gt, mask=m_bh, other=0.0).to(tl.float32)
         b_az = tl.load(p_gt + H, mask=m_bh, other=0.0).to(tl.float32)
         b_an = tl.load(p_gt + 2 * H, mask=m_bh, other=0.0).to(tl.float32)
-        b_ar += _dot(b_hk, b_wr, PRECISION)
-        b_az += _dot(b_hk, b_wz, PRECISION)
-        b_hn = _dot(b_hk, b_wn, PRECISION)
+        if STREAM_W:
+            # h_{t-1} was written by the previous step (h_0: by the launcher); W_hh comes from L2 chunk by chunk
+            p_prev = p_scr + ((s + 1) % 2) * B * H
+            b_hn = tl.zeros([BB, BH], dtype=tl.float32)
+            for k0 in range(0, BK, BKC):
+                o_kc = k0 + tl.arange(0, BKC)
+                b_hc = _load_op(p_prev, o_b, o_kc, H, H, m_b)  # [BB, BKC]
+                b_ar += _dot(b_hc, _load_w(p_w, o_kc, o_h, H, True), PRECISION)
+                b_az += _dot(b_hc, _load_w(p_w + HH, o_kc, o_h, H, True), PRECISION)
+                b_hn += _dot(b_hc, _load_w(p_w + 2 * HH, o_kc, o_h, H, True), PRECISION)
+        else:
+            b_ar += _dot(b_hk, b_wr, PRECISION)
+            b_az += _dot(b_hk, b_wz, PRECISION)
+            b_hn = _dot(b_hk, b_wn, PRECISION)
         if HAS_BIAS:
             b_ar += b_br
             b_az += b_bz
@@ -125,7 +132,8 @@ def gru_fwd_kernel(
                 _grid_barrier(p_bar + i_b, (s + 1) * NSPLIT)
             else:
                 tl.debug_barrier()
-            b_hk = tl.load(p_s + o_bk, mask=m_bk, other=0.0, cache_modifier=".cg")
+            if not STREAM_W:
+                b_hk = _load_op(p_s, o_b, o_k, H, H, m_b)
         else:
             b_hk = b_h
     tl.store(p_hT + o_bh, b_h.to(p_hT.dtype.element_ty), mask=m_bh)
@@ -149,6 +157,7 @@ def gru_bwd_kernel(
     BB: tl.constexpr,
     BH: tl.constexpr,
     BK: tl.constexpr,
+    BKC: tl.constexpr,
     NSPLIT: tl.constexpr,
     STREAM_W: tl.constexpr,
     SCRATCH: tl.constexpr,
@@ -162,10 +171,8 @@ def gru_bwd_kernel(
     o_k = tl.arange(0, BK)
     m_b = o_b < B
     m_bh = m_b[:, None] & (o_h < H)[None, :]
-    m_bk = m_b[:, None] & (o_k < H)[None, :]
     o_bh = o_b[:, None].to(tl.int64) * H + o_h[None, :]
     o_bs = o_b[:, None].to(tl.int64) * 3 * H + o_h[None, :]
-    o_bsk = o_b[:, None].to(tl.int64) * 3 * H + o_k[None, :]
     o_bw = o_b[:, None].to(tl.int64) * WS * H + o_h[None, :]
     HH = tl.cast(H, tl.int64) * H  # H == 1 arrives as a constexpr on GPU
 
@@ -211,18 +218,32 @@ def gru_bwd_kernel(
                 _grid_barrier(p_bar + i_b, (s + 1) * NSPLIT)
             else:
                 tl.debug_barrier()
-            b_kr = tl.load(p_s + o_bsk, mask=m_bk, other=0.0, cache_modifier=".cg")
-            b_kz = tl.load(p_s + H + o_bsk, mask=m_bk, other=0.0, cache_modifier=".cg")
-            b_kn = tl.load(p_s + 2 * H + o_bsk, mask=m_bk, other=0.0, cache_modifier=".cg")
+            if STREAM_W:
+                b_dhp = b_direct
+                for k0 in range(0, BK, BKC):
+                    o_kc = k0 + tl.arange(0, BKC)
+                    b_dhp += _dot(
+                        _load_op(p_s, o_b, o_kc, 3 * H, H, m_b), _load_w(p_w, o_kc, o_h, H, False), PRECISION
+                    )
+                    b_dhp += _dot(
+                        _load_op(p_s + H, o_b, o_kc, 3 * H, H, m_b),
+                        _load_w(p_w + HH, o_kc, o_h, H, False),
+                        PRECISION,
+                    )
+                    b_dhp += _dot(
+                        _load_op(p_s + 2 * H, o_b, o_kc, 3 * H, H, m_b),
+                        _load_w(p_w + 2 * HH, o_kc, o_h, H, False),
+                        PRECISION,
+                    )
+            else:
+                # one gate's operand live at a time keeps the register file for the resident W_hh slice
+                b_dhp = b_direct + _dot(_load_op(p_s, o_b, o_k, 3 * H, H, m_b), b_wr, PRECISION)
+                b_dhp += _dot(_load_op(p_s + H, o_b, o_k, 3 * H, H, m_b), b_wz, PRECISION)
+                b_dhp += _dot(_load_op(p_s + 2 * H, o_b, o_k, 3 * H, H, m_b), b_wn, PRECISION)
         else:
-            b_kr, b_kz, b_kn = b_dar, b_daz, b_dhn
-        if STREAM_W:
-            b_wr = _load_w(p_w, o_k, o_h, H, False)
-            b_wz = _load_w(p_w + HH, o_k, o_h, H, False)
-            b_wn = _load_w(p_w + 2 * HH, o_k, o_h, H, False)
-        b_dhp = b_direct + _dot(b_kr, b_wr, PRECISION)
-        b_dhp += _dot(b_kz, b_wz, PRECISION)
-        b_dhp += _dot(b_kn, b_wn, PRECISION)
+            b_dhp = b_direct + _dot(b_dar, b_wr, PRECISION)
+            b_dhp += _dot(b_daz, b_wz, PRECISION)
+            b_dhp += _dot(b_dhn, b_wn, PRECISION)
         if HAS_LENGTHS:
             b_dh = tl.where(m_t, b_dhp, b_dh)
         else:
@@ -243,10 +264,12 @@ def gru_fwd(
     """Runs the recurrence over ``gx [T, B, 3H]``. Returns ``y [T, B, H]``, ``h_T`` and the workspace."""
     T, B, H = gx.shape[0], gx.shape[1], w_hh.shape[1]
     y, ws, scr, bar, grid, precision = launch_buffers(gx, H, 1, WS.value if store_ws else 0, 1, config)
+    if config.STREAM_W:
+        scr[1].copy_(h0)  # the operand of step 0
     hT = torch.empty_like(h0)
     gru_fwd_kernel[grid](
         gx, w_hh, b_hh, h0, lengths, y, hT, ws, scr, bar, T, B, H,
-        BB=config.BB, BH=config.BH, BK=config.BK, NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W,
+        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W,
         SCRATCH=config.SCRATCH, REVERSE=reverse, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None,
         STORE_WS=store_ws, PRECISION=precision, num_warps=config.num_warps,
     )  # fmt: skip
@@ -269,7 +292,7 @@ def gru_bwd(
     dh0 = torch.empty_like(dhT)
     gru_bwd_kernel[grid](
         dy, dhT, ws, hp, w_hh, lengths, dg, dh0, scr, bar, T, B, H,
-        BB=config.BB, BH=config.BH, BK=config.BK, NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W,
+        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W,
         SCRATCH=config.SCRATCH, REVERSE=reverse, HAS_LENGTHS=lengths is not None, PRECISION=precision,
         num_warps=config.num_warps,
     )  # fmt: skip

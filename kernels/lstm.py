@@ -15,6 +15,7 @@ from .common import (
     KernelConfig,
     _dot,
     _grid_barrier,
+    _load_op,
     _load_w,
     _sigmoid,
     _tanh,
@@ -49,6 +50,7 @@ def lstm_fwd_kernel(
     BB: tl.constexpr,
     BH: tl.constexpr,
     BK: tl.constexpr,
+    BKC: tl.constexpr,
     NSPLIT: tl.constexpr,
     STREAM_W: tl.constexpr,
     SCRATCH: tl.constexpr,
@@ -64,17 +66,15 @@ def lstm_fwd_kernel(
     o_k = tl.arange(0, BK)
     m_b = o_b < B
     m_bh = m_b[:, None] & (o_h < H)[None, :]
-    m_bk = m_b[:, None] & (o_k < H)[None, :]
     o_bh = o_b[:, None].to(tl.int64) * H + o_h[None, :]
-    o_bk = o_b[:, None].to(tl.int64) * H + o_k[None, :]
     o_bg = o_b[:, None].to(tl.int64) * 4 * H + o_h[None, :]
     o_bw = o_b[:, None].to(tl.int64) * WS * H + o_h[None, :]
     HH = tl.cast(H, tl.int64) * H  # H == 1 arrives as a constexpr on GPU
 
     b_h = tl.load(p_h0 + o_bh, mask=m_bh, other=0.0).to(tl.float32)  # [BB, BH] own slice
     b_c = tl.load(p_c0 + o_bh, mask=m_bh, other=0.0).to(tl.float32)
-    b_hk = tl.load(p_h0 + o_bk, mask=m_bk, other=0.0).to(tl.float32)  # [BB, BK] recurrent operand
     if not STREAM_W:
+        b_hk = _load_op(p_h0, o_b, o_k, H, H, m_b).to(tl.float32)  # [BB, BK] recurrent operand
         b_wi = _load_w(p_w, o_k, o_h, H, True)  # [BK, BH] W_i^T
         b_wf = _load_w(p_w + HH, o_k, o_h, H, True)
         b_wg = _load_w(p_w + 2 * HH, o_k, o_h, H, True)
@@ -90,20 +90,26 @@ def lstm_fwd_kernel(
 
     for s in range(T):
         t = T - 1 - s if REVERSE else s
-        if STREAM_W:
-            b_wi = _load_w(p_w, o_k, o_h, H, True)
-            b_wf = _load_w(p_w + HH, o_k, o_h, H, True)
-            b_wg = _load_w(p_w + 2 * HH, o_k, o_h, H, True)
-            b_wo = _load_w(p_w + 3 * HH, o_k, o_h, H, True)
         p_gt = p_gx + t.to(tl.int64) * B * 4 * H + o_bg
         b_ai = tl.load(p_gt, mask=m_bh, other=0.0).to(tl.float32)
         b_af = tl.load(p_gt + H, mask=m_bh, other=0.0).to(tl.float32)
         b_ag = tl.load(p_gt + 2 * H, mask=m_bh, other=0.0).to(tl.float32)
         b_ao = tl.load(p_gt + 3 * H, mask=m_bh, other=0.0).to(tl.float32)
-        b_ai += _dot(b_hk, b_wi, PRECISION)
-        b_af += _dot(b_hk, b_wf, PRECISION)
-        b_ag += _dot(b_hk, b_wg, PRECISION)
-        b_ao += _dot(b_hk, b_wo, PRECISION)
+        if STREAM_W:
+            # h_{t-1} was written by the previous step (h_0: by the launcher); W_hh comes from L2 chunk by chunk
+            p_prev = p_scr + ((s + 1) % 2) * B * H
+            for k0 in range(0, BK, BKC):
+                o_kc = k0 + tl.arange(0, BKC)
+                b_hc = _load_op(p_prev, o_b, o_kc, H, H, m_b)  # [BB, BKC]
+                b_ai += _dot(b_hc, _load_w(p_w, o_kc, o_h, H, True), PRECISION)
+                b_af += _dot(b_hc, _load_w(p_w + HH, o_kc, o_h, H, True), PRECISION)
+                b_ag += _dot(b_hc, _load_w(p_w + 2 * HH, o_kc, o_h, H, True), PRECISION)
+                b_ao += _dot(b_hc, _load_w(p_w + 3 * HH, o_kc, o_h, H, True), PRECISION)
+        else:
+            b_ai += _dot(b_hk, b_wi, PRECISION)
+            b_af += _dot(b_hk, b_wf, PRECISION)
+            b_ag += _dot(b_hk, b_wg, PRECISION)
+            b_ao += _dot(b_hk, b_wo, PRECISION)
         if HAS_BIAS:
             b_ai += b_bi
             b_af += b_bf
@@ -139,7 +145,8 @@ def lstm_fwd_kernel(
                 _grid_barrier(p_bar + i_b, (s + 1) * NSPLIT)
             else:
                 tl.debug_barrier()
-            b_hk = tl.load(p_s + o_bk, mask=m_bk, other=0.0, cache_modifier=".cg")
+            if not STREAM_W:
+                b_hk = _load_op(p_s, o_b, o_k, H, H, m_b)
         else:
             b_hk = b_h
     tl.store(p_hT + o_bh, b_h.to(p_hT.dtype.element_ty), mask=m_bh)
@@ -165,6 +172,7 @@ def lstm_bwd_kernel(
     BB: tl.constexpr,
     BH: tl.constexpr,
     BK: tl.constexpr,
+    BKC: tl.constexpr,
     NSPLIT: tl.constexpr,
     STREAM_W: tl.constexpr,
     SCRATCH: tl.constexpr,
@@ -178,10 +186,8 @@ def lstm_bwd_kernel(
     o_k = tl.arange(0, BK)
     m_b = o_b < B
     m_bh = m_b[:, None] & (o_h < H)[None, :]
-    m_bk = m_b[:, None] & (o_k < H)[None, :]
     o_bh = o_b[:, None].to(tl.int64) * H + o_h[None, :]
     o_bg = o_b[:, None].to(tl.int64) * 4 * H + o_h[None, :]
-    o_bgk = o_b[:, None].to(tl.int64) * 4 * H + o_k[None, :]
     o_bw = o_b[:, None].to(tl.int64) * WS * H + o_h[None, :]
     HH = tl.cast(H, tl.int64) * H  # H == 1 arrives as a constexpr on GPU
 
@@ -235,21 +241,39 @@ def lstm_bwd_kernel(
                 _grid_barrier(p_bar + i_b, (s + 1) * NSPLIT)
             else:
                 tl.debug_barrier()
-            b_ki = tl.load(p_s + o_bgk, mask=m_bk, other=0.0, cache_modifier=".cg")
-            b_kf = tl.load(p_s + H + o_bgk, mask=m_bk, other=0.0, cache_modifier=".cg")
-            b_kg = tl.load(p_s + 2 * H + o_bgk, mask=m_bk, other=0.0, cache_modifier=".cg")
-            b_ko = tl.load(p_s + 3 * H + o_bgk, mask=m_bk, other=0.0, cache_modifier=".cg")
+            if STREAM_W:
+                b_dhp = tl.zeros([BB, BH], dtype=tl.float32)
+                for k0 in range(0, BK, BKC):
+                    o_kc = k0 + tl.arange(0, BKC)
+                    b_dhp += _dot(
+                        _load_op(p_s, o_b, o_kc, 4 * H, H, m_b), _load_w(p_w, o_kc, o_h, H, False), PRECISION
+                    )
+                    b_dhp += _dot(
+                        _load_op(p_s + H, o_b, o_kc, 4 * H, H, m_b),
+                        _load_w(p_w + HH, o_kc, o_h, H, False),
+                        PRECISION,
+                    )
+                    b_dhp += _dot(
+                        _load_op(p_s + 2 * H, o_b, o_kc, 4 * H, H, m_b),
+                        _load_w(p_w + 2 * HH, o_kc, o_h, H, False),
+                        PRECISION,
+                    )
+                    b_dhp += _dot(
+                        _load_op(p_s + 3 * H, o_b, o_kc, 4 * H, H, m_b),
+                        _load_w(p_w + 3 * HH, o_kc, o_h, H, False),
+                        PRECISION,
+                    )
+            else:
+                # one gate's operand live at a time keeps the register file for the resident W_hh slice
+                b_dhp = _dot(_load_op(p_s, o_b, o_k, 4 * H, H, m_b), b_wi, PRECISION)
+                b_dhp += _dot(_load_op(p_s + H, o_b, o_k, 4 * H, H, m_b), b_wf, PRECISION)
+                b_dhp += _dot(_load_op(p_s + 2 * H, o_b, o_k, 4 * H, H, m_b), b_wg, PRECISION)
+                b_dhp += _dot(_load_op(p_s + 3 * H, o_b, o_k, 4 * H, H, m_b), b_wo, PRECISION)
         else:
-            b_ki, b_kf, b_kg, b_ko = b_di, b_df, b_dg, b_do
-        if STREAM_W:
-            b_wi = _load_w(p_w, o_k, o_h, H, False)
-            b_wf = _load_w(p_w + HH, o_k, o_h, H, False)
-            b_wg = _load_w(p_w + 2 * HH, o_k, o_h, H, False)
-            b_wo = _load_w(p_w + 3 * HH, o_k, o_h, H, False)
-        b_dhp = _dot(b_ki, b_wi, PRECISION)
-        b_dhp += _dot(b_kf, b_wf, PRECISION)
-        b_dhp += _dot(b_kg, b_wg, PRECISION)
-        b_dhp += _dot(b_ko, b_wo, PRECISION)
+            b_dhp = _dot(b_di, b_wi, PRECISION)
+            b_dhp += _dot(b_df, b_wf, PRECISION)
+            b_dhp += _dot(b_dg, b_wg, PRECISION)
+            b_dhp += _dot(b_do, b_wo, PRECISION)
         if HAS_LENGTHS:
             b_dh = tl.where(m_t, b_dhp, b_dh)
         else:
@@ -272,10 +296,12 @@ def lstm_fwd(
     """Runs the recurrence over ``gx [T, B, 4H]``. Returns ``y [T, B, H]``, ``h_T``, ``c_T``, workspace."""
     T, B, H = gx.shape[0], gx.shape[1], w_hh.shape[1]
     y, ws, scr, bar, grid, precision = launch_buffers(gx, H, 1, WS.value if store_ws else 0, 1, config)
+    if config.STREAM_W:
+        scr[1].copy_(h0)  # the operand of step 0
     hT, cT = torch.empty_like(h0), torch.empty_like(c0)
     lstm_fwd_kernel[grid](
         gx, w_hh, b_hh, h0, c0, lengths, y, hT, cT, ws, scr, bar, T, B, H,
-        BB=config.BB, BH=config.BH, BK=config.BK, NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W,
+        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W,
         SCRATCH=config.SCRATCH, REVERSE=reverse, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None,
         STORE_WS=store_ws, PRECISION=precision, num_warps=config.num_warps,
     )  # fmt: skip
@@ -298,7 +324,7 @@ def lstm_bwd(
     dh0, dc0 = torch.empty_like(dhT), torch.empty_like(dcT)
     lstm_bwd_kernel[grid](
         dy, dhT, dcT, ws, w_hh, lengths, dg, dh0, dc0, scr, bar, T, B, H,
-        BB=config.BB, BH=config.BH, BK=config.BK, NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W,
+        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W,
         SCRATCH=config.SCRATCH, REVERSE=reverse, HAS_LENGTHS=lengths is not None, PRECISION=precision,
         num_warps=config.num_warps,
     )  # fmt: skip

@@ -15,6 +15,7 @@ from .common import (
     KernelConfig,
     _dot,
     _grid_barrier,
+    _load_op,
     _load_w,
     _tanh,
     launch_buffers,
@@ -40,6 +41,7 @@ def rnn_fwd_kernel(
     BB: tl.constexpr,
     BH: tl.constexpr,
     BK: tl.constexpr,
+    BKC: tl.constexpr,
     NSPLIT: tl.constexpr,
     STREAM_W: tl.constexpr,
     SCRATCH: tl.constexpr,
@@ -55,13 +57,11 @@ def rnn_fwd_kernel(
     o_k = tl.arange(0, BK)
     m_b = o_b < B
     m_bh = m_b[:, None] & (o_h < H)[None, :]
-    m_bk = m_b[:, None] & (o_k < H)[None, :]
     o_bh = o_b[:, None].to(tl.int64) * H + o_h[None, :]
-    o_bk = o_b[:, None].to(tl.int64) * H + o_k[None, :]
 
     b_h = tl.load(p_h0 + o_bh, mask=m_bh, other=0.0).to(tl.float32)  # [BB, BH] own slice
-    b_hk = tl.load(p_h0 + o_bk, mask=m_bk, other=0.0).to(tl.float32)  # [BB, BK] recurrent operand
     if not STREAM_W:
+        b_hk = _load_op(p_h0, o_b, o_k, H, H, m_b).to(tl.float32)  # [BB, BK] recurrent operand
         b_w = _load_w(p_w, o_k, o_h, H, True)  # [BK, BH] W^T
     if HAS_BIAS:
         b_b = tl.load(p_b + o_h, mask=o_h < H, other=0.0).to(tl.float32)[None, :]
@@ -70,10 +70,17 @@ def rnn_fwd_kernel(
 
     for s in range(T):
         t = T - 1 - s if REVERSE else s
-        if STREAM_W:
-            b_w = _load_w(p_w, o_k, o_h, H, True)
         b_a = tl.load(p_gx + t.to(tl.int64) * B * H + o_bh, mask=m_bh, other=0.0).to(tl.float32)
-        b_a += _dot(b_hk, b_w, PRECISION)
+        if STREAM_W:
+            # h_{t-1} was written by the previous step (h_0: by the launcher); W_hh comes from L2 chunk by chunk
+            p_prev = p_scr + ((s + 1) % 2) * B * H
+            for k0 in range(0, BK, BKC):
+                o_kc = k0 + tl.arange(0, BKC)
+                b_a += _dot(
+                    _load_op(p_prev, o_b, o_kc, H, H, m_b), _load_w(p_w, o_kc, o_h, H, True), PRECISION
+                )
+        else:
+            b_a += _dot(b_hk, b_w, PRECISION)
         if HAS_BIAS:
             b_a += b_b
         if RELU:
@@ -95,7 +102,8 @@ def rnn_fwd_kernel(
                 _grid_barrier(p_bar + i_b, (s + 1) * NSPLIT)
             else:
                 tl.debug_barrier()
-            b_hk = tl.load(p_s + o_bk, mask=m_bk, other=0.0, cache_modifier=".cg")
+            if not STREAM_W:
+                b_hk = _load_op(p_s, o_b, o_k, H, H, m_b)
         else:
             b_hk = b_h
     tl.store(p_hT + o_bh, b_h.to(p_hT.dtype.element_ty), mask=m_bh)
@@ -118,6 +126,7 @@ def rnn_bwd_kernel(
     BB: tl.constexpr,
     BH: tl.constexpr,
     BK: tl.constexpr,
+    BKC: tl.constexpr,
     NSPLIT: tl.constexpr,
     STREAM_W: tl.constexpr,
     SCRATCH: tl.constexpr,
@@ -132,9 +141,7 @@ def rnn_bwd_kernel(
     o_k = tl.arange(0, BK)
     m_b = o_b < B
     m_bh = m_b[:, None] & (o_h < H)[None, :]
-    m_bk = m_b[:, None] & (o_k < H)[None, :]
     o_bh = o_b[:, None].to(tl.int64) * H + o_h[None, :]
-    o_bk = o_b[:, None].to(tl.int64) * H + o_k[None, :]
 
     b_dh = tl.load(p_dhT + o_bh, mask=m_bh, other=0.0).to(tl.float32)  # [BB, BH]
     if not STREAM_W:
@@ -162,12 +169,17 @@ def rnn_bwd_kernel(
                 _grid_barrier(p_bar + i_b, (s + 1) * NSPLIT)
             else:
                 tl.debug_barrier()
-            b_k = tl.load(p_s + o_bk, mask=m_bk, other=0.0, cache_modifier=".cg")
+            if STREAM_W:
+                b_dhp = tl.zeros([BB, BH], dtype=tl.float32)
+                for k0 in range(0, BK, BKC):
+                    o_kc = k0 + tl.arange(0, BKC)
+                    b_dhp += _dot(
+                        _load_op(p_s, o_b, o_kc, H, H, m_b), _load_w(p_w, o_kc, o_h, H, False), PRECISION
+                    )
+            else:
+                b_dhp = _dot(_load_op(p_s, o_b, o_k, H, H, m_b), b_w, PRECISION)
         else:
-            b_k = b_da
-        if STREAM_W:
-            b_w = _load_w(p_w, o_k, o_h, H, False)
-        b_dhp = _dot(b_k, b_w, PRECISION)
+            b_dhp = _dot(b_da, b_w, PRECISION)
         if HAS_LENGTHS:
             b_dh = tl.where(m_t, b_dhp, b_dh)
         else:
@@ -191,10 +203,12 @@ def rnn_fwd(
     """
     T, B, H = gx.shape[0], gx.shape[1], w_hh.shape[1]
     y, _, scr, bar, grid, precision = launch_buffers(gx, H, 1, 0, 1, config)
+    if config.STREAM_W:
+        scr[1].copy_(h0)  # the operand of step 0
     hT = torch.empty_like(h0)
     rnn_fwd_kernel[grid](
         gx, w_hh, b_hh, h0, lengths, y, hT, scr, bar, T, B, H,
-        BB=config.BB, BH=config.BH, BK=config.BK, NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W,
+        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W,
         SCRATCH=config.SCRATCH, REVERSE=reverse, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None,
         RELU=relu, PRECISION=precision, num_warps=config.num_warps,
     )  # fmt: skip
@@ -217,7 +231,7 @@ def rnn_bwd(
     dh0 = torch.empty_like(dhT)
     rnn_bwd_kernel[grid](
         dy, dhT, y, w_hh, lengths, dg, dh0, scr, bar, T, B, H,
-        BB=config.BB, BH=config.BH, BK=config.BK, NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W,
+        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W,
         SCRATCH=config.SCRATCH, REVERSE=reverse, HAS_LENGTHS=lengths is not None, RELU=relu,
         PRECISION=precision, num_warps=config.num_warps,
     )  # fmt: skip
