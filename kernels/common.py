@@ -59,7 +59,7 @@ def _dot(a, w, PRECISION: tl.constexpr):
 
 @triton.jit
 def _load_op(p, o_b, o_k, stride, H, m_b):
-    """``[BB, len(o_k)]`` chunk of a ``[B, stride]`` buffer, read through L2 (other programs may have written it)."""
+    """``[BB, len(o_k)]`` chunk of a ``[B, stride]`` buffer, read through L2 (other programs wrote it)."""
     m = m_b[:, None] & (o_k < H)[None, :]
     return tl.load(
         p + o_b[:, None].to(tl.int64) * stride + o_k[None, :], mask=m, other=0.0, cache_modifier=".cg"

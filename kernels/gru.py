@@ -90,7 +90,7 @@ def gru_fwd_kernel(
         b_az = tl.load(p_gt + H, mask=m_bh, other=0.0).to(tl.float32)
         b_an = tl.load(p_gt + 2 * H, mask=m_bh, other=0.0).to(tl.float32)
         if STREAM_W:
-            # h_{t-1} was written by the previous step (h_0: by the launcher); W_hh comes from L2 chunk by chunk
+            # h_{t-1} was written by the previous step (h_0: by the launcher); W_hh streams from L2
             p_prev = p_scr + ((s + 1) % 2) * B * H
             b_hn = tl.zeros([BB, BH], dtype=tl.float32)
             for k0 in range(0, BK, BKC):
@@ -269,7 +269,8 @@ def gru_fwd(
     hT = torch.empty_like(h0)
     gru_fwd_kernel[grid](
         gx, w_hh, b_hh, h0, lengths, y, hT, ws, scr, bar, T, B, H,
-        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W,
+        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT,
+        STREAM_W=config.STREAM_W,
         SCRATCH=config.SCRATCH, REVERSE=reverse, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None,
         STORE_WS=store_ws, PRECISION=precision, num_warps=config.num_warps,
     )  # fmt: skip
@@ -292,7 +293,8 @@ def gru_bwd(
     dh0 = torch.empty_like(dhT)
     gru_bwd_kernel[grid](
         dy, dhT, ws, hp, w_hh, lengths, dg, dh0, scr, bar, T, B, H,
-        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W,
+        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT,
+        STREAM_W=config.STREAM_W,
         SCRATCH=config.SCRATCH, REVERSE=reverse, HAS_LENGTHS=lengths is not None, PRECISION=precision,
         num_warps=config.num_warps,
     )  # fmt: skip

@@ -96,7 +96,7 @@ def lstm_fwd_kernel(
         b_ag = tl.load(p_gt + 2 * H, mask=m_bh, other=0.0).to(tl.float32)
         b_ao = tl.load(p_gt + 3 * H, mask=m_bh, other=0.0).to(tl.float32)
         if STREAM_W:
-            # h_{t-1} was written by the previous step (h_0: by the launcher); W_hh comes from L2 chunk by chunk
+            # h_{t-1} was written by the previous step (h_0: by the launcher); W_hh streams from L2
             p_prev = p_scr + ((s + 1) % 2) * B * H
             for k0 in range(0, BK, BKC):
                 o_kc = k0 + tl.arange(0, BKC)
@@ -301,7 +301,8 @@ def lstm_fwd(
     hT, cT = torch.empty_like(h0), torch.empty_like(c0)
     lstm_fwd_kernel[grid](
         gx, w_hh, b_hh, h0, c0, lengths, y, hT, cT, ws, scr, bar, T, B, H,
-        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W,
+        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT,
+        STREAM_W=config.STREAM_W,
         SCRATCH=config.SCRATCH, REVERSE=reverse, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None,
         STORE_WS=store_ws, PRECISION=precision, num_warps=config.num_warps,
     )  # fmt: skip
@@ -324,7 +325,8 @@ def lstm_bwd(
     dh0, dc0 = torch.empty_like(dhT), torch.empty_like(dcT)
     lstm_bwd_kernel[grid](
         dy, dhT, dcT, ws, w_hh, lengths, dg, dh0, dc0, scr, bar, T, B, H,
-        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W,
+        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT,
+        STREAM_W=config.STREAM_W,
         SCRATCH=config.SCRATCH, REVERSE=reverse, HAS_LENGTHS=lengths is not None, PRECISION=precision,
         num_warps=config.num_warps,
     )  # fmt: skip

@@ -72,7 +72,7 @@ def rnn_fwd_kernel(
         t = T - 1 - s if REVERSE else s
         b_a = tl.load(p_gx + t.to(tl.int64) * B * H + o_bh, mask=m_bh, other=0.0).to(tl.float32)
         if STREAM_W:
-            # h_{t-1} was written by the previous step (h_0: by the launcher); W_hh comes from L2 chunk by chunk
+            # h_{t-1} was written by the previous step (h_0: by the launcher); W_hh streams from L2
             p_prev = p_scr + ((s + 1) % 2) * B * H
             for k0 in range(0, BK, BKC):
                 o_kc = k0 + tl.arange(0, BKC)
@@ -208,7 +208,8 @@ def rnn_fwd(
     hT = torch.empty_like(h0)
     rnn_fwd_kernel[grid](
         gx, w_hh, b_hh, h0, lengths, y, hT, scr, bar, T, B, H,
-        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W,
+        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT,
+        STREAM_W=config.STREAM_W,
         SCRATCH=config.SCRATCH, REVERSE=reverse, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None,
         RELU=relu, PRECISION=precision, num_warps=config.num_warps,
     )  # fmt: skip
@@ -231,7 +232,8 @@ def rnn_bwd(
     dh0 = torch.empty_like(dhT)
     rnn_bwd_kernel[grid](
         dy, dhT, y, w_hh, lengths, dg, dh0, scr, bar, T, B, H,
-        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W,
+        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT,
+        STREAM_W=config.STREAM_W,
         SCRATCH=config.SCRATCH, REVERSE=reverse, HAS_LENGTHS=lengths is not None, RELU=relu,
         PRECISION=precision, num_warps=config.num_warps,
     )  # fmt: skip
