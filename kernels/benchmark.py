@@ -6,6 +6,7 @@ Measurement only (torch and triton); ``rnndeploy bench kernels`` prints the tabl
 from __future__ import annotations
 
 import itertools
+import os
 import platform
 import subprocess
 import time
@@ -50,12 +51,14 @@ def environment() -> dict[str, str]:
         ).stdout.strip().splitlines()[0]  # fmt: skip
     except (OSError, subprocess.SubprocessError, IndexError):
         driver = "unknown"
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+    commit = os.environ.get("RNNDEPLOY_COMMIT", "")  # set by benchmarks/gpu_session.sh where .git is absent
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = "unknown"
     return {
         "device": props.name,
         "sm_count": str(props.multi_processor_count),
