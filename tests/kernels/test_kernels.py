@@ -283,6 +283,10 @@ def test_gpu_path_compiles_for_h100(tmp_path):
     the resource use tells whether a program fits on one SM (the grid barrier needs the whole grid resident).
     """
     pytest.importorskip("triton.backends.nvidia")
+    import triton
+
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 8):
+        pytest.skip(f"the ahead-of-time compile API is checked on triton 3.8, found {triton.__version__}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     script = Path(__file__).with_name("compile_sm90.py")
