@@ -4,12 +4,14 @@ Every kernel in this package runs on a grid ``(cdiv(B, BB), NSPLIT)``: program `
 rows ``[i_b*BB, i_b*BB + BB)`` and hidden units ``[i_h*BH, i_h*BH + BH)`` of every gate, and runs the whole
 time loop.
 
-- ``NSPLIT == 1`` and ``BH >= H``: one program holds the full state; the recurrent operand stays in registers.
+- ``NSPLIT == 1`` and ``BH >= H``: one program holds the full state; without ``SCRATCH`` the recurrent
+  operand stays in registers.
 - ``NSPLIT > 1`` (GPU only): the hidden dimension is split over co-resident programs; after each step a
   program writes its slice of the recurrent operand (``h`` forward, gate gradients backward) to a
   double-buffered fp32 scratch and waits at a grid barrier; the next step reads the full operand back from L2.
-- ``STREAM_W``: the program's ``W_hh`` slice is re-read from L2 every step instead of being held in registers
-  (for slices too large for the register file).
+- ``STREAM_W``: the program's ``W_hh`` slice is re-read from L2 every step, ``BKC`` rows at a time together
+  with the matching chunk of the operand from the scratch (needs ``SCRATCH``), instead of being held on chip
+  (for slices too large for one SM).
 - ``SCRATCH``: exchange the recurrent operand through the scratch buffer. Always on when ``NSPLIT > 1``; the
   tests switch it on for ``NSPLIT == 1`` so the interpreter runs the exchange code of the split path (all but
   the barrier itself, which would deadlock there: the interpreter runs programs one after another).
@@ -69,7 +71,8 @@ def _load_op(p, o_b, o_k, stride, H, m_b):
 @triton.jit
 def _grid_barrier(p_bar, target):
     """Waits until ``target`` arrivals have been counted at ``p_bar`` (GPU only: spin-waits)."""
-    # all warps of this program have written their slice before one thread publishes the arrival
+    # all warps of this program have written their slice before one thread publishes the arrival (scalar
+    # atomics compile to thread 0 only, the result broadcast through shared memory: checked in sm_90 PTX)
     tl.debug_barrier()
     tl.atomic_add(p_bar, 1, sem="release", scope="gpu")
     while tl.atomic_add(p_bar, 0, sem="acquire", scope="gpu") < target:
