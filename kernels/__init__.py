@@ -22,6 +22,7 @@ __all__ = [
 ]
 
 CELLS = ("rnn", "lstm", "gru")
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 
 
 def reference_layer(
@@ -103,6 +104,13 @@ def _check_inputs(cell: str, x: Tensor, state: tuple[Tensor, ...], weights: tupl
     for name, t in zip(names, (*state, *weights), strict=True):
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"{name} is {t.dtype} but x is {x.dtype}: use one dtype for all, or autocast")
+    G = GATES[cell]
+    H = state[0].shape[-1]
+    B, n_in = x.shape[1], x.shape[2]
+    expected = (*[(B, H)] * n_state, (G * H, n_in), (G * H, H), (G * H,), (G * H,))
+    for name, t, shape in zip(names, (*state, *weights), expected, strict=True):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for x {tuple(x.shape)}, got {tuple(t.shape)}")
 
 
 def triton_layer(

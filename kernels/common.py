@@ -27,9 +27,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from . import GATES
 
-GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # NOTE: triton 3.8's interpreter computes bf16 x bf16 tl.dot wrongly (garbage of order 1e10); there the
 # operands are rounded to the weight dtype as on GPU, then multiplied in fp32.

@@ -258,6 +258,14 @@ def test_mismatched_dtypes_are_refused_by_name():
         kernels.triton_layer("rnn", x, state, weights)
 
 
+def test_mismatched_shapes_are_refused_by_name():
+    x, state, weights, _ = make_layer("gru", 3, 2, 5)
+    with pytest.raises(ValueError, match=r"w_hh must have shape \(15, 5\)"):
+        kernels.triton_layer("gru", x, state, (weights[0], weights[1][:, :4].contiguous(), *weights[2:]))
+    with pytest.raises(ValueError, match=r"h0 must have shape \(3, 5\)"):
+        kernels.triton_layer("gru", x, (state[0][:2],), weights)
+
+
 def test_barrier_strategies_are_refused_off_gpu():
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         make_config("lstm", 3, 33, torch.float32, torch.device("cpu"), "split")
