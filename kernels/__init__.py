@@ -11,9 +11,18 @@ from torch import Tensor
 
 from .reference import gru_ref, lstm_ref, rnn_ref
 
-__all__ = ["gru_ref", "lstm_ref", "rnn_ref", "reference_layer", "triton_unavailable_reason", "triton_layer"]
+__all__ = [
+    "gru_ref",
+    "lstm_ref",
+    "rnn_ref",
+    "reference_layer",
+    "triton_unavailable_reason",
+    "triton_layer",
+    "prefer_triton",
+]
 
 CELLS = ("rnn", "lstm", "gru")
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 
 
 def reference_layer(
@@ -52,11 +61,56 @@ def reference_layer(
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
-    """Why the Triton kernels cannot run on ``device`` here, or ``None`` when they can."""
-    return (
-        "the persistent Triton kernels are not part of this build yet; "
-        "use backend='torch' (cuDNN on GPU) or backend='auto'"
-    )
+    """Why the Triton kernels cannot run on ``device`` here, or ``None`` when they can.
+
+    CUDA tensors need triton and a visible GPU; CPU tensors need the interpreter (``TRITON_INTERPRET=1`` set
+    before rnndeploy is imported, triton >= 3.8).
+    """
+    device = torch.device(device)
+    try:
+        import triton
+    except ImportError:
+        return "triton is not installed (pip install 'triton>=3.6'; Linux only)"
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "CUDA is not available to torch"
+    if device.type != "cpu":
+        return f"device type {device.type!r} is not supported; use a CUDA GPU"
+    from .common import INTERPRET
+
+    if not INTERPRET:
+        return (
+            "CPU tensors run the kernels only in Triton's interpreter: "
+            "set TRITON_INTERPRET=1 before importing rnndeploy"
+        )
+    version = tuple(int(v) for v in triton.__version__.split(".")[:2])
+    if version < (3, 8):
+        return f"the Triton interpreter needs triton>=3.8 (runtime loop bounds), found {triton.__version__}"
+    return None
+
+
+def _check_inputs(cell: str, x: Tensor, state: tuple[Tensor, ...], weights: tuple, nonlinearity: str) -> None:
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be [T, B, I], got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    n_state = 2 if cell == "lstm" else 1
+    if len(state) != n_state:
+        raise ValueError(f"state must hold {n_state} tensor(s) for {cell}, got {len(state)}")
+    names = ("h0", "c0")[:n_state] + ("w_ih", "w_hh", "b_ih", "b_hh")
+    for name, t in zip(names, (*state, *weights), strict=True):
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"{name} is {t.dtype} but x is {x.dtype}: use one dtype for all, or autocast")
+    G = GATES[cell]
+    H = state[0].shape[-1]
+    B, n_in = x.shape[1], x.shape[2]
+    expected = (*[(B, H)] * n_state, (G * H, n_in), (G * H, H), (G * H,), (G * H,))
+    for name, t, shape in zip(names, (*state, *weights), expected, strict=True):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for x {tuple(x.shape)}, got {tuple(t.shape)}")
 
 
 def triton_layer(
@@ -67,11 +121,65 @@ def triton_layer(
     lengths: Tensor | None = None,
     reverse: bool = False,
     nonlinearity: str = "tanh",
+    strategy: str | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """Same contract as :func:`reference_layer`, on the persistent Triton kernels."""
-    raise RuntimeError(f"backend='triton' is unavailable: {triton_unavailable_reason(x.device)}")
+    """Same contract as :func:`reference_layer`, on the persistent Triton kernels (differentiable).
+
+    One forward launch per call (plus the input projection, one matmul over all steps); the backward is one
+    reverse-time launch plus matmuls. Inputs may be float32, bfloat16 or float16 (all one dtype); state and
+    accumulation are float32, outputs come in the input dtype. Under ``torch.autocast`` everything is cast to
+    the autocast dtype first, as torch does for its own recurrent layers.
+
+    Args:
+        strategy: force a launch strategy (``rnndeploy.kernels.common.STRATEGIES``); ``None`` picks one.
+    """
+    reason = triton_unavailable_reason(x.device)
+    if reason is not None:
+        raise RuntimeError(f"backend='triton' cannot run on {x.device}: {reason}")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x = x.to(dtype)
+        state = tuple(s.to(dtype) for s in state)
+        weights = tuple(None if w is None else w.to(dtype) for w in weights)
+        with torch.autocast(device_type, enabled=False):
+            return triton_layer(cell, x, state, weights, lengths, reverse, nonlinearity, strategy)
+    _check_inputs(cell, x, state, weights, nonlinearity)
+
+    from .common import make_config
+    from .gru import GRUFunction
+    from .lstm import LSTMFunction
+    from .rnn import RNNFunction
+
+    w_ih, w_hh, b_ih, b_hh = (None if w is None else w.contiguous() for w in weights)
+    state = tuple(s.contiguous() for s in state)
+    B, H = x.shape[1], w_hh.shape[1]
+    if lengths is not None:
+        if tuple(lengths.shape) != (B,):
+            raise ValueError(f"lengths must be [B]=[{B}], got shape {tuple(lengths.shape)}")
+        lengths = lengths.to(device=x.device, dtype=torch.int64).contiguous()
+    needs_grad = any(t is not None and t.requires_grad for t in (x, *state, *weights))
+    store_ws = torch.is_grad_enabled() and needs_grad
+    config = make_config(cell, B, H, x.dtype, x.device, strategy)
+    if cell == "lstm":
+        y, h, c = LSTMFunction.apply(x, *state, w_ih, w_hh, b_ih, b_hh, lengths, reverse, config, store_ws)
+        return y, (h, c)
+    if cell == "gru":
+        y, h = GRUFunction.apply(x, *state, w_ih, w_hh, b_ih, b_hh, lengths, reverse, config, store_ws)
+        return y, (h,)
+    relu = nonlinearity == "relu"
+    y, h = RNNFunction.apply(x, *state, w_ih, w_hh, b_ih, b_hh, lengths, reverse, config, relu)
+    return y, (h,)
+
+
+# The measured dispatch table for backend="auto": (cell, dtype) -> {(batch, hidden)} where the Triton kernels
+# beat cuDNN on forward+backward in benchmarks/results/kernels.json. EMPTY: no GPU measurement exists yet
+# (benchmarks/gpu_session.sh produces one), so "auto" picks cuDNN everywhere until numbers say otherwise.
+MEASURED_FASTER: dict[tuple[str, torch.dtype], frozenset[tuple[int, int]]] = {}
 
 
 def prefer_triton(cell: str, batch: int, hidden: int, dtype: torch.dtype, device: torch.device) -> bool:
     """The measured dispatch table for ``backend='auto'``: True where the Triton kernels beat cuDNN."""
-    return False
+    if torch.device(device).type != "cuda":
+        return False
+    return (batch, hidden) in MEASURED_FASTER.get((cell, dtype), frozenset())

@@ -1,0 +1,176 @@
+"""Timing the persistent kernels against torch.nn (cuDNN) and the plain reference (GPU only).
+
+Measurement only (torch and triton); ``rnndeploy bench kernels`` prints the table and writes the files.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from . import reference_layer, triton_layer
+
+PROVIDERS = ("triton", "cudnn", "reference")
+MODES = ("forward", "full")  # full = forward + backward
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTILES = [0.5, 0.2, 0.8]
+
+
+@dataclass
+class Row:
+    cell: str
+    mode: str
+    provider: str
+    dtype: str
+    batch: int
+    hidden: int
+    seq_len: int
+    ms: float
+    ms_p20: float
+    ms_p80: float
+    peak_mib: float
+    strategy: str
+
+
+def environment() -> dict[str, str]:
+    """Device, driver, library versions and the git commit the numbers belong to."""
+    props = torch.cuda.get_device_properties(0)
+    try:
+        driver = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip().splitlines()[0]  # fmt: skip
+    except (OSError, subprocess.SubprocessError, IndexError):
+        driver = "unknown"
+    commit = os.environ.get("RNNDEPLOY_COMMIT", "")  # set by benchmarks/gpu_session.sh where .git is absent
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = "unknown"
+    return {
+        "device": props.name,
+        "sm_count": str(props.multi_processor_count),
+        "driver": driver,
+        "cuda": str(torch.version.cuda),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "commit": commit,
+    }
+
+
+def _cudnn_layer(cell: str, module: torch.nn.Module):
+    def run(x, state):
+        hx = tuple(s[None] for s in state)
+        y, final = module(x, hx if cell == "lstm" else hx[0])
+        return y, final if isinstance(final, tuple) else (final,)
+
+    return run
+
+
+def _case(cell: str, provider: str, B: int, H: int, T: int, dtype: torch.dtype, training: bool):
+    """Builds inputs and a closure running one forward (and backward when ``training``)."""
+    module = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](H, H)
+    module = module.to(device="cuda", dtype=dtype)
+    x = torch.randn(T, B, H, device="cuda", dtype=dtype, requires_grad=training)
+    state = tuple(
+        torch.zeros(B, H, device="cuda", dtype=dtype, requires_grad=training)
+        for _ in range(2 if cell == "lstm" else 1)
+    )
+    weights = tuple(module.parameters())
+    if provider == "cudnn":
+        layer = _cudnn_layer(cell, module)
+    elif provider == "triton":
+
+        def layer(x, state):
+            return triton_layer(cell, x, state, weights)
+    else:
+
+        def layer(x, state):
+            return reference_layer(cell, x, state, weights)
+
+    def step():
+        with torch.set_grad_enabled(training):
+            y, _ = layer(x, state)
+            if training:
+                y.backward(torch.ones_like(y))
+
+    return step
+
+
+def _peak_mib(fn: Callable[[], None]) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_benchmark(
+    cells: Iterable[str],
+    modes: Iterable[str],
+    providers: Iterable[str],
+    dtypes: Iterable[str],
+    batches: Iterable[int],
+    hiddens: Iterable[int],
+    seq_lens: Iterable[int],
+    reference_max_t: int = 256,
+    rep_ms: int = 100,
+    time_budget_s: float | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[Row]:
+    """Times every combination with ``triton.testing.do_bench`` (median and 0.2/0.8 quantiles, ms).
+
+    The reference runs only where ``seq_len <= reference_max_t`` (its Python time loop is slow). Once
+    ``time_budget_s`` has passed, the remaining cases are skipped (reported through ``progress``).
+    """
+    from .common import make_config
+
+    rows = []
+    start = time.monotonic()
+    grid = list(itertools.product(cells, modes, dtypes, seq_lens, hiddens, batches, providers))
+    for n, (cell, mode, dtype_name, T, H, B, provider) in enumerate(grid):
+        if provider == "reference" and T > reference_max_t:
+            continue
+        if time_budget_s is not None and time.monotonic() - start > time_budget_s:
+            if progress is not None:
+                progress(
+                    f"time budget of {time_budget_s:.0f} s spent: skipped the last {len(grid) - n} cases"
+                )
+            break
+        dtype = DTYPES[dtype_name]
+        if progress is not None:
+            progress(f"{cell} {mode} {provider} {dtype_name} B={B} H={H} T={T}")
+        step = _case(cell, provider, B, H, T, dtype, mode == "full")
+        step()  # compile outside the timed region
+        ms, p20, p80 = do_bench(step, quantiles=QUANTILES, rep=rep_ms)
+        strategy = ""
+        if provider == "triton":
+            strategy = make_config(cell, B, H, dtype, torch.device("cuda")).strategy
+        rows.append(Row(cell, mode, provider, dtype_name, B, H, T, ms, p20, p80, _peak_mib(step), strategy))
+    return rows
+
+
+def speedups(rows: list[Row]) -> list[dict]:
+    """Triton against cuDNN for every case both ran: ``cudnn_ms / triton_ms`` (> 1: Triton faster)."""
+    key = lambda r: (r.cell, r.mode, r.dtype, r.batch, r.hidden, r.seq_len)
+    cudnn = {key(r): r for r in rows if r.provider == "cudnn"}
+    out = []
+    for r in rows:
+        if r.provider == "triton" and key(r) in cudnn:
+            c = cudnn[key(r)]
+            out.append({**asdict(r), "cudnn_ms": c.ms, "speedup": c.ms / r.ms, "cudnn_peak_mib": c.peak_mib})
+    return out

@@ -1,0 +1,356 @@
+"""LSTM: persistent forward and reverse-time backward kernels, their launchers and :class:`LSTMFunction`.
+
+Gate order ``i, f, g, o`` (PyTorch's): ``c_t = f*c_{t-1} + i*g``, ``h_t = o*tanh(c_t)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import (
+    KernelConfig,
+    _dot,
+    _grid_barrier,
+    _load_op,
+    _load_w,
+    _sigmoid,
+    _tanh,
+    launch_buffers,
+    previous_states,
+    projection_grads,
+)
+
+# NOTE: store, not recompute. The forward writes the gate activations and c_{t-1} (5 values per unit, input
+# dtype) for the backward. Recomputing them would add a full W_hh product to every backward step, and that
+# product sits on the serial critical path; the workspace costs 5*T*B*H elements, about what cuDNN reserves.
+WS = tl.constexpr(5)
+
+
+@triton.jit(do_not_specialize=["T"])
+def lstm_fwd_kernel(
+    p_gx,  # [T, B, 4H] x @ W_ih^T + b_ih
+    p_w,  # [4H, H] W_hh
+    p_b,  # [4H] b_hh
+    p_h0,  # [B, H]
+    p_c0,  # [B, H]
+    p_len,  # [B] int64
+    p_y,  # [T, B, H]
+    p_hT,  # [B, H]
+    p_cT,  # [B, H]
+    p_ws,  # [T, B, 5H] i, f, g, o, c_{t-1}
+    p_scr,  # [2, B, H] fp32 exchange of h
+    p_bar,  # [cdiv(B, BB)] int32 barrier counters
+    T,
+    B,
+    H,
+    BB: tl.constexpr,
+    BH: tl.constexpr,
+    BK: tl.constexpr,
+    BKC: tl.constexpr,
+    NSPLIT: tl.constexpr,
+    STREAM_W: tl.constexpr,
+    SCRATCH: tl.constexpr,
+    REVERSE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    STORE_WS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_b, i_h = tl.program_id(0), tl.program_id(1)
+    o_b = i_b * BB + tl.arange(0, BB)
+    o_h = i_h * BH + tl.arange(0, BH)
+    o_k = tl.arange(0, BK)
+    m_b = o_b < B
+    m_bh = m_b[:, None] & (o_h < H)[None, :]
+    o_bh = o_b[:, None].to(tl.int64) * H + o_h[None, :]
+    o_bg = o_b[:, None].to(tl.int64) * 4 * H + o_h[None, :]
+    o_bw = o_b[:, None].to(tl.int64) * WS * H + o_h[None, :]
+    HH = tl.cast(H, tl.int64) * H  # H == 1 arrives as a constexpr on GPU
+
+    b_h = tl.load(p_h0 + o_bh, mask=m_bh, other=0.0).to(tl.float32)  # [BB, BH] own slice
+    b_c = tl.load(p_c0 + o_bh, mask=m_bh, other=0.0).to(tl.float32)
+    if not STREAM_W:
+        b_hk = _load_op(p_h0, o_b, o_k, H, H, m_b).to(tl.float32)  # [BB, BK] recurrent operand
+        b_wi = _load_w(p_w, o_k, o_h, H, True)  # [BK, BH] W_i^T
+        b_wf = _load_w(p_w + HH, o_k, o_h, H, True)
+        b_wg = _load_w(p_w + 2 * HH, o_k, o_h, H, True)
+        b_wo = _load_w(p_w + 3 * HH, o_k, o_h, H, True)
+    if HAS_BIAS:
+        m_h = o_h < H
+        b_bi = tl.load(p_b + o_h, mask=m_h, other=0.0).to(tl.float32)[None, :]
+        b_bf = tl.load(p_b + H + o_h, mask=m_h, other=0.0).to(tl.float32)[None, :]
+        b_bg = tl.load(p_b + 2 * H + o_h, mask=m_h, other=0.0).to(tl.float32)[None, :]
+        b_bo = tl.load(p_b + 3 * H + o_h, mask=m_h, other=0.0).to(tl.float32)[None, :]
+    if HAS_LENGTHS:
+        b_len = tl.load(p_len + o_b, mask=m_b, other=0)
+
+    for s in range(T):
+        t = T - 1 - s if REVERSE else s
+        p_gt = p_gx + t.to(tl.int64) * B * 4 * H + o_bg
+        b_ai = tl.load(p_gt, mask=m_bh, other=0.0).to(tl.float32)
+        b_af = tl.load(p_gt + H, mask=m_bh, other=0.0).to(tl.float32)
+        b_ag = tl.load(p_gt + 2 * H, mask=m_bh, other=0.0).to(tl.float32)
+        b_ao = tl.load(p_gt + 3 * H, mask=m_bh, other=0.0).to(tl.float32)
+        if STREAM_W:
+            # h_{t-1} was written by the previous step (h_0: by the launcher); W_hh streams from L2
+            p_prev = p_scr + ((s + 1) % 2) * B * H
+            for k0 in range(0, BK, BKC):
+                o_kc = k0 + tl.arange(0, BKC)
+                b_hc = _load_op(p_prev, o_b, o_kc, H, H, m_b)  # [BB, BKC]
+                b_ai += _dot(b_hc, _load_w(p_w, o_kc, o_h, H, True), PRECISION)
+                b_af += _dot(b_hc, _load_w(p_w + HH, o_kc, o_h, H, True), PRECISION)
+                b_ag += _dot(b_hc, _load_w(p_w + 2 * HH, o_kc, o_h, H, True), PRECISION)
+                b_ao += _dot(b_hc, _load_w(p_w + 3 * HH, o_kc, o_h, H, True), PRECISION)
+        else:
+            b_ai += _dot(b_hk, b_wi, PRECISION)
+            b_af += _dot(b_hk, b_wf, PRECISION)
+            b_ag += _dot(b_hk, b_wg, PRECISION)
+            b_ao += _dot(b_hk, b_wo, PRECISION)
+        if HAS_BIAS:
+            b_ai += b_bi
+            b_af += b_bf
+            b_ag += b_bg
+            b_ao += b_bo
+        b_i = _sigmoid(b_ai)
+        b_f = _sigmoid(b_af)
+        b_g = _tanh(b_ag)
+        b_o = _sigmoid(b_ao)
+        b_cn = b_f * b_c + b_i * b_g
+        b_hn = b_o * _tanh(b_cn)
+        if STORE_WS:
+            p_wt = p_ws + t.to(tl.int64) * B * WS * H + o_bw
+            tl.store(p_wt, b_i.to(p_ws.dtype.element_ty), mask=m_bh)
+            tl.store(p_wt + H, b_f.to(p_ws.dtype.element_ty), mask=m_bh)
+            tl.store(p_wt + 2 * H, b_g.to(p_ws.dtype.element_ty), mask=m_bh)
+            tl.store(p_wt + 3 * H, b_o.to(p_ws.dtype.element_ty), mask=m_bh)
+            tl.store(p_wt + 4 * H, b_c.to(p_ws.dtype.element_ty), mask=m_bh)
+        if HAS_LENGTHS:
+            m_t = (t < b_len)[:, None]
+            b_h = tl.where(m_t, b_hn, b_h)
+            b_c = tl.where(m_t, b_cn, b_c)
+            b_out = tl.where(m_t, b_hn, 0.0)
+        else:
+            b_h = b_hn
+            b_c = b_cn
+            b_out = b_hn
+        tl.store(p_y + t.to(tl.int64) * B * H + o_bh, b_out.to(p_y.dtype.element_ty), mask=m_bh)
+        if SCRATCH:
+            p_s = p_scr + (s % 2) * B * H
+            tl.store(p_s + o_bh, b_h, mask=m_bh)
+            if NSPLIT > 1:
+                _grid_barrier(p_bar + i_b, (s + 1) * NSPLIT)
+            else:
+                tl.debug_barrier()
+            if not STREAM_W:
+                b_hk = _load_op(p_s, o_b, o_k, H, H, m_b)
+        else:
+            b_hk = b_h
+    tl.store(p_hT + o_bh, b_h.to(p_hT.dtype.element_ty), mask=m_bh)
+    tl.store(p_cT + o_bh, b_c.to(p_cT.dtype.element_ty), mask=m_bh)
+
+
+@triton.jit(do_not_specialize=["T"])
+def lstm_bwd_kernel(
+    p_dy,  # [T, B, H]
+    p_dhT,  # [B, H]
+    p_dcT,  # [B, H]
+    p_ws,  # [T, B, 5H] from the forward
+    p_w,  # [4H, H] W_hh
+    p_len,  # [B] int64
+    p_dg,  # [T, B, 4H] gate pre-activation gradients
+    p_dh0,  # [B, H]
+    p_dc0,  # [B, H]
+    p_scr,  # [2, B, 4H] fp32 exchange of gate gradients
+    p_bar,  # [cdiv(B, BB)] int32
+    T,
+    B,
+    H,
+    BB: tl.constexpr,
+    BH: tl.constexpr,
+    BK: tl.constexpr,
+    BKC: tl.constexpr,
+    NSPLIT: tl.constexpr,
+    STREAM_W: tl.constexpr,
+    SCRATCH: tl.constexpr,
+    REVERSE: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_b, i_h = tl.program_id(0), tl.program_id(1)
+    o_b = i_b * BB + tl.arange(0, BB)
+    o_h = i_h * BH + tl.arange(0, BH)
+    o_k = tl.arange(0, BK)
+    m_b = o_b < B
+    m_bh = m_b[:, None] & (o_h < H)[None, :]
+    o_bh = o_b[:, None].to(tl.int64) * H + o_h[None, :]
+    o_bg = o_b[:, None].to(tl.int64) * 4 * H + o_h[None, :]
+    o_bw = o_b[:, None].to(tl.int64) * WS * H + o_h[None, :]
+    HH = tl.cast(H, tl.int64) * H  # H == 1 arrives as a constexpr on GPU
+
+    b_dh = tl.load(p_dhT + o_bh, mask=m_bh, other=0.0).to(tl.float32)  # [BB, BH] dL/dh of the carried state
+    b_dc = tl.load(p_dcT + o_bh, mask=m_bh, other=0.0).to(tl.float32)
+    if not STREAM_W:
+        b_wi = _load_w(p_w, o_k, o_h, H, False)  # [BK, BH] W_i[j, k]: gate unit j -> state unit k
+        b_wf = _load_w(p_w + HH, o_k, o_h, H, False)
+        b_wg = _load_w(p_w + 2 * HH, o_k, o_h, H, False)
+        b_wo = _load_w(p_w + 3 * HH, o_k, o_h, H, False)
+    if HAS_LENGTHS:
+        b_len = tl.load(p_len + o_b, mask=m_b, other=0)
+
+    for s in range(T):
+        t = s if REVERSE else T - 1 - s
+        p_wt = p_ws + t.to(tl.int64) * B * WS * H + o_bw
+        b_i = tl.load(p_wt, mask=m_bh, other=0.0).to(tl.float32)
+        b_f = tl.load(p_wt + H, mask=m_bh, other=0.0).to(tl.float32)
+        b_g = tl.load(p_wt + 2 * H, mask=m_bh, other=0.0).to(tl.float32)
+        b_o = tl.load(p_wt + 3 * H, mask=m_bh, other=0.0).to(tl.float32)
+        b_cp = tl.load(p_wt + 4 * H, mask=m_bh, other=0.0).to(tl.float32)
+        b_dht = b_dh + tl.load(p_dy + t.to(tl.int64) * B * H + o_bh, mask=m_bh, other=0.0).to(tl.float32)
+        b_tc = _tanh(b_f * b_cp + b_i * b_g)
+        b_dct = b_dc + b_dht * b_o * (1.0 - b_tc * b_tc)
+        b_do = b_dht * b_tc * b_o * (1.0 - b_o)
+        b_di = b_dct * b_g * b_i * (1.0 - b_i)
+        b_df = b_dct * b_cp * b_f * (1.0 - b_f)
+        b_dg = b_dct * b_i * (1.0 - b_g * b_g)
+        b_dcp = b_dct * b_f
+        if HAS_LENGTHS:
+            m_t = (t < b_len)[:, None]
+            b_di = tl.where(m_t, b_di, 0.0)
+            b_df = tl.where(m_t, b_df, 0.0)
+            b_dg = tl.where(m_t, b_dg, 0.0)
+            b_do = tl.where(m_t, b_do, 0.0)
+            b_dc = tl.where(m_t, b_dcp, b_dc)
+        else:
+            b_dc = b_dcp
+        p_gt = p_dg + t.to(tl.int64) * B * 4 * H + o_bg
+        tl.store(p_gt, b_di.to(p_dg.dtype.element_ty), mask=m_bh)
+        tl.store(p_gt + H, b_df.to(p_dg.dtype.element_ty), mask=m_bh)
+        tl.store(p_gt + 2 * H, b_dg.to(p_dg.dtype.element_ty), mask=m_bh)
+        tl.store(p_gt + 3 * H, b_do.to(p_dg.dtype.element_ty), mask=m_bh)
+        if SCRATCH:
+            p_s = p_scr + (s % 2) * B * 4 * H
+            tl.store(p_s + o_bg, b_di, mask=m_bh)
+            tl.store(p_s + H + o_bg, b_df, mask=m_bh)
+            tl.store(p_s + 2 * H + o_bg, b_dg, mask=m_bh)
+            tl.store(p_s + 3 * H + o_bg, b_do, mask=m_bh)
+            if NSPLIT > 1:
+                _grid_barrier(p_bar + i_b, (s + 1) * NSPLIT)
+            else:
+                tl.debug_barrier()
+            if STREAM_W:
+                b_dhp = tl.zeros([BB, BH], dtype=tl.float32)
+                for k0 in range(0, BK, BKC):
+                    o_kc = k0 + tl.arange(0, BKC)
+                    b_dhp += _dot(
+                        _load_op(p_s, o_b, o_kc, 4 * H, H, m_b), _load_w(p_w, o_kc, o_h, H, False), PRECISION
+                    )
+                    b_dhp += _dot(
+                        _load_op(p_s + H, o_b, o_kc, 4 * H, H, m_b),
+                        _load_w(p_w + HH, o_kc, o_h, H, False),
+                        PRECISION,
+                    )
+                    b_dhp += _dot(
+                        _load_op(p_s + 2 * H, o_b, o_kc, 4 * H, H, m_b),
+                        _load_w(p_w + 2 * HH, o_kc, o_h, H, False),
+                        PRECISION,
+                    )
+                    b_dhp += _dot(
+                        _load_op(p_s + 3 * H, o_b, o_kc, 4 * H, H, m_b),
+                        _load_w(p_w + 3 * HH, o_kc, o_h, H, False),
+                        PRECISION,
+                    )
+            else:
+                # one gate's operand live at a time keeps the register file for the resident W_hh slice
+                b_dhp = _dot(_load_op(p_s, o_b, o_k, 4 * H, H, m_b), b_wi, PRECISION)
+                b_dhp += _dot(_load_op(p_s + H, o_b, o_k, 4 * H, H, m_b), b_wf, PRECISION)
+                b_dhp += _dot(_load_op(p_s + 2 * H, o_b, o_k, 4 * H, H, m_b), b_wg, PRECISION)
+                b_dhp += _dot(_load_op(p_s + 3 * H, o_b, o_k, 4 * H, H, m_b), b_wo, PRECISION)
+        else:
+            b_dhp = _dot(b_di, b_wi, PRECISION)
+            b_dhp += _dot(b_df, b_wf, PRECISION)
+            b_dhp += _dot(b_dg, b_wg, PRECISION)
+            b_dhp += _dot(b_do, b_wo, PRECISION)
+        if HAS_LENGTHS:
+            b_dh = tl.where(m_t, b_dhp, b_dh)
+        else:
+            b_dh = b_dhp
+    tl.store(p_dh0 + o_bh, b_dh.to(p_dh0.dtype.element_ty), mask=m_bh)
+    tl.store(p_dc0 + o_bh, b_dc.to(p_dc0.dtype.element_ty), mask=m_bh)
+
+
+def lstm_fwd(
+    gx: Tensor,
+    w_hh: Tensor,
+    b_hh: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    lengths: Tensor | None,
+    reverse: bool,
+    store_ws: bool,
+    config: KernelConfig,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Runs the recurrence over ``gx [T, B, 4H]``. Returns ``y [T, B, H]``, ``h_T``, ``c_T``, workspace."""
+    T, B, H = gx.shape[0], gx.shape[1], w_hh.shape[1]
+    y, ws, scr, bar, grid, precision = launch_buffers(gx, H, 1, WS.value if store_ws else 0, 1, config)
+    if config.STREAM_W:
+        scr[1].copy_(h0)  # the operand of step 0
+    hT, cT = torch.empty_like(h0), torch.empty_like(c0)
+    lstm_fwd_kernel[grid](
+        gx, w_hh, b_hh, h0, c0, lengths, y, hT, cT, ws, scr, bar, T, B, H,
+        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT,
+        STREAM_W=config.STREAM_W,
+        SCRATCH=config.SCRATCH, REVERSE=reverse, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None,
+        STORE_WS=store_ws, PRECISION=precision, num_warps=config.num_warps,
+    )  # fmt: skip
+    return y, hT, cT, ws
+
+
+def lstm_bwd(
+    dy: Tensor,
+    dhT: Tensor,
+    dcT: Tensor,
+    ws: Tensor,
+    w_hh: Tensor,
+    lengths: Tensor | None,
+    reverse: bool,
+    config: KernelConfig,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Reverse-time pass. Returns gate gradients ``[T, B, 4H]`` (pre-activation), ``dh_0`` and ``dc_0``."""
+    T, B, H = dy.shape[0], dy.shape[1], w_hh.shape[1]
+    dg, _, scr, bar, grid, precision = launch_buffers(ws, H, 4, 0, 4, config)
+    dh0, dc0 = torch.empty_like(dhT), torch.empty_like(dcT)
+    lstm_bwd_kernel[grid](
+        dy, dhT, dcT, ws, w_hh, lengths, dg, dh0, dc0, scr, bar, T, B, H,
+        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT,
+        STREAM_W=config.STREAM_W,
+        SCRATCH=config.SCRATCH, REVERSE=reverse, HAS_LENGTHS=lengths is not None, PRECISION=precision,
+        num_warps=config.num_warps,
+    )  # fmt: skip
+    return dg, dh0, dc0
+
+
+class LSTMFunction(torch.autograd.Function):
+    """One LSTM layer in one direction; see :func:`rnndeploy.kernels.triton_layer` for the arguments."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, config, store_ws):
+        gx = F.linear(x, w_ih, b_ih)
+        y, hT, cT, ws = lstm_fwd(gx, w_hh, b_hh, h0, c0, lengths, reverse, store_ws, config)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, y, ws, lengths)
+        ctx.reverse, ctx.config, ctx.has_bias = reverse, config, b_ih is not None
+        return y, hT, cT
+
+    @staticmethod
+    def backward(ctx, dy, dhT, dcT):
+        x, h0, w_ih, w_hh, y, ws, lengths = ctx.saved_tensors
+        if ws is None:
+            raise RuntimeError("LSTMFunction: forward ran with store_ws=False: nothing to backprop")
+        dg, dh0, dc0 = lstm_bwd(dy.contiguous(), dhT.contiguous(), dcT.contiguous(), ws, w_hh, lengths,
+                                ctx.reverse, ctx.config)  # fmt: skip
+        hp = previous_states(y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[4] else None
+        dx, dw_ih, dw_hh, db_ih, db_hh = projection_grads(ctx, dg, dg, x, hp, w_ih, 3)
+        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None

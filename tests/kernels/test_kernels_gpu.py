@@ -1,0 +1,116 @@
+"""GPU-only checks of the kernels: low precision, large shapes, every launch strategy, long sequences.
+
+Skipped without CUDA (tests/conftest.py). fp32 comparisons switch TF32 off so the kernels and cuDNN compute
+the same thing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rnndeploy import kernels
+from rnndeploy.kernels.common import STRATEGIES, make_config
+
+from .test_kernels import TOL, assert_matches_reference, make_layer
+
+pytestmark = pytest.mark.gpu
+GPU_TOL = {**TOL, torch.float32: (1e-4, 1e-3)}  # longer sequences than the CPU cases accumulate more rounding
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("B, T, H", [(3, 33, 100), (16, 64, 256)], ids=["B3-T33-H100", "B16-T64-H256"])
+def test_low_precision_matches_reference(cell, dtype, B, T, H):
+    assert_matches_reference(cell, "tanh", B, T, H, dtype, True, True, True, device="cuda")
+
+
+def _strategy_cases():
+    # (strategy, H) pairs each strategy can hold; T=1024 everywhere
+    pairs = [("resident", 64), ("resident-scratch", 64), ("stream", 128), ("split", 256), ("split", 1024),
+             ("split-stream", 768)]  # fmt: skip
+    return [
+        pytest.param(cell, s, H, id=f"{cell}-B16-T1024-H{H}-fp32-{s}")
+        for cell in ("rnn", "lstm", "gru")
+        for s, H in pairs
+    ]
+
+
+@pytest.mark.parametrize("cell, strategy, H", _strategy_cases())
+def test_large_shapes_every_strategy_match_cudnn(cell, strategy, H):
+    """Forward and every gradient against torch.nn (cuDNN) on the same weights, one layer, fp32."""
+    T, B = 1024, 16
+    x, state, weights, _ = make_layer(cell, B, T, H, device="cuda")
+    module = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](4, H).cuda()
+    with torch.no_grad():
+        for p, w in zip(module.parameters(), weights, strict=True):
+            p.copy_(w)
+    y, final = kernels.triton_layer(cell, x, state, weights, strategy=strategy)
+    hx = tuple(s[None] for s in state)
+    y_ref, final_ref = module(x, hx if cell == "lstm" else hx[0])
+    final_ref = final_ref if isinstance(final_ref, tuple) else (final_ref,)
+    probes = [torch.randn_like(t) for t in (y, *final)]
+    loss = sum((t * p).sum() for t, p in zip((y, *final), probes, strict=True))
+    loss_ref = sum((t * p).sum() for t, p in zip((y_ref, *(f[0] for f in final_ref)), probes, strict=True))
+    grads = torch.autograd.grad(loss, [x, *state, *weights])
+    grads_ref = torch.autograd.grad(loss_ref, [x, *hx, *module.parameters()])
+    atol, rtol = GPU_TOL[torch.float32]
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b.view_as(a), atol=atol * 10, rtol=rtol * 10)
+
+
+def test_long_sequence_does_not_drift():
+    """T=10k in fp32 against the float64 reference: the fp32 state carries no accumulating error."""
+    x, state, weights, _ = make_layer("lstm", 4, 10_000, 64, device="cuda")
+    with torch.no_grad():
+        y, (h, c) = kernels.triton_layer("lstm", x, state, weights)
+        f64 = [t.double() for t in (x, *state, *weights)]
+        y_ref, (h_ref, c_ref) = kernels.reference_layer("lstm", f64[0], tuple(f64[1:3]), tuple(f64[3:]))
+    err = (y.double() - y_ref).abs().amax(dim=(1, 2))
+    assert err.max() < 1e-4
+    assert err[-1000:].max() <= 10 * err[:1000].max() + 1e-6  # no growth along time
+    torch.testing.assert_close(c.double(), c_ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("B", [1, 16, 64, 256])
+@pytest.mark.parametrize("H", [64, 128, 768, 1024, 4096])
+def test_dispatch_never_oversubscribes_the_barrier(B, H):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for cell in ("rnn", "lstm", "gru"):
+        for dtype in (torch.float32, torch.bfloat16):
+            cfg = make_config(cell, B, H, dtype, torch.device("cuda"))
+            assert cfg.strategy in STRATEGIES
+            if cfg.NSPLIT > 1:
+                assert -(-B // cfg.BB) * cfg.NSPLIT <= sms
+
+
+def test_auto_backend_uses_cudnn_until_measured():
+    import rnndeploy
+
+    m = rnndeploy.LSTM(8, 768).cuda()
+    assert m.resolve_backend(torch.randn(5, 16, 8, device="cuda")) == "torch"
+
+
+def test_autocast_on_gpu():
+    import rnndeploy
+
+    m = rnndeploy.GRU(8, 256, backend="triton").cuda()
+    ref = torch.nn.GRU(8, 256).cuda()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(50, 16, 8, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, h = m(x)
+        y_ref, _ = ref(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=5e-2, rtol=5e-2)
+    y.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in m.parameters())
