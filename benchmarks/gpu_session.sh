@@ -30,7 +30,10 @@ fi
 
 status=0
 if [ "$stage" != bench ]; then
-    timeout 330 python -m pytest -q -rs -m gpu tests >"$OUT/pytest-gpu.txt" 2>&1 || status=1
+    # the device image lacks the server's packages (starlette, uvicorn, tritonclient): modules that cannot be
+    # imported there are reported as collection errors, and the GPU tests of all the others still run
+    timeout 330 python -m pytest -q -rs -m gpu --continue-on-collection-errors tests \
+        >"$OUT/pytest-gpu.txt" 2>&1 || status=1
     timeout 200 python -m pytest -q -rs -m "not gpu" tests/kernels >"$OUT/pytest-kernels.txt" 2>&1 || status=1
 fi
 if [ "$stage" != tests ]; then
