@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rnndeploy.checkpoint import load_checkpoint
+from rnndeploy.checkpoint import Checkpoint, load_checkpoint
+from rnndeploy.data import DataError, load_data
 from rnndeploy.models import SequenceModel
 
 from .exporter import DEFAULT_OPSET, example_input, export_onnx, save_onnx
@@ -96,7 +97,8 @@ def export_checkpoint(
         report.paths["int8"] = path
         if verify:
             report.verifications["int8"] = verify_graph(model, path, precision="int8")
-        report.lines += int8_accuracy(model, onnx_path, path) + int8_speed(model, onnx_path, path)
+        report.lines += int8_accuracy(model, onnx_path, path, validation_split(ckpt))
+        report.lines += int8_speed(model, onnx_path, path)
     if triton_repo is not None:
         from .triton import write_triton_repository
 
@@ -107,16 +109,49 @@ def export_checkpoint(
     return report
 
 
-def int8_accuracy(
-    model: SequenceModel, fp32_path: Path, int8_path: Path, batch: int = 16, time: int = 64
-) -> list[str]:
-    """How much int8 changes the model's outputs on random held-out inputs, as printable lines.
+def validation_split(ckpt: Checkpoint) -> tuple[torch.Tensor, str] | None:
+    """The validation split of the data the checkpoint was trained on, with a label, or ``None``.
 
-    Language models and classifiers: top-1 agreement with fp32 and the change of the mean log-probability of
-    the fp32 top-1 class; regression: RMS difference relative to the fp32 outputs' standard deviation.
+    ``rnndeploy train`` saves its options (data source, validation fraction) in the checkpoint; a checkpoint
+    from elsewhere, or one whose data file is gone, has no validation data to measure on.
+    """
+    options = ckpt.extra.get("options") or {}
+    source = options.get("data")
+    if source is None or ckpt.config.task == "classification":
+        return None
+    try:
+        data = load_data(source, valid_fraction=options.get("valid_fraction", 0.05), vocab=ckpt.vocab)
+    except (DataError, OSError):
+        return None
+    if data.kind != ("text" if ckpt.config.task == "lm" else "series"):
+        return None
+    return data.valid, f"the validation split of {source}"
+
+
+def int8_accuracy(
+    model: SequenceModel,
+    fp32_path: Path,
+    int8_path: Path,
+    validation: tuple[torch.Tensor, str] | None = None,
+    batch: int = 16,
+    time: int = 64,
+) -> list[str]:
+    """How much int8 changes the model's outputs, as printable lines.
+
+    With ``validation`` (``[N]`` token ids or ``[N, F]`` features and a label, see :func:`validation_split`):
+    the split cut into ``batch`` contiguous streams, each run as one sequence, scored by both graphs (bits per
+    character or mean squared error against the next step). Without it: random inputs, compared with fp32.
+    Language models and classifiers also report top-1 agreement with fp32; regression the RMS difference.
     """
     c = model.config
-    x = example_input(model, batch, time, torch.Generator().manual_seed(1)).numpy()
+    if validation is not None:
+        data, label = validation
+        length = len(data) // batch
+        split = data[: batch * length].reshape(batch, length, *data.shape[1:])
+        x, target = split[:, :-1].numpy(), split[:, 1:].numpy()
+    else:
+        x = example_input(model, batch, time, torch.Generator().manual_seed(1)).numpy()
+        target, label = None, f"random inputs, batch {batch} x time {time}; the checkpoint names no data"
     feeds = {
         "input": x,
         **{
@@ -126,22 +161,30 @@ def int8_accuracy(
     }
     y32 = session(fp32_path).run(["output"], feeds)[0]
     y8 = session(int8_path, precision="int8").run(["output"], feeds)[0]
-    head = f"int8 accuracy change (random inputs, batch {batch} x time {time}; the checkpoint holds no data):"
+    lines = [f"int8 accuracy change ({label}):"]
     if c.task == "regression":
         rms = float(np.sqrt(np.mean((y8 - y32) ** 2)))
+        if target is not None:
+            mse32, mse8 = float(np.mean((y32 - target) ** 2)), float(np.mean((y8 - target) ** 2))
+            lines.append(f"  validation MSE (normalised): fp32 {mse32:.5f}, int8 {mse8:.5f}")
         return [
-            head,
+            *lines,
             f"  RMS(int8 - fp32) = {rms:.3e}, {rms / (float(y32.std()) or 1.0):.2%} of the output std",
         ]
     top32, top8 = y32.argmax(-1), y8.argmax(-1)
     logp32 = _log_probs(y32, c.head)
     logp8 = _log_probs(y8, c.head)
-    picked32 = np.take_along_axis(logp32, top32[..., None], -1).mean()
-    picked8 = np.take_along_axis(logp8, top32[..., None], -1).mean()
+    if target is not None:
+        bits32 = -np.take_along_axis(logp32, target[..., None], -1).mean() / np.log(2)
+        bits8 = -np.take_along_axis(logp8, target[..., None], -1).mean() / np.log(2)
+        lines.append(f"  validation bits/char: fp32 {bits32:.4f}, int8 {bits8:.4f} ({bits8 - bits32:+.4f})")
+    else:
+        picked32 = np.take_along_axis(logp32, top32[..., None], -1).mean()
+        picked8 = np.take_along_axis(logp8, top32[..., None], -1).mean()
+        lines.append(f"  mean log-prob of the fp32 top-1 class: fp32 {picked32:.4f}, int8 {picked8:.4f}")
     return [
-        head,
+        *lines,
         f"  top-1 agreement with fp32: {float((top32 == top8).mean()):.2%}",
-        f"  mean log-prob of the fp32 top-1 class: fp32 {picked32:.4f}, int8 {picked8:.4f}",
         f"  max |int8 - fp32| over outputs: {float(np.abs(y8 - y32).max()):.3e}",
     ]
 

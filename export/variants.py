@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 import tempfile
 import time
@@ -84,7 +85,13 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path) -> onnx.ModelProt
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_out = Path(tmp) / "int8.onnx"
-        quantize_dynamic(str(fp32_path), str(tmp_out), weight_type=QuantType.QInt8)
+        # NOTE: quantize_dynamic logs a root-logger warning suggesting pre-processing meant for conv nets;
+        # it does not apply to recurrent graphs, so it is kept off the user's terminal.
+        logging.disable(logging.WARNING)
+        try:
+            quantize_dynamic(str(fp32_path), str(tmp_out), weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(logging.NOTSET)
         proto = onnx.load(str(tmp_out))
     set_metadata(proto, {"rnndeploy.precision": "int8"})
     onnx.checker.check_model(proto, full_check=True)
