@@ -59,32 +59,36 @@ class _Recurrent:
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
 
-    def resolve_backend(self, x: Tensor) -> str:
-        """The backend that runs a forward on ``x``: ``"torch"``, ``"triton"`` or ``"reference"``."""
+    def resolve_backend(self, input: Tensor | PackedSequence) -> str:  # noqa: A002 - torch's argument name
+        """The backend that runs a forward on ``input``: ``"torch"``, ``"triton"`` or ``"reference"``."""
+        device = (input.data if isinstance(input, PackedSequence) else input).device
         backend = getattr(self, "backend", "auto")
         if backend == "triton":
-            reason = kernels.triton_unavailable_reason(x.device)
+            reason = kernels.triton_unavailable_reason(device)
             if reason is not None:
-                raise RuntimeError(f"backend='triton' cannot run on {x.device}: {reason}")
+                raise RuntimeError(f"backend='triton' cannot run on {device}: {reason}")
             return "triton"
-        if backend != "auto" or x.device.type != "cuda":
+        if backend != "auto" or device.type != "cuda":
             return "torch" if backend == "auto" else backend
-        batch = (
-            x.batch_sizes[0].item()
-            if isinstance(x, PackedSequence)
-            else x.shape[0 if self.batch_first else 1]
-        )
-        if not kernels.prefer_triton(self.cell, int(batch), self.hidden_size, x.dtype, x.device):
+        dtype = (input.data if isinstance(input, PackedSequence) else input).dtype
+        if not kernels.prefer_triton(self.cell, self.batch_size(input), self.hidden_size, dtype, device):
             return "torch"
-        reason = kernels.triton_unavailable_reason(x.device)
+        reason = kernels.triton_unavailable_reason(device)
         if reason is not None:
             _warn_once(f"rnndeploy: backend='auto' falls back to cuDNN because {reason}")
             return "torch"
         return "triton"
 
+    def batch_size(self, input: Tensor | PackedSequence) -> int:  # noqa: A002 - torch's argument name
+        """How many sequences ``input`` holds (1 for unbatched 2-D input)."""
+        if isinstance(input, PackedSequence):
+            return int(input.batch_sizes[0])
+        if input.dim() == 2:
+            return 1
+        return int(input.shape[0 if self.batch_first else 1])
+
     def forward(self, input, hx=None):  # noqa: A002 - torch's own argument name
-        data = input.data if isinstance(input, PackedSequence) else input
-        backend = self.resolve_backend(data)
+        backend = self.resolve_backend(input)
         if backend == "torch":
             return super().forward(input, hx)
         layer = kernels.triton_layer if backend == "triton" else kernels.reference_layer

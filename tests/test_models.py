@@ -25,7 +25,7 @@ def test_lm_state_carry_equals_one_long_pass():
 
 def test_regression_head_is_linear_map_of_recurrent_output():
     cfg = ModelConfig(task="regression", cell="gru", input_size=2, output_size=1, embed_dim=3, hidden_size=4)
-    model = SequenceModel(cfg)
+    model = SequenceModel(cfg, backend="reference")
     x = torch.randn(2, 5, 2)
     y, (h,) = model(x)
     gru = nn.GRU(3, 4, batch_first=True)

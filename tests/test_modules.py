@@ -143,7 +143,7 @@ def test_dropout_between_layers_only_in_training():
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_state_dict_moves_both_ways(cell):
     torch_model = TORCH[cell](4, 6, num_layers=2, bidirectional=True)
-    ours = OURS[cell](4, 6, num_layers=2, bidirectional=True)
+    ours = OURS[cell](4, 6, num_layers=2, bidirectional=True, backend="reference")
     ours.load_state_dict(torch_model.state_dict(), strict=True)
     back = TORCH[cell](4, 6, num_layers=2, bidirectional=True)
     back.load_state_dict(ours.state_dict(), strict=True)
@@ -152,6 +152,15 @@ def test_state_dict_moves_both_ways(cell):
     for model in (ours, back):
         for a, b in zip(_flat(model(x)[1]), _flat(torch_model(x)[1])):
             torch.testing.assert_close(a, b)
+
+
+def test_batch_size_seen_by_the_dispatcher():
+    lstm = rnndeploy.LSTM(3, 4, batch_first=True)
+    assert lstm.batch_size(torch.randn(5, 7, 3)) == 5
+    assert lstm.batch_size(torch.randn(7, 3)) == 1  # unbatched
+    packed = pack_padded_sequence(torch.randn(6, 2, 3), torch.tensor([2, 6]), enforce_sorted=False)
+    assert lstm.batch_size(packed) == 2
+    assert rnndeploy.GRU(3, 4).batch_size(torch.randn(7, 5, 3)) == 5  # time-major
 
 
 def test_torch_backend_is_the_default_on_cpu():
