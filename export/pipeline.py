@@ -104,7 +104,13 @@ def export_checkpoint(
 
         name = triton_name or onnx_path.stem
         report.paths["triton"] = write_triton_repository(
-            model, triton_repo, name, opset=opset, max_batch_size=max_batch_size
+            model,
+            triton_repo,
+            name,
+            opset=opset,
+            max_batch_size=max_batch_size,
+            vocab=ckpt.vocab,
+            data_stats=ckpt.data_stats,
         )
     return report
 

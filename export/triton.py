@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import onnx
 from onnx import TensorProto, helper
@@ -38,7 +39,12 @@ def state_names(model: SequenceModel) -> list[tuple[str, str, str, str]]:
     return [(f"{s}0", f"{s}n", f"state_{s}_in", f"state_{s}_out") for s in model.config.state_names]
 
 
-def triton_graph(model: SequenceModel, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def triton_graph(
+    model: SequenceModel,
+    opset: int = DEFAULT_OPSET,
+    vocab: list[str] | None = None,
+    data_stats: dict[str, Any] | None = None,
+) -> onnx.ModelProto:
     """The contract graph wrapped for Triton's implicit state (see the module docstring).
 
     Inputs: ``input`` (``[batch, time]`` or ``[batch, time, F]``), ``START`` ``[batch, 1]`` int32 (1 on a
@@ -46,7 +52,7 @@ def triton_graph(model: SequenceModel, opset: int = DEFAULT_OPSET) -> onnx.Model
     ``state_{h,c}_out`` ``[batch, L*D, H]``.
     """
     c = model.config
-    proto = export_onnx(model, opset=opset)
+    proto = export_onnx(model, opset=opset, vocab=vocab, data_stats=data_stats)
     graph = proto.graph
     rows = c.num_layers * c.num_directions
     names = state_names(model)
@@ -176,6 +182,8 @@ def write_triton_repository(
     max_batch_size: int = 64,
     max_queue_delay_us: int = 100,
     idle_timeout_us: int = 60_000_000,
+    vocab: list[str] | None = None,
+    data_stats: dict[str, Any] | None = None,
 ) -> Path:
     """Writes ``repo/<name>/config.pbtxt`` and ``repo/<name>/1/model.onnx`` atomically; returns the folder.
 
@@ -186,11 +194,12 @@ def write_triton_repository(
         max_batch_size: the largest batch of sequences Triton runs together (``oldest`` strategy).
         max_queue_delay_us: how long the batcher waits to fill a batch.
         idle_timeout_us: a sequence with no request for this long is released (its state dropped).
+        vocab, data_stats: stored in the graph's metadata, as in :func:`rnndeploy.export.export_onnx`.
     """
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1 for the sequence batcher, got {max_batch_size}")
     folder = Path(repo) / name
-    proto = triton_graph(model, opset)
+    proto = triton_graph(model, opset, vocab=vocab, data_stats=data_stats)
     save_onnx(proto, folder / "1" / "model.onnx")
     text = triton_config(proto, name, max_batch_size, max_queue_delay_us, idle_timeout_us)
     atomic_write(folder / "config.pbtxt", lambda tmp: Path(tmp).write_text(text))

@@ -112,3 +112,22 @@ def test_start_in_the_middle_resets_the_state(repo):
     with torch.no_grad():
         continued, _ = model(x)
     assert not np.allclose(continued[:, restart:].numpy(), second.numpy(), atol=1e-3)
+
+
+def test_checkpoint_export_keeps_vocab_and_stats_in_the_triton_graph(tmp_path):
+    import json
+
+    import onnx
+
+    from rnndeploy import save_checkpoint
+    from rnndeploy.export import export_checkpoint
+
+    model = make_model(**CONFIGS["lstm-L2-embed"])
+    vocab = list("abcdefghijk")
+    ckpt = save_checkpoint(tmp_path / "m.pt", model, vocab=vocab)
+    export_checkpoint(
+        ckpt, tmp_path / "m.onnx", verify=False, triton_repo=tmp_path / "repo", triton_name="lm"
+    )
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "repo" / "lm" / "1" / "model.onnx").metadata_props}
+    assert json.loads(meta["rnndeploy.vocab"]) == vocab
+    assert json.loads(meta["rnndeploy.data_stats"]) == {}
