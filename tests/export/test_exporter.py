@@ -93,12 +93,29 @@ def test_weights_are_reordered_to_onnx_gate_order(exported):
     model, _, proto, _ = exported
     c = model.config
     initializers = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    node = next(n for n in proto.graph.node if n.op_type == ONNX_OP[c.cell])
-    w = initializers[node.input[1]][0]
-    torch_w = model.rnn.weight_ih_l0.detach().numpy()
-    blocks = np.split(torch_w, {"rnn": 1, "lstm": 4, "gru": 3}[c.cell])
+    nodes = [n for n in proto.graph.node if n.op_type == ONNX_OP[c.cell]]
+    gates = {"rnn": 1, "lstm": 4, "gru": 3}[c.cell]
     order = {"rnn": [0], "lstm": [0, 3, 1, 2], "gru": [1, 0, 2]}[c.cell]  # i,f,g,o -> i,o,f,c; r,z,n -> z,r,h
-    np.testing.assert_array_equal(w, np.concatenate([blocks[k] for k in order]))
+
+    def onnx_order(torch_tensor) -> np.ndarray:
+        blocks = np.split(torch_tensor.detach().numpy(), gates)
+        return np.concatenate([blocks[k] for k in order])
+
+    for layer, node in enumerate(nodes):
+        w, r, b = (initializers[name] for name in node.input[1:4])
+        for d in range(c.num_directions):
+            sfx = f"l{layer}" + ("_reverse" if d else "")
+            np.testing.assert_array_equal(w[d], onnx_order(getattr(model.rnn, f"weight_ih_{sfx}")))
+            np.testing.assert_array_equal(r[d], onnx_order(getattr(model.rnn, f"weight_hh_{sfx}")))
+            np.testing.assert_array_equal(
+                b[d],
+                np.concatenate(
+                    [
+                        onnx_order(getattr(model.rnn, f"bias_ih_{sfx}")),
+                        onnx_order(getattr(model.rnn, f"bias_hh_{sfx}")),
+                    ]
+                ),
+            )
 
 
 def test_graph_io_and_metadata_follow_the_contract(exported):
