@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rnndeploy.checkpoint import load_checkpoint
 from rnndeploy.data import load_data
-from rnndeploy.demo import sample_text
+from rnndeploy.export import export_checkpoint
+from rnndeploy.runtime import StreamingSession, generate
 from rnndeploy.train import TrainOptions, train
 
 
@@ -52,9 +52,14 @@ def main() -> None:
     for record in result.history:
         print(f"step {record['step']:>5}: validation {record['valid_bpc']:.3f} bits/char")
 
-    # 3. Load the checkpoint (config, weights and vocabulary) and generate text one character at a time.
-    ckpt = load_checkpoint(result.checkpoint)
-    print("sample:", "The " + sample_text(ckpt.model, ckpt.vocab, "The ", length=200, temperature=0.7))
+    # 3. Export to standard ONNX (one LSTM node, state as graph input/output) and check it against PyTorch.
+    report = export_checkpoint(result.checkpoint, args.out_dir / "model.onnx", verify=True)
+    print(f"exported {report.paths['fp32']}: verification {'passed' if report.ok else 'FAILED'}")
+
+    # 4. Stream text from the ONNX graph with onnxruntime, one character per step, the state carried.
+    session = StreamingSession(report.paths["fp32"])
+    text = "".join(generate(session, "The ", 200, temperature=0.7, seed=0))
+    print("sample: The " + text)
     print(f"checkpoint {result.checkpoint}, log {result.log}, loss curve {result.plot}")
 
 

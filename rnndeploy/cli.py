@@ -188,11 +188,12 @@ def demo(out_dir: Path, steps: int | None, quick: bool) -> None:
     Prints the validation bits per character before and after training, a sample of generated text, and
     where the files went.
     """
-    from rnndeploy.demo import DemoContext, run_demo
+    from rnndeploy.demo import DemoContext, DemoError, run_demo
+    from rnndeploy.export import ExportError
 
     try:
         run_demo(DemoContext(out_dir=out_dir, steps=steps, quick=quick, echo=click.echo, write=_write_now))
-    except _training_errors() as exc:
+    except (*_training_errors(), ExportError, DemoError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -263,7 +264,7 @@ def export_cmd(
             triton_name=triton_name,
             max_batch_size=max_batch_size,
         )
-    except (CheckpointError, ExportError) as exc:
+    except (CheckpointError, ExportError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(str(report))
     if not report.ok:
@@ -359,7 +360,13 @@ def run_command(model, input_path, states, constants, provider, threads) -> None
             raise click.ClickException(
                 f"the model has inputs {list(session.inputs)}: give JSON lines on stdin"
             )
-        rows = ({next(iter(session.inputs)): row} for row in np.load(input_path))
+        try:
+            steps = np.load(input_path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise click.ClickException(
+                f"--input {input_path} is not a readable .npy array: {error}"
+            ) from error
+        rows = ({next(iter(session.inputs)): row} for row in steps)
     else:
         rows = (_json_step(line, session.inputs) for line in sys.stdin if line.strip())
     for t, row in enumerate(rows):

@@ -12,15 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from rnndeploy.data import Dataset, decode, encode, load_data
-from rnndeploy.models import SequenceModel
+from rnndeploy.data import Dataset, load_data
 from rnndeploy.train import TrainOptions, TrainResult, train
 
 #: The demo's model and schedule: under a minute on 2 idle CPU cores (~2 min on busy ones); ``quick``: seconds
 FULL = dict(cell="lstm", hidden=256, embed=64, seq_len=64, batch=32, steps=1000, lr=3e-3, eval_every=200)
 QUICK = dict(cell="lstm", hidden=32, embed=16, seq_len=32, batch=8, steps=30, lr=3e-3, eval_every=15)
+
+
+class DemoError(RuntimeError):
+    """A demo stage found a result it cannot go on from."""
 
 
 @dataclass
@@ -82,7 +83,7 @@ def stage_export(ctx: DemoContext) -> None:
     report = export_checkpoint(ctx.result.checkpoint, ctx.out_dir / "model.onnx", verify=True)
     if not report.ok:
         ctx.echo(str(report))
-        raise RuntimeError(
+        raise DemoError(
             "the exported ONNX model disagrees with PyTorch beyond tolerance (see the table above)"
         )
     for v in report.verifications.values():
@@ -114,26 +115,6 @@ STAGES: list[Stage] = [
     Stage("export + verify", stage_export),
     Stage("stream", stage_stream),
 ]
-
-
-@torch.no_grad()
-def sample_text(
-    model: SequenceModel, vocab: list[str], prompt: str, length: int, temperature: float = 1.0, seed: int = 0
-) -> str:
-    """Feeds ``prompt`` through a character model, then samples ``length`` characters one step at a time.
-
-    The state is carried between steps (inputs ``[1, 1]``), the way a streaming runtime serves the model.
-    """
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    y, state = model(encode(prompt, vocab)[None])
-    out = []
-    for _ in range(length):
-        logp = y[0, -1].float() / temperature
-        token = torch.multinomial(torch.softmax(logp, dim=-1), 1, generator=generator)
-        out.append(int(token))
-        y, state = model(token.view(1, 1), state)
-    return decode(out, vocab)
 
 
 def run_demo(ctx: DemoContext, stages: list[Stage] | None = None) -> DemoContext:

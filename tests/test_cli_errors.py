@@ -1,0 +1,32 @@
+"""User errors across commands end as a one-line message and exit code 1, never a traceback."""
+
+from __future__ import annotations
+
+import onnx
+from click.testing import CliRunner
+
+from rnndeploy import ModelConfig, SequenceModel, save_checkpoint
+from rnndeploy.cli import main
+from rnndeploy.runtime import testing
+
+
+def _fails_cleanly(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    assert message in " ".join(result.output.split()), result.output
+
+
+def test_export_to_an_unwritable_place(tmp_path):
+    model = SequenceModel(ModelConfig(task="lm", vocab_size=5, embed_dim=3, hidden_size=4))
+    ckpt = save_checkpoint(tmp_path / "m.pt", model, vocab=list("abcde"))
+    (tmp_path / "file").write_text("a file, not a folder")
+    _fails_cleanly(["export", str(ckpt), "-o", str(tmp_path / "file" / "m.onnx")], "Error:")
+
+
+def test_run_with_an_input_that_is_not_npy(tmp_path):
+    model = tmp_path / "lm.onnx"
+    onnx.save(testing.lstm_lm(), model)
+    bad = tmp_path / "steps.npy"
+    bad.write_text("not numpy")
+    _fails_cleanly(["run", str(model), "--input", str(bad)], f"--input {bad} is not a readable .npy array")
