@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -55,7 +56,12 @@ def environment() -> dict[str, str]:
     if not commit:
         try:
             commit = subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=10,
+                cwd=Path(__file__).resolve().parent,  # this checkout's commit, wherever the caller runs
             ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             commit = "unknown"
