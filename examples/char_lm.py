@@ -2,7 +2,7 @@
 
 This is what `rnndeploy demo` does, without the CLI:
 
-    python examples/char_lm.py                       # ~1-2 minutes on 2 CPU cores
+    python examples/char_lm.py                       # under a minute on 2 idle CPU cores
     python examples/char_lm.py --steps 20 --hidden 32  # a smoke run
 """
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from rnndeploy.data import Dataset, load_data
 from rnndeploy.train import TrainOptions, TrainResult, train
 
-#: The demo's model and schedule: under a minute on 2 idle CPU cores (~2 min on busy ones); ``quick``: seconds
+#: The demo's model and schedule: ~30 s on 2 idle CPU cores (benchmarks/results/demo.txt); ``quick``: seconds
 FULL = dict(cell="lstm", hidden=256, embed=64, seq_len=64, batch=32, steps=1000, lr=3e-3, eval_every=200)
 QUICK = dict(cell="lstm", hidden=32, embed=16, seq_len=32, batch=8, steps=30, lr=3e-3, eval_every=15)
 
