@@ -452,6 +452,7 @@ def info_command(model, states, constants, provider, threads) -> None:
 @click.option("--max-sequences", default=1024, show_default=True, help="Most live sequences (429 beyond).")
 @click.option("--max-body-mb", default=16.0, show_default=True, help="Largest request body (413 beyond).")
 @click.option("--log-level", default="info", show_default=True)
+@click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
 @_session_options
 def serve_command(
     model,
@@ -464,6 +465,7 @@ def serve_command(
     max_sequences,
     max_body_mb,
     log_level,
+    access_log,
     states,
     constants,
     provider,
@@ -483,6 +485,7 @@ def serve_command(
         port=port,
         model_name=name or model.stem,
         log_level=log_level,
+        access_log=access_log,
         max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us,
         idle_timeout_s=idle_timeout,
