@@ -388,7 +388,7 @@ def main(quick: bool = False, out: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lm.onnx"
         onnx.save(model, path)
-        server = bench_server(path, [1, 16] if quick else [1, 16, 64], 20 if quick else 50, 1 if quick else 3)
+        server = bench_server(path, [1, 16] if quick else [1, 16, 64], 20 if quick else 50, 1 if quick else 5)
     print_table(
         "Server: steps/s and step latency",
         server,
