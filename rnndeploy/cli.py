@@ -453,6 +453,12 @@ def info_command(model, states, constants, provider, threads) -> None:
 @click.option("--max-body-mb", default=16.0, show_default=True, help="Largest request body (413 beyond).")
 @click.option("--log-level", default="info", show_default=True)
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
+@click.option(
+    "--worker-thread/--no-worker-thread",
+    default=True,
+    show_default=True,
+    help="Run batches in a worker thread (off: on the event loop, no hand-off; for steps of ~1 ms or less).",
+)
 @_session_options
 def serve_command(
     model,
@@ -466,6 +472,7 @@ def serve_command(
     max_body_mb,
     log_level,
     access_log,
+    worker_thread,
     states,
     constants,
     provider,
@@ -491,6 +498,7 @@ def serve_command(
         idle_timeout_s=idle_timeout,
         max_sequences=max_sequences,
         max_body_bytes=int(max_body_mb * 2**20),
+        worker_thread=worker_thread,
     )
 
 

@@ -50,12 +50,15 @@ def create_app(
     idle_timeout_s: float = 60.0,
     max_sequences: int = 1024,
     max_body_bytes: int = 16 * 2**20,
+    worker_thread: bool = True,
 ) -> Starlette:
     """A Starlette (ASGI) app serving ``session`` as model ``model_name`` (version ``model_version``).
 
     ``max_batch_size`` / ``max_queue_delay_us`` configure dynamic batching of concurrent sequences (1 / 0:
     no batching), ``idle_timeout_s`` evicts idle sequences, ``max_sequences`` caps live sequences (HTTP 429
-    beyond), ``max_body_bytes`` caps a request body (HTTP 413 beyond). Run it with uvicorn (:func:`serve`).
+    beyond), ``max_body_bytes`` caps a request body (HTTP 413 beyond), ``worker_thread`` runs batches in a
+    worker thread (``False``: on the event loop, see :class:`SequenceBatcher`). Run it with uvicorn
+    (:func:`serve`).
     """
     batcher = SequenceBatcher(
         session,
@@ -63,6 +66,7 @@ def create_app(
         max_queue_delay_s=max_queue_delay_us * 1e-6,
         idle_timeout_s=idle_timeout_s,
         max_sequences=max_sequences,
+        worker_thread=worker_thread,
     )
 
     @asynccontextmanager
@@ -309,7 +313,7 @@ def serve(
 
     ``access_log`` logs every request (off by default: a log record per step costs CPU on every step).
     uvicorn uses httptools and uvloop (dependencies of rnndeploy). ``app_options`` go to :func:`create_app`
-    (batching, eviction, capacity, body limit).
+    (batching, eviction, capacity, body limit, worker thread).
     """
     uvicorn.run(
         create_app(session, model_name, **app_options),
