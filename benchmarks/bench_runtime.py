@@ -161,12 +161,17 @@ def bench_server(model_path: Path, concurrency: list[int], steps: int, repeats: 
     """`rnndeploy serve` batched and unbatched side by side, driven by two clients (see ``CLIENTS``).
 
     Both clients send the same KServe v2 requests (binary tensor data); each mode is measured with the same
-    client. The two servers are measured alternately, ``repeats`` times per client and concurrency, and the
-    median throughput is kept, so load from other processes on a shared machine hits both modes alike.
+    client. Each mode runs with batches in the server's worker thread (the default) and on its event loop
+    (``--no-worker-thread``). The servers are measured in turn, ``repeats`` times per client and
+    concurrency, and the median throughput is kept, so load from other processes hits all modes alike.
     """
+    batched = ["--max-batch-size", "64", "--max-queue-delay-us", "500"]
+    unbatched = ["--max-batch-size", "1", "--max-queue-delay-us", "0"]
     modes = {
-        "batched": ["--max-batch-size", "64", "--max-queue-delay-us", "500"],
-        "unbatched": ["--max-batch-size", "1", "--max-queue-delay-us", "0"],
+        "batched": batched,
+        "unbatched": unbatched,
+        "batched no_worker_thread": [*batched, "--no-worker-thread"],
+        "unbatched no_worker_thread": [*unbatched, "--no-worker-thread"],
     }
     loads = {"tritonclient": _tritonclient_load, "aiohttp": _aiohttp_load}
     servers, ports = {}, {}
@@ -325,11 +330,13 @@ def summarize(latency: list[dict], streams: list[dict], server: list[dict]) -> d
             rate[(n, "batched step_many")] / rate[(n, "one step per stream")]
         )
     serve = {(r["client"], r["sequences"], r["mode"]): r["steps_per_s"] for r in server}
-    for client in CLIENTS:
-        for n in sorted({r["sequences"] for r in server}):
-            summary[f"server_batched_speedup_{n}_sequences_{client}"] = (
-                serve[(client, n, "batched")] / serve[(client, n, "unbatched")]
-            )
+    for variant in ("", " no_worker_thread"):
+        for client in CLIENTS:
+            for n in sorted({r["sequences"] for r in server}):
+                key = f"server_batched_speedup_{n}_sequences_{client}{variant.replace(' ', '_')}"
+                summary[key] = (
+                    serve[(client, n, "batched" + variant)] / serve[(client, n, "unbatched" + variant)]
+                )
     return summary
 
 
@@ -339,7 +346,8 @@ def plot(path: Path, latency: list[dict], streams: list[dict], server: list[dict
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    fig, axes = plt.subplots(2, 2, figsize=(16, 10))
+    axes = axes.ravel()
     names = [r["case"] for r in latency]
     axes[0].barh(
         names,
@@ -356,13 +364,15 @@ def plot(path: Path, latency: list[dict], streams: list[dict], server: list[dict
         xscale="log", yscale="log", xlabel="streams", ylabel="steps / s", title="Streams in one session"
     )
     axes[1].legend()
-    for client, style in zip(CLIENTS, ("o-", "s--"), strict=False):
-        for mode in ("batched", "unbatched"):
+    for ax, client in zip(axes[2:], CLIENTS, strict=True):
+        for mode in dict.fromkeys(r["mode"] for r in server):
             rows = [r for r in server if r["mode"] == mode and r["client"] == client]
             x, y = [r["sequences"] for r in rows], [r["steps_per_s"] for r in rows]
-            axes[2].plot(x, y, style, label=f"{mode}, {client}")
-    axes[2].set(xscale="log", xlabel="concurrent sequences", ylabel="steps / s", title="Server (HTTP)")
-    axes[2].legend()
+            ax.plot(x, y, "o--" if "no_worker_thread" in mode else "o-", label=mode)
+        ax.set(
+            xscale="log", xlabel="concurrent sequences", ylabel="steps / s", title=f"Server, {client} client"
+        )
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

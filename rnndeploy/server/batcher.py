@@ -56,9 +56,9 @@ class SequenceBatcher:
         idle_timeout_s: a sequence with no step for this long is evicted (its state freed).
         max_sequences: most live sequences; starting one more is refused with status 429.
         worker_thread: run batches in a worker thread (default), so the event loop reads and answers requests
-            while the model runs. ``False`` runs them on the event loop: no thread hand-off per batch (on a
-            2-core CPU this tripled the unbatched throughput of a 2x256 LSTM, see
-            benchmarks/bench_runtime.py), but nothing else is served during a batch: use it for steps of
+            while the model runs. ``False`` runs them on the event loop: no thread hand-off (and wait for the
+            GIL) per batch, which raises unbatched throughput of a small CPU model (see
+            benchmarks/results/runtime.json), but nothing else is served during a batch: use it for steps of
             about a millisecond or less.
     """
 
