@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -152,8 +151,8 @@ def _free_port() -> int:
 
 
 CLIENTS = {
-    "tritonclient": "tritonclient.http, one thread per sequence in the benchmark process",
-    "aiohttp": "benchmarks/kserve_load.py: asyncio + aiohttp, all sequences in one separate process",
+    "tritonclient": "benchmarks/kserve_load.py --client tritonclient: tritonclient.http, a thread per sequence",
+    "aiohttp": "benchmarks/kserve_load.py --client aiohttp: asyncio + aiohttp, all sequences on one loop",
 }
 
 
@@ -173,7 +172,6 @@ def bench_server(model_path: Path, concurrency: list[int], steps: int, repeats: 
         "batched no_worker_thread": [*batched, "--no-worker-thread"],
         "unbatched no_worker_thread": [*unbatched, "--no-worker-thread"],
     }
-    loads = {"tritonclient": _tritonclient_load, "aiohttp": _aiohttp_load}
     servers, ports = {}, {}
     try:
         for mode, flags in modes.items():
@@ -186,15 +184,15 @@ def bench_server(model_path: Path, concurrency: list[int], steps: int, repeats: 
             )
         for mode, server in servers.items():
             _wait_ready(server, ports[mode])
-            _client_sequence(ports[mode], 20, [], 10_000)  # warm-up: first runs, connection set-up
+            _client_load("aiohttp", ports[mode], 8, 20)  # warm-up: first runs, connection set-up
         rows = []
         for n in concurrency:
-            for client, load in loads.items():
+            for client in CLIENTS:
                 rates: dict[str, list[float]] = {mode: [] for mode in modes}
                 latencies: dict[str, list[float]] = {mode: [] for mode in modes}
                 for _ in range(repeats):
                     for mode in modes:
-                        rate, samples = load(ports[mode], n, steps)
+                        rate, samples = _client_load(client, ports[mode], n, steps)
                         rates[mode].append(rate)
                         latencies[mode].extend(samples)
                 for mode in modes:
@@ -215,20 +213,11 @@ def bench_server(model_path: Path, concurrency: list[int], steps: int, repeats: 
     return rows
 
 
-def _tritonclient_load(port: int, sequences: int, steps: int) -> tuple[float, list[float]]:
-    """Steps per second and step latencies (s) of ``sequences`` tritonclient threads."""
-    latencies: list[float] = []
-    start = time.perf_counter()
-    with ThreadPoolExecutor(sequences) as pool:
-        list(pool.map(partial(_client_sequence, port, steps, latencies), range(sequences)))
-    return sequences * steps / (time.perf_counter() - start), latencies
-
-
-def _aiohttp_load(port: int, sequences: int, steps: int) -> tuple[float, list[float]]:
-    """Steps per second and step latencies (s) measured by benchmarks/kserve_load.py in its own process."""
+def _client_load(client: str, port: int, sequences: int, steps: int) -> tuple[float, list[float]]:
+    """Steps per second and step latencies (s) measured by benchmarks/kserve_load.py in a fresh process."""
     script = Path(__file__).resolve().parent / "kserve_load.py"
-    command = [sys.executable, str(script), "--port", str(port), "--sequences", str(sequences)]
-    command += ["--steps", str(steps), "--vocab", str(len(VOCAB))]
+    command = [sys.executable, str(script), "--client", client, "--port", str(port)]
+    command += ["--sequences", str(sequences), "--steps", str(steps), "--vocab", str(len(VOCAB))]
     result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
     return result["steps_per_s"], [x * 1e-6 for x in result["latencies_us"]]
 
@@ -246,21 +235,6 @@ def _wait_ready(server: subprocess.Popen, port: int) -> None:
         if time.monotonic() > deadline or server.poll() is not None:
             raise RuntimeError(f"the server on port {port} did not start")
         time.sleep(0.1)
-
-
-def _client_sequence(port: int, steps: int, latencies: list[float], s: int) -> None:
-    """One sequence of ``steps`` steps through its own tritonclient client; appends step latencies."""
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
-    mine = []
-    for t in range(steps):
-        tensor = httpclient.InferInput("input", [1, 1], "INT64")
-        tensor.set_data_from_numpy(np.array([[(s + t) % len(VOCAB)]], np.int64))
-        start = time.perf_counter()
-        client.infer("lm", [tensor], sequence_id=s + 1, sequence_start=t == 0, sequence_end=t == steps - 1)
-        mine.append(time.perf_counter() - start)
-    latencies.extend(mine)  # list.extend is atomic under the GIL
 
 
 def machine() -> dict:

@@ -1,11 +1,15 @@
-"""A light KServe v2 load generator: N concurrent sequences from one asyncio process with aiohttp.
+"""KServe v2 load generator: N concurrent sequences of single-token steps, in a process of its own.
 
-Each sequence sends ``steps`` single-token steps (``sequence_id`` / ``sequence_start`` / ``sequence_end``,
-input and output as binary tensor data, the requests ``tritonclient.http`` sends) and waits for each reply
-before its next step. Every connection is opened and warmed up before the clock starts. Prints one JSON
-object: ``steps_per_s`` and ``latencies_us`` (one per step).
+Each sequence sends ``steps`` steps (``sequence_id`` / ``sequence_start`` / ``sequence_end``, input and output
+as binary tensor data) and waits for each reply before its next step. Two clients:
 
-    python benchmarks/kserve_load.py --port 8000 --model lm --sequences 64 --steps 50
+- ``aiohttp`` (light): all sequences as asyncio tasks on one event loop; every connection is opened and
+  warmed up before the clock starts.
+- ``tritonclient``: the stock ``tritonclient.http`` client, one thread and one client per sequence.
+
+Prints one JSON object: ``steps_per_s`` and ``latencies_us`` (one per step).
+
+    python benchmarks/kserve_load.py --port 8000 --model lm --sequences 64 --steps 50 [--client tritonclient]
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import argparse
 import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import aiohttp
 import numpy as np
@@ -69,6 +75,39 @@ async def run(port: int, model: str, sequences: int, steps: int, vocab: int) -> 
     return {"steps_per_s": sequences * steps / elapsed, "latencies_us": [x * 1e6 for x in latencies]}
 
 
+def tritonclient_sequence(
+    port: int, model: str, steps: int, vocab: int, latencies: list[float], sequence_id: int
+) -> None:
+    """One sequence through its own ``tritonclient.http`` client; appends its step latencies."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+    mine = []
+    try:
+        for t in range(steps):
+            tensor = httpclient.InferInput("input", [1, 1], "INT64")
+            tensor.set_data_from_numpy(np.array([[(sequence_id + t) % vocab]], np.int64))
+            start = time.perf_counter()
+            client.infer(
+                model, [tensor], sequence_id=sequence_id, sequence_start=t == 0, sequence_end=t == steps - 1
+            )
+            mine.append(time.perf_counter() - start)
+    finally:
+        client.close()
+    latencies.extend(mine)  # list.extend is atomic under the GIL
+
+
+def run_tritonclient(port: int, model: str, sequences: int, steps: int, vocab: int) -> dict:
+    tritonclient_sequence(port, model, 3, vocab, [], 10**6)  # import, first connection
+    latencies: list[float] = []
+    start = time.perf_counter()
+    with ThreadPoolExecutor(sequences) as pool:
+        sequence = partial(tritonclient_sequence, port, model, steps, vocab, latencies)
+        list(pool.map(sequence, range(1, sequences + 1)))  # re-raises a failed step
+    elapsed = time.perf_counter() - start
+    return {"steps_per_s": sequences * steps / elapsed, "latencies_us": [x * 1e6 for x in latencies]}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -78,5 +117,8 @@ if __name__ == "__main__":
     parser.add_argument("--sequences", type=int, required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--vocab", type=int, default=64, help="token ids cycle through 0..vocab-1")
+    parser.add_argument("--client", choices=["aiohttp", "tritonclient"], default="aiohttp")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.port, args.model, args.sequences, args.steps, args.vocab))))
+    load = (args.port, args.model, args.sequences, args.steps, args.vocab)
+    result = run_tritonclient(*load) if args.client == "tritonclient" else asyncio.run(run(*load))
+    print(json.dumps(result))
