@@ -1,9 +1,11 @@
 """Runtime and server benchmarks: per-step latency, batched stream throughput, server throughput and latency.
 
 Model: a character LSTM LM, 2 layers x 256 hidden, embedding 64, vocabulary 64 (built with onnx.helper as
-the exporter writes it); torch eager runs the same shape as a ``rnndeploy.SequenceModel``. Everything runs
-with one onnxruntime / torch thread. Prints a table and writes runtime.json, runtime.csv and runtime.png
-under benchmarks/results/ (or ``out``).
+the exporter writes it) and its int8 variant (``rnndeploy.export.quantize_int8``: DynamicQuantizeLSTM);
+torch eager runs the same shape as a ``rnndeploy.SequenceModel``. Per-step latency is measured with 1 and 2
+intra-op threads (the same count for onnxruntime and torch); stream and server benchmarks use 1 thread.
+The server is driven by two clients: tritonclient.http threads and benchmarks/kserve_load.py (asyncio).
+Prints tables and writes runtime.json, runtime.csv and runtime.png under benchmarks/results/ (or ``out``).
 
     python benchmarks/bench_runtime.py [--quick]     or     rnndeploy bench runtime [--quick]
 """
@@ -21,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from rnndeploy.export import quantize_int8
 from rnndeploy.runtime import StreamingSession, default_session_options, testing
 
 VOCAB = [chr(ord("!") + i) for i in range(64)]
@@ -53,46 +55,69 @@ def time_steps(step, steps: int, warmup: int = 50) -> dict[str, float]:
     return quantiles(samples)
 
 
-def bench_latency(model_bytes: bytes, steps: int) -> list[dict]:
-    """Per-step latency at batch 1: a bare InferenceSession.run loop, StreamingSession, torch eager."""
-    tokens = np.array([[5]], np.int64)
-    bare = ort.InferenceSession(model_bytes, default_session_options(1), providers=["CPUExecutionProvider"])
-    state = {"h0": np.zeros((LAYERS, 1, HIDDEN), np.float32), "c0": np.zeros((LAYERS, 1, HIDDEN), np.float32)}
+def bench_latency(model_bytes: bytes, int8_bytes: bytes, steps: int) -> list[dict]:
+    """Per-step latency at batch 1, fp32 and int8, 1 and 2 intra-op threads on both onnxruntime and torch.
 
-    def bare_step():
-        _, state["h0"], state["c0"] = bare.run(None, {"input": tokens, **state})
-
-    ours = StreamingSession(model_bytes, providers="cpu")
-    bound = StreamingSession(model_bytes, providers="cpu", io_binding=True)
-    rows = [
-        {"case": "onnxruntime run loop (bare)", **time_steps(bare_step, steps)},
-        {"case": "StreamingSession.step", **time_steps(lambda: ours.step(tokens), steps)},
-        {"case": "StreamingSession.step io_binding", **time_steps(lambda: bound.step(tokens), steps)},
-    ]
+    Cases: a bare InferenceSession.run loop, StreamingSession (fp32, fp32 with io_binding, int8
+    DynamicQuantizeLSTM), torch eager on the same shape. torch's own dynamic int8 is not measured: its
+    quantize_dynamic leaves rnndeploy's LSTM subclass in fp32 (and torch.ao.quantization is deprecated).
+    """
     import torch
 
     from rnndeploy.models import ModelConfig, SequenceModel
 
-    torch.set_num_threads(1)
-    model = SequenceModel(
-        ModelConfig(
-            task="lm",
-            cell="lstm",
-            vocab_size=len(VOCAB),
-            embed_dim=EMBED,
-            hidden_size=HIDDEN,
-            num_layers=LAYERS,
-        )
-    ).eval()
+    tokens = np.array([[5]], np.int64)
+    config = ModelConfig(
+        task="lm", cell="lstm", vocab_size=len(VOCAB), embed_dim=EMBED, hidden_size=HIDDEN, num_layers=LAYERS
+    )
+    model = SequenceModel(config).eval()
     x = torch.tensor([[5]])
-    torch_state = {"s": model.init_state(1)}
+    rows = []
+    for threads in (1, 2):
+        bare = ort.InferenceSession(
+            model_bytes, default_session_options(threads), providers=["CPUExecutionProvider"]
+        )
+        state = {
+            "h0": np.zeros((LAYERS, 1, HIDDEN), np.float32),
+            "c0": np.zeros((LAYERS, 1, HIDDEN), np.float32),
+        }
 
-    def torch_step():
-        with torch.inference_mode():
-            _, torch_state["s"] = model(x, torch_state["s"])
+        def bare_step(bare=bare, state=state):
+            _, state["h0"], state["c0"] = bare.run(None, {"input": tokens, **state})
 
-    rows.append({"case": "torch eager SequenceModel", **time_steps(torch_step, max(steps // 4, 100))})
+        cases = [("onnxruntime run loop (bare)", "fp32", bare_step)]
+        for name, precision, source, binding in (
+            ("StreamingSession.step", "fp32", model_bytes, False),
+            ("StreamingSession.step io_binding", "fp32", model_bytes, True),
+            ("StreamingSession.step", "int8", int8_bytes, False),
+        ):
+            session = StreamingSession(source, providers="cpu", threads=threads, io_binding=binding)
+            cases.append((name, precision, partial(session.step, tokens)))
+        for name, precision, step in cases:
+            rows.append(_latency_row(name, "onnxruntime", precision, threads, time_steps(step, steps)))
+
+        torch.set_num_threads(threads)
+        torch_state = {"s": model.init_state(1)}
+
+        def torch_step(torch_state=torch_state):
+            with torch.inference_mode():
+                _, torch_state["s"] = model(x, torch_state["s"])
+
+        stats = time_steps(torch_step, max(steps // 4, 100))
+        rows.append(_latency_row("torch eager SequenceModel", "torch", "fp32", threads, stats))
     return rows
+
+
+def _latency_row(name: str, engine: str, precision: str, threads: int, stats: dict) -> dict:
+    label = f"{name} {precision} {threads} thread{'s' if threads > 1 else ''}"
+    return {
+        "case": label,
+        "name": name,
+        "engine": engine,
+        "precision": precision,
+        "threads": threads,
+        **stats,
+    }
 
 
 def bench_streams(model_bytes: bytes, counts: list[int], rounds: int) -> list[dict]:
@@ -125,15 +150,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def bench_server(model_path: Path, concurrency: list[int], steps: int, repeats: int) -> list[dict]:
-    """`rnndeploy serve` batched and unbatched side by side, driven by threads of tritonclient.http clients.
+CLIENTS = {
+    "tritonclient": "benchmarks/kserve_load.py --client tritonclient: tritonclient.http, a thread per sequence",
+    "aiohttp": "benchmarks/kserve_load.py --client aiohttp: asyncio + aiohttp, all sequences on one loop",
+}
 
-    The two servers are measured alternately, ``repeats`` times per concurrency, and the median throughput
-    is kept, so load from other processes on a shared machine hits both modes alike.
+
+def bench_server(model_path: Path, concurrency: list[int], steps: int, repeats: int) -> list[dict]:
+    """`rnndeploy serve` batched and unbatched side by side, driven by two clients (see ``CLIENTS``).
+
+    Both clients send the same KServe v2 requests (binary tensor data); each mode is measured with the same
+    client. Each mode runs with batches in the server's worker thread (the default) and on its event loop
+    (``--no-worker-thread``). The servers are measured in turn, ``repeats`` times per client and
+    concurrency, and the median throughput is kept, so load from other processes hits all modes alike.
     """
+    batched = ["--max-batch-size", "64", "--max-queue-delay-us", "500"]
+    unbatched = ["--max-batch-size", "1", "--max-queue-delay-us", "0"]
     modes = {
-        "batched": ["--max-batch-size", "64", "--max-queue-delay-us", "500"],
-        "unbatched": ["--max-batch-size", "1", "--max-queue-delay-us", "0"],
+        "batched": batched,
+        "unbatched": unbatched,
+        "batched no_worker_thread": [*batched, "--no-worker-thread"],
+        "unbatched no_worker_thread": [*unbatched, "--no-worker-thread"],
     }
     servers, ports = {}, {}
     try:
@@ -147,26 +184,42 @@ def bench_server(model_path: Path, concurrency: list[int], steps: int, repeats: 
             )
         for mode, server in servers.items():
             _wait_ready(server, ports[mode])
-            _client_sequence(ports[mode], 20, [], 10_000)  # warm-up: first runs, connection set-up
+            _client_load("aiohttp", ports[mode], 8, 20)  # warm-up: first runs, connection set-up
         rows = []
         for n in concurrency:
-            rates: dict[str, list[float]] = {mode: [] for mode in modes}
-            latencies: dict[str, list[float]] = {mode: [] for mode in modes}
-            for _ in range(repeats):
+            for client in CLIENTS:
+                rates: dict[str, list[float]] = {mode: [] for mode in modes}
+                latencies: dict[str, list[float]] = {mode: [] for mode in modes}
+                for _ in range(repeats):
+                    for mode in modes:
+                        rate, samples = _client_load(client, ports[mode], n, steps)
+                        rates[mode].append(rate)
+                        latencies[mode].extend(samples)
                 for mode in modes:
-                    sequence = partial(_client_sequence, ports[mode], steps, latencies[mode])
-                    start = time.perf_counter()
-                    with ThreadPoolExecutor(n) as pool:
-                        list(pool.map(sequence, range(n)))
-                    rates[mode].append(n * steps / (time.perf_counter() - start))
-            for mode in modes:
-                rate = float(np.median(rates[mode]))
-                rows.append({"mode": mode, "sequences": n, "steps_per_s": rate, **quantiles(latencies[mode])})
+                    rate = float(np.median(rates[mode]))
+                    rows.append(
+                        {
+                            "client": client,
+                            "mode": mode,
+                            "sequences": n,
+                            "steps_per_s": rate,
+                            **quantiles(latencies[mode]),
+                        }
+                    )
     finally:
         for server in servers.values():
             server.terminate()
             server.wait(30)
     return rows
+
+
+def _client_load(client: str, port: int, sequences: int, steps: int) -> tuple[float, list[float]]:
+    """Steps per second and step latencies (s) measured by benchmarks/kserve_load.py in a fresh process."""
+    script = Path(__file__).resolve().parent / "kserve_load.py"
+    command = [sys.executable, str(script), "--client", client, "--port", str(port)]
+    command += ["--sequences", str(sequences), "--steps", str(steps), "--vocab", str(len(VOCAB))]
+    result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    return result["steps_per_s"], [x * 1e-6 for x in result["latencies_us"]]
 
 
 def _wait_ready(server: subprocess.Popen, port: int) -> None:
@@ -182,21 +235,6 @@ def _wait_ready(server: subprocess.Popen, port: int) -> None:
         if time.monotonic() > deadline or server.poll() is not None:
             raise RuntimeError(f"the server on port {port} did not start")
         time.sleep(0.1)
-
-
-def _client_sequence(port: int, steps: int, latencies: list[float], s: int) -> None:
-    """One sequence of ``steps`` steps through its own tritonclient client; appends step latencies."""
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
-    mine = []
-    for t in range(steps):
-        tensor = httpclient.InferInput("input", [1, 1], "INT64")
-        tensor.set_data_from_numpy(np.array([[(s + t) % len(VOCAB)]], np.int64))
-        start = time.perf_counter()
-        client.infer("lm", [tensor], sequence_id=s + 1, sequence_start=t == 0, sequence_end=t == steps - 1)
-        mine.append(time.perf_counter() - start)
-    latencies.extend(mine)  # list.extend is atomic under the GIL
 
 
 def machine() -> dict:
@@ -225,7 +263,7 @@ def machine() -> dict:
         "numpy": np.__version__,
         "torch": torch.__version__,
         "commit": commit,
-        "model": f"char LSTM LM {LAYERS}x{HIDDEN}, embed {EMBED}, vocab {len(VOCAB)}, 1 thread",
+        "model": f"char LSTM LM {LAYERS}x{HIDDEN}, embed {EMBED}, vocab {len(VOCAB)}",
     }
 
 
@@ -242,22 +280,37 @@ def _fmt(value) -> str:
 
 
 def summarize(latency: list[dict], streams: list[dict], server: list[dict]) -> dict:
-    by_case = {r["case"]: r["p50_us"] for r in latency}
-    bare = by_case["onnxruntime run loop (bare)"]
-    ours = by_case["StreamingSession.step"]
-    summary = {
-        "overhead_vs_bare_run_pct": 100 * (ours / bare - 1),
-        "io_binding_vs_run": by_case["StreamingSession.step io_binding"] / ours,
-        "speedup_vs_torch_eager": by_case["torch eager SequenceModel"] / ours,
-    }
+    """Ratios of the tables. Every speedup over torch eager compares the same thread count on both sides;
+    ``int8`` keys compare onnxruntime's int8 model with torch eager fp32 (torch int8 is not measured)."""
+    p50 = {(r["name"], r["precision"], r["threads"]): r["p50_us"] for r in latency}
+    summary = {}
+    for threads in (1, 2):
+        suffix = f"{threads}thread" + ("s" if threads > 1 else "")
+        ours = p50[("StreamingSession.step", "fp32", threads)]
+        torch_eager = p50[("torch eager SequenceModel", "fp32", threads)]
+        summary[f"overhead_vs_bare_run_pct_{suffix}"] = 100 * (
+            ours / p50[("onnxruntime run loop (bare)", "fp32", threads)] - 1
+        )
+        summary[f"io_binding_vs_run_{suffix}"] = (
+            p50[("StreamingSession.step io_binding", "fp32", threads)] / ours
+        )
+        summary[f"speedup_vs_torch_eager_fp32_{suffix}"] = torch_eager / ours
+        summary[f"speedup_int8_vs_torch_eager_fp32_{suffix}"] = (
+            torch_eager / p50[("StreamingSession.step", "int8", threads)]
+        )
     rate = {(r["streams"], r["mode"]): r["steps_per_s"] for r in streams}
     for n in sorted({r["streams"] for r in streams}):
         summary[f"batched_speedup_{n}_streams"] = (
             rate[(n, "batched step_many")] / rate[(n, "one step per stream")]
         )
-    serve = {(r["sequences"], r["mode"]): r["steps_per_s"] for r in server}
-    for n in sorted({r["sequences"] for r in server}):
-        summary[f"server_batched_speedup_{n}_sequences"] = serve[(n, "batched")] / serve[(n, "unbatched")]
+    serve = {(r["client"], r["sequences"], r["mode"]): r["steps_per_s"] for r in server}
+    for variant in ("", " no_worker_thread"):
+        for client in CLIENTS:
+            for n in sorted({r["sequences"] for r in server}):
+                key = f"server_batched_speedup_{n}_sequences_{client}{variant.replace(' ', '_')}"
+                summary[key] = (
+                    serve[(client, n, "batched" + variant)] / serve[(client, n, "unbatched" + variant)]
+                )
     return summary
 
 
@@ -267,7 +320,8 @@ def plot(path: Path, latency: list[dict], streams: list[dict], server: list[dict
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(16, 10))
+    axes = axes.ravel()
     names = [r["case"] for r in latency]
     axes[0].barh(
         names,
@@ -284,13 +338,15 @@ def plot(path: Path, latency: list[dict], streams: list[dict], server: list[dict
         xscale="log", yscale="log", xlabel="streams", ylabel="steps / s", title="Streams in one session"
     )
     axes[1].legend()
-    for mode in ("batched", "unbatched"):
-        rows = [r for r in server if r["mode"] == mode]
-        axes[2].plot([r["sequences"] for r in rows], [r["steps_per_s"] for r in rows], "o-", label=mode)
-    axes[2].set(
-        xscale="log", xlabel="concurrent sequences", ylabel="steps / s", title="Server (HTTP, tritonclient)"
-    )
-    axes[2].legend()
+    for ax, client in zip(axes[2:], CLIENTS, strict=True):
+        for mode in dict.fromkeys(r["mode"] for r in server):
+            rows = [r for r in server if r["mode"] == mode and r["client"] == client]
+            x, y = [r["sequences"] for r in rows], [r["steps_per_s"] for r in rows]
+            ax.plot(x, y, "o--" if "no_worker_thread" in mode else "o-", label=mode)
+        ax.set(
+            xscale="log", xlabel="concurrent sequences", ylabel="steps / s", title=f"Server, {client} client"
+        )
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
@@ -304,7 +360,10 @@ def main(quick: bool = False, out: Path | None = None) -> dict:
     info = machine()
     model = testing.lstm_lm(vocab=VOCAB, embed_dim=EMBED, hidden_size=HIDDEN, num_layers=LAYERS)
     model_bytes = model.SerializeToString()
-    latency = bench_latency(model_bytes, 300 if quick else 3000)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(model, Path(tmp) / "lm.onnx")
+        int8_bytes = quantize_int8(Path(tmp) / "lm.onnx", Path(tmp) / "lm.int8.onnx").SerializeToString()
+    latency = bench_latency(model_bytes, int8_bytes, 300 if quick else 3000)
     print_table("Per-step latency, batch 1 (us)", latency, ["case", "p50_us", "p20_us", "p80_us", "p99_us"])
     streams = bench_streams(model_bytes, [1, 8, 64] if quick else [1, 8, 64, 256], 256 if quick else 2048)
     print_table(
@@ -313,9 +372,11 @@ def main(quick: bool = False, out: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lm.onnx"
         onnx.save(model, path)
-        server = bench_server(path, [1, 16] if quick else [1, 16, 64], 20 if quick else 50, 1 if quick else 3)
+        server = bench_server(path, [1, 16] if quick else [1, 16, 64], 20 if quick else 50, 1 if quick else 5)
     print_table(
-        "Server: steps/s and step latency", server, ["mode", "sequences", "steps_per_s", "p50_us", "p99_us"]
+        "Server: steps/s and step latency",
+        server,
+        ["client", "mode", "sequences", "steps_per_s", "p50_us", "p99_us"],
     )
     summary = summarize(latency, streams, server)
     print("\nSummary: " + json.dumps({k: round(v, 2) for k, v in summary.items()}, indent=1))
@@ -325,6 +386,7 @@ def main(quick: bool = False, out: Path | None = None) -> dict:
         "latency": latency,
         "streams": streams,
         "server": server,
+        "server_clients": CLIENTS,
         "summary": summary,
     }
     results = json.loads(json.dumps(results, default=float))
@@ -380,7 +442,7 @@ def main(quick: bool = False, out: Path | None = None) -> dict:
                 writer.writerow(
                     [
                         "server",
-                        r["mode"],
+                        f"{r['mode']} ({r['client']})",
                         r["sequences"],
                         r["steps_per_s"],
                         r["p50_us"],

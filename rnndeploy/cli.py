@@ -459,6 +459,13 @@ def info_command(model, states, constants, provider, threads) -> None:
 @click.option("--max-sequences", default=1024, show_default=True, help="Most live sequences (429 beyond).")
 @click.option("--max-body-mb", default=16.0, show_default=True, help="Largest request body (413 beyond).")
 @click.option("--log-level", default="info", show_default=True)
+@click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
+@click.option(
+    "--worker-thread/--no-worker-thread",
+    default=True,
+    show_default=True,
+    help="Run batches in a worker thread (off: on the event loop, no hand-off; for steps of ~1 ms or less).",
+)
 @_session_options
 def serve_command(
     model,
@@ -471,6 +478,8 @@ def serve_command(
     max_sequences,
     max_body_mb,
     log_level,
+    access_log,
+    worker_thread,
     states,
     constants,
     provider,
@@ -490,11 +499,13 @@ def serve_command(
         port=port,
         model_name=name or model.stem,
         log_level=log_level,
+        access_log=access_log,
         max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us,
         idle_timeout_s=idle_timeout,
         max_sequences=max_sequences,
         max_body_bytes=int(max_body_mb * 2**20),
+        worker_thread=worker_thread,
     )
 
 

@@ -9,10 +9,11 @@ sequence (``sequence_id``, ``sequence_start``, ``sequence_end`` request paramete
 
 from __future__ import annotations
 
-import json
+import math
 from contextlib import asynccontextmanager
 
 import numpy as np
+import orjson
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -49,12 +50,15 @@ def create_app(
     idle_timeout_s: float = 60.0,
     max_sequences: int = 1024,
     max_body_bytes: int = 16 * 2**20,
+    worker_thread: bool = True,
 ) -> Starlette:
     """A Starlette (ASGI) app serving ``session`` as model ``model_name`` (version ``model_version``).
 
     ``max_batch_size`` / ``max_queue_delay_us`` configure dynamic batching of concurrent sequences (1 / 0:
     no batching), ``idle_timeout_s`` evicts idle sequences, ``max_sequences`` caps live sequences (HTTP 429
-    beyond), ``max_body_bytes`` caps a request body (HTTP 413 beyond). Run it with uvicorn (:func:`serve`).
+    beyond), ``max_body_bytes`` caps a request body (HTTP 413 beyond), ``worker_thread`` runs batches in a
+    worker thread (``False``: on the event loop, see :class:`SequenceBatcher`). Run it with uvicorn
+    (:func:`serve`).
     """
     batcher = SequenceBatcher(
         session,
@@ -62,6 +66,7 @@ def create_app(
         max_queue_delay_s=max_queue_delay_us * 1e-6,
         idle_timeout_s=idle_timeout_s,
         max_sequences=max_sequences,
+        worker_thread=worker_thread,
     )
 
     @asynccontextmanager
@@ -183,8 +188,8 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
             )
         json_part, binary = body[: int(header_length)], body[int(header_length) :]
     try:
-        header = json.loads(json_part)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        header = orjson.loads(json_part)
+    except orjson.JSONDecodeError as error:
         raise HTTPException(400, f"the request is not valid JSON: {error}") from error
     return _dict(header, "the request"), binary
 
@@ -221,7 +226,7 @@ def _decode_inputs(header: dict, binary: bytes) -> dict[str, np.ndarray]:
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise HTTPException(400, f"input {name!r} needs 'shape' as a list of sizes >= 0, got {shape!r}")
         dtype = np.dtype(DATATYPES[datatype])
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         binary_size = _dict(tensor.get("parameters", {}), f"parameters of input {name!r}").get(
             "binary_data_size"
         )
@@ -285,7 +290,7 @@ def _encode_outputs(
         else:
             tensor["data"] = array.reshape(-1).tolist()
         response["outputs"].append(tensor)
-    text = json.dumps(response).encode()
+    text = orjson.dumps(response)
     if not blobs:
         return Response(text, media_type="application/json")
     return Response(
@@ -301,10 +306,19 @@ def serve(
     port: int = 8000,
     model_name: str = "model",
     log_level: str = "info",
+    access_log: bool = False,
     **app_options,
 ) -> None:
     """Serve ``session`` over HTTP until SIGINT/SIGTERM (uvicorn's graceful shutdown finishes open requests).
 
-    ``app_options`` go to :func:`create_app` (batching, eviction, capacity, body limit).
+    ``access_log`` logs every request (off by default: a log record per step costs CPU on every step).
+    uvicorn uses httptools and uvloop (dependencies of rnndeploy). ``app_options`` go to :func:`create_app`
+    (batching, eviction, capacity, body limit, worker thread).
     """
-    uvicorn.run(create_app(session, model_name, **app_options), host=host, port=port, log_level=log_level)
+    uvicorn.run(
+        create_app(session, model_name, **app_options),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+    )

@@ -3,8 +3,8 @@
 Like Triton Inference Server's sequence batcher: a request carries ``sequence_id`` / ``sequence_start`` /
 ``sequence_end``; the state of a live sequence stays in the :class:`StreamingSession`; steps that are queued
 together (up to ``max_batch_size``, waiting at most ``max_queue_delay_s`` for more, but never for more than
-there are live sequences) run through one :meth:`StreamingSession.step_many` call in one worker thread, so
-the event loop keeps serving meanwhile.
+there are live sequences) run through one :meth:`StreamingSession.step_many` call, in one worker thread (the
+event loop keeps serving meanwhile) or, with ``worker_thread=False``, on the event loop itself.
 """
 
 from __future__ import annotations
@@ -55,6 +55,11 @@ class SequenceBatcher:
         max_queue_delay_s: how long the first queued step waits for others to join its batch.
         idle_timeout_s: a sequence with no step for this long is evicted (its state freed).
         max_sequences: most live sequences; starting one more is refused with status 429.
+        worker_thread: run batches in a worker thread (default), so the event loop reads and answers requests
+            while the model runs. ``False`` runs them on the event loop: no thread hand-off (and wait for the
+            GIL) per batch, which raises unbatched throughput of a small CPU model (see
+            benchmarks/results/runtime.json), but nothing else is served during a batch: use it for steps of
+            about a millisecond or less.
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class SequenceBatcher:
         max_queue_delay_s: float = 0.0005,
         idle_timeout_s: float = 60.0,
         max_sequences: int = 1024,
+        worker_thread: bool = True,
     ) -> None:
         if max_batch_size < 1 or max_sequences < 1 or idle_timeout_s <= 0 or max_queue_delay_s < 0:
             raise ValueError(
@@ -82,7 +88,9 @@ class SequenceBatcher:
         self.steps_run = 0
         self._pending: deque[_Request] = deque()
         self._stateless = itertools.count()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="rnndeploy-batcher")
+        self._executor = (
+            ThreadPoolExecutor(1, thread_name_prefix="rnndeploy-batcher") if worker_thread else None
+        )
         self._tasks: list[asyncio.Task] = []
         self._wakeup: asyncio.Event | None = None
         self._full: asyncio.Event | None = None
@@ -101,7 +109,8 @@ class SequenceBatcher:
             request = self._pending.popleft()
             if not request.future.done():
                 request.future.set_exception(SequenceError("the server is shutting down", 503))
-        self._executor.shutdown(wait=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
 
     async def infer(
         self,
@@ -183,7 +192,6 @@ class SequenceBatcher:
         return batch
 
     async def _batch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
             if self.max_queue_delay_s > 0 and len(self._pending) < self._batch_target():
@@ -199,7 +207,7 @@ class SequenceBatcher:
             if not batch:
                 continue
             try:
-                results = await loop.run_in_executor(self._executor, self._execute, batch)
+                results = await self._run(self._execute, batch)
             except Exception as error:  # noqa: BLE001 - reported to every waiting request
                 results = [error] * len(batch)
             for request, result in zip(batch, results, strict=True):
@@ -209,6 +217,14 @@ class SequenceBatcher:
                     request.future.set_exception(result)
                 else:
                     request.future.set_result(result)
+            if self._executor is None:
+                await asyncio.sleep(0)  # let the loop send these replies and read new requests
+
+    async def _run(self, function, *args):
+        """``function(*args)`` in the worker thread, or right here on the event loop without one."""
+        if self._executor is None:
+            return function(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     def _execute(self, batch: list[_Request]) -> list[dict[str, np.ndarray]]:
         """Worker thread: reset started sequences, run one batched step, free ended sequences."""
@@ -224,7 +240,6 @@ class SequenceBatcher:
         return [outputs[r.stream] for r in batch]
 
     async def _evict_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(self.idle_timeout_s / 4, 1.0))
             deadline = time.monotonic() - self.idle_timeout_s
@@ -232,7 +247,7 @@ class SequenceBatcher:
             for stream in idle:
                 del self.live[stream]
             if idle:
-                await loop.run_in_executor(self._executor, self._forget, idle)
+                await self._run(self._forget, idle)
 
     def _forget(self, streams: list[Hashable]) -> None:
         for stream in streams:

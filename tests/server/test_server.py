@@ -50,10 +50,14 @@ def lm_bytes():
     return testing.lstm_lm(hidden_size=7, num_layers=2).SerializeToString()
 
 
-@pytest.fixture(scope="module")
-def server(lm_bytes):
+@pytest.fixture(scope="module", params=[True, False], ids=["worker_thread", "event_loop"])
+def server(lm_bytes, request):
     with running(
-        StreamingSession(lm_bytes), max_batch_size=64, max_queue_delay_us=2000, max_body_bytes=2**18
+        StreamingSession(lm_bytes),
+        max_batch_size=64,
+        max_queue_delay_us=2000,
+        max_body_bytes=2**18,
+        worker_thread=request.param,
     ) as (url, app):
         yield url, app
 
@@ -232,9 +236,10 @@ def test_tritonclient_reports_errors(server):
         client.infer("lm", [token_input(np.array([[1]]))], sequence_id=31337)
 
 
-def test_idle_sequences_are_evicted(lm_bytes):
+@pytest.mark.parametrize("worker_thread", [True, False])
+def test_idle_sequences_are_evicted(lm_bytes, worker_thread):
     session = StreamingSession(lm_bytes)
-    with running(session, idle_timeout_s=0.2) as (url, app):
+    with running(session, idle_timeout_s=0.2, worker_thread=worker_thread) as (url, app):
         client = httpclient.InferenceServerClient(url)
         client.infer("lm", [token_input(np.array([[1]]))], sequence_id=5, sequence_start=True)
         assert 5 in app.state.batcher.live and 5 in session.streams
