@@ -377,3 +377,14 @@ def test_a_bad_output_request_does_not_step(server, lm_bytes):
     replies.append(_post(url, _step_body(int(tokens[0, 2]), 41, sequence_end=True)))
     got = [r.json()["outputs"][0]["data"] for r in replies]
     np.testing.assert_allclose(np.array(got, np.float32).reshape(1, 3, V), offline(lm_bytes, tokens), **TOL)
+
+
+def test_a_failed_restart_keeps_the_old_state(server, lm_bytes):
+    url, _ = server
+    tokens = np.random.default_rng(8).integers(0, V, (1, 2))
+    replies = [_post(url, _step_body(int(tokens[0, 0]), 43, sequence_start=True))]
+    reply = _post(url, _step_body(99999, 43, sequence_start=True))
+    assert reply.status_code == 400 and "99999" in reply.json()["error"]
+    replies.append(_post(url, _step_body(int(tokens[0, 1]), 43, sequence_end=True)))
+    got = [r.json()["outputs"][0]["data"] for r in replies]
+    np.testing.assert_allclose(np.array(got, np.float32).reshape(1, 2, V), offline(lm_bytes, tokens), **TOL)
