@@ -31,6 +31,7 @@ import onnx
 import onnxruntime as ort
 
 from rnndeploy.export import quantize_int8
+from rnndeploy.provenance import git_commit
 from rnndeploy.runtime import StreamingSession, default_session_options, testing
 
 VOCAB = [chr(ord("!") + i) for i in range(64)]
@@ -245,12 +246,6 @@ def machine() -> dict:
         )
     except (OSError, StopIteration):
         pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    except OSError:
-        commit = "unknown"
     import torch
 
     return {
@@ -262,7 +257,7 @@ def machine() -> dict:
         "onnxruntime": ort.__version__,
         "numpy": np.__version__,
         "torch": torch.__version__,
-        "commit": commit,
+        "commit": git_commit(Path(__file__).resolve().parent),
         "model": f"char LSTM LM {LAYERS}x{HIDDEN}, embed {EMBED}, vocab {len(VOCAB)}",
     }
 

@@ -103,10 +103,11 @@ def latency_us(path: str | Path, feeds: dict[str, np.ndarray], repeats: int = 20
     """Median wall time in microseconds of one ``session.run`` on the CPU execution provider, one thread."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from rnndeploy.runtime import default_session_options
+
+    session = ort.InferenceSession(
+        str(path), default_session_options(threads=1), providers=["CPUExecutionProvider"]
+    )
     for _ in range(10):
         session.run(None, feeds)
     times = []

@@ -104,16 +104,17 @@ def compare(name: str, output: str, got: np.ndarray, expected: np.ndarray, preci
 
 
 def session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), precision: str = "fp32"):
-    """An onnxruntime session, one thread; fp16 on the CPU execution provider gets ``ORT_ENABLE_EXTENDED``.
+    """An onnxruntime session with the runtime's one-thread options (``runtime.default_session_options``);
+    fp16 on the CPU execution provider gets ``ORT_ENABLE_EXTENDED``.
 
     NOTE: onnxruntime 1.31's CPU execution provider runs float16 RNN/LSTM/GRU by casting to float32, but its
     ``ORT_ENABLE_ALL`` layout optimizations crash (segfault) while loading such a graph; ``EXTENDED`` is safe.
     """
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
+    from rnndeploy.runtime import default_session_options
+
+    options = default_session_options(threads=1)
     if precision == "fp16" and list(providers)[:1] == ["CPUExecutionProvider"]:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     return ort.InferenceSession(str(path), options, providers=list(providers))

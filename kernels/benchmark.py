@@ -6,7 +6,6 @@ Measurement only (torch and triton); ``rnndeploy bench kernels`` prints the tabl
 from __future__ import annotations
 
 import itertools
-import os
 import platform
 import subprocess
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 import torch
 import triton
 from triton.testing import do_bench
+
+from rnndeploy.provenance import git_commit
 
 from . import reference_layer, triton_layer
 
@@ -52,19 +53,6 @@ def environment() -> dict[str, str]:
         ).stdout.strip().splitlines()[0]  # fmt: skip
     except (OSError, subprocess.SubprocessError, IndexError):
         driver = "unknown"
-    commit = os.environ.get("RNNDEPLOY_COMMIT", "")  # set by benchmarks/gpu_session.sh where .git is absent
-    if not commit:
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=10,
-                cwd=Path(__file__).resolve().parent,  # this checkout's commit, wherever the caller runs
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            commit = "unknown"
     return {
         "device": props.name,
         "sm_count": str(props.multi_processor_count),
@@ -73,7 +61,7 @@ def environment() -> dict[str, str]:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
-        "commit": commit,
+        "commit": git_commit(Path(__file__).resolve().parent),
     }
 
 

@@ -272,8 +272,21 @@ def export_cmd(
 
 
 # --- runtime ---
+def _provider_options(command):
+    """--provider and --threads: how the runtime runs a model (every command that opens one)."""
+    options = [
+        click.option(
+            "--provider", default=None, help="cpu, cuda, tensorrt (default: CUDA when usable, else CPU)."
+        ),
+        click.option("--threads", default=1, show_default=True, help="onnxruntime intra-op threads."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def _session_options(command):
-    """Options shared by the commands that open a model with the runtime."""
+    """Options shared by the commands that open any stateful model: state pairs, constants, provider."""
     options = [
         click.option(
             "--state",
@@ -289,11 +302,8 @@ def _session_options(command):
             metavar="NAME=VALUE",
             help="A constant input (VALUE is JSON, e.g. 16000 or [1,2]); repeat for each.",
         ),
-        click.option(
-            "--provider", default=None, help="cpu, cuda, tensorrt (default: CUDA when usable, else CPU)."
-        ),
-        click.option("--threads", default=1, show_default=True, help="onnxruntime intra-op threads."),
     ]
+    command = _provider_options(command)
     for option in reversed(options):
         command = option(command)
     return command
@@ -415,8 +425,7 @@ def _json_step(line: str, inputs: dict) -> dict:
 )
 @click.option("--top-k", type=int, default=None, help="Sample among the k most likely characters.")
 @click.option("--seed", type=int, default=None, help="Random seed for reproducible samples.")
-@click.option("--provider", default=None, help="cpu, cuda, tensorrt (default: CUDA when usable, else CPU).")
-@click.option("--threads", default=1, show_default=True, help="onnxruntime intra-op threads.")
+@_provider_options
 def generate_command(model, prompt, length, temperature, top_k, seed, provider, threads) -> None:
     """Sample text from a character language model, printing characters as they are drawn."""
     import sys

@@ -13,12 +13,14 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -52,6 +54,20 @@ _NAMING_CONVENTIONS: tuple[tuple[str, str], ...] = (
     (r"(?P<x>.+)", r"\g<x>_out"),  # state -> state_out
 )
 _BATCH_NAMES = ("batch", "batch_size", "N", "B", "n", "b")
+
+# What onnxruntime raises when it cannot load a model or run a step (all derive from Exception only).
+_ORT_ERRORS = (
+    _ort_state.Fail,
+    _ort_state.InvalidArgument,
+    _ort_state.InvalidGraph,
+    _ort_state.InvalidProtobuf,
+    _ort_state.NoSuchFile,
+    _ort_state.NotImplemented,
+    _ort_state.RuntimeException,
+    _ort_state.EPFail,
+)
+# onnxruntime's documented default severity of its process-wide logger (2: warnings and above).
+_ORT_DEFAULT_LOG_SEVERITY = 2
 
 
 class ModelError(ValueError):
@@ -129,8 +145,10 @@ def _cuda_driver_present() -> bool:
 def resolve_providers(providers: str | Iterable[str] | None) -> list[str]:
     """Turn ``None`` (auto), ``"cuda"``, ``"cpu"``, ``"tensorrt"``, ``"cuda,cpu"`` or full names into a list.
 
-    Auto picks CUDA when this build has it and a CUDA driver is present, then CPU. TensorRT is never picked
-    automatically: it builds an engine per input shape at first use (seconds to minutes); ask for it by name.
+    Auto lists CUDA first when this build has it and a CUDA driver is present, then CPU
+    (:class:`StreamingSession` still checks that CUDA starts, and runs on the CPU quietly when it does not).
+    TensorRT is never picked automatically: it builds an engine per input shape at first use (seconds to
+    minutes); ask for it by name.
     """
     available = available_providers()
     if providers is None:
@@ -167,6 +185,53 @@ def default_session_options(threads: int = 1) -> ort.SessionOptions:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     return options
+
+
+def _load_session(source: str | bytes, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+    """``ort.InferenceSession``, with a file or bytes onnxruntime cannot load reported as :class:`ModelError`."""
+    try:
+        return ort.InferenceSession(source, options, providers=providers)
+    except _ORT_ERRORS as error:
+        what = f"{source} is" if isinstance(source, str) else f"the given {len(source)} bytes are"
+        raise ModelError(f"{what} not an ONNX model onnxruntime can load: {error}") from error
+
+
+def _load_auto(source: str | bytes, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+    """Try ``providers`` (CUDA first) without onnxruntime's error log; on the CPU when CUDA does not start.
+
+    onnxruntime logs an error and falls back to the next provider when the CUDA provider library or its
+    CUDA/cuDNN libraries cannot be loaded; a user who did not ask for CUDA should not see that.
+    """
+    ort.set_default_logger_severity(4)
+    try:
+        session = ort.InferenceSession(source, options, providers=providers)
+    except _ORT_ERRORS:
+        session = None
+    finally:
+        ort.set_default_logger_severity(_ORT_DEFAULT_LOG_SEVERITY)
+    if session is None:  # CUDA failed loudly, or the model is bad: the CPU run tells which, clearly
+        return _load_session(source, options, ["CPUExecutionProvider"])
+    return session
+
+
+@contextmanager
+def _step_errors(streams: Mapping[Hashable, dict[str, np.ndarray]]) -> Iterator[None]:
+    """Report onnxruntime's failure to run a step (an out-of-range token id, ...) as :class:`StepInputError`."""
+    try:
+        yield
+    except _ORT_ERRORS as error:
+        given = "; ".join(
+            f"stream {stream!r}: " + ", ".join(_summary(n, a) for n, a in arrays.items())
+            for stream, arrays in streams.items()
+        )
+        raise StepInputError(f"the model cannot run this step ({given}): {error}") from error
+
+
+def _summary(name: str, array: np.ndarray) -> str:
+    text = f"{name} {array.dtype.name}{list(array.shape)}"
+    if array.size and array.dtype.kind in "iuf":
+        text += f" with values in [{array.min()}, {array.max()}]"
+    return text
 
 
 def _spec(arg: ort.NodeArg) -> TensorSpec:
@@ -252,7 +317,10 @@ class StreamingSession:
         source = str(model) if isinstance(model, str | os.PathLike) else model
         if isinstance(source, str) and not Path(source).is_file():
             raise FileNotFoundError(f"model file {source} does not exist")
-        self._session = ort.InferenceSession(source, options, providers=provider_list)
+        if providers is None and requested[0] != "CPUExecutionProvider":
+            self._session = _load_auto(source, options, provider_list)
+        else:
+            self._session = _load_session(source, options, provider_list)
         self.providers: list[str] = self._session.get_providers()
         explicit_gpu = providers is not None and any(p != "CPUExecutionProvider" for p in requested)
         if explicit_gpu and self.providers == ["CPUExecutionProvider"]:
@@ -542,16 +610,24 @@ class StreamingSession:
             the batch axis was left out of ``x``).
         """
         arrays, batch, added = self.check_input(x)
+        new = stream not in self._streams
         entry = self._open(stream, batch)
-        if self.cuda_graph:
-            outs = self._run_cuda_graph(entry, arrays)
-        elif self.io_binding:
-            outs = self._run_bound(entry, arrays)
-        else:
-            results = self._session.run(self._output_names, {**arrays, **self.constants, **entry.state})
-            n = len(self.outputs)
-            outs = dict(zip(self.outputs, results[:n], strict=False))
-            entry.state = {p.input: r for p, r in zip(self.states, results[n:], strict=False)}
+        try:
+            with _step_errors({stream: arrays}):
+                if self.cuda_graph:
+                    outs = self._run_cuda_graph(entry, arrays)
+                elif self.io_binding:
+                    outs = self._run_bound(entry, arrays)
+                else:
+                    feed = {**arrays, **self.constants, **entry.state}
+                    results = self._session.run(self._output_names, feed)
+                    n = len(self.outputs)
+                    outs = dict(zip(self.outputs, results[:n], strict=False))
+                    entry.state = {p.input: r for p, r in zip(self.states, results[n:], strict=False)}
+        except BaseException:
+            if new:  # a failed first step leaves no stream behind
+                self._streams.pop(stream, None)
+            raise
         return self._strip(outs) if added else outs
 
     def step_many(
@@ -562,8 +638,9 @@ class StreamingSession:
         State rows of the streams are gathered along each state's batch axis, run together and scattered
         back (on CUDA through host memory; with ``cuda_graph`` each stream replays its own graphs instead);
         the result equals calling :meth:`step` for each stream. Streams whose inputs (or grown states)
-        differ in shape run in separate calls. All inputs are validated before anything runs, so a bad
-        input changes no stream's state.
+        differ in shape run in separate calls. All inputs are validated before anything runs, and states are
+        stored (new streams opened) only after every call succeeded, so a failed step (a bad input, or one
+        onnxruntime rejects: :class:`StepInputError`) changes no stream's state and opens no stream.
 
         Args:
             xs: ``{stream: x}`` with ``x`` as for :meth:`step`.
@@ -577,8 +654,7 @@ class StreamingSession:
                 raise StepInputError(f"stream {stream!r} has batch size {entry.batch}, this step has {batch}")
         if self.cuda_graph:  # each stream replays its own captured graphs on fixed device buffers
             return {s: self.step(x, stream=s) for s, x in xs.items()}
-        entries = {s: self._open(s, batch) for s, (_, batch, _) in checked.items()}
-        states = {s: self._load(e) for s, e in entries.items()}
+        states = {s: self._current_state(s, batch) for s, (_, batch, _) in checked.items()}
         groups: dict[tuple, list[Hashable]] = {}
         for stream, (arrays, _, _) in checked.items():
             key = tuple(
@@ -602,7 +678,8 @@ class StreamingSession:
                         for p in self.states
                     }
                 )
-            outs = self._session.run(self._output_names, {**feed, **self.constants})
+            with _step_errors({s: checked[s][0] for s in members}):
+                outs = self._session.run(self._output_names, {**feed, **self.constants})
             axes = [spec.batch_axis for spec in self.outputs.values()] + [p.batch_axis for p in self.states]
             if len(members) == 1:
                 parts = [[o] for o in outs]
@@ -618,8 +695,15 @@ class StreamingSession:
                     for p, parts in zip(self.states, split_states, strict=False)
                 }
         for stream, state in new_states.items():
-            self._store(entries[stream], state)
+            self._store(self._open(stream, checked[stream][1]), state)
         return {s: results[s] for s in xs}
+
+    def _current_state(self, stream: Hashable, batch: int) -> dict[str, np.ndarray]:
+        """``stream``'s state as host arrays, zeros with ``batch`` rows for a stream not stepped yet."""
+        entry = self._streams.get(stream)
+        if entry is None or entry.batch is None:
+            return {p.input: p.initial(batch) for p in self.states}
+        return self._load(entry)
 
     def _strip(self, outs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {n: np.squeeze(a, axis=self.outputs[n].batch_axis) for n, a in outs.items()}

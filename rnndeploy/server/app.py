@@ -137,6 +137,9 @@ def create_app(
         sequence_id = parameters.get("sequence_id", 0)
         if not isinstance(sequence_id, int | str) or isinstance(sequence_id, bool):
             raise HTTPException(400, f"sequence_id must be an integer or a string, got {sequence_id!r}")
+        wanted = _wanted_outputs(
+            header, parameters, list(session.outputs)
+        )  # before the step: a 400 runs nothing
         try:
             outputs = await batcher.infer(
                 inputs,
@@ -148,7 +151,7 @@ def create_app(
             raise HTTPException(400, str(error)) from error
         except SequenceError as error:
             raise HTTPException(error.status, str(error)) from error
-        return _encode_outputs(header, parameters, outputs, model_name, model_version)
+        return _encode_outputs(header, wanted, outputs, model_name, model_version)
 
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
@@ -256,9 +259,8 @@ def _decode_inputs(header: dict, binary: bytes) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _encode_outputs(
-    header: dict, parameters: dict, outputs: dict[str, np.ndarray], model_name: str, model_version: str
-) -> Response:
+def _wanted_outputs(header: dict, parameters: dict, outputs: list[str]) -> list[tuple[str, bool]]:
+    """The requested outputs as ``(name, binary)``, all of ``outputs`` when the request names none."""
     requested = header.get("outputs")
     binary_default = _flag(parameters, "binary_data_output")
     if requested is None:
@@ -276,6 +278,16 @@ def _encode_outputs(
                 _flag(item_parameters, "binary_data") if "binary_data" in item_parameters else binary_default
             )
             wanted.append((item["name"], binary))
+    return wanted
+
+
+def _encode_outputs(
+    header: dict,
+    wanted: list[tuple[str, bool]],
+    outputs: dict[str, np.ndarray],
+    model_name: str,
+    model_version: str,
+) -> Response:
     response: dict = {"model_name": model_name, "model_version": model_version, "outputs": []}
     if "id" in header:
         response["id"] = header["id"]

@@ -4,7 +4,9 @@ Like Triton Inference Server's sequence batcher: a request carries ``sequence_id
 ``sequence_end``; the state of a live sequence stays in the :class:`StreamingSession`; steps that are queued
 together (up to ``max_batch_size``, waiting at most ``max_queue_delay_s`` for more, but never for more than
 there are live sequences) run through one :meth:`StreamingSession.step_many` call, in one worker thread (the
-event loop keeps serving meanwhile) or, with ``worker_thread=False``, on the event loop itself.
+event loop keeps serving meanwhile) or, with ``worker_thread=False``, on the event loop itself. When a batched
+run fails, its steps run again one by one, so only the offending request fails; a failed step changes no
+sequence's state.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rnndeploy.runtime import StreamingSession
+from rnndeploy.runtime import StepInputError, StreamingSession
 
 
 class SequenceError(ValueError):
@@ -126,8 +128,9 @@ class SequenceBatcher:
         Returns:
             ``{output_name: array}`` with the batch axis.
         Raises:
-            StepInputError: bad inputs (nothing is queued). SequenceError: unknown sequence (400), too many
-                live sequences (429), server stopping (503).
+            StepInputError: bad inputs (nothing is queued, or the model rejected them: the sequence keeps its
+                state). SequenceError: unknown sequence (400), too many live sequences (429), server
+                stopping (503).
         """
         arrays, batch, _ = self.session.check_input(inputs)
         now = time.monotonic()
@@ -137,6 +140,7 @@ class SequenceBatcher:
         else:
             stream = sequence_id
             live = self.live.get(stream)
+            created = live is None
             if not start:
                 if live is None:
                     raise SequenceError(
@@ -164,14 +168,18 @@ class SequenceBatcher:
         self._wakeup.set()
         if len(self._pending) >= self._batch_target():
             self._full.set()
+        failed = True
         try:
-            return await future
+            result = await future
+            failed = False
+            return result
         finally:
             live = self.live.get(stream)
             if live is not None:
                 live.pending -= 1
                 live.last_used = time.monotonic()
-                if end:
+                # A failed first step starts no sequence (the session opened no stream for it).
+                if end or (failed and created and start and live.pending == 0):
                     del self.live[stream]
 
     def _batch_target(self) -> int:
@@ -226,18 +234,43 @@ class SequenceBatcher:
             return function(*args)
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
-    def _execute(self, batch: list[_Request]) -> list[dict[str, np.ndarray]]:
-        """Worker thread: reset started sequences, run one batched step, free ended sequences."""
-        for request in batch:
-            if request.start:
-                self.session.reset(request.stream)
-        outputs = self.session.step_many({r.stream: r.arrays for r in batch})
-        for request in batch:
-            if request.end:
-                self.session.close(request.stream)
+    def _execute(self, batch: list[_Request]) -> list[dict[str, np.ndarray] | Exception]:
+        """Worker thread: one batched step; when it fails, each step alone (only the bad ones fail).
+
+        Ended sequences are freed whatever happened (the event loop forgets them too).
+        """
+        try:
+            try:
+                outputs = self._step(batch)
+                results: list = [outputs[r.stream] for r in batch]
+            except StepInputError as error:
+                results = [error] if len(batch) == 1 else [self._step_alone(r) for r in batch]
+        finally:
+            for request in batch:
+                if request.end:
+                    self.session.reset(request.stream)
         self.batches_run += 1
-        self.steps_run += len(batch)
-        return [outputs[r.stream] for r in batch]
+        self.steps_run += sum(not isinstance(r, Exception) for r in results)
+        return results
+
+    def _step_alone(self, request: _Request) -> dict[str, np.ndarray] | Exception:
+        try:
+            return self._step([request])[request.stream]
+        except StepInputError as error:
+            return error
+
+    def _step(self, batch: list[_Request]) -> dict[Hashable, dict[str, np.ndarray]]:
+        """Restart started sequences and run one batched step; on failure every state is as before."""
+        restarted = [r.stream for r in batch if r.start]
+        kept = {s: self.session.get_state(s) for s in restarted if s in self.session.streams}
+        for stream in restarted:
+            self.session.reset(stream)
+        try:
+            return self.session.step_many({r.stream: r.arrays for r in batch})
+        except Exception:
+            for stream in restarted:
+                self.session.reset(stream, kept.get(stream))
+            raise
 
     async def _evict_loop(self) -> None:
         while True:

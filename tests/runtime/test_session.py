@@ -266,3 +266,60 @@ def test_cuda_state_on_device_matches_cpu(lm_bytes, cuda_graph):
         np.testing.assert_allclose(got[s]["output"], want[s]["output"], rtol=1e-4, atol=1e-5)
         for name, value in cpu.get_state(s).items():
             np.testing.assert_allclose(gpu.get_state(s)[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_a_step_onnxruntime_rejects_changes_nothing(lm, lm_bytes):
+    """Token 99999 has the right shape and dtype; onnxruntime's Gather rejects it. Neither step nor step_many
+    changes a state or opens a stream, and the error names the stream and the input."""
+    session = StreamingSession(lm_bytes, providers="cpu")
+    tokens = np.random.default_rng(7).integers(0, V, (2, 3))
+    session.step_many({"a": tokens[0, :1], "b": tokens[1, :1]})
+    before = {s: session.get_state(s) for s in ("a", "b")}
+    message = r"stream 'a': input int64\[1, 1\] with values in \[99999, 99999\].*out of data bounds"
+    with pytest.raises(StepInputError, match=message):
+        session.step_many({"a": np.array([99999]), "b": tokens[1, 1:2], "new": tokens[1, 1:2]})
+    with pytest.raises(StepInputError, match="stream 'fresh': input"):
+        session.step(np.array([[99999]]), stream="fresh")
+    assert sorted(session.streams) == ["a", "b"]
+    for s in ("a", "b"):
+        for name, value in session.get_state(s).items():
+            np.testing.assert_array_equal(value, before[s][name])
+    got = session.step_many({"a": tokens[0, 1:], "b": tokens[1, 1:]})
+    want = reference_lm(lm, tokens)["output"]
+    np.testing.assert_allclose(np.stack([got["a"]["output"], got["b"]["output"]]), want[:, 1:], **TOL)
+
+
+def test_a_file_that_is_not_onnx(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"PK\x03\x04 a zip file, as torch.save writes")
+    with pytest.raises(
+        ModelError, match=f"{path} is not an ONNX model onnxruntime can load: .*INVALID_PROTOBUF"
+    ):
+        StreamingSession(path)
+    with pytest.raises(ModelError, match="the given 5 bytes are not"):
+        StreamingSession(b"bytes")
+
+
+def test_auto_provider_falls_back_to_cpu_quietly(monkeypatch, capfd):
+    """A machine with an NVIDIA driver but without onnxruntime's CUDA libraries (simulated: this CPU machine
+    claims a driver; onnxruntime cannot start its CUDA provider here) runs on the CPU without error logs;
+    asking for CUDA explicitly still fails clearly."""
+    from rnndeploy.runtime import session as session_module
+
+    if session_module._cuda_driver_present():
+        pytest.skip("a real CUDA driver is present: auto would use it")
+    monkeypatch.setattr(session_module, "_cuda_driver_present", lambda: True)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(session_module, "available_providers", lambda: providers)
+    model = testing.lstm_lm().SerializeToString()
+    capfd.readouterr()
+    session = StreamingSession(model)
+    assert session.providers == ["CPUExecutionProvider"] and session.device == "cpu"
+    assert capfd.readouterr().err == ""
+    with pytest.raises(ModelError, match="not an ONNX model"):
+        StreamingSession(b"bytes")
+    assert capfd.readouterr().err == ""
+    with pytest.raises(
+        ProviderError, match="asked for CUDAExecutionProvider but onnxruntime could not start it"
+    ):
+        StreamingSession(model, providers="cuda")

@@ -294,3 +294,97 @@ def test_unusual_state_names_with_constant(mapping):
             result = client.infer("lm", [tensor], sequence_id="a", sequence_start=t == 0, sequence_end=t == 4)
             got.append(result.as_numpy("y"))
     np.testing.assert_allclose(np.concatenate(got, axis=1), want, **TOL)
+
+
+def _step_body(token: int, sequence_id=None, **flags) -> dict:
+    parameters = {} if sequence_id is None else {"sequence_id": sequence_id, **flags}
+    return _tokens([token], parameters=parameters)
+
+
+@pytest.mark.parametrize("worker_thread", [True, False])
+def test_a_rejected_token_fails_only_its_request(lm_bytes, worker_thread):
+    """Token 99999 passes the shape check, onnxruntime rejects it inside the batch: the other sequence of that
+    batch gets its result, the bad request a 400, and neither sequence's state moves."""
+    tokens = np.random.default_rng(5).integers(0, V, (2, 3))
+    session = StreamingSession(lm_bytes)
+    # A long queue delay and two live sequences: each round's two steps run as one batch.
+    with running(session, max_queue_delay_us=1e6, worker_thread=worker_thread) as (url, app):
+
+        async def round_(client, *bodies):
+            replies = await asyncio.gather(
+                *(client.post(f"http://{url}/v2/models/lm/infer", json=b) for b in bodies)
+            )
+            return replies
+
+        async def main():
+            async with httpx.AsyncClient() as client:
+                first = await round_(
+                    client,
+                    _step_body(int(tokens[0, 0]), "a", sequence_start=True),
+                    _step_body(int(tokens[1, 0]), "b", sequence_start=True),
+                )
+                bad, good = await round_(client, _step_body(99999, "a"), _step_body(int(tokens[1, 1]), "b"))
+                assert bad.status_code == 400, bad.text
+                assert bad.headers["content-type"] == "application/json"
+                assert "stream 'a': input int64[1, 1] with values in [99999, 99999]" in bad.json()["error"]
+                assert "indices element out of data bounds" in bad.json()["error"]
+                rest = await round_(
+                    client,
+                    _step_body(int(tokens[0, 1]), "a"),
+                    _step_body(int(tokens[1, 2]), "b", sequence_end=True),
+                )
+                last = await round_(client, _step_body(int(tokens[0, 2]), "a", sequence_end=True))
+                for reply in [*first, good, *rest, *last]:
+                    assert reply.status_code == 200, reply.text
+                a = [first[0], rest[0], last[0]]
+                b = [first[1], good, rest[1]]
+                return [[r.json()["outputs"][0]["data"] for r in s] for s in (a, b)]
+
+        got = np.array(asyncio.run(main()), np.float32).reshape(2, 3, V)
+        assert app.state.batcher.live == {} and session.streams == []
+    np.testing.assert_allclose(got, offline(lm_bytes, tokens), **TOL)
+
+
+def test_failed_steps_leave_no_stream_behind(lm_bytes):
+    session = StreamingSession(lm_bytes)
+    with running(session) as (url, app):
+        batcher = app.state.batcher
+        assert _post(url, _step_body(1, "kept", sequence_start=True)).status_code == 200
+        failing = [
+            _step_body(99999),  # one-off request: a stream of its own, started and ended
+            _step_body(99999, "new", sequence_start=True),
+            _step_body(99999, "kept", sequence_end=True),
+        ]
+        for body in failing:
+            reply = _post(url, body)
+            assert reply.status_code == 400 and "99999" in reply.json()["error"], reply.text
+        assert session.streams == [] and batcher.live == {}
+        reply = _post(url, _step_body(1, "new"))
+        assert reply.status_code == 400 and "sequence 'new' is not active" in reply.json()["error"]
+
+
+def test_a_bad_output_request_does_not_step(server, lm_bytes):
+    url, _ = server
+    tokens = np.random.default_rng(6).integers(0, V, (1, 3))
+    replies = [_post(url, _step_body(int(tokens[0, 0]), 41, sequence_start=True))]
+    bad = {**_step_body(int(tokens[0, 1]), 41), "outputs": [{"name": "nope"}]}
+    reply = _post(url, bad)
+    assert reply.status_code == 400 and "unknown output 'nope'" in reply.json()["error"]
+    bad = _step_body(int(tokens[0, 1]), 41, binary_data_output="yes")
+    reply = _post(url, bad)
+    assert reply.status_code == 400 and "binary_data_output must be true or false" in reply.json()["error"]
+    replies.append(_post(url, _step_body(int(tokens[0, 1]), 41)))
+    replies.append(_post(url, _step_body(int(tokens[0, 2]), 41, sequence_end=True)))
+    got = [r.json()["outputs"][0]["data"] for r in replies]
+    np.testing.assert_allclose(np.array(got, np.float32).reshape(1, 3, V), offline(lm_bytes, tokens), **TOL)
+
+
+def test_a_failed_restart_keeps_the_old_state(server, lm_bytes):
+    url, _ = server
+    tokens = np.random.default_rng(8).integers(0, V, (1, 2))
+    replies = [_post(url, _step_body(int(tokens[0, 0]), 43, sequence_start=True))]
+    reply = _post(url, _step_body(99999, 43, sequence_start=True))
+    assert reply.status_code == 400 and "99999" in reply.json()["error"]
+    replies.append(_post(url, _step_body(int(tokens[0, 1]), 43, sequence_end=True)))
+    got = [r.json()["outputs"][0]["data"] for r in replies]
+    np.testing.assert_allclose(np.array(got, np.float32).reshape(1, 2, V), offline(lm_bytes, tokens), **TOL)
