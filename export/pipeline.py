@@ -14,6 +14,7 @@ import torch
 from rnndeploy.checkpoint import Checkpoint, load_checkpoint
 from rnndeploy.data import DataError, load_data
 from rnndeploy.models import SequenceModel
+from rnndeploy.runtime.generate import log_probs
 
 from .exporter import DEFAULT_OPSET, example_input, export_onnx, save_onnx
 from .variants import latency_us, quantize_int8, to_fp16
@@ -178,8 +179,8 @@ def int8_accuracy(
             f"  RMS(int8 - fp32) = {rms:.3e}, {rms / (float(y32.std()) or 1.0):.2%} of the output std",
         ]
     top32, top8 = y32.argmax(-1), y8.argmax(-1)
-    logp32 = _log_probs(y32, c.head)
-    logp8 = _log_probs(y8, c.head)
+    logp32 = log_probs(y32, c.head)
+    logp8 = log_probs(y8, c.head)
     if target is not None:
         bits32 = -np.take_along_axis(logp32, target[..., None], -1).mean() / np.log(2)
         bits8 = -np.take_along_axis(logp8, target[..., None], -1).mean() / np.log(2)
@@ -193,15 +194,6 @@ def int8_accuracy(
         f"  top-1 agreement with fp32: {float((top32 == top8).mean()):.2%}",
         f"  max |int8 - fp32| over outputs: {float(np.abs(y8 - y32).max()):.3e}",
     ]
-
-
-def _log_probs(y: np.ndarray, head: str) -> np.ndarray:
-    if head == "log_softmax":
-        return y
-    if head == "softmax":
-        return np.log(np.clip(y, 1e-30, None))
-    z = y - y.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 def int8_speed(model: SequenceModel, fp32_path: Path, int8_path: Path) -> list[str]:

@@ -68,7 +68,7 @@ def generate(
 
     def last_scores(ids: np.ndarray) -> np.ndarray:
         scores = session.step(ids, stream)[output][-1].astype(np.float64)  # [V]
-        return np.log(np.maximum(scores, 1e-30)) if head == "softmax" else scores
+        return log_probs(scores, head)
 
     session.reset(stream)
     try:
@@ -80,6 +80,17 @@ def generate(
                 scores = last_scores(np.array([token], np.int64))
     finally:
         session.reset(stream)
+
+
+def log_probs(y: np.ndarray, head: str | None) -> np.ndarray:
+    """Log-probabilities over the last axis from a model's output with head ``head`` (``log_softmax``,
+    ``softmax``, or raw scores for ``identity`` / a model without rnndeploy metadata)."""
+    if head == "log_softmax":
+        return y
+    if head == "softmax":
+        return np.log(np.clip(y, 1e-30, None))
+    z = y - y.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 def _sample(scores: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
