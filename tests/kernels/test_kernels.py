@@ -77,7 +77,9 @@ def make_layer(cell, B, T, H, dtype=torch.float32, bias=True, lengths=False, sca
     weights = (u(G * H, IN), u(G * H, H), u(G * H) if bias else None, u(G * H) if bias else None)
     lens = None
     if lengths:
-        lens = torch.tensor([max(1, T // 2), T, 1][:B] if B > 1 else [max(1, T - 2)], device=device)
+        # one length per row for any B: full, half and single-step rows (B=1: all but the last two steps)
+        pattern = (max(1, T // 2), T, 1) if B > 1 else (max(1, T - 2),)
+        lens = torch.tensor([pattern[b % len(pattern)] for b in range(B)], device=device)
     return x, state, weights, lens
 
 
@@ -285,6 +287,13 @@ def test_mismatched_shapes_are_refused_by_name():
         kernels.triton_layer("gru", x, state, (weights[0], weights[1][:, :4].contiguous(), *weights[2:]))
     with pytest.raises(ValueError, match=r"h0 must have shape \(3, 5\)"):
         kernels.triton_layer("gru", x, (state[0][:2],), weights)
+
+
+@pytest.mark.parametrize("B", [1, 3, 16])
+def test_make_layer_gives_one_length_per_row(B):
+    *_, lens = make_layer("lstm", B, 8, 5, lengths=True)
+    assert lens.shape == (B,), f"lengths for B={B}: expected shape ({B},), got {tuple(lens.shape)}"
+    assert 1 <= lens.min() and lens.max() <= 8
 
 
 def test_barrier_strategies_are_refused_off_gpu():
