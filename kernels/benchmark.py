@@ -113,6 +113,20 @@ def _peak_mib(fn: Callable[[], None]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+@dataclass
+class Failure:
+    """A case that raised instead of finishing: what it was and the error, so no other number is lost."""
+
+    cell: str
+    mode: str
+    provider: str
+    dtype: str
+    batch: int
+    hidden: int
+    seq_len: int
+    error: str
+
+
 def run_benchmark(
     cells: Iterable[str],
     modes: Iterable[str],
@@ -125,15 +139,20 @@ def run_benchmark(
     rep_ms: int = 100,
     time_budget_s: float | None = None,
     progress: Callable[[str], None] | None = None,
-) -> list[Row]:
+    on_result: Callable[[Row | Failure], None] | None = None,
+) -> tuple[list[Row], list[Failure]]:
     """Times every combination with ``triton.testing.do_bench`` (median and 0.2/0.8 quantiles, ms).
 
-    The reference runs only where ``seq_len <= reference_max_t`` (its Python time loop is slow). Once
-    ``time_budget_s`` has passed, the remaining cases are skipped (reported through ``progress``).
+    Each case runs in its own ``try``: one that raises becomes a :class:`Failure` and the grid goes on.
+    ``on_result`` sees every row and failure as soon as it exists (the CLI writes it as a JSON line then), so
+    a later error or a timeout loses nothing that finished. The reference runs only where
+    ``seq_len <= reference_max_t`` (its Python time loop is slow). Once ``time_budget_s`` has passed, the
+    remaining cases are skipped (reported through ``progress``).
     """
     from .common import make_config
 
-    rows = []
+    rows: list[Row] = []
+    failures: list[Failure] = []
     start = time.monotonic()
     grid = list(itertools.product(cells, modes, dtypes, seq_lens, hiddens, batches, providers))
     for n, (cell, mode, dtype_name, T, H, B, provider) in enumerate(grid):
@@ -148,14 +167,25 @@ def run_benchmark(
         dtype = DTYPES[dtype_name]
         if progress is not None:
             progress(f"{cell} {mode} {provider} {dtype_name} B={B} H={H} T={T}")
-        step = _case(cell, provider, B, H, T, dtype, mode == "full")
-        step()  # compile outside the timed region
-        ms, p20, p80 = do_bench(step, quantiles=QUANTILES, rep=rep_ms)
-        strategy = ""
-        if provider == "triton":
-            strategy = make_config(cell, B, H, dtype, torch.device("cuda")).strategy
-        rows.append(Row(cell, mode, provider, dtype_name, B, H, T, ms, p20, p80, _peak_mib(step), strategy))
-    return rows
+        result: Row | Failure
+        try:
+            step = _case(cell, provider, B, H, T, dtype, mode == "full")
+            step()  # compile outside the timed region
+            ms, p20, p80 = do_bench(step, quantiles=QUANTILES, rep=rep_ms)
+            strategy = ""
+            if provider == "triton":
+                # after the run: a strategy that failed to launch has been replaced (common.launch)
+                strategy = make_config(cell, B, H, dtype, torch.device("cuda")).strategy
+            result = Row(cell, mode, provider, dtype_name, B, H, T, ms, p20, p80, _peak_mib(step), strategy)
+            rows.append(result)
+        except Exception as e:  # one failing case is recorded; the grid goes on
+            result = Failure(cell, mode, provider, dtype_name, B, H, T, f"{type(e).__name__}: {e}"[:2000])
+            failures.append(result)
+            if progress is not None:
+                progress(f"  FAILED: {result.error.splitlines()[0] if result.error else ''}")
+        if on_result is not None:
+            on_result(result)
+    return rows, failures
 
 
 def speedups(rows: list[Row]) -> list[dict]:

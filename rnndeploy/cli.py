@@ -561,8 +561,10 @@ def _choices(allowed: tuple[str, ...]):
     return check
 
 
-def write_kernel_results(rows: list, env: dict, options: dict, out_dir: Path) -> list[Path]:
-    """Writes ``kernels.json`` (environment, options, rows, speedups), ``kernels.csv`` and ``kernels.png``."""
+def write_kernel_results(
+    rows: list, env: dict, options: dict, out_dir: Path, failures: list | None = None
+) -> list[Path]:
+    """Writes ``kernels.json`` (environment, options, rows, speedups, failures), ``kernels.csv``, ``kernels.png``."""
     import csv
     import dataclasses
     import json
@@ -577,7 +579,8 @@ def write_kernel_results(rows: list, env: dict, options: dict, out_dir: Path) ->
 
     records = [dataclasses.asdict(r) for r in rows]
     faster = speedups(rows)
-    doc = {"environment": env, "options": options, "rows": records, "speedups": faster}
+    doc = {"environment": env, "options": options, "rows": records, "speedups": faster,
+           "failures": [dataclasses.asdict(f) for f in failures or []]}  # fmt: skip
     paths = [out_dir / "kernels.json", out_dir / "kernels.csv", out_dir / "kernels.png"]
     atomic_write(paths[0], lambda p: Path(p).write_text(json.dumps(doc, indent=1)))
 
@@ -675,12 +678,46 @@ def bench_kernels(
             "`rnndeploy bench kernels` needs a CUDA GPU and torch.cuda.is_available() is False here. "
             "The kernels' correctness runs on CPU: `python -m pytest tests/kernels` (Triton's interpreter)."
         )
-    from rnndeploy.kernels.benchmark import environment, run_benchmark
+    import dataclasses
+    import json
+    import signal
 
-    rows = run_benchmark(cells, modes, providers, dtypes, batch, hidden, seq_len, reference_max_t, rep_ms,
-                         time_budget_s, progress=lambda s: click.echo(f"  {s}", err=True))  # fmt: skip
+    from rnndeploy.kernels.benchmark import Row, environment, run_benchmark
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    lines_path = out_dir / "kernels.jsonl"
+    rows, failures = [], []
+
+    def stop(signum, frame):  # `timeout` sends SIGTERM: end like Ctrl-C, keep what finished
+        raise KeyboardInterrupt
+
+    def record(result) -> None:
+        (rows if isinstance(result, Row) else failures).append(result)
+        kind = "row" if isinstance(result, Row) else "failure"
+        lines.write(json.dumps({kind: dataclasses.asdict(result), "commit": env["commit"]}) + "\n")
+        lines.flush()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    with open(lines_path, "a") as lines:
+        lines.write(json.dumps({"environment": env}) + "\n")
+        try:
+            run_benchmark(cells, modes, providers, dtypes, batch, hidden, seq_len, reference_max_t, rep_ms,
+                          time_budget_s, progress=lambda s: click.echo(f"  {s}", err=True),
+                          on_result=record)  # fmt: skip
+        except KeyboardInterrupt:
+            click.echo(f"interrupted: the table holds the {len(rows)} case(s) that finished", err=True)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    click.echo(f"wrote {lines_path} (one JSON line per case as it finished)")
+    for f in failures:
+        click.echo(f"FAILED {f.cell} {f.mode} {f.provider} {f.dtype} B={f.batch} H={f.hidden} T={f.seq_len}: "
+                   f"{f.error.splitlines()[0] if f.error else ''}")  # fmt: skip
     if not rows:
-        raise click.ClickException("nothing was measured: every case was filtered out (--reference-max-t)")
+        raise click.ClickException(
+            f"nothing was measured: {len(failures)} case(s) failed, the others were filtered out "
+            "(--reference-max-t) or not reached"
+        )
     header = f"{'cell':5} {'mode':8} {'provider':9} {'dtype':5} {'B':>4} {'H':>5} {'T':>5} " + (
         f"{'ms':>9} {'p20':>9} {'p80':>9} {'peak MiB':>9}  strategy"
     )
@@ -693,5 +730,5 @@ def bench_kernels(
     options = dict(cells=cells, modes=modes, providers=providers, dtypes=dtypes, batch=batch, hidden=hidden,
                    seq_len=seq_len, reference_max_t=reference_max_t, rep_ms=rep_ms,
                    time_budget_s=time_budget_s)  # fmt: skip
-    for path in write_kernel_results(rows, environment(), options, out_dir):
+    for path in write_kernel_results(rows, env, options, out_dir, failures):
         click.echo(f"wrote {path}")

@@ -46,3 +46,46 @@ def test_results_files(tmp_path):
     assert [r["provider"] for r in records] == ["triton", "cudnn", "reference"]
     assert records[0]["device"] == "FakeGPU"
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failing_case_loses_no_other_number(monkeypatch):
+    """One case raising is recorded as a Failure; the cases before and after it are still timed and reported."""
+    from rnndeploy.kernels import benchmark
+
+    def fake_case(cell, provider, B, H, T, dtype, training):
+        if B == 2:
+            raise RuntimeError("out of resources: shared memory")
+        return lambda: None
+
+    monkeypatch.setattr(benchmark, "_case", fake_case)
+    monkeypatch.setattr(benchmark, "do_bench", lambda fn, quantiles, rep: [1.0, 0.9, 1.1])
+    monkeypatch.setattr(benchmark, "_peak_mib", lambda fn: 0.0)
+    seen = []
+    rows, failures = benchmark.run_benchmark(
+        ["lstm"], ["forward"], ["cudnn"], ["fp32"], [1, 2, 3], [8], [4], on_result=seen.append
+    )
+    assert [r.batch for r in rows] == [1, 3], f"expected batches 1 and 3 timed, got {rows}"
+    (f,) = failures
+    assert f.batch == 2 and "out of resources" in f.error
+    assert [r.batch for r in seen] == [1, 2, 3], "on_result must see every case in order, as it finishes"
+
+
+def test_cli_writes_a_line_per_case_and_keeps_them_when_interrupted(monkeypatch, tmp_path):
+    from rnndeploy.kernels import benchmark
+
+    def fake_run(*args, on_result, **kwargs):
+        on_result(Row("lstm", "full", "triton", "bf16", 16, 768, 1024, 2.0, 1.9, 2.1, 100.0, "split"))
+        on_result(benchmark.Failure("lstm", "full", "cudnn", "bf16", 16, 768, 1024, "RuntimeError: boom"))
+        raise KeyboardInterrupt  # what SIGTERM from `timeout` becomes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(benchmark, "environment", lambda: {"device": "FakeGPU", "commit": "abc"})
+    monkeypatch.setattr(benchmark, "run_benchmark", fake_run)
+    result = CliRunner().invoke(main, ["bench", "kernels", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (tmp_path / "kernels.jsonl").read_text().splitlines()]
+    assert lines[0]["environment"]["device"] == "FakeGPU"
+    assert lines[1]["row"]["strategy"] == "split" and lines[2]["failure"]["error"] == "RuntimeError: boom"
+    assert "FAILED lstm full cudnn" in result.output
+    doc = json.loads((tmp_path / "kernels.json").read_text())
+    assert len(doc["rows"]) == 1 and doc["failures"][0]["provider"] == "cudnn"
