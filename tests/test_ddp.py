@@ -5,6 +5,7 @@ gradients of the ranks' streams, and the ranks' streams are the single process's
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,11 +18,23 @@ from rnndeploy.train import TrainOptions, train
 ARGS = dict(hidden=16, embed=8, seq_len=10, lr=1e-2, eval_every=4, device="cpu")
 
 
+# NOTE: nothing here may depend on how busy the machine is. Both sides train with one intra-op thread (torchrun
+# gives each worker OMP_NUM_THREADS=1; the one-process reference gets the same), so the float reduction order
+# cannot follow the thread count a loaded machine's OpenMP/BLAS picks; Adam turns a rounding difference in a
+# near-zero gradient into a whole step. The store's 60 s read timeout and a 4 min process bound are raised to
+# bounds that only a hang reaches; the rendezvous port is the OS's (localhost:0), never a guessed free port.
+TIMEOUT_S = 900
+RDZV_CONF = f"read_timeout={TIMEOUT_S},join_timeout={TIMEOUT_S}"
+
+
 def _torchrun(*args: str) -> str:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    run = subprocess.run(
-        [*command, "-m", "rnndeploy", "train", *args], capture_output=True, text=True, timeout=240
-    )
+    command += ["--rdzv-conf", RDZV_CONF, "-m", "rnndeploy", "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"torchrun hung for {TIMEOUT_S} s: {e.stdout!r} {e.stderr!r}") from None
     assert run.returncode == 0, run.stdout + run.stderr
     return run.stdout
 
@@ -47,9 +60,14 @@ def test_two_gloo_processes_resume_and_match_one_process_with_the_global_batch(t
     assert [r["step"] for r in evals] == [0, 4, 8]
     assert evals[-1]["valid_bpc"] < evals[0]["valid_bpc"] - 0.5
 
-    single = train(
-        TrainOptions(data=str(corpus), batch=6, steps=8, out=tmp_path / "one.pt", progress=False, **ARGS)
-    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = train(
+            TrainOptions(data=str(corpus), batch=6, steps=8, out=tmp_path / "one.pt", progress=False, **ARGS)
+        )
+    finally:
+        torch.set_num_threads(threads)
     expected = load_checkpoint(single.checkpoint).model.state_dict()
     ddp = load_checkpoint(out)
     assert ddp.step == 8 and len(ddp.extra["ranks"]) == 2
