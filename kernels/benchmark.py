@@ -1,4 +1,4 @@
-"""Timing the persistent kernels against torch.nn (cuDNN) and the plain reference (GPU only).
+"""Timing the persistent kernels against torch.nn (cuDNN) and the plain reference, and the headline check (GPU only).
 
 Measurement only (torch and triton); ``rnndeploy bench kernels`` prints the table and writes the files.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import triton
+from torch import Tensor
 from triton.testing import do_bench
 
 from rnndeploy.provenance import git_commit
@@ -74,6 +75,13 @@ def _cudnn_layer(cell: str, module: torch.nn.Module):
     return run
 
 
+def _triton_layer(cell: str, weights: tuple[Tensor, ...]):
+    def run(x, state):
+        return triton_layer(cell, x, state, weights)
+
+    return run
+
+
 def _case(cell: str, provider: str, B: int, H: int, T: int, dtype: torch.dtype, training: bool):
     """Builds inputs and a closure running one forward (and backward when ``training``)."""
     module = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](H, H)
@@ -87,9 +95,7 @@ def _case(cell: str, provider: str, B: int, H: int, T: int, dtype: torch.dtype, 
     if provider == "cudnn":
         layer = _cudnn_layer(cell, module)
     elif provider == "triton":
-
-        def layer(x, state):
-            return triton_layer(cell, x, state, weights)
+        layer = _triton_layer(cell, weights)
     else:
 
         def layer(x, state):
@@ -198,3 +204,86 @@ def speedups(rows: list[Row]) -> list[dict]:
             c = cudnn[key(r)]
             out.append({**asdict(r), "cudnn_ms": c.ms, "speedup": c.ms / r.ms, "cudnn_peak_mib": c.peak_mib})
     return out
+
+
+def _outputs_and_grads(layer, x: Tensor, state: tuple[Tensor, ...], params, probes):
+    xi = x.detach().clone().requires_grad_()
+    si = tuple(s.detach().clone().requires_grad_() for s in state)
+    y, final = layer(xi, si)
+    outs = (y, *final)
+    loss = sum((o.float() * p).sum() for o, p in zip(outs, probes, strict=True))
+    return [o.detach().float() for o in outs] + [
+        g.float() for g in torch.autograd.grad(loss, [xi, *si, *params])
+    ]
+
+
+def headline(
+    cells: Iterable[str] = ("lstm", "gru", "rnn"),
+    B: int = 16,
+    T: int = 1024,
+    H: int = 768,
+    dtype_name: str = "bf16",
+    rep_ms: int = 50,
+    echo: Callable[[str], None] = print,
+    device: str = "cuda",
+) -> list[dict]:
+    """The first GPU check: each cell at one shape, outputs and every gradient, then timings, against cuDNN.
+
+    Both the kernels and cuDNN run in ``dtype_name``; each is compared with cuDNN in fp32 (TF32 off) on the
+    same weights, as ``max |a - ref| / max |ref|`` per tensor. A tensor passes when the kernels' error is at
+    most twice cuDNN's plus 1e-2 (rounding of the low-precision dtype; a wrong kernel is off by order 1).
+    Every line goes to ``echo`` as soon as it exists. Returns one dict per line. Timings need CUDA; on
+    ``device="cpu"`` (the interpreter) only the comparison runs.
+    """
+    dtype = DTYPES[dtype_name]
+    results = []
+
+    def emit(d: dict) -> None:
+        results.append(d)
+        echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items()))
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    for cell in cells:
+        try:
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+            module_cls = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
+            ref_module = module_cls(H, H).to(device)
+            low_module = module_cls(H, H).to(device=device, dtype=dtype)
+            low_module.load_state_dict(ref_module.state_dict())
+            x = torch.randn(T, B, H, device=device)
+            state = tuple(torch.randn(B, H, device=device) for _ in range(2 if cell == "lstm" else 1))
+            probes = [torch.randn(T, B, H, device=device)] + [torch.randn(B, H, device=device) for _ in state]
+            ref = _outputs_and_grads(
+                _cudnn_layer(cell, ref_module), x, state, ref_module.parameters(), probes
+            )
+            low_x, low_state = x.to(dtype), tuple(s.to(dtype) for s in state)
+            weights = tuple(low_module.parameters())
+            cudnn = _outputs_and_grads(_cudnn_layer(cell, low_module), low_x, low_state, weights, probes)
+            ours = _outputs_and_grads(_triton_layer(cell, weights), low_x, low_state, weights, probes)
+            names = ["y", "h_T", "c_T"][: 1 + len(state)] + ["dx", "dh0", "dc0"][: 1 + len(state)]
+            names += [f"d{n}" for n, _ in low_module.named_parameters()]
+            for name, r, c, o in zip(names, ref, cudnn, ours, strict=True):
+                scale = r.abs().max().item() or 1.0
+                err_c = (c - r).abs().max().item() / scale
+                err_t = (o - r).abs().max().item() / scale
+                ok = bool(torch.isfinite(o).all()) and err_t <= 2 * err_c + 1e-2
+                emit({"check": cell, "tensor": name, "triton_err": err_t, "cudnn_err": err_c,
+                      "result": "ok" if ok else "FAIL"})  # fmt: skip
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+            from .common import make_config
+
+            strategy = make_config(cell, B, H, dtype, torch.device(device)).strategy
+            for mode in MODES if device == "cuda" else ():
+                ms = {}
+                for provider in ("triton", "cudnn"):
+                    step = _case(cell, provider, B, H, T, dtype, mode == "full")
+                    step()
+                    ms[provider] = do_bench(step, quantiles=QUANTILES, rep=rep_ms)[0]
+                emit({"time": cell, "mode": mode, "dtype": dtype_name, "B": B, "H": H, "T": T,
+                      "triton_ms": ms["triton"], "cudnn_ms": ms["cudnn"],
+                      "speedup": ms["cudnn"] / ms["triton"], "strategy": strategy})  # fmt: skip
+        except Exception as e:  # one cell failing leaves the others' lines
+            emit({"check": cell, "result": "ERROR", "error": f"{type(e).__name__}: {e}"[:500]})
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    return results

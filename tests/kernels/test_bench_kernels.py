@@ -89,3 +89,18 @@ def test_cli_writes_a_line_per_case_and_keeps_them_when_interrupted(monkeypatch,
     assert "FAILED lstm full cudnn" in result.output
     doc = json.loads((tmp_path / "kernels.json").read_text())
     assert len(doc["rows"]) == 1 and doc["failures"][0]["provider"] == "cudnn"
+
+
+def test_headline_check_compares_every_tensor_on_cpu():
+    """The GPU session's first stage, at an interpreter-sized shape: every output and gradient is checked."""
+    from rnndeploy.kernels.benchmark import headline
+
+    lines = []
+    results = headline(
+        cells=("lstm", "gru"), B=3, T=5, H=8, dtype_name="bf16", echo=lines.append, device="cpu"
+    )
+    lstm = [r["tensor"] for r in results if r["check"] == "lstm"]
+    assert lstm == ["y", "h_T", "c_T", "dx", "dh0", "dc0", "dweight_ih_l0", "dweight_hh_l0", "dbias_ih_l0",
+                    "dbias_hh_l0"]  # fmt: skip
+    assert len(results) == 10 + 8 and all(r["result"] == "ok" for r in results), results
+    assert len(lines) == len(results) and "triton_err=" in lines[0]

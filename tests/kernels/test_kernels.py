@@ -172,7 +172,9 @@ def test_layer_matches_reference(nan_outputs, cell, nl, B, T, H, dtype, reverse,
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_extreme_inputs_stay_finite(cell):
     """|pre-activations| up to ~1e4 (saturating gates): no overflow, no NaN, same values and gradients."""
-    assert_matches_reference(cell, "tanh", 3, 7, 5, torch.float32, False, True, True, scale=1e4, tol=EXTREME_TOL)
+    assert_matches_reference(
+        cell, "tanh", 3, 7, 5, torch.float32, False, True, True, scale=1e4, tol=EXTREME_TOL
+    )
 
 
 @pytest.mark.parametrize("where", ["largest", "smallest"])
