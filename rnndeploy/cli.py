@@ -458,7 +458,7 @@ def info_command(model, states, constants, provider, threads) -> None:
 @main.command("serve")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True)
+@click.option("--port", default=8000, show_default=True, help="HTTP port (0: any free port, printed).")
 @click.option("--name", default=None, help="Model name in URLs (default: the file name without .onnx).")
 @click.option(
     "--max-batch-size", default=64, show_default=True, help="Most sequences per batched step (1: off)."
@@ -466,7 +466,17 @@ def info_command(model, states, constants, provider, threads) -> None:
 @click.option("--max-queue-delay-us", default=500.0, show_default=True, help="Wait for a batch to fill (us).")
 @click.option("--idle-timeout", default=60.0, show_default=True, help="Evict sequences idle this long (s).")
 @click.option("--max-sequences", default=1024, show_default=True, help="Most live sequences (429 beyond).")
+@click.option("--max-state-mb", default=1024.0, show_default=True, help="All sequences' state (429 beyond).")
+@click.option("--max-rows", default=64, show_default=True, help="Batch rows of one request (413 beyond).")
+@click.option("--max-steps", default=4096, show_default=True, help="Time steps of one request (413 beyond).")
+@click.option("--max-response-mb", default=64.0, show_default=True, help="Largest response (413 beyond).")
 @click.option("--max-body-mb", default=16.0, show_default=True, help="Largest request body (413 beyond).")
+@click.option("--max-connections", default=512, show_default=True, help="Open connections (503 beyond).")
+@click.option("--header-timeout", default=10.0, show_default=True, help="Request headers within (s; 408).")
+@click.option("--body-timeout", default=30.0, show_default=True, help="Request body within (s; 408).")
+@click.option(
+    "--shutdown-timeout", default=10.0, show_default=True, help="SIGTERM: finish open requests within (s)."
+)
 @click.option("--log-level", default="info", show_default=True)
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
 @click.option(
@@ -485,7 +495,15 @@ def serve_command(
     max_queue_delay_us,
     idle_timeout,
     max_sequences,
+    max_state_mb,
+    max_rows,
+    max_steps,
+    max_response_mb,
     max_body_mb,
+    max_connections,
+    header_timeout,
+    body_timeout,
+    shutdown_timeout,
     log_level,
     access_log,
     worker_thread,
@@ -497,11 +515,31 @@ def serve_command(
     """Serve a model over HTTP with the KServe v2 protocol of Triton Inference Server (tritonclient works).
 
     Stateful models keep one state per sequence (sequence_id / sequence_start / sequence_end request
-    parameters); steps of concurrent sequences run as one batch. Stop with Ctrl-C or SIGTERM.
+    parameters); steps of concurrent sequences run as one batch. Prints the model and its URLs when ready.
+    Stop with Ctrl-C or SIGTERM: open requests finish (up to --shutdown-timeout), then it exits with 0.
+    Sequence state lives in memory: a restart loses every live sequence.
     """
-    from rnndeploy.server import serve
+    from rnndeploy.server import Limits, serve
 
+    try:
+        limits = Limits(
+            max_rows=max_rows,
+            max_steps=max_steps,
+            max_response_bytes=int(max_response_mb * 2**20),
+            max_state_bytes=int(max_state_mb * 2**20),
+            max_sequences=max_sequences,
+            max_body_bytes=int(max_body_mb * 2**20),
+        )
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
     session = _open_session(model, states, constants, provider, threads)
+
+    def ready(where: dict) -> None:
+        model_url = f"{where['http']}/v2/models/{where['model']}"
+        click.echo(f"Serving model '{where['model']}' (version {where['version']}) from {model}")
+        click.echo(f"  HTTP (KServe v2): {model_url}/infer   health: {where['http']}/v2/health/ready")
+        click.echo("Stop with Ctrl-C or SIGTERM.", nl=True)
+
     serve(
         session,
         host=host,
@@ -509,11 +547,15 @@ def serve_command(
         model_name=name or model.stem,
         log_level=log_level,
         access_log=access_log,
+        limits=limits,
+        header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout,
+        max_connections=max_connections,
+        shutdown_timeout_s=shutdown_timeout,
+        on_ready=ready,
         max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us,
         idle_timeout_s=idle_timeout,
-        max_sequences=max_sequences,
-        max_body_bytes=int(max_body_mb * 2**20),
         worker_thread=worker_thread,
     )
 

@@ -1,11 +1,21 @@
 """The rnndeploy inference server: KServe v2 / Open Inference Protocol (as Triton speaks it) over HTTP.
 
-:func:`create_app` builds the Starlette (ASGI) app around a :class:`~rnndeploy.runtime.StreamingSession`;
-:func:`serve` runs it with uvicorn; :class:`SequenceBatcher` keeps per-sequence state and batches
-concurrent steps.
+:class:`ModelServer` holds the model, the :class:`Limits` and the :class:`SequenceBatcher` (per-sequence
+state, concurrent steps batched); :func:`create_app` builds the Starlette (ASGI) app around it; :func:`serve`
+runs it with uvicorn, with slow-client guards and a bounded graceful shutdown.
 """
 
-from rnndeploy.server.app import create_app, serve
+from rnndeploy.server.app import ModelServer, create_app
 from rnndeploy.server.batcher import SequenceBatcher, SequenceError
+from rnndeploy.server.protocol import Limits, RequestError
+from rnndeploy.server.serving import serve
 
-__all__ = ["SequenceBatcher", "SequenceError", "create_app", "serve"]
+__all__ = [
+    "Limits",
+    "ModelServer",
+    "RequestError",
+    "SequenceBatcher",
+    "SequenceError",
+    "create_app",
+    "serve",
+]

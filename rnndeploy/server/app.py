@@ -9,35 +9,115 @@ sequence (``sequence_id``, ``sequence_start``, ``sequence_end`` request paramete
 
 from __future__ import annotations
 
-import math
+import asyncio
+import logging
+import re
 from contextlib import asynccontextmanager
 
-import numpy as np
 import orjson
-import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from rnndeploy import __version__
 from rnndeploy.runtime import StepInputError, StreamingSession
-from rnndeploy.server.batcher import SequenceBatcher, SequenceError
+from rnndeploy.server.batcher import SequenceBatcher
+from rnndeploy.server.protocol import (
+    TO_DATATYPE,
+    Decoded,
+    Limits,
+    RequestError,
+    check_datatype,
+    check_flag,
+    check_model_input,
+    check_outputs,
+    check_request_id,
+    check_shape,
+    decode_data,
+    decode_raw,
+    response_bytes,
+    sequence_parameters,
+    vocabulary_size,
+)
 
-DATATYPES = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-}
-_TO_DATATYPE = {np.dtype(v): k for k, v in DATATYPES.items()}
 HEADER_LENGTH = "Inference-Header-Content-Length"
+_DIGITS = re.compile(r"[0-9]{1,19}")
+logger = logging.getLogger("rnndeploy.server")
+
+
+class ModelServer:
+    """What the HTTP and gRPC front ends share: the model, its limits, the batcher and the request path.
+
+    :meth:`infer` takes a :class:`Decoded` request, checks it against the model and the limits, runs it
+    through the batcher and returns the outputs; every refusal is a :class:`RequestError` raised before the
+    step, so a refused request changes no state.
+    """
+
+    def __init__(
+        self,
+        session: StreamingSession,
+        model_name: str = "model",
+        model_version: str = "1",
+        *,
+        limits: Limits | None = None,
+        max_batch_size: int = 64,
+        max_queue_delay_us: float = 500.0,
+        idle_timeout_s: float = 60.0,
+        worker_thread: bool = True,
+    ) -> None:
+        self.session = session
+        self.model_name, self.model_version = model_name, model_version
+        self.limits = limits or Limits()
+        self.vocab_size = vocabulary_size(session)
+        self.batcher = SequenceBatcher(
+            session,
+            max_batch_size=max_batch_size,
+            max_queue_delay_s=max_queue_delay_us * 1e-6,
+            idle_timeout_s=idle_timeout_s,
+            max_sequences=self.limits.max_sequences,
+            max_state_bytes=self.limits.max_state_bytes,
+            worker_thread=worker_thread,
+        )
+
+    def check_model(self, name: str, version: str | None) -> None:
+        if name != self.model_name:
+            raise RequestError(f"unknown model {name!r}; this server serves {self.model_name!r}", 404)
+        if version not in (None, "", self.model_version):
+            raise RequestError(
+                f"unknown version {version!r} of model {name!r}; available: {self.model_version}", 404
+            )
+
+    def tensor_metadata(self) -> tuple[list[dict], list[dict]]:
+        def describe(spec) -> dict:
+            shape = [d if isinstance(d, int) else -1 for d in spec.shape]
+            return {"name": spec.name, "datatype": TO_DATATYPE[spec.dtype], "shape": shape}
+
+        return (
+            [describe(s) for s in self.session.inputs.values()],
+            [describe(s) for s in self.session.outputs.values()],
+        )
+
+    async def infer(self, request: Decoded) -> dict:
+        """Check ``request`` against the model and the limits, run it, return ``{output_name: array}``."""
+        if request.outputs is None:
+            request.outputs = [(name, request.binary_outputs) for name in self.session.outputs]
+        check_outputs(request.outputs, self.session)
+        arrays, rows, steps = check_model_input(self.session, request.arrays, self.limits, self.vocab_size)
+        size = response_bytes(self.session, arrays, rows, request.outputs)
+        if size > self.limits.max_response_bytes:
+            raise RequestError(
+                f"the response would take about {size} bytes, over the limit "
+                f"max_response_bytes={self.limits.max_response_bytes}: send fewer rows or time steps",
+                413,
+            )
+        try:
+            return await self.batcher.infer(
+                arrays, request.sequence_id, request.start, request.end, cost=rows * steps
+            )
+        except StepInputError as error:
+            raise RequestError(str(error)) from None
 
 
 def create_app(
@@ -48,26 +128,32 @@ def create_app(
     max_batch_size: int = 64,
     max_queue_delay_us: float = 500.0,
     idle_timeout_s: float = 60.0,
-    max_sequences: int = 1024,
-    max_body_bytes: int = 16 * 2**20,
+    limits: Limits | None = None,
+    body_timeout_s: float = 30.0,
     worker_thread: bool = True,
+    model_server: ModelServer | None = None,
 ) -> Starlette:
     """A Starlette (ASGI) app serving ``session`` as model ``model_name`` (version ``model_version``).
 
     ``max_batch_size`` / ``max_queue_delay_us`` configure dynamic batching of concurrent sequences (1 / 0:
-    no batching), ``idle_timeout_s`` evicts idle sequences, ``max_sequences`` caps live sequences (HTTP 429
-    beyond), ``max_body_bytes`` caps a request body (HTTP 413 beyond), ``worker_thread`` runs batches in a
-    worker thread (``False``: on the event loop, see :class:`SequenceBatcher`). Run it with uvicorn
-    (:func:`serve`).
+    no batching), ``idle_timeout_s`` evicts idle sequences, ``limits`` bounds what a request and all live
+    sequences may cost (:class:`Limits`; 413 / 429 beyond), ``body_timeout_s`` answers 408 to a body not
+    received in time, ``worker_thread`` runs batches in a worker thread (``False``: on the event loop, see
+    :class:`SequenceBatcher`). ``model_server`` shares an existing :class:`ModelServer` (with a gRPC front
+    end); then the other model options are its own. The app starts and stops the batcher in its lifespan.
+    Run it with uvicorn (:func:`serve`).
     """
-    batcher = SequenceBatcher(
+    core = model_server or ModelServer(
         session,
+        model_name,
+        model_version,
+        limits=limits,
         max_batch_size=max_batch_size,
-        max_queue_delay_s=max_queue_delay_us * 1e-6,
+        max_queue_delay_us=max_queue_delay_us,
         idle_timeout_s=idle_timeout_s,
-        max_sequences=max_sequences,
         worker_thread=worker_thread,
     )
+    batcher = core.batcher
 
     @asynccontextmanager
     async def lifespan(_: Starlette):
@@ -76,26 +162,23 @@ def create_app(
         await batcher.stop()
 
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code)
+        return JSONResponse({"error": str(error.detail)}, error.status_code, headers=error.headers)
+
+    async def request_error(_: Request, error: RequestError) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, error.status)
+
+    async def server_error(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("internal error answering %s %s", request.method, request.url.path)
+        return JSONResponse({"error": f"internal server error: {type(error).__name__}"}, 500)
 
     def check_model(request: Request) -> None:
-        name, version = request.path_params["name"], request.path_params.get("version")
-        if name != model_name:
-            raise HTTPException(404, f"unknown model {name!r}; this server serves {model_name!r}")
-        if version not in (None, "", model_version):
-            raise HTTPException(
-                404, f"unknown version {version!r} of model {name!r}; available: {model_version}"
-            )
-
-    def tensor_metadata(spec) -> dict:
-        shape = [d if isinstance(d, int) else -1 for d in spec.shape]
-        return {"name": spec.name, "datatype": _TO_DATATYPE[spec.dtype], "shape": shape}
+        core.check_model(request.path_params["name"], request.path_params.get("version"))
 
     async def live(_: Request) -> JSONResponse:
         return JSONResponse({"live": True})
 
     async def ready(_: Request) -> JSONResponse:
-        return JSONResponse({"ready": True})
+        return JSONResponse({"ready": batcher.running}, 200 if batcher.running else 503)
 
     async def server_metadata(_: Request) -> JSONResponse:
         extensions = ["binary_tensor_data", "sequence"]
@@ -103,19 +186,20 @@ def create_app(
 
     async def model_metadata(request: Request) -> JSONResponse:
         check_model(request)
+        inputs, outputs = core.tensor_metadata()
         return JSONResponse(
             {
                 "name": model_name,
                 "versions": [model_version],
                 "platform": "onnxruntime_onnx",
-                "inputs": [tensor_metadata(s) for s in session.inputs.values()],
-                "outputs": [tensor_metadata(s) for s in session.outputs.values()],
+                "inputs": inputs,
+                "outputs": outputs,
             }
         )
 
     async def model_ready(request: Request) -> JSONResponse:
         check_model(request)
-        return JSONResponse({"name": model_name, "ready": True})
+        return JSONResponse({"name": model_name, "ready": batcher.running}, 200 if batcher.running else 503)
 
     async def model_stats(request: Request) -> JSONResponse:
         check_model(request)
@@ -130,31 +214,13 @@ def create_app(
 
     async def infer(request: Request) -> Response:
         check_model(request)
-        body = await _read_body(request, max_body_bytes)
+        body = await _read_body(request, core.limits.max_body_bytes, body_timeout_s)
         header, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
-        inputs = _decode_inputs(header, binary)
-        parameters = _dict(header.get("parameters", {}), "parameters")
-        sequence_id = parameters.get("sequence_id", 0)
-        if not isinstance(sequence_id, int | str) or isinstance(sequence_id, bool):
-            raise HTTPException(400, f"sequence_id must be an integer or a string, got {sequence_id!r}")
-        wanted = _wanted_outputs(
-            header, parameters, list(session.outputs)
-        )  # before the step: a 400 runs nothing
-        try:
-            outputs = await batcher.infer(
-                inputs,
-                sequence_id if sequence_id not in (0, "") else None,
-                start=_flag(parameters, "sequence_start"),
-                end=_flag(parameters, "sequence_end"),
-            )
-        except StepInputError as error:
-            raise HTTPException(400, str(error)) from error
-        except SequenceError as error:
-            raise HTTPException(error.status, str(error)) from error
-        return _encode_outputs(header, wanted, outputs, model_name, model_version)
+        decoded = _decode_request(header, binary)
+        outputs = await core.infer(decoded)
+        return _encode_outputs(decoded, outputs, core)
 
-    model = "/v2/models/{name}"
-    versioned = "/v2/models/{name}/versions/{version}"
+    model, versioned = "/v2/models/{name}", "/v2/models/{name}/versions/{version}"
     routes = [Route(f"{prefix}/infer", infer, methods=["POST"]) for prefix in (model, versioned)]
     for suffix, endpoint in (("", model_metadata), ("/ready", model_ready), ("/stats", model_stats)):
         routes += [Route(prefix + suffix, endpoint, methods=["GET"]) for prefix in (model, versioned)]
@@ -163,21 +229,37 @@ def create_app(
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    model_name, model_version = core.model_name, core.model_version
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error, RequestError: request_error, Exception: server_error},
+    )
     app.state.batcher = batcher
+    app.state.model_server = core
     return app
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    if declared is not None and _DIGITS.fullmatch(declared) and int(declared) > limit:
+        raise RequestError(f"request body of {declared} bytes exceeds the limit max_body_bytes={limit}", 413)
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(f"request body exceeds the limit max_body_bytes={limit}", 413)
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(f"request body not received within {timeout_s:g} s", 408) from None
+    except ClientDisconnect:
+        raise RequestError("the client disconnected before sending the whole body", 400) from None
     return b"".join(chunks)
 
 
@@ -185,116 +267,96 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     if header_length is None:
         json_part, binary = body, b""
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise HTTPException(
-                400, f"{HEADER_LENGTH} must be an integer <= the body size {len(body)}, got {header_length!r}"
+        if not _DIGITS.fullmatch(header_length) or int(header_length) > len(body):
+            raise RequestError(
+                f"header {HEADER_LENGTH} must be a decimal integer <= the body size {len(body)}, "
+                f"got {header_length[:40]!r}"
             )
         json_part, binary = body[: int(header_length)], body[int(header_length) :]
     try:
         header = orjson.loads(json_part)
     except orjson.JSONDecodeError as error:
-        raise HTTPException(400, f"the request is not valid JSON: {error}") from error
+        raise RequestError(f"the request is not valid JSON: {error}") from None
     return _dict(header, "the request"), binary
 
 
 def _dict(value: object, what: str) -> dict:
     if not isinstance(value, dict):
-        raise HTTPException(400, f"{what} must be a JSON object, got {type(value).__name__}")
+        raise RequestError(f"{what} must be a JSON object, got {type(value).__name__}")
     return value
 
 
-def _flag(parameters: dict, key: str) -> bool:
-    value = parameters.get(key, False)
-    if not isinstance(value, bool):
-        raise HTTPException(400, f"parameter {key} must be true or false, got {value!r}")
-    return value
-
-
-def _decode_inputs(header: dict, binary: bytes) -> dict[str, np.ndarray]:
+def _decode_request(header: dict, binary: bytes) -> Decoded:
+    request_id = check_request_id(header.get("id"))
+    parameters = _dict(header.get("parameters", {}), "parameters")
+    sequence_id, start, end = sequence_parameters(parameters)
     tensors = header.get("inputs")
     if not isinstance(tensors, list) or not tensors:
-        raise HTTPException(400, "the request needs a non-empty 'inputs' list")
+        raise RequestError("the request needs a non-empty 'inputs' list")
     arrays, offset = {}, 0
     for tensor in tensors:
         tensor = _dict(tensor, "each input")
-        name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+        name = tensor.get("name")
         if not isinstance(name, str):
-            raise HTTPException(400, f"an input has no string 'name': {tensor!r:.200}")
+            raise RequestError(f"an input has no string 'name': {str(tensor)[:200]}")
         if name in arrays:
-            raise HTTPException(400, f"input {name!r} is given twice")
-        if datatype not in DATATYPES:
-            raise HTTPException(
-                400, f"input {name!r} has datatype {datatype!r}; supported: {', '.join(DATATYPES)}"
-            )
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise HTTPException(400, f"input {name!r} needs 'shape' as a list of sizes >= 0, got {shape!r}")
-        dtype = np.dtype(DATATYPES[datatype])
-        size = math.prod(shape)
+            raise RequestError(f"input {name!r} is given twice")
+        datatype = tensor.get("datatype")
+        check_datatype(name, datatype)
+        shape = check_shape(name, tensor.get("shape"))
         binary_size = _dict(tensor.get("parameters", {}), f"parameters of input {name!r}").get(
             "binary_data_size"
         )
         if binary_size is not None:
-            if binary_size != size * dtype.itemsize or offset + binary_size > len(binary):
-                raise HTTPException(
-                    400,
-                    f"input {name!r}: binary_data_size {binary_size} does not match shape {shape} of "
-                    f"{datatype} "
-                    f"({size * dtype.itemsize} bytes) or the {len(binary) - offset} bytes left in the body",
+            if type(binary_size) is not int or not 0 <= binary_size <= len(binary) - offset:
+                raise RequestError(
+                    f"input {name!r}: binary_data_size must be an integer in [0, {len(binary) - offset}] "
+                    f"(the binary bytes left in the body), got {str(binary_size)[:40]}"
                 )
-            array = np.frombuffer(binary, dtype, size, offset).reshape(shape)
+            if "data" in tensor:
+                raise RequestError(f"input {name!r} has both 'data' and parameters.binary_data_size")
+            arrays[name] = decode_raw(name, datatype, shape, binary[offset : offset + binary_size])
             offset += binary_size
         elif "data" in tensor:
-            try:
-                array = np.asarray(tensor["data"], dtype=dtype)
-                array = array.reshape(shape)
-            except (ValueError, TypeError) as error:
-                raise HTTPException(
-                    400, f"input {name!r}: data does not fit shape {shape} of {datatype}: {error}"
-                ) from error
+            arrays[name] = decode_data(name, datatype, shape, tensor["data"])
         else:
-            raise HTTPException(400, f"input {name!r} has neither 'data' nor parameters.binary_data_size")
-        arrays[name] = array
+            raise RequestError(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
     if offset != len(binary):
-        raise HTTPException(400, f"the body has {len(binary) - offset} bytes of binary data no input claims")
-    return arrays
+        raise RequestError(f"the body has {len(binary) - offset} bytes of binary data no input claims")
+    binary_default = check_flag(parameters, "binary_data_output")
+    outputs = _wanted_outputs(header, binary_default)
+    return Decoded(arrays, sequence_id, start, end, outputs, binary_default, request_id)
 
 
-def _wanted_outputs(header: dict, parameters: dict, outputs: list[str]) -> list[tuple[str, bool]]:
-    """The requested outputs as ``(name, binary)``, all of ``outputs`` when the request names none."""
+def _wanted_outputs(header: dict, binary_default: bool) -> list[tuple[str, bool]] | None:
+    """The requested outputs as ``(name, binary)``; ``None`` when the request names none (all outputs)."""
     requested = header.get("outputs")
-    binary_default = _flag(parameters, "binary_data_output")
     if requested is None:
-        wanted = [(name, binary_default) for name in outputs]
-    else:
-        if not isinstance(requested, list):
-            raise HTTPException(400, "'outputs' must be a list")
-        wanted = []
-        for item in requested:
-            item = _dict(item, "each requested output")
-            if item.get("name") not in outputs:
-                raise HTTPException(400, f"unknown output {item.get('name')!r}; outputs: {list(outputs)}")
-            item_parameters = _dict(item.get("parameters", {}), "parameters of a requested output")
-            binary = (
-                _flag(item_parameters, "binary_data") if "binary_data" in item_parameters else binary_default
-            )
-            wanted.append((item["name"], binary))
+        return None
+    if not isinstance(requested, list):
+        raise RequestError(f"'outputs' must be a list, got {type(requested).__name__}")
+    wanted = []
+    for item in requested:
+        item = _dict(item, "each requested output")
+        name = item.get("name")
+        if not isinstance(name, str):
+            raise RequestError(f"a requested output has no string 'name': {str(item)[:200]}")
+        item_parameters = _dict(item.get("parameters", {}), f"parameters of requested output {name!r}")
+        binary = (
+            check_flag(item_parameters, "binary_data") if "binary_data" in item_parameters else binary_default
+        )
+        wanted.append((name, binary))
     return wanted
 
 
-def _encode_outputs(
-    header: dict,
-    wanted: list[tuple[str, bool]],
-    outputs: dict[str, np.ndarray],
-    model_name: str,
-    model_version: str,
-) -> Response:
-    response: dict = {"model_name": model_name, "model_version": model_version, "outputs": []}
-    if "id" in header:
-        response["id"] = header["id"]
+def _encode_outputs(request: Decoded, outputs: dict, core: ModelServer) -> Response:
+    response: dict = {"model_name": core.model_name, "model_version": core.model_version, "outputs": []}
+    if request.request_id is not None:
+        response["id"] = request.request_id
     blobs = []
-    for name, binary in wanted:
-        array = np.ascontiguousarray(outputs[name])
-        tensor = {"name": name, "datatype": _TO_DATATYPE[array.dtype], "shape": list(array.shape)}
+    for name, binary in request.outputs:
+        array = outputs[name]
+        tensor = {"name": name, "datatype": TO_DATATYPE[array.dtype], "shape": list(array.shape)}
         if binary:
             blob = array.tobytes()
             tensor["parameters"] = {"binary_data_size": len(blob)}
@@ -309,28 +371,4 @@ def _encode_outputs(
         b"".join([text, *blobs]),
         media_type="application/octet-stream",
         headers={HEADER_LENGTH: str(len(text))},
-    )
-
-
-def serve(
-    session: StreamingSession,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    model_name: str = "model",
-    log_level: str = "info",
-    access_log: bool = False,
-    **app_options,
-) -> None:
-    """Serve ``session`` over HTTP until SIGINT/SIGTERM (uvicorn's graceful shutdown finishes open requests).
-
-    ``access_log`` logs every request (off by default: a log record per step costs CPU on every step).
-    uvicorn uses httptools and uvloop (dependencies of rnndeploy). ``app_options`` go to :func:`create_app`
-    (batching, eviction, capacity, body limit, worker thread).
-    """
-    uvicorn.run(
-        create_app(session, model_name, **app_options),
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=access_log,
     )

@@ -7,29 +7,34 @@ there are live sequences) run through one :meth:`StreamingSession.step_many` cal
 event loop keeps serving meanwhile) or, with ``worker_thread=False``, on the event loop itself. When a batched
 run fails, its steps run again one by one, so only the offending request fails; a failed step changes no
 sequence's state.
+
+The batcher's live table and the session's streams are one truth: a sequence is admitted (and a
+``sequence_end`` marks it ending) when its request arrives, on the event loop, so a step that arrives behind the
+end of its sequence is refused at once; once a sequence has no queued step, it stays in the table exactly
+when the session holds its state. A request that costs more than a full batch of single steps (rows x time
+steps > ``max_batch_size``) runs in a batch of its own, alternating with batches of short steps, so it delays
+short steps of other sequences by at most one batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from rnndeploy.runtime import StepInputError, StreamingSession
+from rnndeploy.server.protocol import RequestError
 
 
-class SequenceError(ValueError):
+class SequenceError(RequestError):
     """A request names a sequence that is not live, or cannot start one. ``status`` is the HTTP status."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -37,6 +42,7 @@ class _Live:
     batch: int
     last_used: float
     pending: int = 0
+    ending: bool = False
 
 
 @dataclass
@@ -45,6 +51,8 @@ class _Request:
     start: bool
     end: bool
     arrays: dict[str, np.ndarray]
+    rows: int
+    cost: int
     future: asyncio.Future = field(repr=False)
 
 
@@ -57,6 +65,8 @@ class SequenceBatcher:
         max_queue_delay_s: how long the first queued step waits for others to join its batch.
         idle_timeout_s: a sequence with no step for this long is evicted (its state freed).
         max_sequences: most live sequences; starting one more is refused with status 429.
+        max_state_bytes: most state bytes of all live sequences (rows x :attr:`row_state_bytes`); a start
+            beyond it is refused with status 429.
         worker_thread: run batches in a worker thread (default), so the event loop reads and answers requests
             while the model runs. ``False`` runs them on the event loop: no thread hand-off (and wait for the
             GIL) per batch, which raises unbatched throughput of a small CPU model (see
@@ -72,23 +82,41 @@ class SequenceBatcher:
         max_queue_delay_s: float = 0.0005,
         idle_timeout_s: float = 60.0,
         max_sequences: int = 1024,
+        max_state_bytes: int = 2**30,
         worker_thread: bool = True,
     ) -> None:
-        if max_batch_size < 1 or max_sequences < 1 or idle_timeout_s <= 0 or max_queue_delay_s < 0:
+        if (
+            max_batch_size < 1
+            or max_sequences < 1
+            or max_state_bytes < 1
+            or idle_timeout_s <= 0
+            or max_queue_delay_s < 0
+        ):
             raise ValueError(
-                "need max_batch_size >= 1, max_sequences >= 1, idle_timeout_s > 0, max_queue_delay_s >= 0; "
-                "got "
-                f"{max_batch_size}, {max_sequences}, {idle_timeout_s}, {max_queue_delay_s}"
+                "need max_batch_size >= 1, max_sequences >= 1, max_state_bytes >= 1, idle_timeout_s > 0, "
+                f"max_queue_delay_s >= 0; got {max_batch_size}, {max_sequences}, {max_state_bytes}, "
+                f"{idle_timeout_s}, {max_queue_delay_s}"
             )
         self.session = session
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.idle_timeout_s = idle_timeout_s
         self.max_sequences = max_sequences
+        self.max_state_bytes = max_state_bytes
+        self.row_state_bytes = sum(
+            p.dtype.itemsize
+            * math.prod(d for axis, d in enumerate(p.shape) if axis != p.batch_axis and isinstance(d, int))
+            for p in session.states
+        )
         self.live: dict[Hashable, _Live] = {}
+        self.state_bytes = 0
         self.batches_run = 0
         self.steps_run = 0
+        self.started = self.ended = self.evicted = 0
+        self.on_batch: Callable[[int, float], None] | None = None
         self._pending: deque[_Request] = deque()
+        self._open: dict[Hashable, int] = {}  # rows of each stream the session holds (worker thread only)
+        self._last_batch_short = False
         self._stateless = itertools.count()
         self._executor = (
             ThreadPoolExecutor(1, thread_name_prefix="rnndeploy-batcher") if worker_thread else None
@@ -96,6 +124,10 @@ class SequenceBatcher:
         self._tasks: list[asyncio.Task] = []
         self._wakeup: asyncio.Event | None = None
         self._full: asyncio.Event | None = None
+
+    @property
+    def running(self) -> bool:
+        return bool(self._tasks)
 
     async def start(self) -> None:
         """Start the batching and eviction loops on the running event loop."""
@@ -107,6 +139,7 @@ class SequenceBatcher:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
         while self._pending:
             request = self._pending.popleft()
             if not request.future.done():
@@ -114,89 +147,133 @@ class SequenceBatcher:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
+    def unknown(self, sequence_id: Hashable) -> SequenceError:
+        return SequenceError(
+            f"unknown sequence {sequence_id!r} (evicted after {self.idle_timeout_s:g} s idle, ended, or started "
+            "before this server's restart): send its first step with sequence_start=true"
+        )
+
+    def _admit(self, sequence_id: Hashable, batch: int, start: bool, end: bool) -> None:
+        """Check and record a step of ``sequence_id`` as it arrives (on the event loop, before any await)."""
+        live = self.live.get(sequence_id)
+        if not start:
+            if live is None or live.ending:
+                raise self.unknown(sequence_id)
+            if live.batch != batch:
+                raise SequenceError(
+                    f"sequence {sequence_id!r} started with batch size {live.batch}, this step has {batch}"
+                )
+        else:
+            grow = batch * self.row_state_bytes - (0 if live is None else live.batch * self.row_state_bytes)
+            if live is None and len(self.live) >= self.max_sequences:
+                raise SequenceError(
+                    f"too many live sequences (limit max_sequences={self.max_sequences}); end some "
+                    "(sequence_end=true) or retry later",
+                    429,
+                )
+            if grow > 0 and self.state_bytes + grow > self.max_state_bytes:
+                raise SequenceError(
+                    f"starting sequence {sequence_id!r} with {batch} rows needs {batch * self.row_state_bytes} "
+                    f"state bytes; live sequences hold {self.state_bytes} of the limit "
+                    f"max_state_bytes={self.max_state_bytes}: end some or retry later",
+                    429,
+                )
+            if live is None:
+                live = self.live[sequence_id] = _Live(batch, time.monotonic())
+                self.state_bytes += batch * self.row_state_bytes
+            else:
+                self._resize(live, batch)
+            self.started += 1
+        live.ending = end
+        live.pending += 1
+        live.last_used = time.monotonic()
+
     async def infer(
         self,
         inputs: dict[str, np.ndarray],
         sequence_id: Hashable | None = None,
         start: bool = False,
         end: bool = False,
+        cost: int = 1,
     ) -> dict[str, np.ndarray]:
         """Queue one step of ``sequence_id`` (``None``: a one-off run from zero state) and await its outputs.
 
         Args:
             inputs: ``{input_name: array}`` with the batch axis, e.g. ``input`` ``[1, T]``.
+            cost: rows x time steps of the request; one above ``max_batch_size`` runs in a batch of its own.
         Returns:
             ``{output_name: array}`` with the batch axis.
         Raises:
             StepInputError: bad inputs (nothing is queued, or the model rejected them: the sequence keeps its
-                state). SequenceError: unknown sequence (400), too many live sequences (429), server
-                stopping (503).
+                state). SequenceError: unknown sequence (400), too many live sequences or state bytes (429),
+                server stopping (503).
         """
+        if not self.running:
+            raise SequenceError("the server is not running (starting or shutting down)", 503)
         arrays, batch, _ = self.session.check_input(inputs)
-        now = time.monotonic()
         if sequence_id is None:
             stream: Hashable = ("stateless", next(self._stateless))
             start = end = True
         else:
             stream = sequence_id
-            live = self.live.get(stream)
-            created = live is None
-            if not start:
-                if live is None:
-                    raise SequenceError(
-                        f"sequence {sequence_id!r} is not active: send its first step with "
-                        "sequence_start=true "
-                        f"(idle sequences are evicted after {self.idle_timeout_s:g} s)"
-                    )
-                if live.batch != batch:
-                    raise SequenceError(
-                        f"sequence {sequence_id!r} started with batch size {live.batch}, "
-                        f"this step has {batch}"
-                    )
-            elif live is None and len(self.live) >= self.max_sequences:
-                raise SequenceError(
-                    f"too many live sequences ({self.max_sequences}); end some (sequence_end=true) "
-                    "or retry later",
-                    429,
-                )
-            if live is None:
-                live = self.live[stream] = _Live(batch, now)
-            live.batch, live.last_used = batch, now
-            live.pending += 1
+            self._admit(stream, batch, start, end)
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Request(stream, start, end, arrays, future))
+        self._pending.append(_Request(stream, start, end, arrays, batch, cost, future))
         self._wakeup.set()
         if len(self._pending) >= self._batch_target():
             self._full.set()
-        failed = True
         try:
-            result = await future
-            failed = False
-            return result
+            return await future
         finally:
-            live = self.live.get(stream)
-            if live is not None:
-                live.pending -= 1
-                live.last_used = time.monotonic()
-                # A failed first step starts no sequence (the session opened no stream for it).
-                if end or (failed and created and start and live.pending == 0):
-                    del self.live[stream]
+            if sequence_id is not None:
+                self._settle(stream)
+
+    def _settle(self, stream: Hashable) -> None:
+        """A step of ``stream`` is done: with none queued, the sequence is live exactly when its state is held."""
+        live = self.live.get(stream)
+        if live is None:
+            return
+        live.pending -= 1
+        live.last_used = time.monotonic()
+        if live.pending:
+            return
+        rows = self._open.get(stream)
+        if rows is None:
+            self._drop(stream, ended=live.ending)
+        else:
+            self._resize(live, rows)
+
+    def _resize(self, live: _Live, rows: int) -> None:
+        self.state_bytes += (rows - live.batch) * self.row_state_bytes
+        live.batch = rows
+
+    def _drop(self, stream: Hashable, ended: bool = False, evicted: bool = False) -> None:
+        live = self.live.pop(stream)
+        self.state_bytes -= live.batch * self.row_state_bytes
+        self.ended += ended
+        self.evicted += evicted
 
     def _batch_target(self) -> int:
         """Steps worth waiting for: no more sequences can join than are live (no wait for a lone sequence)."""
         return min(self.max_batch_size, max(len(self.live), 1))
 
     def _take_batch(self) -> list[_Request]:
-        """The oldest queued step of each sequence, oldest first, at most ``max_batch_size``."""
-        batch, seen, rest = [], set(), deque()
-        while self._pending:
-            request = self._pending.popleft()
-            if request.stream in seen or len(batch) == self.max_batch_size:
-                rest.append(request)
-            else:
+        """The oldest queued step of each sequence: short ones together (at most ``max_batch_size``, oldest
+        first), or one long one alone; a waiting long one goes next after each batch of short ones."""
+        heads, seen = [], set()
+        for request in self._pending:
+            if request.stream not in seen:
                 seen.add(request.stream)
-                batch.append(request)
-        self._pending = rest
+                heads.append(request)
+        short = [r for r in heads if r.cost <= self.max_batch_size][: self.max_batch_size]
+        long = next((r for r in heads if r.cost > self.max_batch_size), None)
+        if long is not None and (not short or self._last_batch_short):
+            batch = [long]
+        else:
+            batch = short
+        self._last_batch_short = batch is short
+        taken = {id(r) for r in batch}
+        self._pending = deque(r for r in self._pending if id(r) not in taken)
         return batch
 
     async def _batch_loop(self) -> None:
@@ -214,10 +291,13 @@ class SequenceBatcher:
                 self._full.clear()
             if not batch:
                 continue
+            began = time.perf_counter()
             try:
                 results = await self._run(self._execute, batch)
             except Exception as error:  # noqa: BLE001 - reported to every waiting request
                 results = [error] * len(batch)
+            if self.on_batch is not None:
+                self.on_batch(len(batch), time.perf_counter() - began)
             for request, result in zip(batch, results, strict=True):
                 if request.future.done():
                     continue
@@ -237,18 +317,30 @@ class SequenceBatcher:
     def _execute(self, batch: list[_Request]) -> list[dict[str, np.ndarray] | Exception]:
         """Worker thread: one batched step; when it fails, each step alone (only the bad ones fail).
 
-        Ended sequences are freed whatever happened (the event loop forgets them too).
+        A step of a sequence whose state is gone (its start failed) fails without running; ended sequences
+        are freed whatever happened.
         """
+        lost = {id(r) for r in batch if not r.start and r.stream not in self._open}
+        runnable = [r for r in batch if id(r) not in lost]
+        done: dict[int, dict[str, np.ndarray] | Exception] = {
+            id(r): self.unknown(r.stream) for r in batch if id(r) in lost
+        }
         try:
-            try:
-                outputs = self._step(batch)
-                results: list = [outputs[r.stream] for r in batch]
-            except StepInputError as error:
-                results = [error] if len(batch) == 1 else [self._step_alone(r) for r in batch]
+            if runnable:
+                try:
+                    outputs = self._step(runnable)
+                    done.update({id(r): outputs[r.stream] for r in runnable})
+                except StepInputError as error:
+                    if len(runnable) == 1:
+                        done[id(runnable[0])] = error
+                    else:
+                        done.update({id(r): self._step_alone(r) for r in runnable})
         finally:
             for request in batch:
                 if request.end:
                     self.session.reset(request.stream)
+                    self._open.pop(request.stream, None)
+        results = [done[id(r)] for r in batch]
         self.batches_run += 1
         self.steps_run += sum(not isinstance(r, Exception) for r in results)
         return results
@@ -262,15 +354,18 @@ class SequenceBatcher:
     def _step(self, batch: list[_Request]) -> dict[Hashable, dict[str, np.ndarray]]:
         """Restart started sequences and run one batched step; on failure every state is as before."""
         restarted = [r.stream for r in batch if r.start]
-        kept = {s: self.session.get_state(s) for s in restarted if s in self.session.streams}
+        kept = {s: self.session.get_state(s) for s in restarted if s in self._open}
         for stream in restarted:
             self.session.reset(stream)
         try:
-            return self.session.step_many({r.stream: r.arrays for r in batch})
+            outputs = self.session.step_many({r.stream: r.arrays for r in batch})
         except Exception:
             for stream in restarted:
                 self.session.reset(stream, kept.get(stream))
             raise
+        for request in batch:
+            self._open[request.stream] = request.rows
+        return outputs
 
     async def _evict_loop(self) -> None:
         while True:
@@ -278,10 +373,11 @@ class SequenceBatcher:
             deadline = time.monotonic() - self.idle_timeout_s
             idle = [s for s, live in self.live.items() if live.pending == 0 and live.last_used < deadline]
             for stream in idle:
-                del self.live[stream]
+                self._drop(stream, evicted=True)
             if idle:
                 await self._run(self._forget, idle)
 
     def _forget(self, streams: list[Hashable]) -> None:
         for stream in streams:
             self.session.reset(stream)
+            self._open.pop(stream, None)
