@@ -2,24 +2,29 @@
 
 :class:`StreamingSession` carries the state of many streams between steps and batches steps of several streams
 into one call; :func:`generate` samples text from a character language model.
+
+Modules: ``session`` (the session), ``bound`` (state in bound buffers: IOBinding, CUDA graphs),
+``discovery`` (which inputs and outputs are states), ``specs`` (tensor and state descriptions, input checks),
+``normalization`` (a forecaster's original units), ``providers`` (execution providers, loading a model),
+``errors``, ``generate``, ``testing`` (small ONNX models for tests).
 """
 
+from rnndeploy.runtime.errors import ModelError, ProviderError, StepInputError
 from rnndeploy.runtime.generate import GenerateError, generate, vocabulary
-from rnndeploy.runtime.session import (
-    ModelError,
-    ProviderError,
-    StatePair,
-    StepInputError,
-    StreamingSession,
-    TensorSpec,
+from rnndeploy.runtime.normalization import Normalization
+from rnndeploy.runtime.providers import (
     available_providers,
     default_session_options,
     resolve_providers,
+    usable_providers,
 )
+from rnndeploy.runtime.session import StreamingSession
+from rnndeploy.runtime.specs import StatePair, TensorSpec
 
 __all__ = [
     "GenerateError",
     "ModelError",
+    "Normalization",
     "ProviderError",
     "StatePair",
     "StepInputError",
@@ -29,5 +34,6 @@ __all__ = [
     "default_session_options",
     "generate",
     "resolve_providers",
+    "usable_providers",
     "vocabulary",
 ]

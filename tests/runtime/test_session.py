@@ -304,13 +304,13 @@ def test_auto_provider_falls_back_to_cpu_quietly(monkeypatch, capfd):
     """A machine with an NVIDIA driver but without onnxruntime's CUDA libraries (simulated: this CPU machine
     claims a driver; onnxruntime cannot start its CUDA provider here) runs on the CPU without error logs;
     asking for CUDA explicitly still fails clearly."""
-    from rnndeploy.runtime import session as session_module
+    from rnndeploy.runtime import providers as providers_module
 
-    if session_module._cuda_driver_present():
+    if providers_module._cuda_driver_present():
         pytest.skip("a real CUDA driver is present: auto would use it")
-    monkeypatch.setattr(session_module, "_cuda_driver_present", lambda: True)
+    monkeypatch.setattr(providers_module, "_cuda_driver_present", lambda: True)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    monkeypatch.setattr(session_module, "available_providers", lambda: providers)
+    monkeypatch.setattr(providers_module, "available_providers", lambda: providers)
     model = testing.lstm_lm().SerializeToString()
     capfd.readouterr()
     session = StreamingSession(model)
