@@ -47,6 +47,7 @@ def main() -> None:
         eval_every=args.eval_every,
         device="cpu",
         out=args.out_dir / "model.pt",
+        overwrite=True,  # the example's folder is its own; a rerun starts over
     )
     result = train(options)
     for record in result.history:

@@ -73,6 +73,7 @@ def main() -> None:
         valid_fraction=0.1,
         device="cpu",
         out=args.out_dir / "model.pt",
+        overwrite=True,  # the example's folder is its own; a rerun starts over
     )
     result = train(options)
     print(f"validation MSE (normalised change): {result.first_valid:.3f} -> {result.last_valid:.3f}")

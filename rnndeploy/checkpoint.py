@@ -39,8 +39,13 @@ class Checkpoint:
 def atomic_write(path: Path, write) -> None:
     """Calls ``write(tmp_path)`` and then renames the temporary file over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        error = OSError(f"cannot write {path}: {exc.strerror} (creating a file in {path.parent} failed)")
+        error.errno = exc.errno
+        raise error from exc
     os.close(fd)
     try:
         write(tmp)
@@ -80,17 +85,41 @@ def save_checkpoint(
     return path
 
 
+def _check_checkpoint_file(path: Path) -> None:
+    """Names what ``path`` is when it cannot be a torch checkpoint (torch writes zip archives)."""
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if head == b"PK\x03\x04":
+        return
+    if path.suffix == ".onnx" or head[:1] == b"\x08":  # an ONNX ModelProto starts with field 1 (ir_version)
+        raise CheckpointError(
+            f"{path} looks like an ONNX model, not a training checkpoint: `rnndeploy export` reads the .pt "
+            f"checkpoint `rnndeploy train` writes (`rnndeploy info {path}` describes an ONNX model)"
+        )
+    raise CheckpointError(
+        f"{path} is not a checkpoint: expected the .pt file (a zip archive) `rnndeploy train` writes, but it "
+        f"starts with {head!r}"
+    )
+
+
 def load_checkpoint(path: str | Path, backend: str = "auto", map_location: str = "cpu") -> Checkpoint:
     """Loads a checkpoint written by :func:`save_checkpoint` and rebuilds its model (in eval mode)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give the .pt file `rnndeploy train` wrote")
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint {path} does not exist (train one with `rnndeploy train --out {path}`)"
         )
+    _check_checkpoint_file(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
-        raise CheckpointError(f"checkpoint {path} is not a readable torch file: {exc}") from exc
+        raise CheckpointError(
+            f"checkpoint {path} is a torch file rnndeploy cannot load safely: it holds Python objects other "
+            "than tensors and plain data (rnndeploy never unpickles those: that would run code from the "
+            f"file), or it is damaged. Expected a checkpoint written by `rnndeploy train`. ({type(exc).__name__})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(

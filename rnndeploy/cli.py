@@ -10,6 +10,8 @@ import click
 from rnndeploy import __version__
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+#: Ctrl-C (128 + SIGINT), after saying what was kept; the other exit codes are click's (`rnndeploy --help`).
+EXIT_INTERRUPTED = 130
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
@@ -18,6 +20,13 @@ def main() -> None:
     """Train recurrent networks (RNN, LSTM, GRU), export them to ONNX and serve them step by step.
 
     Start with `rnndeploy demo`; every command explains itself with --help.
+
+    \b
+    Exit codes:
+      0    done (for `serve`: stopped by Ctrl-C or SIGTERM after a graceful shutdown)
+      1    a user error: the message names the input, what was expected and what to do
+      2    a usage error: an unknown option or a value of the wrong kind
+      130  interrupted by Ctrl-C (`train` says which step its checkpoint holds and how to resume)
     """
 
 
@@ -123,7 +132,12 @@ def _training_errors():
     show_default=True,
     help="Share at the end of the data held out for validation.",
 )
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@click.option(
+    "--progress/--no-progress", default=True, help="Show a progress bar (without: a line per validation)."
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing --out checkpoint of another run (refused otherwise)."
+)
 @click.pass_context
 def train(ctx: click.Context, **kwargs) -> None:
     """Train a character language model or a time-series forecaster.
@@ -138,7 +152,7 @@ def train(ctx: click.Context, **kwargs) -> None:
       rnndeploy train --data series.csv --cell gru --hidden 64 --seq-len 32
       torchrun --nproc_per_node 2 -m rnndeploy train --device cpu
     """
-    from rnndeploy.train import TrainOptions, options_for_resume
+    from rnndeploy.train import TrainingInterrupted, TrainOptions, options_for_resume
     from rnndeploy.train import train as run_training
 
     try:
@@ -151,7 +165,10 @@ def train(ctx: click.Context, **kwargs) -> None:
             options = options_for_resume(given.pop("resume"), **given)
         else:
             options = TrainOptions(**kwargs)
-        result = run_training(options)
+        result = run_training(options, echo=click.echo)
+    except TrainingInterrupted as exc:
+        click.echo(f"\n{exc}", err=True)
+        ctx.exit(EXIT_INTERRUPTED)
     except _training_errors() as exc:
         raise click.ClickException(str(exc)) from exc
     if result.rank != 0:
@@ -231,6 +248,13 @@ def demo(out_dir: Path, steps: int | None, quick: bool) -> None:
     "--triton-name", default=None, help="Model name inside the Triton repository [default: OUTPUT's stem]."
 )
 @click.option(
+    "--triton-backend",
+    type=click.Choice(["onnxruntime", "python"]),
+    default="onnxruntime",
+    show_default=True,
+    help="Triton backend: onnxruntime (NGC images) or python (model.py running the graph with onnxruntime).",
+)
+@click.option(
     "--max-batch-size",
     type=click.IntRange(min=1),
     default=64,
@@ -246,6 +270,7 @@ def export_cmd(
     int8: bool,
     triton_repo: Path | None,
     triton_name: str | None,
+    triton_backend: str,
     max_batch_size: int,
 ) -> None:
     """Export CHECKPOINT to standard ONNX (RNN/LSTM/GRU nodes, state as graph inputs/outputs)."""
@@ -262,6 +287,7 @@ def export_cmd(
             int8=int8,
             triton_repo=triton_repo,
             triton_name=triton_name,
+            triton_backend=triton_backend,
             max_batch_size=max_batch_size,
         )
     except (CheckpointError, ExportError, OSError) as exc:

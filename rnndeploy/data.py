@@ -83,11 +83,21 @@ def decode(ids: Tensor | list[int], vocab: list[str]) -> str:
     return "".join(vocab[int(i)] for i in ids)
 
 
+def check_data_file(path: Path) -> None:
+    """Raises a :class:`DataError` that says what ``path`` is when it is not a readable data file."""
+    if path.is_dir():
+        raise DataError(
+            f"data file {path} is a folder, not a file: give a UTF-8 text file, a .npy or .csv series, or "
+            "'builtin'"
+        )
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist (give a text, .npy or .csv file, or 'builtin')")
+
+
 def read_text(path: Path) -> str:
     """Reads a UTF-8 text file for character-level training, with errors that name the file."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist (give a text, .npy or .csv file, or 'builtin')")
+    check_data_file(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -106,8 +116,7 @@ def read_series(path: Path) -> np.ndarray:
     finite number.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist (give a text, .npy or .csv file, or 'builtin')")
+    check_data_file(path)
     if path.suffix == ".npy":
         try:
             array = np.load(path, allow_pickle=False)

@@ -61,7 +61,8 @@ def stage_train(ctx: DemoContext) -> None:
     settings = dict(QUICK if ctx.quick else FULL)
     if ctx.steps is not None:
         settings["steps"] = ctx.steps
-    options = TrainOptions(**settings, out=ctx.out_dir / "model.pt", device="cpu")
+    # the demo folder is the demo's own: a second `rnndeploy demo` starts over in it
+    options = TrainOptions(**settings, out=ctx.out_dir / "model.pt", device="cpu", overwrite=True)
     ctx.echo(
         f"training {options.cell.upper()} (hidden {options.hidden}) for {options.steps} steps of "
         f"{options.batch} x {options.seq_len} characters"

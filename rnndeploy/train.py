@@ -23,6 +23,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from rnndeploy import kernels
-from rnndeploy.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from rnndeploy.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from rnndeploy.data import Dataset, StreamBatcher, load_data
 from rnndeploy.models import ModelConfig, SequenceModel
 
@@ -64,6 +65,18 @@ class TrainingDiverged(TrainError):
     """The loss or the gradient became NaN or infinite; the last good checkpoint was kept."""
 
 
+class TrainingInterrupted(TrainError):
+    """Ctrl-C (KeyboardInterrupt) stopped training; the message says what the checkpoint on disk holds.
+
+    Attributes:
+        checkpoint: the run's checkpoint path; saved_step: the step it holds (``None``: none was written).
+    """
+
+    def __init__(self, message: str, checkpoint: Path, saved_step: int | None) -> None:
+        super().__init__(message)
+        self.checkpoint, self.saved_step = checkpoint, saved_step
+
+
 @dataclass
 class TrainOptions:
     """One training job. Field names match the ``rnndeploy train`` options (``seq_len`` is ``--seq-len``).
@@ -80,7 +93,8 @@ class TrainOptions:
             ``runs/model.pt``); resume: checkpoint to continue; eval_every: steps between validations and
             checkpoints;
         backend: recurrent backend (``"auto"``, ``"torch"``, ``"triton"``, ``"reference"``);
-        valid_fraction: share at the end of the data used for validation; progress: show a tqdm bar.
+        valid_fraction: share at the end of the data used for validation; progress: show a tqdm bar;
+        overwrite: replace an existing ``out`` that this run does not resume (refused otherwise).
     """
 
     data: str = "builtin"
@@ -103,6 +117,7 @@ class TrainOptions:
     backend: str = "auto"
     valid_fraction: float = 0.05
     progress: bool = True
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         self.data = str(self.data)
@@ -161,6 +176,7 @@ def options_for_resume(checkpoint: str | Path, **given: Any) -> TrainOptions:
     saved = load_checkpoint(checkpoint).extra.get("options")
     if not saved:
         raise TrainError(f"checkpoint {checkpoint} was not written by rnndeploy train (no saved options)")
+    saved = {k: v for k, v in saved.items() if k != "overwrite"}  # a permission of that session only
     merged = {**saved, "out": None, **given, "resume": Path(checkpoint)}
     return TrainOptions(**merged)
 
@@ -207,28 +223,79 @@ def evaluate(
     return total / count
 
 
-def train(options: TrainOptions) -> TrainResult:
+def train(options: TrainOptions, echo: Callable[[str], None] | None = None) -> TrainResult:
     """Trains a :class:`SequenceModel` as ``options`` describe and returns where the results went.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) this joins the process group, trains a DistributedDataParallel
-    replica per process and leaves the group at the end.
+    replica per process and leaves the group at the end. ``echo`` (rank 0 only) receives what a person
+    watching wants to know: device, data, model size and files before the first step, and with
+    ``progress=False`` a line per validation.
 
     Raises:
-        DataError: the data cannot be used. TrainError: bad options or resume request.
+        DataError: the data cannot be used. TrainError: bad options, a resume request that cannot be
+        honoured, or an ``out`` that exists and is neither resumed nor ``overwrite``-allowed.
         TrainingDiverged: the loss became NaN/inf; the checkpoint on disk is the last good one.
+        TrainingInterrupted: Ctrl-C; the message names the step on disk and the command that resumes.
     """
+    check_out_is_free(options)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return _Run(options, rank=0, world_size=1, local_rank=0).run()
+        return _interruptible(_Run(options, rank=0, world_size=1, local_rank=0, echo=echo))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(options.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _Run(options, rank=rank, world_size=world_size, local_rank=local_rank).run()
+        return _interruptible(_Run(options, rank, world_size, local_rank, echo))
     finally:
         dist.destroy_process_group()
+
+
+def check_out_is_free(options: TrainOptions) -> None:
+    """Refuses to replace an existing checkpoint that this run neither resumes nor may overwrite."""
+    out = options.out
+    if options.overwrite or not out.exists():
+        return
+    if options.resume is not None and out.resolve() == options.resume.resolve():
+        return
+    try:
+        held = f"a checkpoint at step {load_checkpoint(out).step}"
+    except CheckpointError:
+        held = "a file that is not an rnndeploy checkpoint"
+    raise TrainError(
+        f"--out {out} already exists ({held}) and this run would replace it. Continue that run with "
+        f"`rnndeploy train --resume {out}`, write this one elsewhere with --out, or pass --overwrite to "
+        "replace it"
+    )
+
+
+def _interruptible(run: _Run) -> TrainResult:
+    """Runs ``run``; Ctrl-C becomes a :class:`TrainingInterrupted` that says what is on disk."""
+    try:
+        return run.run()
+    except KeyboardInterrupt:
+        out = run.out
+        try:
+            saved: int | None = load_checkpoint(out).step if out.is_file() else None
+        except CheckpointError:
+            saved = None
+        at = (
+            f"interrupted at step {run.step}" if run.step is not None else "interrupted before the first step"
+        )
+        if saved is None:
+            message = f"{at}; no checkpoint was written yet ({out}), so there is nothing to resume"
+        else:
+            launcher = (
+                "rnndeploy"
+                if run.world_size == 1
+                else f"torchrun --nproc_per_node {run.world_size} -m rnndeploy"
+            )
+            message = (
+                f"{at}; {out} holds step {saved} (the last validation). "
+                f"Resume with: {launcher} train --resume {out}"
+            )
+        raise TrainingInterrupted(message, out, saved) from None
 
 
 def _autocast(amp: str | None, device: torch.device):
@@ -240,9 +307,18 @@ def _autocast(amp: str | None, device: torch.device):
 class _Run:
     """One training session of one process; see :func:`train`."""
 
-    def __init__(self, options: TrainOptions, rank: int, world_size: int, local_rank: int) -> None:
+    def __init__(
+        self,
+        options: TrainOptions,
+        rank: int,
+        world_size: int,
+        local_rank: int,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
         self.opts = options
         self.rank, self.world_size = rank, world_size
+        self.echo = echo if rank == 0 else None
+        self.step: int | None = None  # the step being trained, for the interruption message
         self.device = resolve_device(options.device, local_rank)
         if options.amp is not None and self.device.type != "cuda":
             raise TrainError(f"--amp {options.amp} needs a CUDA device, but training runs on {self.device}")
@@ -286,7 +362,39 @@ class _Run:
             data.train, opts.batch, opts.seq_len, self.rank, self.world_size, what=split
         )
         self.history = self._open_log(ckpt)
+        self._report_start()
         return self._loop()
+
+    def _report_start(self) -> None:
+        """Tells the person at the terminal what runs where, before the first step."""
+        if self.echo is None:
+            return
+        opts, data, model = self.opts, self.data, self.model
+        why = ""
+        if opts.device == "auto":
+            why = (
+                " (auto: CUDA GPU found)" if self.device.type == "cuda" else " (auto: torch sees no CUDA GPU)"
+            )
+        backend = opts.backend
+        if backend == "auto":
+            backend = "auto (Triton kernels where measured faster, else cuDNN)"
+            if self.device.type != "cuda":
+                backend = "auto: torch (the Triton kernels are for CUDA GPUs)"
+        source = "builtin corpus (Python's pydoc topics)" if data.source == "builtin" else data.source
+        unit = "characters" if data.kind == "text" else "time steps"
+        kind = f"vocabulary {len(data.vocab)}" if data.vocab else f"{data.num_features} feature(s)"
+        params = sum(p.numel() for p in model.parameters())
+        cfg = model.config
+        start = f"resuming at step {self.start} of {opts.steps}" if self.start else f"{opts.steps} steps"
+        processes = f", {self.world_size} processes" if self.world_size > 1 else ""
+        self.echo(
+            f"device:  {self.device}{why}{processes}; recurrent backend {backend}\n"
+            f"data:    {source}: {len(data.train):,} training / {len(data.valid):,} validation "
+            f"{unit}, {kind}\n"
+            f"model:   {cfg.cell.upper()} {cfg.hidden_size} x {cfg.num_layers} ({cfg.task}), {params:,} "
+            f"parameters; {start}, batch {opts.batch} x {opts.seq_len}\n"
+            f"files:   {self.out} (checkpoint every {opts.eval_every} steps), {self.log_file}, {self.plot_file}"
+        )
 
     def _config(self, data: Dataset) -> ModelConfig:
         opts = self.opts
@@ -392,6 +500,7 @@ class _Run:
         loss_sum, loss_count, rate, t_last = 0.0, 0, 0.0, time.perf_counter()
         with bar:
             for step in range(self.start, opts.steps):
+                self.step = step
                 loss = self._step(step)
                 now = time.perf_counter()
                 current = tokens_per_step / (now - t_last)
@@ -405,6 +514,12 @@ class _Run:
                 if (step + 1) % opts.eval_every == 0 or step + 1 == opts.steps:
                     record = self._validate_and_save(step + 1, loss_sum / loss_count, rate)
                     loss_sum, loss_count = 0.0, 0
+                    if record is not None and self.echo is not None and not opts.progress:
+                        m = self.metric
+                        self.echo(
+                            f"step {step + 1}/{opts.steps}: train {m} {record[f'train_{m}']:.3f}, validation "
+                            f"{m} {record[f'valid_{m}']:.3f}, {rate:,.0f} tok/s, saved {self.out}"
+                        )
                     if record is not None:
                         bar.set_postfix(
                             {

@@ -51,3 +51,39 @@ def test_run_with_a_token_outside_the_vocabulary(tmp_path):
     assert "Error: step 1: the model cannot run this step (stream 0: input int64[1, 1] with values in" in (
         result.output
     )
+
+
+def _checkpoint(tmp_path):
+    model = SequenceModel(ModelConfig(task="lm", vocab_size=5, embed_dim=3, hidden_size=4))
+    return save_checkpoint(tmp_path / "m.pt", model, vocab=list("abcde"))
+
+
+def test_export_of_an_onnx_file_says_it_is_one(tmp_path):
+    model = tmp_path / "model.onnx"
+    onnx.save(testing.lstm_lm(), model)
+    _fails_cleanly(
+        ["export", str(model)], f"Error: {model} looks like an ONNX model, not a training checkpoint"
+    )
+    result = CliRunner().invoke(main, ["export", str(model)])
+    assert "weights_only" not in result.output and "file an issue" not in result.output
+
+
+def test_export_of_a_text_file_says_what_it_starts_with(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("some notes")
+    _fails_cleanly(["export", str(notes)], f"Error: {notes} is not a checkpoint: expected the .pt file")
+    _fails_cleanly(["export", str(notes)], "but it starts with b'some'")
+
+
+def test_export_of_a_folder_and_train_on_a_folder_name_the_folder(tmp_path):
+    _fails_cleanly(["export", str(tmp_path)], f"Error: checkpoint {tmp_path} is a folder")
+    args = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "m.pt")]
+    _fails_cleanly(args, f"Error: data file {tmp_path} is a folder, not a file")
+
+
+def test_export_to_a_folder_that_takes_no_files_names_the_target(tmp_path):
+    target = "/proc/rnndeploy-test.onnx"  # /proc exists and refuses new files, even to root
+    result = CliRunner().invoke(main, ["export", str(_checkpoint(tmp_path)), "-o", target])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"Error: cannot write {target}:" in result.output
+    assert ".tmp" not in result.output  # the temporary file is our business, not the user's

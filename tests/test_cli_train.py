@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -115,3 +120,65 @@ def test_train_stops_on_nan_loss_with_a_message(corpus, tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "training diverged at step 1: loss nan" in result.output
     assert f"last good checkpoint {out} (step 0) was kept" in " ".join(result.output.split())
+
+
+def test_train_refuses_to_replace_another_runs_checkpoint(corpus, tmp_path):
+    out = tmp_path / "m.pt"
+    runner = CliRunner()
+    base = ["train", "--data", str(corpus), "--eval-every", "2", "--out", str(out), *TINY]
+    assert runner.invoke(main, [*base, "--steps", "4"]).exit_code == 0
+    again = runner.invoke(main, [*base, "--steps", "2"])
+    assert again.exit_code == 1, again.output
+    assert f"--out {out} already exists (a checkpoint at step 4)" in " ".join(again.output.split())
+    assert f"rnndeploy train --resume {out}" in again.output and "--overwrite" in again.output
+    assert load_checkpoint(out).step == 4  # untouched
+    replaced = runner.invoke(main, [*base, "--steps", "2", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert load_checkpoint(out).step == 2
+    resumed = runner.invoke(main, ["train", "--resume", str(out), "--steps", "4", "--no-progress"])
+    assert resumed.exit_code == 0, resumed.output  # resuming a checkpoint is not replacing it
+    assert load_checkpoint(out).step == 4
+
+
+def test_train_says_what_runs_where_and_a_line_per_validation(corpus, tmp_path):
+    out = tmp_path / "m.pt"
+    args = ["train", "--data", str(corpus), "--steps", "4", "--eval-every", "2", "--out", str(out), *TINY]
+    result = CliRunner().invoke(main, [*args, "--device", "auto"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("device:  cpu (auto: torch sees no CUDA GPU)") or "cuda" in lines[0]
+    assert lines[1].startswith(f"data:    {corpus}: ") and "validation characters, vocabulary" in lines[1]
+    params = sum(p.numel() for p in load_checkpoint(out).model.parameters())
+    assert lines[2].startswith("model:   LSTM 16 x 1 (lm), ") and f"{params:,} parameters" in lines[2]
+    assert lines[3].startswith(f"files:   {out} (checkpoint every 2 steps)")
+    assert [line.split(":")[0] for line in lines if line.startswith("step ")] == ["step 2/4", "step 4/4"]
+
+
+def test_ctrl_c_says_which_step_is_on_disk_and_how_to_resume(corpus, tmp_path):
+    """A real SIGINT to a real process: exit code 130, the saved step named, the resume command exact."""
+    out = tmp_path / "m.pt"
+    log = out.with_name("m.log.jsonl")
+    args = ["--data", str(corpus), "--steps", "100000", "--eval-every", "1", "--out", str(out), *TINY]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rnndeploy", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (log.is_file() and log.read_text().count('"eval"') >= 3):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (proc.returncode, stdout, stderr)
+    assert "Traceback" not in stderr and "Aborted!" not in stderr, stderr
+    saved = load_checkpoint(out).step
+    assert saved >= 2
+    assert f"{out} holds step {saved} (the last validation)" in stderr
+    assert f"Resume with: rnndeploy train --resume {out}" in stderr
