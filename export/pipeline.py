@@ -59,6 +59,7 @@ def export_checkpoint(
     int8: bool = False,
     triton_repo: str | Path | None = None,
     triton_name: str | None = None,
+    triton_backend: str = "onnxruntime",
     max_batch_size: int = 64,
 ) -> ExportReport:
     """Exports a checkpoint written by ``rnndeploy.save_checkpoint`` and checks the result.
@@ -72,7 +73,7 @@ def export_checkpoint(
         int8: also write ``<name>.int8.onnx`` (dynamic int8) and measure its accuracy change and CPU speed.
         triton_repo: also write a Triton Inference Server model repository there (see
             :func:`rnndeploy.export.write_triton_repository`); ``triton_name`` names the model (default:
-            the ONNX file's stem).
+            the ONNX file's stem); ``triton_backend`` is ``"onnxruntime"`` or ``"python"``.
         max_batch_size: Triton ``max_batch_size``.
 
     Returns:
@@ -110,6 +111,7 @@ def export_checkpoint(
             name,
             opset=opset,
             max_batch_size=max_batch_size,
+            backend=triton_backend,
             vocab=ckpt.vocab,
             data_stats=ckpt.data_stats,
         )

@@ -10,6 +10,12 @@ wrapped:
 
 so the state resets inside the graph on the request that starts a sequence (Triton also starts it from the
 zero ``initial_state``), and a slot Triton reuses for a new sequence never inherits an old state.
+
+Two backends run that graph: ``onnxruntime`` (Triton's ONNX Runtime backend, in NGC's GPU images; Triton
+keeps the state) and ``python`` (``model.py``, from ``triton_python_model.py``, runs the same graph through
+onnxruntime in Triton's Python backend, for CPU-only images). The Python backend cannot write implicit state
+back, so its config declares no ``state``: ``model.py`` keeps each sequence's state by correlation ID, resets
+it on ``START``, drops it on ``END`` or after the idle timeout, and runs as one instance.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from rnndeploy.models import SequenceModel
 from .exporter import DEFAULT_OPSET, check_and_infer, export_onnx, save_onnx, set_metadata
 
 START = "START"
+END = "END"
+BACKENDS = ("onnxruntime", "python")
+PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
 _TRITON_TYPE = {
     TensorProto.FLOAT: "TYPE_FP32",
     TensorProto.INT64: "TYPE_INT64",
@@ -125,8 +134,15 @@ def triton_config(
     max_batch_size: int = 64,
     max_queue_delay_us: int = 100,
     idle_timeout_us: int = 60_000_000,
+    backend: str = "onnxruntime",
 ) -> str:
-    """``config.pbtxt`` text for the wrapped graph ``proto`` (Triton's ``ModelConfig`` text format)."""
+    """``config.pbtxt`` text for the wrapped graph ``proto`` (Triton's ``ModelConfig`` text format).
+
+    ``backend="python"`` gives the same config for ``model.py`` (see the module docstring): an ``END`` control
+    instead of the ``state`` declarations, one CPU instance.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     states = json.loads(next(p.value for p in proto.metadata_props if p.key == "rnndeploy.states"))
     state_inputs = {s["input"] for s in states}
     state_outputs = {s["output"] for s in states}
@@ -151,26 +167,43 @@ def triton_config(
             "    }"
         )
     preferred = sorted({b for b in (1, 4, 16, max_batch_size) if b <= max_batch_size})
-    return (
-        f'name: "{name}"\n'
-        'backend: "onnxruntime"\n'
-        f"max_batch_size: {max_batch_size}\n"
-        "input [\n" + ",\n".join(inputs) + "\n]\n"
-        "output [\n" + ",\n".join(outputs) + "\n]\n"
-        "sequence_batching {\n"
-        f"  max_sequence_idle_microseconds: {idle_timeout_us}\n"
-        "  control_input [\n"
-        f'    {{ name: "{START}"\n'
-        "      control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] }\n"
-        "  ]\n"
-        "  state [\n" + ",\n".join(state_blocks) + "\n  ]\n"
-        "  oldest {\n"
-        f"    max_candidate_sequences: {max_batch_size}\n"
-        f"    preferred_batch_size: {_list(preferred)}\n"
-        f"    max_queue_delay_microseconds: {max_queue_delay_us}\n"
-        "  }\n"
-        "}\n"
-    )
+    controls = [(START, "CONTROL_SEQUENCE_START")]
+    placement, state = [], ["  state [", ",\n".join(state_blocks), "  ]"]
+    if backend == "python":
+        controls.append((END, "CONTROL_SEQUENCE_END"))
+        # model.py keeps the states itself (the Python backend cannot update implicit state): one instance
+        # holds every sequence's state.
+        placement = ["instance_group [ { kind: KIND_CPU count: 1 } ]"]
+        state = ["  # no implicit state: model.py keeps each sequence's state by correlation ID"]
+    control_blocks = [
+        f'    {{ name: "{n}"\n      control [ {{ kind: {kind} int32_false_true: [ 0, 1 ] }} ] }}'
+        for n, kind in controls
+    ]
+    lines = [
+        f'name: "{name}"',
+        f'backend: "{backend}"',
+        f"max_batch_size: {max_batch_size}",
+        *placement,
+        "input [",
+        ",\n".join(inputs),
+        "]",
+        "output [",
+        ",\n".join(outputs),
+        "]",
+        "sequence_batching {",
+        f"  max_sequence_idle_microseconds: {idle_timeout_us}",
+        "  control_input [",
+        ",\n".join(control_blocks),
+        "  ]",
+        *state,
+        "  oldest {",
+        f"    max_candidate_sequences: {max_batch_size}",
+        f"    preferred_batch_size: {_list(preferred)}",
+        f"    max_queue_delay_microseconds: {max_queue_delay_us}",
+        "  }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def write_triton_repository(
@@ -182,10 +215,14 @@ def write_triton_repository(
     max_batch_size: int = 64,
     max_queue_delay_us: int = 100,
     idle_timeout_us: int = 60_000_000,
+    backend: str = "onnxruntime",
     vocab: list[str] | None = None,
     data_stats: dict[str, Any] | None = None,
 ) -> Path:
     """Writes ``repo/<name>/config.pbtxt`` and ``repo/<name>/1/model.onnx`` atomically; returns the folder.
+
+    ``backend="python"`` also writes ``repo/<name>/1/model.py`` (Triton's Python backend running the graph
+    through onnxruntime; numpy and onnxruntime must be importable by the backend's Python).
 
     Args:
         model: the ``SequenceModel``.
@@ -194,13 +231,19 @@ def write_triton_repository(
         max_batch_size: the largest batch of sequences Triton runs together (``oldest`` strategy).
         max_queue_delay_us: how long the batcher waits to fill a batch.
         idle_timeout_us: a sequence with no request for this long is released (its state dropped).
+        backend: ``"onnxruntime"`` (NGC images) or ``"python"`` (``model.py``; CPU-only images).
         vocab, data_stats: stored in the graph's metadata, as in :func:`rnndeploy.export.export_onnx`.
     """
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1 for the sequence batcher, got {max_batch_size}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     folder = Path(repo) / name
     proto = triton_graph(model, opset, vocab=vocab, data_stats=data_stats)
     save_onnx(proto, folder / "1" / "model.onnx")
-    text = triton_config(proto, name, max_batch_size, max_queue_delay_us, idle_timeout_us)
+    if backend == "python":
+        code = PYTHON_MODEL.read_text()
+        atomic_write(folder / "1" / "model.py", lambda tmp: Path(tmp).write_text(code))
+    text = triton_config(proto, name, max_batch_size, max_queue_delay_us, idle_timeout_us, backend)
     atomic_write(folder / "config.pbtxt", lambda tmp: Path(tmp).write_text(text))
     return folder

@@ -1,0 +1,394 @@
+"""The exported repositories on the real Triton Inference Server (``tritonserver`` from PyPI's nvidia-pytriton).
+
+The wheel (a ``[dev]`` dependency on Linux x86_64) ships ``tritonserver`` 2.51 with the Python backend and its
+stubs, but no onnxruntime backend. One server per module, on loopback ports, runs the Python-backend repository
+(``model.py`` running the exported graph through onnxruntime) and is asked to load the onnxruntime-backend
+repository. Stock tritonclient streams 16 concurrent sequences over HTTP and over gRPC; every response equals
+an offline onnxruntime run of the plain exported graph with the state fed back (``rnndeploy.export`` is
+checked against PyTorch elsewhere).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from rnndeploy import ModelConfig, SequenceModel
+from rnndeploy.export import export_onnx, write_triton_repository
+
+http = pytest.importorskip("tritonclient.http")
+grpc = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+PY_MODEL, ORT_MODEL, ORT_AS_PY_MODEL = "rnn_py", "rnn_ort", "rnn_ort_config_python"
+MAX_BATCH = 16  # also the oldest strategy's candidate sequences: the 17th sequence waits for a free slot
+IDLE_S = 2.0
+STEPS = 8
+STARTUP_S = 120
+RESPONSE_S = 120
+TOL = dict(atol=1e-5, rtol=1e-4)
+
+
+def _server_files() -> Path:
+    """``pytriton/tritonserver`` of the installed wheel; skips only where the wheel cannot run."""
+    machine = f"{platform.system()} {platform.machine()}"
+    if machine != "Linux x86_64":
+        pytest.skip(f"nvidia-pytriton's tritonserver is built for Linux x86_64 only; this is {machine}")
+    libc, version = platform.libc_ver()
+    if libc != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
+        pytest.skip(f"nvidia-pytriton's wheel is manylinux_2_35 (glibc >= 2.35); this is {libc} {version}")
+    try:
+        dist = importlib.metadata.distribution("nvidia-pytriton")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail("nvidia-pytriton is not installed: install the [dev] extra (pip install -e '.[dev]')")
+    root = Path(dist.locate_file("pytriton/tritonserver"))
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if not (root / "python_backend_stubs" / pyver / "triton_python_backend_stub").is_file():
+        pytest.skip(f"nvidia-pytriton {dist.version} has no Python-backend stub for Python {pyver}")
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        pytest.skip(f"the Python-backend stub links libpython{pyver}.so; this Python is built without it")
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    http_url: str
+    grpc_url: str
+    repo: Path
+    log: Path
+    reference: ort.InferenceSession  # the plain exported graph (h0/c0 [L*D, batch, H])
+    state_names: list[str]
+    rows: int
+    hidden: int
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Server:
+    root = _server_files()
+    tmp = tmp_path_factory.mktemp("tritonserver")
+    torch.manual_seed(0)
+    model = SequenceModel(
+        ModelConfig(task="lm", cell="lstm", vocab_size=11, num_layers=2, embed_dim=6, hidden_size=5)
+    ).eval()
+    repo = tmp / "repo"
+    common = dict(max_batch_size=MAX_BATCH, max_queue_delay_us=5000, idle_timeout_us=int(IDLE_S * 1e6))
+    write_triton_repository(model, repo, PY_MODEL, backend="python", **common)
+    ort_folder = write_triton_repository(model, repo, ORT_MODEL, **common)
+    # The onnxruntime repository's exact config, run by model.py: Triton's core then checks its sequence
+    # batcher (controls, implicit state declarations), which the missing backend never lets it reach.
+    swapped = repo / ORT_AS_PY_MODEL
+    shutil.copytree(ort_folder, swapped)
+    shutil.copy(repo / PY_MODEL / "1" / "model.py", swapped / "1" / "model.py")
+    text = (ort_folder / "config.pbtxt").read_text()
+    text = text.replace(f'name: "{ORT_MODEL}"', f'name: "{ORT_AS_PY_MODEL}"').replace(
+        'backend: "onnxruntime"', 'backend: "python"'
+    )
+    (swapped / "config.pbtxt").write_text(text)
+    export_onnx(model, tmp / "plain.onnx")
+    reference = ort.InferenceSession(str(tmp / "plain.onnx"), providers=["CPUExecutionProvider"])
+
+    # The Python backend runs the stub for this Python version from a backend folder of our own.
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    backend = tmp / "backends" / "python"
+    backend.mkdir(parents=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy(root / "backends" / "python" / name, backend / name)
+    shutil.copy(root / "python_backend_stubs" / pyver / "triton_python_backend_stub", backend)
+    libs = Path(importlib.metadata.distribution("nvidia-pytriton").locate_file("nvidia_pytriton.libs"))
+    env = dict(os.environ)
+    # The stub embeds libpython and finds its prefix by looking up `python3` on PATH: this interpreter's
+    # folder first gives it this environment's site-packages (numpy, onnxruntime), a venv included.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        [sysconfig.get_config_var("LIBDIR"), str(libs), env.get("LD_LIBRARY_PATH", "")]
+    )
+    http_port, grpc_port = _free_port(), _free_port()
+    log = tmp / "tritonserver.log"
+    command = [
+        str(root / "bin" / "tritonserver"),
+        f"--model-repository={repo}",
+        f"--backend-directory={backend.parent}",
+        "--model-control-mode=explicit",
+        f"--load-model={PY_MODEL}",
+        "--http-address=127.0.0.1",
+        f"--http-port={http_port}",
+        "--grpc-address=127.0.0.1",
+        f"--grpc-port={grpc_port}",
+        "--allow-metrics=false",
+        "--exit-timeout-secs=5",
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    c = model.config
+    srv = Server(
+        f"127.0.0.1:{http_port}",
+        f"127.0.0.1:{grpc_port}",
+        repo,
+        log,
+        reference,
+        list(c.state_names),
+        c.num_layers * c.num_directions,
+        c.hidden_size,
+    )
+    try:
+        client = http.InferenceServerClient(srv.http_url)
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"tritonserver exited with {proc.returncode} while starting:\n{srv.log_tail()}")
+            try:
+                if client.is_server_ready() and client.is_model_ready(PY_MODEL):
+                    break
+            except (InferenceServerException, ConnectionError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"tritonserver not ready with {PY_MODEL} after {STARTUP_S} s:\n{srv.log_tail()}")
+            time.sleep(0.25)
+        client.close()
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+        try:  # its backend stubs, should any outlive it (they share its process group)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# --- the streams: who sends what at which step ---
+
+
+@dataclass(frozen=True)
+class Request:
+    seq: int  # sequence id (never 0: not a valid id for a sequence model)
+    step: int
+    tokens: tuple[int, ...]
+    start: bool
+    end: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.seq}:{self.step}"
+
+
+def plan(base: int) -> tuple[list[list[Request]], int]:
+    """16 concurrent sequences ``base+1 .. base+16`` over ``STEPS`` steps, and the one that idles out.
+
+    Sequences 1-13 run every step (chunks of 1-3 tokens, so a batch mixes shapes); 14 ends at step 3 and 17
+    starts at step 4 in the slot it frees; 15 restarts (START on the same id) at step 4; 16 stops after step 1
+    and idles out. Returns the requests per step and the idle sequence's id.
+    """
+    rng = np.random.default_rng(base)
+    steps: list[list[Request]] = []
+    for t in range(STEPS):
+        batch = []
+        for s in range(1, 18):
+            if (s == 14 and t > 3) or (s == 17 and t < 4) or (s == 16 and t > 1):
+                continue
+            n = 1 + (s + t) % 3
+            tokens = tuple(int(v) for v in rng.integers(0, 11, n))
+            start = t == 0 or (s == 17 and t == 4) or (s == 15 and t == 4)
+            end = t == STEPS - 1 or (s == 14 and t == 3)
+            batch.append(Request(base + s, t, tokens, start, end))
+        steps.append(batch)
+    return steps, base + 16
+
+
+def reference_outputs(srv: Server, requests: list[Request]) -> dict[str, np.ndarray]:
+    """Each sequence alone through the plain graph, state fed back, zero state on START."""
+    out, state = {}, {}
+    names = ["output", *(f"{s}n" for s in srv.state_names)]
+    for r in sorted(requests, key=lambda r: (r.seq, r.step)):
+        if r.start:
+            state[r.seq] = [np.zeros((srv.rows, 1, srv.hidden), np.float32) for _ in srv.state_names]
+        feed = {"input": np.array([r.tokens], np.int64)}
+        feed.update({f"{s}0": v for s, v in zip(srv.state_names, state[r.seq])})
+        y, *state[r.seq] = srv.reference.run(names, feed)
+        out[r.key] = y
+    return out
+
+
+def assert_equal_outputs(got: dict[str, np.ndarray], requests: list[Request], srv: Server, how: str) -> None:
+    want = reference_outputs(srv, requests)
+    assert sorted(got) == sorted(want), f"{how}: responses for {sorted(set(want) - set(got))} missing"
+    for r in requests:
+        np.testing.assert_allclose(
+            got[r.key],
+            want[r.key],
+            **TOL,
+            err_msg=f"{how}: sequence {r.seq} step {r.step} (start={r.start}) differs from onnxruntime offline",
+        )
+
+
+def _input(module, tokens: tuple[int, ...]):
+    x = module.InferInput("input", [1, len(tokens)], "INT64")
+    x.set_data_from_numpy(np.array([tokens], np.int64))
+    return x
+
+
+def _inference_counts(client, model: str) -> tuple[int, int]:
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
+# --- tests ---
+
+
+def test_python_backend_over_http_matches_onnxruntime(server):
+    steps, idle = plan(base=100)
+    client = http.InferenceServerClient(server.http_url, concurrency=16)
+    got = {}
+    try:
+        for batch in steps:  # one step of every sequence in flight at once, then the next step
+            pending = [
+                (
+                    r,
+                    client.async_infer(
+                        PY_MODEL,
+                        [_input(http, r.tokens)],
+                        sequence_id=r.seq,
+                        sequence_start=r.start,
+                        sequence_end=r.end,
+                    ),
+                )
+                for r in batch
+            ]
+            for r, p in pending:
+                got[r.key] = p.get_result(timeout=RESPONSE_S).as_numpy("output")
+        requests = [r for batch in steps for r in batch]
+        assert_equal_outputs(got, requests, server, "HTTP")
+
+        time.sleep(2 * IDLE_S + 1)  # past the idle timeout: Triton has released sequence `idle`
+        with pytest.raises(InferenceServerException, match="must specify the START flag"):
+            client.infer(PY_MODEL, [_input(http, (1, 2))], sequence_id=idle)
+        again = Request(idle, STEPS, (4, 5, 6), True, True)
+        y = client.infer(PY_MODEL, [_input(http, again.tokens)], sequence_id=idle, sequence_start=True)
+        assert_equal_outputs({again.key: y.as_numpy("output")}, [again], server, "HTTP after idling out")
+    finally:
+        client.close()
+
+
+def test_python_backend_over_grpc_stream_matches_onnxruntime(server):
+    steps, idle = plan(base=200)
+    client = grpc.InferenceServerClient(server.grpc_url)
+    responses: queue.Queue = queue.Queue()
+
+    def on_response(result, error):
+        responses.put((result, error))
+
+    def collect(n: int) -> dict[str, np.ndarray | InferenceServerException]:
+        out: dict[str, np.ndarray | InferenceServerException] = {}
+        for _ in range(n):
+            try:
+                result, error = responses.get(timeout=RESPONSE_S)
+            except queue.Empty:
+                pytest.fail(
+                    f"gRPC stream: {len(out)} of {n} responses after {RESPONSE_S} s\n{server.log_tail()}"
+                )
+            if error is not None:
+                out[f"error-{len(out)}"] = error
+            else:
+                out[result.get_response().id] = result.as_numpy("output")
+        return out
+
+    before = _inference_counts(client, PY_MODEL)
+    client.start_stream(callback=partial(on_response))
+    try:
+        requests = [r for batch in steps for r in batch]
+        for r in requests:  # all at once: Triton keeps each sequence's order and batches across sequences
+            client.async_stream_infer(
+                PY_MODEL,
+                [_input(grpc, r.tokens)],
+                request_id=r.key,
+                sequence_id=r.seq,
+                sequence_start=r.start,
+                sequence_end=r.end,
+            )
+        got = collect(len(requests))
+        errors = {k: v for k, v in got.items() if k.startswith("error-")}
+        assert not errors, f"gRPC stream: {len(errors)} requests failed, e.g. {next(iter(errors.values()))}"
+        assert_equal_outputs(got, requests, server, "gRPC stream")
+        inferences, executions = (a - b for a, b in zip(_inference_counts(client, PY_MODEL), before))
+        assert inferences == len(requests), (inferences, len(requests))
+        assert executions < inferences, (
+            f"Triton ran {inferences} requests in {executions} executions: model.py never got a batch"
+        )
+
+        time.sleep(2 * IDLE_S + 1)
+        client.async_stream_infer(PY_MODEL, [_input(grpc, (1, 2))], request_id="late", sequence_id=idle)
+        (late,) = collect(1).values()
+        assert isinstance(late, InferenceServerException), f"sequence {idle} did not idle out: got {late}"
+        assert "must specify the START flag" in str(late), late
+        again = Request(idle, STEPS, (4, 5, 6), True, True)
+        client.async_stream_infer(
+            PY_MODEL,
+            [_input(grpc, again.tokens)],
+            request_id=again.key,
+            sequence_id=idle,
+            sequence_start=True,
+            sequence_end=True,
+        )
+        assert_equal_outputs(collect(1), [again], server, "gRPC after idling out")
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def test_onnxruntime_backend_repository_reaches_the_missing_backend(server):
+    """How far the real server gets with the onnxruntime repository: config read, then no backend.
+
+    Its text parses (a config Triton cannot read fails earlier, "failed to poll from model repository");
+    the same config under the Python backend loads, so Triton's sequence batcher accepts its controls and
+    implicit state declarations. Only the backend library is missing from this wheel (NGC images ship it).
+    """
+    client = http.InferenceServerClient(server.http_url)
+    try:
+        with pytest.raises(InferenceServerException) as failure:
+            client.load_model(ORT_MODEL)
+        assert "unable to find backend library for backend 'onnxruntime'" in str(failure.value), failure.value
+        index = {m["name"]: m for m in client.get_model_repository_index()}
+        assert index[ORT_MODEL]["state"] == "UNAVAILABLE"
+        assert "unable to find backend library for backend 'onnxruntime'" in index[ORT_MODEL]["reason"]
+
+        client.load_model(ORT_AS_PY_MODEL)
+        assert client.is_model_ready(ORT_AS_PY_MODEL), server.log_tail()
+        config = client.get_model_config(ORT_AS_PY_MODEL)
+        seq = config["sequence_batching"]
+        assert [s["input_name"] for s in seq["state"]] == [f"state_{s}_in" for s in server.state_names]
+        assert [c["name"] for c in seq["control_input"]] == ["START"]
+        assert config["max_batch_size"] == MAX_BATCH
+        client.unload_model(ORT_AS_PY_MODEL)
+    finally:
+        client.close()
