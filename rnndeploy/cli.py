@@ -346,8 +346,14 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 
 
 def _open_session(
-    model, states: tuple[str, ...], constants: tuple[str, ...], provider: str | None, threads: int
+    model,
+    states: tuple[str, ...],
+    constants: tuple[str, ...],
+    provider: str | None,
+    threads: int,
+    normalize: bool = True,
 ):
+    """A StreamingSession for a command; its errors as click errors in the command line's terms."""
     import json
 
     from rnndeploy.runtime import ModelError, ProviderError, StreamingSession
@@ -362,9 +368,21 @@ def _open_session(
             ) from error
     try:
         return StreamingSession(
-            model, _pairs(states, "--state") or None, constants=values, providers=provider, threads=threads
+            model,
+            _pairs(states, "--state") or None,
+            constants=values,
+            providers=provider,
+            threads=threads,
+            normalize=normalize,
         )
-    except (ModelError, ProviderError) as error:
+    except ProviderError as error:
+        if error.reason is None:
+            raise click.ClickException(str(error)) from error
+        raise click.ClickException(
+            f"--provider {provider}: onnxruntime could not start {error.provider}: {error.reason}. "
+            "Run with --provider cpu, or leave --provider out (CUDA where it starts, else the CPU)."
+        ) from error
+    except ModelError as error:
         raise click.ClickException(str(error)) from error
 
 
@@ -376,12 +394,19 @@ def _open_session(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A .npy file [T, ...]: row t is step t. Default: JSON lines on stdin, one step per line.",
 )
+@click.option(
+    "--raw",
+    is_flag=True,
+    help="Feed the graph raw values: no normalisation with the model's rnndeploy.data_stats.",
+)
 @_session_options
-def run_command(model, input_path, states, constants, provider, threads) -> None:
+def run_command(model, input_path, raw, states, constants, provider, threads) -> None:
     """Run a stateful ONNX model step by step and print each step's outputs as a JSON line.
 
     A step's input is the model input without its batch and time axes (a token id, a feature vector), or a
     JSON object {name: value} for models with several inputs. Output lines are flushed as steps finish.
+    A forecaster trained on a .csv/.npy series takes and returns values in the series' own units (its
+    training mean and standard deviation are in the model's metadata); --raw feeds the graph as it is.
     """
     import json
     import sys
@@ -390,7 +415,7 @@ def run_command(model, input_path, states, constants, provider, threads) -> None
 
     from rnndeploy.runtime import StepInputError
 
-    session = _open_session(model, states, constants, provider, threads)
+    session = _open_session(model, states, constants, provider, threads, normalize=not raw)
     if input_path is not None:
         if len(session.inputs) != 1:
             raise click.ClickException(
@@ -472,13 +497,18 @@ def generate_command(model, prompt, length, temperature, top_k, seed, provider, 
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_session_options
 def info_command(model, states, constants, provider, threads) -> None:
-    """Show a model's inputs, outputs, state pairs, metadata and the execution providers available (JSON)."""
+    """Show a model's inputs, outputs, state pairs, metadata and the execution providers that start (JSON).
+
+    providers_available lists the providers that can run this model here (CPU always; CUDA and TensorRT only
+    with a GPU, its driver and the CUDA libraries onnxruntime needs).
+    """
     import json
 
-    from rnndeploy.runtime import available_providers
+    from rnndeploy.runtime import usable_providers
 
     session = _open_session(model, states, constants, provider, threads)
-    click.echo(json.dumps({**session.describe(), "providers_available": available_providers()}, indent=2))
+    info = {**session.describe(), "providers_available": usable_providers(model)}
+    click.echo(json.dumps(info, indent=2))
 
 
 @main.command("serve")

@@ -107,9 +107,7 @@ def resolve_providers(providers: str | Iterable[str] | None) -> list[str]:
             raise ProviderError(
                 f"execution provider {name!r} ({full}) is not available in this onnxruntime build; "
                 f"available: {', '.join(available)}. For CUDA/TensorRT install onnxruntime-gpu with "
-                "matching CUDA libraries.",
-                provider=full,
-                reason="not in this onnxruntime build",
+                "matching CUDA libraries."
             )
         resolved.append(full)
     if "CPUExecutionProvider" not in resolved:

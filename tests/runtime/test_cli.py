@@ -1,6 +1,8 @@
 """`rnndeploy run / generate / info` through click's CliRunner, against whole-sequence reference runs."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -10,7 +12,7 @@ from click.testing import CliRunner
 from onnx.reference import ReferenceEvaluator
 
 from rnndeploy.cli import main
-from rnndeploy.runtime import testing
+from rnndeploy.runtime import available_providers, testing
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 VOCAB = list("abcdefgh ")
@@ -151,7 +153,50 @@ def test_info(lm_path):
     ]
     assert info["inputs"] == ["input: int64[batch, time]"]
     assert info["metadata"]["rnndeploy.task"] == "lm"
-    assert "CPUExecutionProvider" in info["providers_available"]
+    assert info["providers_available"] == starting_providers(lm_path)
+
+
+def starting_providers(path) -> list[str]:
+    """Reference: the providers of this onnxruntime build that a bare session on ``path`` really runs on."""
+    ort.set_default_logger_severity(4)  # a provider that cannot load logs an error; it is what we test
+    try:
+        started = []
+        for name in available_providers():
+            session = ort.InferenceSession(str(path), providers=[name])
+            if name in session.get_providers():
+                started.append(name)
+    finally:
+        ort.set_default_logger_severity(2)
+    return started
+
+
+def rnndeploy(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "rnndeploy", *args]
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def assert_no_onnxruntime_log(stderr: str) -> None:
+    assert ":onnxruntime:" not in stderr and "\x1b[" not in stderr, f"onnxruntime logged: {stderr}"
+
+
+def test_a_step_onnxruntime_rejects_prints_only_our_error(lm_path):
+    result = rnndeploy("run", str(lm_path), stdin="99\n")
+    assert result.returncode == 1, result.stderr
+    assert_no_onnxruntime_log(result.stderr)
+    assert result.stderr.startswith("Error: step 0: the model cannot run this step"), result.stderr
+    assert "input int64[1, 1] with values in [99, 99]" in result.stderr
+
+
+def test_cuda_that_does_not_start_is_explained_in_cli_terms(lm_path):
+    if "CUDAExecutionProvider" not in available_providers():
+        pytest.skip("this onnxruntime build has no CUDA provider")
+    if "CUDAExecutionProvider" in starting_providers(lm_path):
+        pytest.skip("CUDA starts on this machine")
+    result = rnndeploy("run", str(lm_path), "--provider", "cuda")
+    assert result.returncode == 1, result.stderr
+    assert_no_onnxruntime_log(result.stderr)
+    assert "--provider cuda: onnxruntime could not start CUDAExecutionProvider: " in result.stderr
+    assert "Run with --provider cpu" in result.stderr and "providers=" not in result.stderr
 
 
 def test_serve_refuses_a_model_without_states(odd_path):
