@@ -165,7 +165,8 @@ def create_app(
         return JSONResponse({"error": str(error.detail)}, error.status_code, headers=error.headers)
 
     async def request_error(_: Request, error: RequestError) -> JSONResponse:
-        return JSONResponse({"error": str(error)}, error.status)
+        headers = {"connection": "close"} if error.close_connection else None
+        return JSONResponse({"error": str(error)}, error.status, headers=headers)
 
     async def server_error(request: Request, error: Exception) -> JSONResponse:
         logger.exception("internal error answering %s %s", request.method, request.url.path)
@@ -243,7 +244,9 @@ def create_app(
 async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and _DIGITS.fullmatch(declared) and int(declared) > limit:
-        raise RequestError(f"request body of {declared} bytes exceeds the limit max_body_bytes={limit}", 413)
+        raise RequestError(
+            f"request body of {declared} bytes exceeds the limit max_body_bytes={limit}", 413, True
+        )
     chunks: list[bytes] = []
 
     async def read() -> None:
@@ -251,15 +254,15 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise RequestError(f"request body exceeds the limit max_body_bytes={limit}", 413)
+                raise RequestError(f"request body exceeds the limit max_body_bytes={limit}", 413, True)
             chunks.append(chunk)
 
     try:
         await asyncio.wait_for(read(), timeout_s)
     except asyncio.TimeoutError:
-        raise RequestError(f"request body not received within {timeout_s:g} s", 408) from None
+        raise RequestError(f"request body not received within {timeout_s:g} s", 408, True) from None
     except ClientDisconnect:
-        raise RequestError("the client disconnected before sending the whole body", 400) from None
+        raise RequestError("the client disconnected before sending the whole body", 400, True) from None
     return b"".join(chunks)
 
 

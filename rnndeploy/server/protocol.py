@@ -31,7 +31,7 @@ DATATYPES: dict[str, type[np.generic]] = {
 }
 TO_DATATYPE = {np.dtype(v): k for k, v in DATATYPES.items()}
 MAX_DIMS = 16
-MAX_DIM = 2**62
+MAX_DIM = 2**40
 MAX_UINT64 = 2**64 - 1
 JSON_BYTES_PER_ELEMENT = 24  # the longest float/int64 text orjson writes, with its comma
 
@@ -39,9 +39,10 @@ JSON_BYTES_PER_ELEMENT = 24  # the longest float/int64 text orjson writes, with 
 class RequestError(ValueError):
     """A request the server refuses; ``status`` is the HTTP status (400, 404, 408, 413, 429, 503)."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, close_connection: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.close_connection = close_connection  # HTTP: the body was not read to its end
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,11 @@ def check_shape(name: str, shape: object) -> list[int]:
         not isinstance(shape, list | tuple)
         or len(shape) > MAX_DIMS
         or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
+        or math.prod(d for d in shape if d) > MAX_DIM
     ):
         raise RequestError(
-            f"input {name!r}: shape must be a list of at most {MAX_DIMS} integers in [0, 2**62], "
-            f"got {_short(shape)}"
+            f"input {name!r}: shape must be a list of at most {MAX_DIMS} integers >= 0 whose nonzero ones "
+            f"multiply to at most 2**40, got {_short(shape)}"
         )
     return list(shape)
 
@@ -112,15 +114,27 @@ def _short(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _flatten(data: list) -> list:
+def _flatten(name: str, data: list, shape: list[int]) -> list:
+    """Flat data as it is; nested data must follow ``shape`` exactly (``[[1, 2], [3, 4]]`` for ``[2, 2]``)."""
     if not any(isinstance(v, list) for v in data):
         return data
     flat: list = []
-    for value in data:
-        if isinstance(value, list):
-            flat.extend(_flatten(value))
+
+    def walk(level: object, dims: list[int]) -> None:
+        if not dims or not isinstance(level, list) or len(level) != dims[0]:
+            raise RequestError(
+                f"input {name!r}: nested data must follow shape {shape} (or be one flat list), "
+                f"got {_short(data)}"
+            )
+        if len(dims) > 1:
+            for row in level:
+                walk(row, dims[1:])
+        elif any(isinstance(v, list) for v in level):
+            walk(None, [])
         else:
-            flat.append(value)
+            flat.extend(level)
+
+    walk(data, shape)
     return flat
 
 
@@ -133,7 +147,7 @@ def decode_data(name: str, datatype: str, shape: list[int], data: object) -> np.
     dtype = check_datatype(name, datatype)
     if not isinstance(data, list):
         raise RequestError(f"input {name!r}: data must be a JSON array, got {type(data).__name__}")
-    flat = _flatten(data)
+    flat = _flatten(name, data, shape)
     size = math.prod(shape)
     if len(flat) != size:
         raise RequestError(f"input {name!r}: data has {len(flat)} elements, shape {shape} needs {size}")

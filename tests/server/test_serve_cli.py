@@ -4,6 +4,7 @@ SIGTERM ending it with exit status 0."""
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -103,3 +104,24 @@ def test_sigterm_shuts_down_cleanly_with_exit_status_0(served):
     stderr = process.stderr.read()
     assert code == 0, stderr
     assert "Application shutdown complete" in stderr and "Traceback" not in stderr, stderr
+
+
+def test_sigterm_exits_after_the_shutdown_deadline_while_a_body_is_still_being_read(tmp_path):
+    path = tmp_path / "lm.onnx"
+    onnx.save(testing.lstm_lm(hidden_size=7), path)
+    process, urls, _ = start_serve(path, "--shutdown-timeout", "1", "--body-timeout", "600")
+    try:
+        host, port = urls["http"].removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port))) as stalled:
+            stalled.sendall(b"POST /v2/models/lm/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+            # The request is being read once the server answers on another connection after it.
+            assert httpx.get(f"{urls['http']}/v2/health/live").status_code == 200
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=60)  # a bound on the test: the deadline is 1 s
+        stderr = process.stderr.read()
+        assert code == 0, stderr
+        assert "timeout graceful shutdown exceeded" in stderr, stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
