@@ -323,3 +323,63 @@ def test_auto_provider_falls_back_to_cpu_quietly(monkeypatch, capfd):
         ProviderError, match="asked for CUDAExecutionProvider but onnxruntime could not start it"
     ):
         StreamingSession(model, providers="cuda")
+
+
+def test_cpu_steps_on_bound_state_by_default(lm, lm_bytes):
+    """The default CPU path (state in ping-pong IOBinding buffers, one binding per input shape) equals the
+    whole-sequence reference while chunk lengths change, step_many and reset(state) touch the same stream,
+    and the batch axis is given or left out."""
+    session = StreamingSession(lm_bytes, providers="cpu")
+    assert session.io_binding and session.describe()["io_binding"]
+    tokens = np.random.default_rng(8).integers(0, V, (1, 16))
+    outs, t = [], 0
+    for chunk in (1, 3, 1, 2, 1, 1):
+        outs.append(session.step(tokens[:, t : t + chunk], stream="s")["output"])
+        t += chunk
+    outs.append(session.step_many({"s": tokens[:, t : t + 1], "other": tokens[:, :1]})["s"]["output"])
+    t += 1
+    outs.append(session.step(tokens[0, t : t + 2], stream="s")["output"][None])  # batch axis left out
+    t += 2
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), reference_lm(lm, tokens[:, :t])["output"], **TOL)
+    full = reference_lm(lm, tokens)
+    state = session.get_state("s")
+    session.reset("s", state={"h0": state["h0"], "c0": state["c0"]})
+    rest = [session.step(tokens[:, k : k + 1], stream="s")["output"] for k in range(t, 16)]
+    np.testing.assert_allclose(np.concatenate(rest, axis=1), full["output"][:, t:], **TOL)
+    np.testing.assert_allclose(session.get_state("s")["h0"], full["hn"], **TOL)
+
+
+def test_a_changed_signature_is_checked_again(lm, lm_bytes):
+    """Signatures are validated once and cached: a later step with another dtype or rank is still refused
+    with the same message, and changes no state."""
+    session = StreamingSession(lm_bytes, providers="cpu")
+    tokens = np.array([[2, 7, 1, 8]])
+    session.step(tokens[:, :1], stream="s")
+    session.step(tokens[:, 1:2], stream="s")
+    before = session.get_state("s")
+    with pytest.raises(StepInputError, match="input must have dtype int64, got float32"):
+        session.step(np.array([[0.5]], np.float32), stream="s")
+    with pytest.raises(StepInputError, match=r"got \[1, 1, 1\]"):
+        session.step(np.zeros((1, 1, 1), np.int64), stream="s")
+    for name, value in session.get_state("s").items():
+        np.testing.assert_array_equal(value, before[name])
+    out = session.step(
+        [
+            [1],
+        ],
+        stream="s",
+    )["output"]  # a list: converted, not cached
+    out = np.concatenate([out, session.step(tokens[:, 3:], stream="s")["output"]], axis=1)
+    np.testing.assert_allclose(out, reference_lm(lm, tokens)["output"][:, 2:], **TOL)
+
+
+@pytest.mark.parametrize("io_binding", [False, True], ids=["run", "iobinding"])
+def test_several_step_inputs_stepwise(io_binding):
+    model = testing.scaled_rnn()
+    session = StreamingSession(model.SerializeToString(), providers="cpu", io_binding=io_binding)
+    x = np.random.default_rng(9).normal(size=(1, 5, 3)).astype(np.float32)
+    rate = np.array([1.5], np.float32)
+    y = [session.step({"x": x[:, t : t + 1], "sample_rate": rate})["y"] for t in range(5)]
+    y_ref, h_ref, total_ref = reference_scaled(model, x, 1.5)
+    np.testing.assert_allclose(np.concatenate(y, axis=1), y_ref, **TOL)
+    np.testing.assert_allclose(session.get_state()["past_total"], total_ref, **TOL)
