@@ -77,15 +77,18 @@ class TritonPythonModel:
         self.outputs = [o["name"] for o in config["output"]]
         self.inputs = [i["name"] for i in config["input"]]
         controls = config["sequence_batching"].get("control_input", [])
-        kinds = {c["name"]: c["control"][0]["kind"] for c in controls}
+        # JSON without defaults omits the enum's first value, CONTROL_SEQUENCE_START
+        kinds = {c["name"]: c["control"][0].get("kind", "CONTROL_SEQUENCE_START") for c in controls}
         self.end = next((n for n, k in kinds.items() if k == "CONTROL_SEQUENCE_END"), None)
+        # Triton refuses a released sequence's next request without START itself; forgetting a state only
+        # frees memory, so it waits twice the idle timeout (time here is the run's, not the arrival's).
         idle_us = int(config["sequence_batching"].get("max_sequence_idle_microseconds", 1_000_000))
-        self.idle_s = idle_us / 1e6
+        self.forget_s = 2 * idle_us / 1e6
         self.memory: dict[int | str, tuple[float, list[np.ndarray]]] = {}  # id -> (last use, states)
 
     def execute(self, requests: list) -> list:
         now = time.monotonic()
-        for key in [k for k, (used, _) in self.memory.items() if now - used > self.idle_s]:
+        for key in [k for k, (used, _) in self.memory.items() if now - used > self.forget_s]:
             del self.memory[key]
         responses: list = [None] * len(requests)
         # A sequence appears at most once per call; if it ever appears twice, its later request waits for the

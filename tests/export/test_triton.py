@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import sys
+import types
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -131,3 +135,166 @@ def test_checkpoint_export_keeps_vocab_and_stats_in_the_triton_graph(tmp_path):
     meta = {p.key: p.value for p in onnx.load(tmp_path / "repo" / "lm" / "1" / "model.onnx").metadata_props}
     assert json.loads(meta["rnndeploy.vocab"]) == vocab
     assert json.loads(meta["rnndeploy.data_stats"]) == {}
+
+
+def parse(folder):
+    return text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def test_python_backend_is_the_same_model_with_its_state_in_model_py(tmp_path):
+    import onnx
+
+    from rnndeploy.export.triton import PYTHON_MODEL
+
+    model = make_model(**CONFIGS["lstm-L2-embed"])
+    kw = dict(max_batch_size=8, max_queue_delay_us=250, idle_timeout_us=3_000_000)
+    ort_folder = write_triton_repository(model, tmp_path / "repo", "ort", **kw)
+    py_folder = write_triton_repository(model, tmp_path / "repo", "py", backend="python", **kw)
+    assert sorted(p.name for p in (py_folder / "1").iterdir()) == ["model.onnx", "model.py"]
+    assert (py_folder / "1" / "model.py").read_text() == PYTHON_MODEL.read_text()
+    assert onnx.load(py_folder / "1" / "model.onnx").graph == onnx.load(ort_folder / "1" / "model.onnx").graph
+    ort_config, py_config = parse(ort_folder), parse(py_folder)
+    mc = model_config_pb2
+    assert (py_config.backend, ort_config.backend) == ("python", "onnxruntime")
+    (group,) = py_config.instance_group  # one instance holds every sequence's state
+    assert (group.kind, group.count) == (mc.ModelInstanceGroup.KIND_CPU, 1)
+    assert not ort_config.instance_group
+    seq = py_config.sequence_batching
+    assert not seq.state  # the Python backend cannot write implicit state back
+    kinds = mc.ModelSequenceBatching.Control
+    assert [(c.name, c.control[0].kind, list(c.control[0].int32_false_true)) for c in seq.control_input] == [
+        ("START", kinds.CONTROL_SEQUENCE_START, [0, 1]),
+        ("END", kinds.CONTROL_SEQUENCE_END, [0, 1]),
+    ]
+    # everything else is the onnxruntime config
+    for field in ("input", "output", "max_batch_size"):
+        assert getattr(py_config, field) == getattr(ort_config, field), field
+    assert seq.oldest == ort_config.sequence_batching.oldest
+    assert seq.max_sequence_idle_microseconds == 3_000_000
+
+
+def test_unknown_backend_is_refused_by_name(tmp_path):
+    model = make_model(**CONFIGS["gru-L1-linear"])
+    with pytest.raises(ValueError, match=r"backend must be one of onnxruntime, python, got 'tensorrt'"):
+        write_triton_repository(model, tmp_path / "repo", "m", backend="tensorrt")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_export_command_writes_the_python_backend_repository(tmp_path):
+    from click.testing import CliRunner
+
+    from rnndeploy import save_checkpoint
+    from rnndeploy.cli import main
+
+    ckpt = save_checkpoint(
+        tmp_path / "lm.pt", make_model(**CONFIGS["lstm-L2-embed"]), vocab=list("abcdefghijk")
+    )
+    args = ["export", str(ckpt), "--triton-repo", str(tmp_path / "repo"), "--triton-name", "lm"]
+    result = CliRunner().invoke(main, [*args, "--triton-backend", "python"])
+    assert result.exit_code == 0, result.output
+    assert parse(tmp_path / "repo" / "lm").backend == "python"
+    assert (tmp_path / "repo" / "lm" / "1" / "model.py").is_file()
+    result = CliRunner().invoke(main, [*args, "--triton-backend", "tensorrt"])
+    assert result.exit_code == 2 and "'tensorrt' is not one of 'onnxruntime', 'python'" in result.output
+
+
+# --- model.py without Triton: a stand-in for triton_python_backend_utils ---
+
+
+class _Tensor:
+    def __init__(self, name: str, array: np.ndarray) -> None:
+        self._name, self.array = name, np.asarray(array)
+
+    def name(self) -> str:
+        return self._name
+
+    def to_dlpack(self):
+        return self.array.__dlpack__()
+
+    @classmethod
+    def from_dlpack(cls, name: str, obj) -> _Tensor:
+        return cls(name, np.from_dlpack(obj).copy())
+
+
+class _Request:
+    def __init__(
+        self, correlation_id: int, tokens: list[int], start: bool = False, end: bool = False
+    ) -> None:
+        self.id = correlation_id
+        self.inputs = {
+            "input": _Tensor("input", np.array([tokens], np.int64)),
+            "START": _Tensor("START", np.array([[int(start)]], np.int32)),
+            "END": _Tensor("END", np.array([[int(end)]], np.int32)),
+        }
+
+    def correlation_id(self) -> int:
+        return self.id
+
+
+def _response(output_tensors, error=None):
+    return types.SimpleNamespace(outputs={t.name(): t.array for t in output_tensors}, error=error)
+
+
+@pytest.fixture
+def model_py(tmp_path, monkeypatch):
+    """``model.py`` of a python-backend repository, initialized as Triton would, and its torch model."""
+    import importlib.util
+
+    from google.protobuf import json_format
+
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.Tensor = _Tensor
+    fake.InferenceResponse = _response
+    fake.TritonError = str
+    fake.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # initialize() wraps it
+    model = make_model(**CONFIGS["lstm-L2-embed"])
+    folder = write_triton_repository(
+        model, tmp_path / "repo", "py", backend="python", max_batch_size=8, idle_timeout_us=1_000_000
+    )
+    spec = importlib.util.spec_from_file_location("rnndeploy_triton_model", folder / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = json_format.MessageToDict(parse(folder), preserving_proto_field_name=True)
+    instance = module.TritonPythonModel()
+    instance.initialize(
+        {"model_config": json.dumps(config), "model_repository": str(folder), "model_version": "1"}
+    )
+    return module, instance, model
+
+
+def test_model_py_batches_sequences_and_keeps_their_state(model_py, monkeypatch):
+    module, instance, model = model_py
+    clock = [100.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    calls = [  # what Triton's sequence batcher might hand over together: mixed lengths, a repeated id
+        [_Request(1, [1, 2], start=True), _Request(2, [3], start=True), _Request(3, [4, 5], start=True)],
+        [_Request(1, [6]), _Request(2, [7], end=True), _Request(3, [8, 9]), _Request(1, [10])],
+        [_Request(3, [1], start=True)],  # restart: a fresh state
+    ]
+    got: dict[int, list[np.ndarray]] = {1: [], 2: [], 3: []}
+    for requests in calls:
+        responses = instance.execute(requests)
+        assert len(responses) == len(requests)
+        for request, response in zip(requests, responses):
+            assert response.error is None, response.error
+            got[request.id].append(response.outputs["output"])
+    with torch.no_grad():
+        want = {
+            1: model(torch.tensor([[1, 2, 6, 10]]))[0],
+            2: model(torch.tensor([[3, 7]]))[0],
+            3: torch.cat([model(torch.tensor([[4, 5, 8, 9]]))[0], model(torch.tensor([[1]]))[0]], 1),
+        }
+    for key, outputs in got.items():
+        np.testing.assert_allclose(
+            np.concatenate(outputs, 1), want[key].numpy(), atol=1e-5, rtol=1e-4, err_msg=f"sequence {key}"
+        )
+    assert sorted(instance.memory) == [1, 3]  # END dropped sequence 2
+
+    (ended,) = instance.execute([_Request(2, [1])])
+    assert "sequence 2: no state" in ended.error and "sequence_start=True" in ended.error
+    clock[0] += 2.5  # past twice max_sequence_idle_microseconds (1 s)
+    idle, fresh = instance.execute([_Request(1, [1]), _Request(4, [2], start=True)])
+    assert "sequence 1: no state" in idle.error, idle.error
+    assert fresh.error is None and sorted(instance.memory) == [4]
