@@ -61,7 +61,18 @@ class _Stream:
     """One stream's state: host arrays (``state``: on the CPU, the current ping-pong buffer when bound),
     or device OrtValues (``device_state``, on CUDA)."""
 
-    __slots__ = ("batch", "state", "buffers", "current", "slots", "device_state", "spare", "graph")
+    __slots__ = (
+        "batch",
+        "state",
+        "buffers",
+        "current",
+        "slots",
+        "rows",
+        "row",
+        "device_state",
+        "spare",
+        "graph",
+    )
 
     def __init__(self) -> None:
         self.batch: int | None = None
@@ -69,9 +80,44 @@ class _Stream:
         self.buffers: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
         self.current = 0
         self.slots: dict[tuple, CpuSlot] = {}
+        self.rows: _Rows | None = None  # after step_many: the state is row ``row`` of these (host) arrays
+        self.row = 0
         self.device_state: dict[str, ort.OrtValue] = {}
         self.spare: dict[str, ort.OrtValue] = {}
         self.graph: CudaGraphSlot | None = None
+
+
+class _Rows:
+    """The stacked state outputs of one batched run and which streams' rows they hold, in order."""
+
+    __slots__ = ("states", "members", "batches", "starts")
+
+    def __init__(self, states: dict[str, np.ndarray], members: list[Hashable], batches: list[int]) -> None:
+        self.states, self.members, self.batches = states, members, batches
+        self.starts = [0, *itertools.accumulate(batches)][:-1]
+
+    def view(self, k: int, pairs: tuple[StatePair, ...]) -> dict[str, np.ndarray]:
+        """Member ``k``'s state rows as views."""
+        start, batch = self.starts[k], self.batches[k]
+        return {p.input: _rows_of(self.states[p.input], p.batch_axis, start, batch, False) for p in pairs}
+
+    def materialize(self, k: int, pairs: tuple[StatePair, ...]) -> dict[str, np.ndarray]:
+        """Member ``k``'s state rows as contiguous arrays of their own."""
+        return {n: np.ascontiguousarray(v) for n, v in self.view(k, pairs).items()}
+
+
+def _rows_of(array: np.ndarray, axis: int, start: int, batch: int, strip: bool) -> np.ndarray:
+    """Rows ``start:start + batch`` of ``array`` along ``axis`` (a view); ``strip``: batch 1, axis dropped."""
+    index = (slice(None),) * axis + ((start if strip else slice(start, start + batch)),)
+    return array[index]
+
+
+def _split_rows(array: np.ndarray, axis: int, n: int, batch: int, strip: bool) -> list[np.ndarray]:
+    """``n`` consecutive blocks of ``batch`` rows of ``array`` along ``axis``, as views (``strip``: batch 1,
+    axis dropped)."""
+    if axis == 0:  # views without one indexing call per block
+        return list(array if strip else array.reshape((n, batch, *array.shape[1:])))
+    return [_rows_of(array, axis, k * batch, batch, strip) for k in range(n)]
 
 
 class StreamingSession:
@@ -186,7 +232,7 @@ class StreamingSession:
             Normalization.from_metadata(self.metadata, self.inputs, self.outputs) if normalize else None
         )
 
-        fixed = all(p.fixed for p in self.states)
+        fixed = self._fixed_states = all(p.fixed for p in self.states)
         if self.device == "cpu" and io_binding and not fixed:
             raise ModelError(
                 "io_binding=True on the CPU needs states of fixed size; "
@@ -259,6 +305,7 @@ class StreamingSession:
         return entry
 
     def _store(self, entry: _Stream, arrays: dict[str, np.ndarray]) -> None:
+        entry.rows = None
         if self._cpu_bound:
             if entry.buffers is None or any(entry.state[k].shape != a.shape for k, a in arrays.items()):
                 entry.buffers = (
@@ -277,6 +324,8 @@ class StreamingSession:
             entry.state = arrays
 
     def _load(self, entry: _Stream) -> dict[str, np.ndarray]:
+        if entry.rows is not None:  # its state is still rows of a batched run's outputs: take them over
+            self._store(entry, entry.rows.materialize(entry.row, self.states))
         if self.io_binding and not self._cpu_bound:
             return {k: v.numpy() for k, v in entry.device_state.items()}
         return entry.state
@@ -366,6 +415,8 @@ class StreamingSession:
             key = _signature_key(x)
             slot = entry.slots.get(key)
             if slot is not None:  # this stream ran this signature before: no checks, no allocations
+                if entry.rows is not None:
+                    self._load(entry)
                 try:
                     slot.run(x, entry.current)
                 except ORT_RUN_ERRORS as error:
@@ -376,6 +427,8 @@ class StreamingSession:
         arrays, batch, added = self.check_input(x)
         new = entry is None
         entry = self._open(stream, batch)
+        if entry.rows is not None:
+            self._load(entry)
         try:
             if self._cpu_bound:
                 return self._run_cpu_bound(entry, x, arrays, added)
@@ -441,78 +494,160 @@ class StreamingSession:
     ) -> dict[Hashable, dict[str, np.ndarray]]:
         """Run one step of each of several streams as one batched onnxruntime call per input shape.
 
-        State rows of the streams are gathered along each state's batch axis, run together and scattered
-        back (on CUDA through host memory; with ``cuda_graph`` each stream replays its own graphs instead);
-        the result equals calling :meth:`step` for each stream. Streams whose inputs (or grown states)
-        differ in shape run in separate calls. All inputs are validated before anything runs, and states are
-        stored (new streams opened) only after every call succeeded, so a failed step (a bad input, or one
-        onnxruntime rejects: :class:`StepInputError`) changes no stream's state and opens no stream.
+        State rows of the streams are gathered along each state's batch axis, run together, and each stream
+        keeps its rows of the batch's state outputs (on CUDA the states go back to the device; with
+        ``cuda_graph`` each stream replays its own graphs instead). When the same streams step together
+        again, their state is already stacked and nothing is gathered. The result equals calling
+        :meth:`step` for each stream. Streams whose inputs (or grown states) differ in shape run in separate
+        calls. All inputs are validated before anything runs, and states are stored (new streams opened) only
+        after every call succeeded, so a failed step (a bad input, or one onnxruntime rejects:
+        :class:`StepInputError`) changes no stream's state and opens no stream.
 
         Args:
             xs: ``{stream: x}`` with ``x`` as for :meth:`step`.
         Returns:
             ``{stream: {output_name: array}}``.
         """
+        results = self._step_many_uniform(xs)
+        if results is not None:
+            return results
         checked = {s: self.check_input(x) for s, x in xs.items()}
+        streams = self._streams
         for stream, (_, batch, _) in checked.items():
-            entry = self._streams.get(stream)
+            entry = streams.get(stream)
             if entry is not None and entry.batch is not None and entry.batch != batch:
                 raise StepInputError(f"stream {stream!r} has batch size {entry.batch}, this step has {batch}")
         if self.cuda_graph:  # each stream replays its own captured graphs on fixed device buffers
             return {s: self.step(x, stream=s) for s, x in xs.items()}
-        states = {s: self._current_state(s, batch) for s, (_, batch, _) in checked.items()}
+        fixed = self._fixed_states
         groups: dict[tuple, list[Hashable]] = {}
         for stream, (arrays, _, _) in checked.items():
-            key = tuple(shape_without(a.shape, self.inputs[n].batch_axis) for n, a in arrays.items()) + tuple(
-                shape_without(states[stream][p.input].shape, p.batch_axis) for p in self.states
-            )
+            key = tuple(shape_without(a.shape, self.inputs[n].batch_axis) for n, a in arrays.items())
+            if not fixed:
+                state = self._current_state(stream, checked[stream][1])
+                key += tuple(shape_without(state[p.input].shape, p.batch_axis) for p in self.states)
             groups.setdefault(key, []).append(stream)
 
         results: dict[Hashable, dict[str, np.ndarray]] = {}
-        new_states: dict[Hashable, dict[str, np.ndarray]] = {}
+        stored: list[tuple[list[Hashable], _Rows]] = []
+        n_out = len(self.outputs)
         for members in groups.values():
-            if len(members) == 1:  # nothing to gather or scatter
-                feed = {**self._normalized(checked[members[0]][0]), **states[members[0]]}
+            batches = [checked[s][1] for s in members]
+            if len(members) == 1:
+                feed = dict(checked[members[0]][0])
             else:
                 feed = {
                     n: np.concatenate([checked[s][0][n] for s in members], axis=tensor.batch_axis)
                     for n, tensor in self.inputs.items()
                 }
-                feed = self._normalized(feed)
-                feed.update(
-                    {
-                        p.input: np.concatenate([states[s][p.input] for s in members], axis=p.batch_axis)
-                        for p in self.states
-                    }
-                )
+            feed = self._normalized(feed)
+            feed.update(self._gather(members, [self._streams.get(s) for s in members], batches))
             try:
                 outs = self._session.run(self._output_names, {**feed, **self.constants})
             except ORT_RUN_ERRORS as error:
                 raise step_error(error, {s: checked[s][0] for s in members}) from error
-            n_out = len(self.outputs)
-            outs = (
-                list(self._denormalized(dict(zip(self.outputs, outs[:n_out], strict=True))).values())
-                + outs[n_out:]
+            outputs = self._denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
+            rows = _Rows(
+                {p.input: o for p, o in zip(self.states, outs[n_out:], strict=True)}, members, batches
             )
-            axes = [tensor.batch_axis for tensor in self.outputs.values()] + [
-                p.batch_axis for p in self.states
-            ]
-            if len(members) == 1:
-                parts = [[o] for o in outs]
-            else:
-                bounds = list(itertools.accumulate(checked[s][1] for s in members))[:-1]
-                parts = [np.split(o, bounds, axis=axis) for o, axis in zip(outs, axes, strict=True)]
-            split_outs, split_states = parts[:n_out], parts[n_out:]
-            for k, stream in enumerate(members):
-                result = {name: part[k] for name, part in zip(self.outputs, split_outs, strict=False)}
-                results[stream] = self._strip(result) if checked[stream][2] else result
-                new_states[stream] = {
-                    p.input: np.ascontiguousarray(part[k])
-                    for p, part in zip(self.states, split_states, strict=False)
+            start = 0
+            for stream, batch in zip(members, batches, strict=True):
+                strip = checked[stream][2]
+                results[stream] = {
+                    name: _rows_of(out, self.outputs[name].batch_axis, start, batch, strip)
+                    for name, out in outputs.items()
                 }
-        for stream, state in new_states.items():
-            self._store(self._open(stream, checked[stream][1]), state)
+                start += batch
+            stored.append((members, rows))
+        for members, rows in stored:
+            for k, stream in enumerate(members):
+                entry = self._open(stream, rows.batches[k])
+                if self.io_binding and not self._cpu_bound:  # device state: copied back per stream
+                    self._store(entry, rows.materialize(k, self.states))
+                else:
+                    entry.rows, entry.row = rows, k
         return {s: results[s] for s in xs}
+
+    def _step_many_uniform(
+        self, xs: Mapping[Hashable, object]
+    ) -> dict[Hashable, dict[str, np.ndarray]] | None:
+        """:meth:`step_many` when every step is one numpy array of one signature (a server's batch of single
+        steps): validated once, one call, no per-stream copies. None (nothing done) for other steps."""
+        if len(self.inputs) != 1 or not self._fixed_states or self.cuda_graph or not xs:
+            return None
+        first = next(iter(xs.values()))
+        if type(first) is not np.ndarray:
+            return None
+        shape, dtype, streams = first.shape, first.dtype, self._streams
+        entries = []
+        for x in xs.values():
+            if type(x) is not np.ndarray or x.shape != shape or x.dtype != dtype:
+                return None
+        self.check_input(first)  # validates (once) and caches this signature
+        signature = self._signatures[_signature_key(first)]
+        batch = signature.batch
+        for stream in xs:
+            entry = streams.get(stream)
+            if entry is not None and entry.batch is not None and entry.batch != batch:
+                raise StepInputError(f"stream {stream!r} has batch size {entry.batch}, this step has {batch}")
+            entries.append(entry)
+        name = next(iter(self.inputs))
+        members, values, batches = list(xs), list(xs.values()), [batch] * len(xs)
+        axis = self.inputs[name].batch_axis
+        # Steps without their batch axis are stacked along it; steps with it are concatenated.
+        feed = self._normalized(
+            {name: np.stack(values, axis) if signature.added else np.concatenate(values, axis)}
+        )
+        feed.update(self._gather(members, entries, batches))
+        try:
+            outs = self._session.run(self._output_names, {**feed, **self.constants})
+        except ORT_RUN_ERRORS as error:
+            arrays = {s: {name: x.reshape(signature.shapes[name])} for s, x in xs.items()}
+            raise step_error(error, arrays) from error
+        n_out = len(self.outputs)
+        outputs = self._denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
+        per_output = [
+            (
+                out_name,
+                _split_rows(out, self.outputs[out_name].batch_axis, len(members), batch, signature.added),
+            )
+            for out_name, out in outputs.items()
+        ]
+        rows = _Rows({p.input: o for p, o in zip(self.states, outs[n_out:], strict=True)}, members, batches)
+        device_state = self.io_binding and not self._cpu_bound
+        results = {}
+        for k, (stream, entry) in enumerate(zip(members, entries, strict=True)):
+            results[stream] = {out_name: parts[k] for out_name, parts in per_output}
+            if entry is None or entry.batch is None:
+                entry = self._open(stream, batch)
+            if device_state:  # copied back to the device per stream
+                self._store(entry, rows.materialize(k, self.states))
+            else:
+                entry.rows, entry.row = rows, k
+        return results
+
+    def _gather(
+        self, members: list[Hashable], entries: list[_Stream | None], batches: list[int]
+    ) -> dict[str, np.ndarray]:
+        """The stacked state of ``members`` (in order; ``entries`` their streams, None if new): the last batch's
+        state outputs when the same streams stepped together then, else their rows concatenated along each
+        state's batch axis."""
+        first = entries[0].rows if entries[0] is not None else None
+        if (
+            first is not None
+            and first.members == members
+            and all(e is not None and e.rows is first and e.row == k for k, e in enumerate(entries))
+        ):
+            return dict(first.states)
+        parts = [
+            self._current_state(s, batch) if e is None or e.rows is None else e.rows.view(e.row, self.states)
+            for s, e, batch in zip(members, entries, batches, strict=True)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return {
+            p.input: np.concatenate([part[p.input] for part in parts], axis=p.batch_axis) for p in self.states
+        }
 
     def _current_state(self, stream: Hashable, batch: int) -> dict[str, np.ndarray]:
         """``stream``'s state as host arrays, zeros with ``batch`` rows for a stream not stepped yet."""

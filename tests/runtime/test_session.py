@@ -383,3 +383,36 @@ def test_several_step_inputs_stepwise(io_binding):
     y_ref, h_ref, total_ref = reference_scaled(model, x, 1.5)
     np.testing.assert_allclose(np.concatenate(y, axis=1), y_ref, **TOL)
     np.testing.assert_allclose(session.get_state()["past_total"], total_ref, **TOL)
+
+
+@pytest.mark.parametrize("io_binding", [False, True], ids=["run", "iobinding"])
+def test_repeated_step_many_keeps_stacked_state(lm_bytes, io_binding):
+    """Streams that step together again reuse the last batch's stacked state; a stream that joins, leaves,
+    is reset, steps alone, or comes in another order in between still gets exactly its own state."""
+    rng = np.random.default_rng(10)
+    batched = StreamingSession(lm_bytes, io_binding=io_binding, providers="cpu")
+    separate = StreamingSession(lm_bytes, providers="cpu")
+    plan = [
+        ["a", "b", "c"],
+        ["a", "b", "c"],
+        ["a", "b", "c", "d"],
+        ["d", "c", "b", "a"],
+        ["b", "d"],
+        ["a", "b", "c", "d"],
+        ["a", "b", "c", "d"],
+    ]
+    for round_, members in enumerate(plan):
+        xs = {s: rng.integers(0, V, (1,)) for s in members}
+        if round_ == 4:
+            batched.reset("c")
+            separate.reset("c")
+            lone = rng.integers(0, V, (1, 2))
+            np.testing.assert_allclose(
+                batched.step(lone, stream="a")["output"], separate.step(lone, stream="a")["output"], **TOL
+            )
+        got = batched.step_many(xs)
+        for s, x in xs.items():
+            np.testing.assert_allclose(got[s]["output"], separate.step(x, stream=s)["output"], **TOL)
+    for s in "abcd":
+        for name, value in separate.get_state(s).items():
+            np.testing.assert_allclose(batched.get_state(s)[name], value, **TOL)
