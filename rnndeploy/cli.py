@@ -830,3 +830,103 @@ def bench_kernels(
                    time_budget_s=time_budget_s)  # fmt: skip
     for path in write_kernel_results(rows, env, options, out_dir, failures):
         click.echo(f"wrote {path}")
+
+
+@bench.command("memory")
+@click.option(
+    "--tasks",
+    default="adding,copy",
+    callback=_csv_list(_choices(("adding", "copy"))),
+    help="adding (Hochreiter & Schmidhuber 1997), copy (memory task).",
+)
+@click.option("--cells", default="rnn,lstm,gru", callback=_csv_list(_choices(("rnn", "lstm", "gru"))))
+@click.option("--lengths", default="50,100,200", callback=_csv_list(int), help="Minimal lengths / delays T.")
+@click.option(
+    "--backends",
+    default="torch",
+    callback=_csv_list(_choices(("torch", "triton", "reference"))),
+    help="Run each cell with each (on a GPU: triton,torch puts the Triton kernels beside cuDNN).",
+)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--budget",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most training sequences per run [default: adding 100000, copy 60000].",
+)
+@click.option("--hidden", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=None,
+    help="[default: adding 3e-3, copy 1e-2]",
+)
+@click.option(
+    "--gate-bias",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Initial LSTM forget-gate bias (input gate: minus it) and GRU update-gate bias.",
+)
+@click.option("--default-init", is_flag=True, help="Keep torch's initialisation (no --gate-bias).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--grad-t", type=int, default=None, help="T of the gradient-flow picture [default: middle T].")
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads."
+)
+@click.option("--quick", is_flag=True, help="T=20 and 2000 sequences per run (a smoke run).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Results folder.")
+def bench_memory(tasks, cells, lengths, backends, device, budget, hidden, batch, lr, gate_bias, default_init,
+                 seed, grad_t, threads, quick, out) -> None:  # fmt: skip
+    """Long time lags: Elman RNN, LSTM and GRU on the adding problem and the copy task (CPU: minutes).
+
+    Per cell and T: training sequences until the stop criterion of Hochreiter & Schmidhuber (1997) held,
+    test error and fraction correct on 2,560 fresh sequences, the mean baseline, the paper's figure; and the
+    gradient flow through time on the adding problem. On CPU use the torch backend (Triton would run in
+    its interpreter).
+    """
+    import dataclasses
+    import importlib.util
+
+    import torch
+
+    from rnndeploy.train import TrainError, resolve_device
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
+    if not script.is_file():
+        raise click.ClickException(f"{script} not found: run the benchmarks from a source checkout")
+    try:
+        where = str(resolve_device(device))
+    except TrainError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if "triton" in backends and where == "cpu":
+        click.echo(
+            "note: backend triton on CPU runs in Triton's interpreter (slow); use torch on CPU", err=True
+        )
+    torch.set_num_threads(threads)
+    if quick:
+        lengths, budget, grad_t = [20], budget or 2000, None
+    from rnndeploy.longlag import TrainSettings
+
+    defaults = {"adding": (100_000, 3e-3), "copy": (60_000, 1e-2)}
+    settings = {
+        name: TrainSettings(
+            hidden=hidden,
+            batch=batch,
+            lr=lr or defaults[name][1],
+            budget=budget or defaults[name][0],
+            seed=seed,
+            device=where,
+            gate_bias=None if default_init else gate_bias,
+        )
+        for name in tasks
+    }
+    spec = importlib.util.spec_from_file_location("bench_memory", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    click.echo(
+        "settings: " + "; ".join(f"{k}: {dataclasses.asdict(s)}" for k, s in settings.items()), err=True
+    )
+    module.main(tasks, cells, lengths, backends, settings, grad_t, out, echo=click.echo,
+                progress=lambda s: click.echo(f"  {s}", err=True))  # fmt: skip
