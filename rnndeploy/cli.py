@@ -515,6 +515,10 @@ def info_command(model, states, constants, provider, threads) -> None:
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, help="HTTP port (0: any free port, printed).")
+@click.option("--grpc-port", default=8001, show_default=True, help="gRPC port (0: no gRPC).")
+@click.option(
+    "--metrics-port", type=int, default=None, help="Also serve /metrics on this port (always on --port)."
+)
 @click.option("--name", default=None, help="Model name in URLs (default: the file name without .onnx).")
 @click.option(
     "--max-batch-size", default=64, show_default=True, help="Most sequences per batched step (1: off)."
@@ -546,6 +550,8 @@ def serve_command(
     model,
     host,
     port,
+    grpc_port,
+    metrics_port,
     name,
     max_batch_size,
     max_queue_delay_us,
@@ -568,14 +574,16 @@ def serve_command(
     provider,
     threads,
 ) -> None:
-    """Serve a model over HTTP with the KServe v2 protocol of Triton Inference Server (tritonclient works).
+    """Serve a model with the KServe v2 protocol of Triton Inference Server over HTTP and gRPC.
 
     Stateful models keep one state per sequence (sequence_id / sequence_start / sequence_end request
-    parameters); steps of concurrent sequences run as one batch. Prints the model and its URLs when ready.
+    parameters; a gRPC stream per sequence with tritonclient.grpc); steps of concurrent sequences run as one
+    batch, whichever protocol they came by. Prometheus metrics at /metrics. Prints the model and its URLs
+    when ready.
     Stop with Ctrl-C or SIGTERM: open requests finish (up to --shutdown-timeout), then it exits with 0.
     Sequence state lives in memory: a restart loses every live sequence.
     """
-    from rnndeploy.server import Limits, serve
+    from rnndeploy.server import Limits, ServeError, serve
 
     try:
         limits = Limits(
@@ -594,26 +602,34 @@ def serve_command(
         model_url = f"{where['http']}/v2/models/{where['model']}"
         click.echo(f"Serving model '{where['model']}' (version {where['version']}) from {model}")
         click.echo(f"  HTTP (KServe v2): {model_url}/infer   health: {where['http']}/v2/health/ready")
+        if where["grpc"] is not None:
+            click.echo(f"  gRPC (KServe v2, streaming): {where['grpc']}")
+        click.echo(f"  metrics (Prometheus): {where['metrics']}")
         click.echo("Stop with Ctrl-C or SIGTERM.", nl=True)
 
-    serve(
-        session,
-        host=host,
-        port=port,
-        model_name=name or model.stem,
-        log_level=log_level,
-        access_log=access_log,
-        limits=limits,
-        header_timeout_s=header_timeout,
-        body_timeout_s=body_timeout,
-        max_connections=max_connections,
-        shutdown_timeout_s=shutdown_timeout,
-        on_ready=ready,
-        max_batch_size=max_batch_size,
-        max_queue_delay_us=max_queue_delay_us,
-        idle_timeout_s=idle_timeout,
-        worker_thread=worker_thread,
-    )
+    try:
+        serve(
+            session,
+            host=host,
+            port=port,
+            grpc_port=grpc_port or None,
+            metrics_port=metrics_port,
+            model_name=name or model.stem,
+            log_level=log_level,
+            access_log=access_log,
+            limits=limits,
+            header_timeout_s=header_timeout,
+            body_timeout_s=body_timeout,
+            max_connections=max_connections,
+            shutdown_timeout_s=shutdown_timeout,
+            on_ready=ready,
+            max_batch_size=max_batch_size,
+            max_queue_delay_us=max_queue_delay_us,
+            idle_timeout_s=idle_timeout,
+            worker_thread=worker_thread,
+        )
+    except ServeError as error:
+        raise click.ClickException(str(error)) from error
 
 
 # --- benchmarks ---

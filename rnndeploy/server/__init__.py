@@ -8,7 +8,7 @@ runs it with uvicorn, with slow-client guards and a bounded graceful shutdown.
 from rnndeploy.server.app import ModelServer, create_app
 from rnndeploy.server.batcher import SequenceBatcher, SequenceError
 from rnndeploy.server.protocol import Limits, RequestError
-from rnndeploy.server.serving import serve
+from rnndeploy.server.serving import ServeError, serve
 
 __all__ = [
     "Limits",
@@ -16,6 +16,7 @@ __all__ = [
     "RequestError",
     "SequenceBatcher",
     "SequenceError",
+    "ServeError",
     "create_app",
     "serve",
 ]

@@ -1,7 +1,8 @@
 """KServe v2 / Open Inference Protocol over HTTP, as Triton Inference Server speaks it, on Starlette.
 
 Endpoints: ``/v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{name}[/versions/{v}]``,
-``.../ready``, ``.../stats`` (step and batch counts) and ``.../infer``. Tensors travel as JSON or with the
+``.../ready``, ``.../stats`` (step and batch counts), ``.../infer`` and ``/metrics`` (Prometheus, Triton's
+names: :mod:`rnndeploy.server.metrics`). Tensors travel as JSON or with the
 binary tensor data extension (``Inference-Header-Content-Length``); stateful models are served per
 sequence (``sequence_id``, ``sequence_start``, ``sequence_end`` request parameters) through a
 :class:`SequenceBatcher`, so a stock ``tritonclient.http.InferenceServerClient`` works unchanged.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from contextlib import asynccontextmanager
 
 import orjson
@@ -24,6 +26,7 @@ from starlette.routing import Route
 from rnndeploy import __version__
 from rnndeploy.runtime import StepInputError, StreamingSession
 from rnndeploy.server.batcher import SequenceBatcher
+from rnndeploy.server.metrics import CONTENT_TYPE, RequestStats, registry_for, render
 from rnndeploy.server.protocol import (
     TO_DATATYPE,
     Decoded,
@@ -71,6 +74,8 @@ class ModelServer:
         self.model_name, self.model_version = model_name, model_version
         self.limits = limits or Limits()
         self.vocab_size = vocabulary_size(session)
+        self.stats = RequestStats()
+        self.registry = registry_for(self)
         self.batcher = SequenceBatcher(
             session,
             max_batch_size=max_batch_size,
@@ -111,6 +116,7 @@ class ModelServer:
                 f"the response would take about {size} bytes, over the limit "
                 f"max_response_bytes={self.limits.max_response_bytes}: send fewer rows or time steps",
                 413,
+                limit="max_response_bytes",
             )
         try:
             return await self.batcher.infer(
@@ -215,11 +221,28 @@ def create_app(
 
     async def infer(request: Request) -> Response:
         check_model(request)
-        body = await _read_body(request, core.limits.max_body_bytes, body_timeout_s)
-        header, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
-        decoded = _decode_request(header, binary)
-        outputs = await core.infer(decoded)
-        return _encode_outputs(decoded, outputs, core)
+        began = time.perf_counter()
+        try:
+            body = await _read_body(request, core.limits.max_body_bytes, body_timeout_s)
+            read = time.perf_counter()
+            header, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
+            decoded = _decode_request(header, binary)
+            decoded_at = time.perf_counter()
+            outputs = await core.infer(decoded)
+            inferred = time.perf_counter()
+            response = _encode_outputs(decoded, outputs, core)
+        except RequestError as error:
+            core.stats.failed(error.limit)
+            raise
+        except Exception:
+            core.stats.failed()
+            raise
+        done = time.perf_counter()
+        core.stats.succeeded(done - began, decoded_at - read, done - inferred)
+        return response
+
+    async def metrics(_: Request) -> Response:
+        return Response(render(core.registry), media_type=CONTENT_TYPE)
 
     model, versioned = "/v2/models/{name}", "/v2/models/{name}/versions/{version}"
     routes = [Route(f"{prefix}/infer", infer, methods=["POST"]) for prefix in (model, versioned)]
@@ -229,6 +252,7 @@ def create_app(
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ]
     model_name, model_version = core.model_name, core.model_version
     app = Starlette(
@@ -245,7 +269,10 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and _DIGITS.fullmatch(declared) and int(declared) > limit:
         raise RequestError(
-            f"request body of {declared} bytes exceeds the limit max_body_bytes={limit}", 413, True
+            f"request body of {declared} bytes exceeds the limit max_body_bytes={limit}",
+            413,
+            True,
+            "max_body_bytes",
         )
     chunks: list[bytes] = []
 
@@ -254,7 +281,9 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise RequestError(f"request body exceeds the limit max_body_bytes={limit}", 413, True)
+                raise RequestError(
+                    f"request body exceeds the limit max_body_bytes={limit}", 413, True, "max_body_bytes"
+                )
             chunks.append(chunk)
 
     try:

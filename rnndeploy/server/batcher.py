@@ -23,7 +23,7 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -53,6 +53,8 @@ class _Request:
     arrays: dict[str, np.ndarray]
     rows: int
     cost: int
+    sequence: bool  # False: a one-off request (its own stream, started and ended)
+    queued: float  # time.perf_counter() when it was queued
     future: asyncio.Future = field(repr=False)
 
 
@@ -112,8 +114,11 @@ class SequenceBatcher:
         self.state_bytes = 0
         self.batches_run = 0
         self.steps_run = 0
+        self.rows_run = 0
         self.started = self.ended = self.evicted = 0
-        self.on_batch: Callable[[int, float], None] | None = None
+        self.queue_s = 0.0  # summed over requests: queued -> their batch began
+        self.compute_s = 0.0  # summed over requests: the run of the batch each was in
+        self.batch_sizes: dict[int, int] = {}
         self._pending: deque[_Request] = deque()
         self._open: dict[Hashable, int] = {}  # rows of each stream the session holds (worker thread only)
         self._last_batch_short = False
@@ -170,6 +175,7 @@ class SequenceBatcher:
                     f"too many live sequences (limit max_sequences={self.max_sequences}); end some "
                     "(sequence_end=true) or retry later",
                     429,
+                    limit="max_sequences",
                 )
             if grow > 0 and self.state_bytes + grow > self.max_state_bytes:
                 raise SequenceError(
@@ -177,6 +183,7 @@ class SequenceBatcher:
                     f"state bytes; live sequences hold {self.state_bytes} of the limit "
                     f"max_state_bytes={self.max_state_bytes}: end some or retry later",
                     429,
+                    limit="max_state_bytes",
                 )
             if live is None:
                 live = self.live[sequence_id] = _Live(batch, time.monotonic())
@@ -218,15 +225,20 @@ class SequenceBatcher:
             stream = sequence_id
             self._admit(stream, batch, start, end)
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Request(stream, start, end, arrays, batch, cost, future))
+        queued = _Request(
+            stream, start, end, arrays, batch, cost, sequence_id is not None, time.perf_counter(), future
+        )
+        self._pending.append(queued)
         self._wakeup.set()
         if len(self._pending) >= self._batch_target():
             self._full.set()
-        try:
-            return await future
-        finally:
-            if sequence_id is not None:
-                self._settle(stream)
+        # A cancelled caller (a gRPC stream closed) leaves its step queued: it runs, and is settled, as usual.
+        return await future
+
+    @property
+    def pending(self) -> int:
+        """Steps queued and not running yet."""
+        return len(self._pending)
 
     def _settle(self, stream: Hashable) -> None:
         """A step of ``stream`` is done: with none queued, the sequence is live exactly when its state is held."""
@@ -296,14 +308,19 @@ class SequenceBatcher:
                 results = await self._run(self._execute, batch)
             except Exception as error:  # noqa: BLE001 - reported to every waiting request
                 results = [error] * len(batch)
-            if self.on_batch is not None:
-                self.on_batch(len(batch), time.perf_counter() - began)
+            elapsed = time.perf_counter() - began
+            self.queue_s += sum(began - r.queued for r in batch)
+            self.compute_s += elapsed * len(batch)
+            self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
             for request, result in zip(batch, results, strict=True):
+                if request.sequence:
+                    self._settle(request.stream)
                 if request.future.done():
                     continue
                 if isinstance(result, Exception):
                     request.future.set_exception(result)
                 else:
+                    self.rows_run += request.rows
                     request.future.set_result(result)
             if self._executor is None:
                 await asyncio.sleep(0)  # let the loop send these replies and read new requests

@@ -39,10 +39,13 @@ JSON_BYTES_PER_ELEMENT = 24  # the longest float/int64 text orjson writes, with 
 class RequestError(ValueError):
     """A request the server refuses; ``status`` is the HTTP status (400, 404, 408, 413, 429, 503)."""
 
-    def __init__(self, message: str, status: int = 400, close_connection: bool = False) -> None:
+    def __init__(
+        self, message: str, status: int = 400, close_connection: bool = False, limit: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.close_connection = close_connection  # HTTP: the body was not read to its end
+        self.limit = limit  # the name of the limit (a Limits field) that refused the request
 
 
 @dataclass(frozen=True)
@@ -276,9 +279,13 @@ def check_model_input(
             )
         steps = max(steps, math.prod(dynamic))
     if rows > limits.max_rows:
-        raise RequestError(f"{rows} batch rows exceed the limit max_rows={limits.max_rows}", 413)
+        raise RequestError(
+            f"{rows} batch rows exceed the limit max_rows={limits.max_rows}", 413, limit="max_rows"
+        )
     if steps > limits.max_steps:
-        raise RequestError(f"{steps} time steps exceed the limit max_steps={limits.max_steps}", 413)
+        raise RequestError(
+            f"{steps} time steps exceed the limit max_steps={limits.max_steps}", 413, limit="max_steps"
+        )
     if vocab_size is not None:
         for name, array in arrays.items():
             if array.dtype.kind in "iu" and array.size and (array.min() < 0 or array.max() >= vocab_size):

@@ -5,8 +5,12 @@
 - Bodies must arrive within the app's ``body_timeout_s`` (408).
 - At most ``max_connections`` connections at once; one more is answered 503 and closed, so stalled clients
   cannot take the process's file descriptors and the health endpoints keep answering the others.
-- SIGTERM / SIGINT: stop accepting, finish open requests for up to ``shutdown_timeout_s``, then cancel what
-  is left and return normally (exit status 0). A second SIGINT forces the exit.
+- SIGTERM / SIGINT: stop accepting, finish open requests for up to ``shutdown_timeout_s`` (gRPC first, then
+  HTTP, one deadline for both), then cancel what is left and return normally (exit status 0). A second SIGINT
+  forces the exit.
+
+gRPC (:mod:`rnndeploy.server.grpc_service`) runs on the same event loop, around the same
+:class:`~rnndeploy.server.app.ModelServer`: one state table, one batcher, HTTP and gRPC steps batched together.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import threading
 from collections.abc import Callable
 
@@ -28,6 +33,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from rnndeploy.runtime import StreamingSession
 from rnndeploy.server.app import ModelServer, create_app
 from rnndeploy.server.protocol import Limits
+
+
+class ServeError(RuntimeError):
+    """The server cannot start (a port in use, an address that cannot be bound)."""
 
 
 def _response(status: bytes, message: bytes) -> bytes:
@@ -129,6 +138,8 @@ def serve(
     keep_alive_s: float = 5.0,
     max_connections: int = 512,
     shutdown_timeout_s: float = 10.0,
+    grpc_port: int | None = None,
+    metrics_port: int | None = None,
     on_ready: Callable[[dict], None] | None = None,
     **model_options,
 ) -> None:
@@ -137,9 +148,11 @@ def serve(
     ``access_log`` logs every request (off by default: a log record per step costs CPU on every step).
     uvicorn uses httptools and uvloop (dependencies of rnndeploy). ``model_options`` go to
     :class:`ModelServer` (batching, eviction, worker thread); ``limits`` bound each request's cost; the slow-
-    client guards are described in this module's docstring. ``on_ready`` is called once the server accepts
-    requests, with ``{"model": name, "version": v, "http": "http://host:port"}`` (the port actually bound,
-    also for ``port=0``).
+    client guards are described in this module's docstring. ``grpc_port`` serves gRPC too (``None``: off;
+    0: any free port), ``metrics_port`` serves ``/metrics`` on a port of its own as well (it is always on the
+    HTTP port). ``on_ready`` is called once the server accepts requests, with ``{"model", "version", "http":
+    "http://host:port", "grpc": "host:port" or None, "metrics": URL}`` (the ports actually bound, also for 0).
+    Raises :class:`ServeError` when a port cannot be bound.
     """
     core = ModelServer(session, model_name, limits=limits, **model_options)
     app = create_app(session, model_server=core, body_timeout_s=body_timeout_s)
@@ -155,20 +168,55 @@ def serve(
         timeout_graceful_shutdown=shutdown_timeout_s,
     )
     server = _Server(config, shutdown_timeout_s)
-    sock = config.bind_socket()
-    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as error:
+        raise ServeError(
+            f"cannot listen for HTTP on {shown}:{port}: {error.strerror}; choose another port"
+        ) from None
+    bound_port = sock.getsockname()[1]
+    metrics_url = f"http://{shown}:{bound_port}/metrics"
+    metrics_server = None
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        try:
+            metrics_server, _ = start_http_server(metrics_port, addr=host, registry=core.registry)
+        except OSError as error:
+            sock.close()
+            raise ServeError(
+                f"cannot listen for metrics on {shown}:{metrics_port}: {error.strerror}; choose another port"
+            ) from None
+        metrics_url = f"http://{shown}:{metrics_server.server_port}/metrics"
 
     async def main() -> None:
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not task.done():
             await asyncio.sleep(0.01)
-        if server.started and on_ready is not None:
-            shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        if not server.started:
+            await task
+            return
+        grpc_address = None
+        if grpc_port is not None:
+            from rnndeploy.server.grpc_service import start_grpc_server
+
+            try:
+                grpc_server, bound = await start_grpc_server(core, host, grpc_port)
+            except OSError as error:
+                server.should_exit = True
+                await task
+                raise ServeError(f"{error}; choose another gRPC port") from None
+            server.before_shutdown.append(lambda grace: grpc_server.stop(grace))
+            grpc_address = f"{shown}:{bound}"
+        if on_ready is not None:
             on_ready(
                 {
                     "model": core.model_name,
                     "version": core.model_version,
                     "http": f"http://{shown}:{bound_port}",
+                    "grpc": grpc_address,
+                    "metrics": metrics_url,
                 }
             )
         await task
@@ -180,3 +228,5 @@ def serve(
             uvloop.run(main())
     finally:
         sock.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()

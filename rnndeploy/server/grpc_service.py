@@ -1,0 +1,280 @@
+"""KServe v2 over gRPC as Triton speaks it (``inference.GRPCInferenceService``), on grpcio's asyncio server.
+
+The messages and the service stub are the generated modules that ship with ``tritonclient[grpc]``
+(``tritonclient.grpc.service_pb2`` / ``service_pb2_grpc`` / ``model_config_pb2``): they are what stock
+``tritonclient.grpc`` clients are built from, so the wire format is theirs by construction, kept current by
+Triton's releases, and no ``.proto`` is copied into this project or compiled at build time.
+
+Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig,
+ModelStatistics, ModelInfer (typed ``contents`` or ``raw_input_contents``; outputs always as
+``raw_output_contents``) and the bidirectional ModelStreamInfer, each request carrying the
+``sequence_id`` (int64, uint64 or string) / ``sequence_start`` / ``sequence_end`` parameters. Other methods
+(repository, shared memory, trace, log settings) answer UNIMPLEMENTED. Requests go through the same
+:class:`~rnndeploy.server.app.ModelServer` (rules, limits, batcher) as HTTP ones; a refusal is the gRPC status
+Triton uses (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, ...) and, inside a stream, an
+``error_message`` response that leaves the stream open. A step in flight when its stream is cancelled
+still runs; the sequence stays live (a new stream may continue it) until it ends or idles out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as config_pb2
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from rnndeploy import __version__
+from rnndeploy.server.app import ModelServer
+from rnndeploy.server.protocol import (
+    TO_DATATYPE,
+    Decoded,
+    RequestError,
+    check_datatype,
+    check_shape,
+    decode_data,
+    decode_raw,
+    sequence_parameters,
+)
+
+logger = logging.getLogger("rnndeploy.server")
+
+STATUS_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+# InferTensorContents field of each datatype; FP16 has none (raw_input_contents only)
+CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+def _parameter(value: pb.InferParameter) -> object:
+    choice = value.WhichOneof("parameter_choice")
+    return None if choice is None else getattr(value, choice)
+
+
+def decode_request(request: pb.ModelInferRequest) -> Decoded:
+    """A ``ModelInferRequest`` as a :class:`Decoded` request, by the same rules as the HTTP side."""
+    parameters = {key: _parameter(value) for key, value in request.parameters.items()}
+    sequence_id, start, end = sequence_parameters(parameters)
+    if not request.inputs:
+        raise RequestError("the request needs at least one input")
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise RequestError(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: give one per input "
+            "(in order) or none"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if name in arrays:
+            raise RequestError(f"input {name!r} is given twice")
+        check_datatype(name, tensor.datatype)
+        shape = check_shape(name, list(tensor.shape))
+        field = CONTENTS.get(tensor.datatype)
+        typed = tensor.HasField("contents") and field is not None and len(getattr(tensor.contents, field)) > 0
+        if raw:
+            if typed:
+                raise RequestError(f"input {name!r} has both contents and raw_input_contents")
+            arrays[name] = decode_raw(name, tensor.datatype, shape, raw[index])
+        elif field is None:
+            raise RequestError(f"input {name!r}: {tensor.datatype} data must come in raw_input_contents")
+        else:
+            data = list(getattr(tensor.contents, field))
+            arrays[name] = decode_data(name, tensor.datatype, shape, data)
+    outputs = [(output.name, True) for output in request.outputs] or None
+    return Decoded(arrays, sequence_id, start, end, outputs, True, request.id or None)
+
+
+def encode_response(core: ModelServer, decoded: Decoded, outputs: dict) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(
+        model_name=core.model_name, model_version=core.model_version, id=decoded.request_id or ""
+    )
+    for name, _ in decoded.outputs:
+        array = np.ascontiguousarray(outputs[name])
+        response.outputs.add(name=name, datatype=TO_DATATYPE[array.dtype], shape=list(array.shape))
+        response.raw_output_contents.append(array.tobytes())
+    return response
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The KServe v2 / Triton gRPC service around one :class:`ModelServer`."""
+
+    def __init__(self, core: ModelServer) -> None:
+        self.core = core
+
+    async def _abort(self, context: grpc.aio.ServicerContext, error: RequestError):
+        await context.abort(STATUS_CODES.get(error.status, grpc.StatusCode.INVALID_ARGUMENT), str(error))
+
+    def _check_model(self, name: str, version: str) -> None:
+        self.core.check_model(name, version or None)
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.core.batcher.running)
+
+    async def ModelReady(self, request, context):
+        try:
+            self._check_model(request.name, request.version)
+        except RequestError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.core.batcher.running)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(
+            name="rnndeploy", version=__version__, extensions=["binary_tensor_data", "sequence"]
+        )
+
+    async def ModelMetadata(self, request, context):
+        try:
+            self._check_model(request.name, request.version)
+        except RequestError as error:
+            await self._abort(context, error)
+        inputs, outputs = self.core.tensor_metadata()
+        return pb.ModelMetadataResponse(
+            name=self.core.model_name,
+            versions=[self.core.model_version],
+            platform="onnxruntime_onnx",
+            inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in inputs],
+            outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in outputs],
+        )
+
+    async def ModelConfig(self, request, context):
+        try:
+            self._check_model(request.name, request.version)
+        except RequestError as error:
+            await self._abort(context, error)
+        inputs, outputs = self.core.tensor_metadata()
+        config = config_pb2.ModelConfig(
+            name=self.core.model_name,
+            platform="onnxruntime_onnx",
+            backend="onnxruntime",
+            max_batch_size=0,  # the batch axis is part of each tensor's dims (-1)
+            input=[
+                config_pb2.ModelInput(name=t["name"], data_type=f"TYPE_{t['datatype']}", dims=t["shape"])
+                for t in inputs
+            ],
+            output=[
+                config_pb2.ModelOutput(name=t["name"], data_type=f"TYPE_{t['datatype']}", dims=t["shape"])
+                for t in outputs
+            ],
+            sequence_batching=config_pb2.ModelSequenceBatching(
+                max_sequence_idle_microseconds=int(self.core.batcher.idle_timeout_s * 1e6)
+            ),
+        )
+        return pb.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(self, request, context):
+        if request.name:
+            try:
+                self._check_model(request.name, request.version)
+            except RequestError as error:
+                await self._abort(context, error)
+        core, batcher, stats = self.core, self.core.batcher, self.core.stats
+
+        def duration(count: int, seconds: float) -> pb.StatisticDuration:
+            return pb.StatisticDuration(count=count, ns=int(seconds * 1e9))
+
+        inference = pb.InferStatistics(
+            success=duration(stats.success, stats.request_s),
+            fail=duration(stats.failure, 0.0),
+            queue=duration(batcher.steps_run, batcher.queue_s),
+            compute_input=duration(stats.success, stats.input_s),
+            compute_infer=duration(batcher.steps_run, batcher.compute_s),
+            compute_output=duration(stats.success, stats.output_s),
+        )
+        model = pb.ModelStatistics(
+            name=core.model_name,
+            version=core.model_version,
+            inference_count=batcher.rows_run,
+            execution_count=batcher.batches_run,
+            inference_stats=inference,
+            batch_stats=[
+                pb.InferBatchStatistics(batch_size=size, compute_infer=pb.StatisticDuration(count=n))
+                for size, n in sorted(batcher.batch_sizes.items())
+            ],
+        )
+        return pb.ModelStatisticsResponse(model_stats=[model])
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        self._check_model(request.model_name, request.model_version)
+        core = self.core
+        began = time.perf_counter()
+        try:
+            decoded = decode_request(request)
+            decoded_at = time.perf_counter()
+            outputs = await core.infer(decoded)
+            inferred = time.perf_counter()
+            response = encode_response(core, decoded, outputs)
+        except RequestError as error:
+            core.stats.failed(error.limit)
+            raise
+        except Exception:
+            core.stats.failed()
+            raise
+        done = time.perf_counter()
+        core.stats.succeeded(done - began, decoded_at - began, done - inferred)
+        return response
+
+    async def ModelInfer(self, request, context):
+        try:
+            return await self._infer(request)
+        except RequestError as error:
+            await self._abort(context, error)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Requests of one stream run in order (one at a time); a refused one answers ``error_message``."""
+        async for request in request_iterator:
+            try:
+                response = await self._infer(request)
+            except RequestError as error:
+                yield pb.ModelStreamInferResponse(
+                    error_message=str(error), infer_response=pb.ModelInferResponse(id=request.id)
+                )
+                continue
+            except Exception as error:  # noqa: BLE001 - a server bug must not end the client's stream
+                logger.exception("internal error in ModelStreamInfer")
+                yield pb.ModelStreamInferResponse(
+                    error_message=f"internal server error: {type(error).__name__}",
+                    infer_response=pb.ModelInferResponse(id=request.id),
+                )
+                continue
+            yield pb.ModelStreamInferResponse(infer_response=response)
+
+
+async def start_grpc_server(core: ModelServer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC service on the running event loop; returns ``(server, bound port)``."""
+    limits = core.limits
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limits.max_body_bytes),
+            ("grpc.max_send_message_length", limits.max_response_bytes + 2**20),
+        ]
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core), server)
+    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen for gRPC on {host}:{port} (in use?)")
+    await server.start()
+    return server, bound
