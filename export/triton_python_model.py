@@ -7,8 +7,8 @@ runs Triton's backend stub, and nothing from rnndeploy.
 
 Triton's Python backend does not write implicit state back (it has no state-update call), so the state of each
 sequence lives here, keyed by the request's correlation ID: Triton's ``START`` control input resets it (inside
-the graph), ``END`` drops it, and a sequence idle for longer than ``max_sequence_idle_microseconds`` is
-forgotten, as Triton's sequence batcher forgets it. The config therefore pins one model instance, so that every
+the graph), ``END`` drops it, and the state of a sequence Triton released for idling (longer than
+``max_sequence_idle_microseconds``) is forgotten. The config therefore pins one model instance, so that every
 request of a sequence reaches the same state.
 
 Requests of different sequences that Triton hands over together run as one onnxruntime call per input shape
