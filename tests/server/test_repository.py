@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rnndeploy import ModelConfig, SequenceModel
 from rnndeploy.export import write_triton_repository
@@ -279,3 +281,79 @@ def test_unknown_control_kind_is_refused_by_name():
     entry = parse_config(GOOD)
     with pytest.raises(ValueError, match=re.escape("kind must be one of CONTROL_SEQUENCE_START")):
         entry.sequence_batching.control("START")
+
+
+# --- any config Triton's schema writes reads back the same ---
+
+_NAMES = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,7}", fullmatch=True)
+_DIMS = st.lists(st.sampled_from([-1, 1, 2, 3, 8]), min_size=1, max_size=3)
+
+
+@st.composite
+def model_configs(draw):
+    mc = model_config_pb2
+    config = mc.ModelConfig(
+        name=draw(st.one_of(st.just(""), _NAMES)),
+        backend=draw(st.sampled_from(["onnxruntime", "python"])),
+        max_batch_size=draw(st.integers(0, 64)),
+    )
+    names = draw(st.lists(_NAMES, min_size=2, max_size=8, unique=True))
+    n_in = draw(st.integers(1, len(names) - 1))
+    types = sorted(set(mc.DataType.keys()) - {"TYPE_INVALID"})
+    for i, name in enumerate(names):
+        t = config.input.add() if i < n_in else config.output.add()
+        t.name, t.data_type = name, mc.DataType.Value(draw(st.sampled_from(types)))
+        t.dims.extend(draw(_DIMS))
+        if i < n_in and draw(st.booleans()):
+            t.optional = True
+    if draw(st.booleans()):
+        group = config.instance_group.add()  # not read, but must not disturb the rest
+        group.kind, group.count = mc.ModelInstanceGroup.KIND_CPU, draw(st.integers(1, 4))
+    if draw(st.booleans()):
+        seq = config.sequence_batching
+        if draw(st.booleans()):
+            seq.max_sequence_idle_microseconds = draw(st.integers(1, 10**8))
+        strategy = draw(st.sampled_from(["oldest", "direct", None]))
+        if strategy == "oldest":
+            seq.oldest.max_candidate_sequences = draw(st.integers(1, 64))
+            seq.oldest.preferred_batch_size.extend(draw(st.lists(st.integers(1, 64), max_size=3)))
+            seq.oldest.max_queue_delay_microseconds = draw(st.integers(0, 10**6))
+        elif strategy == "direct":
+            seq.direct.max_queue_delay_microseconds = draw(st.integers(0, 10**6))
+        kinds = mc.ModelSequenceBatching.Control
+        for kind in draw(st.lists(st.sampled_from(["START", "END", "READY", "CORRID"]), unique=True)):
+            control_input = seq.control_input.add()
+            control_input.name = f"ctl_{kind}"
+            control = control_input.control.add()
+            control.kind = kinds.Kind.Value(f"CONTROL_SEQUENCE_{kind}")
+            if kind == "CORRID":
+                control.data_type = mc.DataType.Value(draw(st.sampled_from(["TYPE_UINT64", "TYPE_STRING"])))
+                continue
+            field = draw(st.sampled_from(["int32_false_true", "fp32_false_true", "bool_false_true"]))
+            values = {
+                "int32_false_true": [0, 1],
+                "fp32_false_true": [0.0, 0.5],
+                "bool_false_true": [False, True],
+            }
+            getattr(control, field).extend(values[field])
+        for i in range(draw(st.integers(0, 2))):
+            state = seq.state.add()
+            state.input_name, state.output_name = f"s{i}_in", f"s{i}_out"
+            state.data_type = mc.TYPE_FP32
+            state.dims.extend(draw(_DIMS))
+            if draw(st.booleans()):
+                initial = state.initial_state.add()
+                initial.name, initial.data_type, initial.zero_data = "zeros", mc.TYPE_FP32, True
+                initial.dims.extend(state.dims)
+    return config
+
+
+@settings(max_examples=60, deadline=None)
+@given(config=model_configs(), one_line=st.booleans(), short_lists=st.booleans())
+def test_any_config_written_by_tritons_schema_reads_back(config, one_line, short_lists):
+    text = text_format.MessageToString(
+        config, as_one_line=one_line, use_short_repeated_primitives=short_lists
+    )
+    entry = parse_config(text, "generated/config.pbtxt")
+    assert entry.name == config.name
+    assert_matches_protobuf(entry, text)
