@@ -138,6 +138,11 @@ def _training_errors():
 @click.option(
     "--overwrite", is_flag=True, help="Replace an existing --out checkpoint of another run (refused otherwise)."
 )
+@click.option(
+    "--grad-report",
+    is_flag=True,
+    help="After training, plot ||dL/dh_t|| through time on one batch (.grad.png, .grad.json beside --out).",
+)
 @click.pass_context
 def train(ctx: click.Context, **kwargs) -> None:
     """Train a character language model or a time-series forecaster.
@@ -182,6 +187,10 @@ def train(ctx: click.Context, **kwargs) -> None:
         same = "identical" if result.replicas_identical else "DIFFERENT (see the log)"
         click.echo(f"replicas of {result.world_size} processes: {same}")
     click.echo(f"checkpoint: {result.checkpoint}\nlog:        {result.log}\nloss curve: {result.plot}")
+    if options.grad_report:
+        from rnndeploy.diagnostics import report_paths
+
+        click.echo("gradient flow: {} {}".format(*report_paths(result.checkpoint)))
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)

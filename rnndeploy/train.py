@@ -94,7 +94,9 @@ class TrainOptions:
             checkpoints;
         backend: recurrent backend (``"auto"``, ``"torch"``, ``"triton"``, ``"reference"``);
         valid_fraction: share at the end of the data used for validation; progress: show a tqdm bar;
-        overwrite: replace an existing ``out`` that this run does not resume (refused otherwise).
+        overwrite: replace an existing ``out`` that this run does not resume (refused otherwise);
+        grad_report: after training, write the gradient flow through time on one training batch next to
+            ``out`` (``.grad.png``, ``.grad.json``; see :mod:`rnndeploy.diagnostics`).
     """
 
     data: str = "builtin"
@@ -118,6 +120,7 @@ class TrainOptions:
     valid_fraction: float = 0.05
     progress: bool = True
     overwrite: bool = False
+    grad_report: bool = False
 
     def __post_init__(self) -> None:
         self.data = str(self.data)
@@ -530,6 +533,12 @@ class _Run:
                         )
                 t_last = time.perf_counter()
         identical = self._compare_replicas()
+        if opts.grad_report and self.rank == 0:
+            from rnndeploy.diagnostics import grad_report
+
+            x, y, _ = self.batcher.batch(opts.steps - 1)
+            title = f"{opts.cell.upper()} {opts.hidden}x{opts.layers} on {self.data.source}, a training batch"
+            grad_report(self.model, x.to(self.device), y[:, -1].to(self.device), self.out, title)
         self._log(event="end", step=opts.steps, checkpoint=str(self.out))
         return TrainResult(
             checkpoint=self.out,
