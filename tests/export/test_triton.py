@@ -217,12 +217,10 @@ class _Tensor:
 
 
 class _Request:
-    def __init__(
-        self, correlation_id: int, tokens: list[int], start: bool = False, end: bool = False
-    ) -> None:
+    def __init__(self, correlation_id: int, x: np.ndarray, start: bool = False, end: bool = False) -> None:
         self.id = correlation_id
         self.inputs = {
-            "input": _Tensor("input", np.array([tokens], np.int64)),
+            "input": _Tensor("input", x),
             "START": _Tensor("START", np.array([[int(start)]], np.int32)),
             "END": _Tensor("END", np.array([[int(end)]], np.int32)),
         }
@@ -235,8 +233,18 @@ def _response(output_tensors, error=None):
     return types.SimpleNamespace(outputs={t.name(): t.array for t in output_tensors}, error=error)
 
 
-@pytest.fixture
-def model_py(tmp_path, monkeypatch):
+_FEATURES = np.random.default_rng(0).standard_normal((12, 3)).astype(np.float32)  # token k -> features
+
+
+def _encode(model: SequenceModel, tokens: list[int]) -> np.ndarray:
+    """``[1, T]`` token ids, or ``[1, T, F]`` features (a fixed row per token) for a regression model."""
+    if model.config.vocab_size is not None:
+        return np.array([tokens], np.int64)
+    return _FEATURES[None, tokens, : model.config.input_size]
+
+
+@pytest.fixture(params=list(CONFIGS), ids=list(CONFIGS))
+def model_py(request, tmp_path, monkeypatch):
     """``model.py`` of a python-backend repository, initialized as Triton would, and its torch model."""
     import importlib.util
 
@@ -249,7 +257,7 @@ def model_py(tmp_path, monkeypatch):
     fake.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
     monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # initialize() wraps it
-    model = make_model(**CONFIGS["lstm-L2-embed"])
+    model = make_model(**CONFIGS[request.param])
     folder = write_triton_repository(
         model, tmp_path / "repo", "py", backend="python", max_batch_size=8, idle_timeout_us=1_000_000
     )
@@ -268,10 +276,14 @@ def test_model_py_batches_sequences_and_keeps_their_state(model_py, monkeypatch)
     module, instance, model = model_py
     clock = [100.0]
     monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+
+    def step(key: int, tokens: list[int], **flags: bool) -> _Request:
+        return _Request(key, _encode(model, tokens), **flags)
+
     calls = [  # what Triton's sequence batcher might hand over together: mixed lengths, a repeated id
-        [_Request(1, [1, 2], start=True), _Request(2, [3], start=True), _Request(3, [4, 5], start=True)],
-        [_Request(1, [6]), _Request(2, [7], end=True), _Request(3, [8, 9]), _Request(1, [10])],
-        [_Request(3, [1], start=True)],  # restart: a fresh state
+        [step(1, [1, 2], start=True), step(2, [3], start=True), step(3, [4, 5], start=True)],
+        [step(1, [6]), step(2, [7], end=True), step(3, [8, 9]), step(1, [10])],
+        [step(3, [1], start=True)],  # restart: a fresh state
     ]
     got: dict[int, list[np.ndarray]] = {1: [], 2: [], 3: []}
     for requests in calls:
@@ -280,21 +292,21 @@ def test_model_py_batches_sequences_and_keeps_their_state(model_py, monkeypatch)
         for request, response in zip(requests, responses):
             assert response.error is None, response.error
             got[request.id].append(response.outputs["output"])
-    with torch.no_grad():
-        want = {
-            1: model(torch.tensor([[1, 2, 6, 10]]))[0],
-            2: model(torch.tensor([[3, 7]]))[0],
-            3: torch.cat([model(torch.tensor([[4, 5, 8, 9]]))[0], model(torch.tensor([[1]]))[0]], 1),
-        }
+
+    def run(tokens: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return model(torch.from_numpy(_encode(model, tokens)))[0]
+
+    want = {1: run([1, 2, 6, 10]), 2: run([3, 7]), 3: torch.cat([run([4, 5, 8, 9]), run([1])], 1)}
     for key, outputs in got.items():
         np.testing.assert_allclose(
             np.concatenate(outputs, 1), want[key].numpy(), atol=1e-5, rtol=1e-4, err_msg=f"sequence {key}"
         )
     assert sorted(instance.memory) == [1, 3]  # END dropped sequence 2
 
-    (ended,) = instance.execute([_Request(2, [1])])
+    (ended,) = instance.execute([step(2, [1])])
     assert "sequence 2: no state" in ended.error and "sequence_start=True" in ended.error
     clock[0] += 2.5  # past twice max_sequence_idle_microseconds (1 s)
-    idle, fresh = instance.execute([_Request(1, [1]), _Request(4, [2], start=True)])
+    idle, fresh = instance.execute([step(1, [1]), step(4, [2], start=True)])
     assert "sequence 1: no state" in idle.error, idle.error
     assert fresh.error is None and sorted(instance.memory) == [4]
