@@ -6,6 +6,8 @@ as binary tensor data) and waits for each reply before its next step. Two client
 - ``aiohttp`` (light): all sequences as asyncio tasks on one event loop; every connection is opened and
   warmed up before the clock starts.
 - ``tritonclient``: the stock ``tritonclient.http`` client, one thread and one client per sequence.
+- ``grpc-unary`` / ``grpc-stream``: the stock ``tritonclient.grpc`` client, one thread and one client per
+  sequence, unary ``infer`` or a stream per sequence (``async_stream_infer``, waiting for each reply).
 
 Prints one JSON object: ``steps_per_s`` and ``latencies_us`` (one per step).
 
@@ -108,6 +110,51 @@ def run_tritonclient(port: int, model: str, sequences: int, steps: int, vocab: i
     return {"steps_per_s": sequences * steps / elapsed, "latencies_us": [x * 1e6 for x in latencies]}
 
 
+def grpc_sequence(
+    port: int, model: str, steps: int, vocab: int, latencies: list[float], sequence_id: int, stream: bool
+) -> None:
+    """One sequence through its own ``tritonclient.grpc`` client: unary ``infer`` or a stream of its own."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    replies: queue.Queue = queue.Queue()
+    if stream:
+        client.start_stream(callback=lambda result, error: replies.put(error))
+    mine = []
+    try:
+        for t in range(steps):
+            tensor = grpcclient.InferInput("input", [1, 1], "INT64")
+            tensor.set_data_from_numpy(np.array([[(sequence_id + t) % vocab]], np.int64))
+            flags = {"sequence_id": sequence_id, "sequence_start": t == 0, "sequence_end": t == steps - 1}
+            start = time.perf_counter()
+            if stream:
+                client.async_stream_infer(model, [tensor], **flags)
+                error = replies.get(timeout=60)
+                if error is not None:
+                    raise RuntimeError(f"step {t} of sequence {sequence_id}: {error}")
+            else:
+                client.infer(model, [tensor], **flags)
+            mine.append(time.perf_counter() - start)
+    finally:
+        if stream:
+            client.stop_stream()
+        client.close()
+    latencies.extend(mine)
+
+
+def run_grpc(port: int, model: str, sequences: int, steps: int, vocab: int, stream: bool) -> dict:
+    grpc_sequence(port, model, 3, vocab, [], 10**6, stream)  # import, first connection
+    latencies: list[float] = []
+    start = time.perf_counter()
+    with ThreadPoolExecutor(sequences) as pool:
+        sequence = partial(grpc_sequence, port, model, steps, vocab, latencies, stream=stream)
+        list(pool.map(sequence, range(1, sequences + 1)))
+    elapsed = time.perf_counter() - start
+    return {"steps_per_s": sequences * steps / elapsed, "latencies_us": [x * 1e6 for x in latencies]}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -117,8 +164,18 @@ if __name__ == "__main__":
     parser.add_argument("--sequences", type=int, required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--vocab", type=int, default=64, help="token ids cycle through 0..vocab-1")
-    parser.add_argument("--client", choices=["aiohttp", "tritonclient"], default="aiohttp")
+    parser.add_argument(
+        "--client",
+        choices=["aiohttp", "tritonclient", "grpc-unary", "grpc-stream"],
+        default="aiohttp",
+        help="grpc-*: tritonclient.grpc on --port (a gRPC port), unary infer or one stream per sequence",
+    )
     args = parser.parse_args()
     load = (args.port, args.model, args.sequences, args.steps, args.vocab)
-    result = run_tritonclient(*load) if args.client == "tritonclient" else asyncio.run(run(*load))
+    if args.client.startswith("grpc-"):
+        result = run_grpc(*load, stream=args.client == "grpc-stream")
+    elif args.client == "tritonclient":
+        result = run_tritonclient(*load)
+    else:
+        result = asyncio.run(run(*load))
     print(json.dumps(result))

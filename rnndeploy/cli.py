@@ -537,7 +537,7 @@ def info_command(model, states, constants, provider, threads) -> None:
 @click.option("--max-sequences", default=1024, show_default=True, help="Most live sequences (429 beyond).")
 @click.option("--max-state-mb", default=1024.0, show_default=True, help="All sequences' state (429 beyond).")
 @click.option("--max-rows", default=64, show_default=True, help="Batch rows of one request (413 beyond).")
-@click.option("--max-steps", default=4096, show_default=True, help="Time steps of one request (413 beyond).")
+@click.option("--max-steps", default=4096, show_default=True, help="Rows x time steps of a request (413).")
 @click.option("--max-response-mb", default=64.0, show_default=True, help="Largest response (413 beyond).")
 @click.option("--max-body-mb", default=16.0, show_default=True, help="Largest request body (413 beyond).")
 @click.option("--max-connections", default=512, show_default=True, help="Open connections (503 beyond).")

@@ -54,8 +54,10 @@ class Limits:
 
     Args:
         max_rows: batch rows of one request (and so of one sequence); 413 beyond.
-        max_steps: time steps of one request: the product of an input's dynamic dims other than the batch
-            axis (``time`` for token ids ``[batch, time]``); 413 beyond.
+        max_steps: time steps of one request summed over its rows (rows x time steps: what the request
+            costs); time steps are the product of an input's dynamic dims other than the batch axis (``time``
+            for token ids ``[batch, time]``); 413 beyond. The default, 4096, is one row of 4096 steps or 64 rows
+            of 64: ~0.2 s for a 2x256 LSTM on one CPU thread, the longest a short step waits behind it.
         max_response_bytes: the response size as estimated from the output shapes before the step
             (binary outputs at their size, JSON at 24 bytes per element); 413 beyond.
         max_state_bytes: state of all live sequences together (rows x the state bytes of one row); a start
@@ -282,9 +284,12 @@ def check_model_input(
         raise RequestError(
             f"{rows} batch rows exceed the limit max_rows={limits.max_rows}", 413, limit="max_rows"
         )
-    if steps > limits.max_steps:
+    if rows * steps > limits.max_steps:
         raise RequestError(
-            f"{steps} time steps exceed the limit max_steps={limits.max_steps}", 413, limit="max_steps"
+            f"{rows} rows x {steps} time steps = {rows * steps} steps exceed the limit "
+            f"max_steps={limits.max_steps}",
+            413,
+            limit="max_steps",
         )
     if vocab_size is not None:
         for name, array in arrays.items():

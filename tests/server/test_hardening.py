@@ -403,7 +403,8 @@ def test_limits_refuse_before_any_work(limited):
     before = session.get_state("kept")
     cases = [
         (tokens_body(3, 1), 413, "3 batch rows exceed the limit max_rows=2"),
-        (tokens_body(1, 6, "kept"), 413, "6 time steps exceed the limit max_steps=5"),
+        (tokens_body(1, 6, "kept"), 413, "1 rows x 6 time steps = 6 steps exceed the limit max_steps=5"),
+        (tokens_body(2, 3), 413, "2 rows x 3 time steps = 6 steps exceed the limit max_steps=5"),
         # 5 steps x 9 floats as JSON: 1080 bytes estimated; as binary it would be 180.
         (tokens_body(1, 5, "kept"), 413, "over the limit max_response_bytes=1000"),
         # 112 state bytes per row: 'kept' holds 112, two more rows would make 336.
@@ -443,7 +444,10 @@ def test_a_huge_stateless_binary_request_is_refused_by_the_default_limits(lm_byt
     with TestClient(app, raise_server_exceptions=False) as client:
         reply = client.post(URL, content=text + bytes(8 * 10**6), headers={HEADER_LENGTH: str(len(text))})
         assert reply.status_code == 413, reply.text
-        assert "1000000 time steps exceed the limit max_steps=4096" in reply.json()["error"]
+        assert (
+            "1 rows x 1000000 time steps = 1000000 steps exceed the limit max_steps=4096"
+            in reply.json()["error"]
+        )
         assert app.state.batcher.batches_run == 0
 
 

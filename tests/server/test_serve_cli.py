@@ -23,13 +23,21 @@ from rnndeploy.runtime import testing
 V = 9
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def start_serve(path, *options: str) -> tuple[subprocess.Popen, dict[str, str], list[str]]:
     """``rnndeploy serve PATH --port 0 ...`` in a subprocess; returns it once it printed its URLs.
 
     Returns ``(process, {"http": base URL, ...}, lines printed)``; the URLs are the ones the server printed,
     so a test that uses them checks what a user is told.
     """
-    command = [sys.executable, "-m", "rnndeploy", "serve", str(path), "--name", "lm", "--port", "0", *options]
+    command = [sys.executable, "-m", "rnndeploy", "serve", str(path), "--name", "lm", "--port", "0"]
+    command += [] if "--grpc-port" in options else ["--grpc-port", str(free_port())]
+    command += options
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()

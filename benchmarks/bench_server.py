@@ -1,0 +1,327 @@
+"""Server soak and limits: memory and errors under many sequences, short-step latency beside a maximal request.
+
+`rnndeploy serve` runs in a subprocess (CPU, 1 thread) on a char LSTM LM (2x256, embed 64, vocab 64); the
+clients run here on one asyncio loop (aiohttp), so on a 2-core machine client and server share the CPU.
+
+- soak: N concurrent sequences (64, 256) step for ``--soak-s`` seconds each (a sequence ends and a new one
+  starts every 100 steps); the server's RSS is sampled before, during (max) and after the idle timeout has
+  evicted everything; errors are counted.
+- maximal request: a client sends back-to-back stateless requests of the longest the default limits allow
+  (1 row x 4096 time steps = max_steps, binary output) while another client measures one-step latency of a
+  sequence (until ``--maximal-requests`` of them ran); the same latency alone is the baseline.
+- protocols: per-step latency at 1 sequence and throughput at 16 and 64 sequences for HTTP
+  (tritonclient.http), gRPC unary (tritonclient.grpc ``infer``) and gRPC streamed (a stream per sequence),
+  each load in a fresh client process (benchmarks/kserve_load.py), one thread per sequence.
+
+Numbers only (no pass/fail): prints a table and writes JSON with machine, versions and commit.
+
+    python benchmarks/bench_server.py [--soak-s 20] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import queue
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import onnx
+
+from rnndeploy.provenance import git_commit
+from rnndeploy.runtime import testing
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+VOCAB = [chr(ord("0") + i) for i in range(64)]
+MAX_ROWS, MAX_STEPS = 1, 4096  # the longest request the default limits allow (max_steps = rows x steps)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+class Server:
+    """`rnndeploy serve` on a free port; ``urls`` are the ones it printed when ready."""
+
+    def __init__(self, model: Path, *options: str) -> None:
+        command = [sys.executable, "-m", "rnndeploy", "serve", str(model), "--name", "lm", "--port", "0"]
+        command += ["--provider", "cpu", "--log-level", "warning", *options]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in self.process.stdout], daemon=True).start()
+        self.urls: dict[str, str] = {}
+        deadline = time.monotonic() + 120
+        while True:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+            match = re.search(r"(HTTP|gRPC)\b.*?((?:http://)?[\w.]+:\d+)", line)
+            if match:
+                self.urls.setdefault(match.group(1).lower(), match.group(2))
+            if line.startswith("Stop with"):
+                break
+        self.http = self.urls["http"]
+
+    def rss(self) -> float:
+        return rss_mb(self.process.pid)
+
+    def stop(self) -> int:
+        self.process.terminate()
+        return self.process.wait(60)
+
+
+def step_body(token: int, sequence_id: int, start: bool, end: bool) -> tuple[bytes, dict]:
+    header = {
+        "inputs": [
+            {"name": "input", "shape": [1, 1], "datatype": "INT64", "parameters": {"binary_data_size": 8}}
+        ],
+        "parameters": {
+            "sequence_id": sequence_id,
+            "sequence_start": start,
+            "sequence_end": end,
+            "binary_data_output": True,
+        },
+    }
+    text = json.dumps(header).encode()
+    return text + np.array([[token]], np.int64).tobytes(), {HEADER_LENGTH: str(len(text))}
+
+
+def maximal_body() -> tuple[bytes, dict]:
+    header = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [MAX_ROWS, MAX_STEPS],
+                "datatype": "INT64",
+                "parameters": {"binary_data_size": MAX_ROWS * MAX_STEPS * 8},
+            }
+        ],
+        "parameters": {"binary_data_output": True},
+    }
+    text = json.dumps(header).encode()
+    tokens = np.random.default_rng(0).integers(0, len(VOCAB), (MAX_ROWS, MAX_STEPS))
+    return text + tokens.astype(np.int64).tobytes(), {HEADER_LENGTH: str(len(text))}
+
+
+def quantiles(samples: list[float]) -> dict:
+    us = np.array(samples) * 1e6
+    return {"p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99)), "n": len(samples)}
+
+
+async def stepping(
+    client, url: str, sequence_id: int, stop: asyncio.Event, latencies: list, errors: list
+) -> None:
+    t = 0
+    while not stop.is_set():
+        body, headers = step_body((sequence_id + t) % len(VOCAB), sequence_id, t % 100 == 0, t % 100 == 99)
+        began = time.perf_counter()
+        async with client.post(url, data=body, headers=headers) as reply:
+            await reply.read()
+            if reply.status != 200:
+                errors.append(reply.status)
+        latencies.append(time.perf_counter() - began)
+        t += 1
+    if t % 100:  # end the open sequence
+        body, headers = step_body(0, sequence_id, False, True)
+        async with client.post(url, data=body, headers=headers) as reply:
+            await reply.read()
+
+
+async def soak(server: Server, sequences: int, seconds: float) -> dict:
+    url = f"{server.http}/v2/models/lm/infer"
+    before = server.rss()
+    peak, latencies, errors = before, [], []
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=sequences)) as client:
+        tasks = [
+            asyncio.create_task(stepping(client, url, 1 + s, stop, latencies, errors))
+            for s in range(sequences)
+        ]
+        began = time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            await asyncio.sleep(0.5)
+            peak = max(peak, server.rss())
+        stop.set()
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - began
+        async with client.get(f"{server.http}/v2/models/lm/stats") as reply:
+            live_at_end = (await reply.json())["model_stats"][0]["live_sequences"]
+    return {
+        "sequences": sequences,
+        "seconds": elapsed,
+        "steps": len(latencies),
+        "steps_per_s": len(latencies) / elapsed,
+        "errors": len(errors),
+        "rss_before_mb": before,
+        "rss_peak_mb": peak,
+        "rss_after_mb": server.rss(),
+        "live_after": live_at_end,
+        **quantiles(latencies),
+    }
+
+
+async def one_step_latency(server: Server, steps: int, beside_maximal: int) -> dict:
+    """One-step latency of a sequence, alone (``steps`` steps) or until ``beside_maximal`` maximal requests ran."""
+    url = f"{server.http}/v2/models/lm/infer"
+    stop, big, latencies, errors = asyncio.Event(), [], [], []
+    body, headers = maximal_body()
+    peak = server.rss()
+
+    async def maximal(client) -> None:
+        while not stop.is_set():
+            began = time.perf_counter()
+            async with client.post(url, data=body, headers=headers) as reply:
+                await reply.read()
+                if reply.status != 200:
+                    errors.append((reply.status, (await reply.read())[:200]))
+            big.append(time.perf_counter() - began)
+
+    async with aiohttp.ClientSession() as client:
+        background = asyncio.create_task(maximal(client)) if beside_maximal else None
+        if background is not None:
+            while not big and not errors:  # the first maximal request has run: the server is warm
+                await asyncio.sleep(0.1)
+        t = 0
+        while (len(big) < beside_maximal) if beside_maximal else (t < steps):
+            step, step_headers = step_body(t % len(VOCAB), 777, t == 0, False)
+            began = time.perf_counter()
+            async with client.post(url, data=step, headers=step_headers) as reply:
+                await reply.read()
+                if reply.status != 200:
+                    errors.append((reply.status, None))
+            latencies.append(time.perf_counter() - began)
+            peak = max(peak, server.rss())
+            t += 1
+            await asyncio.sleep(0.005)
+        stop.set()
+        if background is not None:
+            await background
+    return {
+        "beside_maximal_request": bool(beside_maximal),
+        "errors": len(errors),
+        "maximal_requests": len(big),
+        "maximal_request_s_median": float(np.median(big)) if big else None,
+        "rss_peak_mb": peak,
+        **quantiles(latencies),
+    }
+
+
+def protocol_load(server: Server, client: str, sequences: int, steps: int) -> dict:
+    """benchmarks/kserve_load.py in a fresh process: steps/s and per-step latency quantiles."""
+    script = Path(__file__).resolve().parent / "kserve_load.py"
+    address = server.urls["grpc"] if client.startswith("grpc") else server.http.removeprefix("http://")
+    command = [sys.executable, str(script), "--client", client, "--port", address.rsplit(":", 1)[1]]
+    command += ["--sequences", str(sequences), "--steps", str(steps), "--vocab", str(len(VOCAB))]
+    result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    return {
+        "client": client,
+        "sequences": sequences,
+        "steps_per_s": result["steps_per_s"],
+        **quantiles([x * 1e-6 for x in result["latencies_us"]]),
+    }
+
+
+def machine() -> dict:
+    import onnxruntime
+
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_average_at_start": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "commit": git_commit(),
+        "model": "char LSTM LM 2x256, embed 64, vocab 64; server: --provider cpu, 1 thread",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--soak-s", type=float, default=20.0)
+    parser.add_argument("--latency-steps", type=int, default=200)
+    parser.add_argument("--maximal-requests", type=int, default=10)
+    parser.add_argument("--protocol-steps", type=int, default=200, help="steps per sequence, protocol rows")
+    parser.add_argument("--repeats", type=int, default=3, help="protocol rows: runs per cell (median kept)")
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "lm.onnx"
+        onnx.save(testing.lstm_lm(VOCAB, embed_dim=64, hidden_size=256, num_layers=2), model)
+        results: dict = {"machine": machine(), "soak": [], "latency": []}
+        server = Server(model, "--idle-timeout", "2", "--grpc-port", str(free_port()))
+        try:
+            results["rss_idle_mb"] = server.rss()
+            for n in (64, 256):
+                row = asyncio.run(soak(server, n, args.soak_s))
+                time.sleep(4)  # the idle timeout (2 s) evicts whatever is left
+                row["rss_after_eviction_mb"] = server.rss()
+                results["soak"].append(row)
+            for beside in (0, args.maximal_requests):
+                results["latency"].append(asyncio.run(one_step_latency(server, args.latency_steps, beside)))
+            time.sleep(4)
+            results["rss_after_all_mb"] = server.rss()
+            results["protocols"] = []
+            for sequences in (1, 16, 64):
+                for client in ("tritonclient", "grpc-unary", "grpc-stream"):
+                    runs = [
+                        protocol_load(server, client, sequences, args.protocol_steps)
+                        for _ in range(args.repeats)
+                    ]
+                    runs.sort(key=lambda row: row["steps_per_s"])
+                    results["protocols"].append({**runs[len(runs) // 2], "repeats": len(runs)})
+        finally:
+            results["exit_status"] = server.stop()
+    print(
+        f"{'sequences':>9} {'steps/s':>8} {'p50 us':>8} {'p99 us':>9} {'errors':>6} {'RSS MB before/peak/after':>26}"
+    )
+    for row in results["soak"]:
+        rss = f"{row['rss_before_mb']:.0f}/{row['rss_peak_mb']:.0f}/{row['rss_after_eviction_mb']:.0f}"
+        print(
+            f"{row['sequences']:>9} {row['steps_per_s']:>8.0f} {row['p50_us']:>8.0f} {row['p99_us']:>9.0f} {row['errors']:>6} {rss:>26}"
+        )
+    for row in results["latency"]:
+        what = "beside maximal request" if row["beside_maximal_request"] else "alone"
+        extra = (
+            f", maximal request {row['maximal_request_s_median']:.2f} s x{row['maximal_requests']}"
+            if row["maximal_requests"]
+            else ""
+        )
+        print(
+            f"one step {what}: p50 {row['p50_us']:.0f} us, p99 {row['p99_us']:.0f} us, errors {row['errors']}{extra}"
+        )
+    print(f"RSS idle {results['rss_idle_mb']:.0f} MB, after everything {results['rss_after_all_mb']:.0f} MB")
+    print(f"{'client':>13} {'sequences':>9} {'steps/s':>8} {'p50 us':>8} {'p99 us':>8}")
+    for row in results["protocols"]:
+        print(
+            f"{row['client']:>13} {row['sequences']:>9} {row['steps_per_s']:>8.0f} {row['p50_us']:>8.0f} {row['p99_us']:>8.0f}"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "server_soak.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
