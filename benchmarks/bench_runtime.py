@@ -1,13 +1,24 @@
-"""Runtime and server benchmarks: per-step latency, batched stream throughput, server throughput and latency.
+"""Runtime and server benchmarks: per-step latency against a bare onnxruntime loop, batched streams, the server.
 
-Model: a character LSTM LM, 2 layers x 256 hidden, embedding 64, vocabulary 64 (built with onnx.helper as
-the exporter writes it) and its int8 variant (``rnndeploy.export.quantize_int8``: DynamicQuantizeLSTM);
-torch eager runs the same shape as a ``rnndeploy.SequenceModel``. Per-step latency is measured with 1 and 2
-intra-op threads (the same count for onnxruntime and torch); stream and server benchmarks use 1 thread.
-The server is driven by two clients: tritonclient.http threads and benchmarks/kserve_load.py (asyncio).
-Prints tables and writes runtime.json, runtime.csv and runtime.png under benchmarks/results/ (or ``out``).
+Models, exported from ``rnndeploy.SequenceModel`` with random weights as ``rnndeploy export`` writes them, each
+also as ``quantize_int8`` (DynamicQuantizeLSTM; a GRU keeps its fp32 recurrence, its head is quantized):
 
-    python benchmarks/bench_runtime.py [--quick]     or     rnndeploy bench runtime [--quick]
+- ``lstm-2x256``: the demo's kind of model, a character LSTM LM, 2 x 256, embedding 64, vocabulary 103;
+- ``gru-1x64``: a GRU forecaster, 1 x 64, one feature in and out (with ``rnndeploy.data_stats``);
+- ``lstm-2x512``: a character LSTM LM, 2 x 512, embedding 64, vocabulary 103.
+
+Per-step latency, batch 1, 1 and 2 intra-op threads, the same session options on every side: a bare
+``InferenceSession.run`` loop that feeds the state back by hand, ``StreamingSession.step`` as it runs by
+default (state in bound ping-pong buffers on the CPU), and ``StreamingSession.step`` with ``io_binding=False``
+(one ``run()`` per step). The forecaster runs with ``normalize=False`` there (the bare loop does not
+normalise either); one more row shows the cost of original units. The cases run in alternating blocks of
+``steps`` steps; a case's figure is the median of its block medians, so load from other processes hits all
+cases alike. torch eager runs the demo-size model. Streams: 64 streams in one ``step_many`` call against one
+bare ``run()`` on the stacked batch, and batched against one ``step`` call per stream. The server (demo-size
+model) is driven by two clients: tritonclient.http threads and benchmarks/kserve_load.py (asyncio).
+Prints tables and writes runtime.json, runtime.csv and runtime.png into ``out`` (default: ./bench-results).
+
+    python benchmarks/bench_runtime.py [--quick] [--out DIR]     or     rnndeploy bench runtime [--quick]
 """
 
 from __future__ import annotations
@@ -23,20 +34,78 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
-from rnndeploy.export import quantize_int8
 from rnndeploy.provenance import git_commit
-from rnndeploy.runtime import StreamingSession, default_session_options, testing
+from rnndeploy.runtime import StreamingSession, default_session_options
 
-VOCAB = [chr(ord("!") + i) for i in range(64)]
-EMBED, HIDDEN, LAYERS = 64, 256, 2
-RESULTS = Path(__file__).resolve().parent / "results"
+VOCAB = [chr(ord(" ") + i) for i in range(103)]
+DEFAULT_OUT = Path("bench-results")
+STREAMS = 64
+
+
+def export_models(folder: Path) -> dict[str, dict[str, Path]]:
+    """``{model name: {"fp32": path, "int8": path}}`` for the three benchmark models, exported into ``folder``."""
+    import torch
+
+    from rnndeploy.export import export_onnx, quantize_int8
+    from rnndeploy.models import ModelConfig, SequenceModel
+
+    configs = {
+        "lstm-2x256": ModelConfig(
+            task="lm", cell="lstm", vocab_size=len(VOCAB), embed_dim=64, hidden_size=256, num_layers=2
+        ),
+        "gru-1x64": ModelConfig(
+            task="regression", cell="gru", input_size=1, output_size=1, embed_dim=16, hidden_size=64
+        ),
+        "lstm-2x512": ModelConfig(
+            task="lm", cell="lstm", vocab_size=len(VOCAB), embed_dim=64, hidden_size=512, num_layers=2
+        ),
+    }
+    torch.manual_seed(0)
+    paths = {}
+    for name, config in configs.items():
+        fp32 = folder / f"{name}.onnx"
+        lm = config.task == "lm"
+        stats = None if lm else {"mean": [350.0], "std": [20.0]}
+        export_onnx(SequenceModel(config).eval(), fp32, vocab=VOCAB if lm else None, data_stats=stats)
+        int8 = folder / f"{name}.int8.onnx"
+        quantize_int8(fp32, int8)
+        paths[name] = {"fp32": fp32, "int8": int8}
+    return paths
+
+
+def step_input(session: ort.InferenceSession, batch: int = 1) -> np.ndarray:
+    """One step's input with the batch axis: a token id ``[B, 1]`` or a feature ``[B, 1, 1]``."""
+    first = session.get_inputs()[0]
+    if first.type == "tensor(int64)":
+        return np.full((batch, 1), 5, np.int64)
+    return np.full((batch, 1, 1), 0.25, np.float32)
+
+
+def bare_loop(path: Path, threads: int, batch: int = 1) -> Callable[[], object]:
+    """A step of a hand-written ``InferenceSession.run`` loop: inputs and state in a dict, state fed back."""
+    session = ort.InferenceSession(
+        str(path), default_session_options(threads), providers=["CPUExecutionProvider"]
+    )
+    inputs = session.get_inputs()
+    x = step_input(session, batch)
+    feed = {inputs[0].name: x}
+    for arg in inputs[1:]:
+        feed[arg.name] = np.zeros([d if isinstance(d, int) else batch for d in arg.shape], np.float32)
+    states = [arg.name for arg in inputs[1:]]
+
+    def step() -> None:
+        outs = session.run(None, feed)
+        for name, value in zip(states, outs[1:], strict=True):
+            feed[name] = value
+
+    return step
 
 
 def quantiles(samples_s: list[float]) -> dict[str, float]:
@@ -45,98 +114,113 @@ def quantiles(samples_s: list[float]) -> dict[str, float]:
     return {"p50_us": q[0], "p20_us": q[1], "p80_us": q[2], "p99_us": q[3]}
 
 
-def time_steps(step, steps: int, warmup: int = 50) -> dict[str, float]:
-    for _ in range(warmup):
-        step()
-    samples = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - start)
-    return quantiles(samples)
+def alternate(cases: dict[str, Callable[[], object]], steps: int, blocks: int) -> dict[str, dict[str, float]]:
+    """Times ``cases`` in alternating blocks of ``steps`` calls; per case: the median of the block medians
+    (``us``) and the quantiles of all calls."""
+    for step in cases.values():
+        for _ in range(min(steps, 50)):
+            step()
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    medians: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(blocks):
+        for name, step in cases.items():
+            block = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                step()
+                block.append(time.perf_counter() - start)
+            samples[name] += block
+            medians[name].append(float(np.median(block)) * 1e6)
+    return {name: {"us": float(np.median(medians[name])), **quantiles(samples[name])} for name in cases}
 
 
-def bench_latency(model_bytes: bytes, int8_bytes: bytes, steps: int) -> list[dict]:
-    """Per-step latency at batch 1, fp32 and int8, 1 and 2 intra-op threads on both onnxruntime and torch.
+def bench_latency(models: dict[str, dict[str, Path]], steps: int, blocks: int) -> list[dict]:
+    """Per-step latency at batch 1 of every model, fp32 and int8, 1 and 2 threads (see the module docstring)."""
+    rows = []
+    for model, paths in models.items():
+        for precision, path in paths.items():
+            for threads in (1, 2):
+                x = step_input(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]))
+                bound = StreamingSession(path, providers="cpu", threads=threads, normalize=False)
+                unbound = StreamingSession(
+                    path, providers="cpu", threads=threads, normalize=False, io_binding=False
+                )
+                cases = {
+                    "bare run() loop": bare_loop(path, threads),
+                    "StreamingSession.step": partial(bound.step, x),
+                    "StreamingSession.step io_binding=False": partial(unbound.step, x),
+                }
+                if bound.metadata.get("rnndeploy.data_stats", "{}") != "{}" and precision == "fp32":
+                    units = StreamingSession(path, providers="cpu", threads=threads)
+                    cases["StreamingSession.step original units"] = partial(units.step, x)
+                for case, stats in alternate(cases, steps, blocks).items():
+                    rows.append(
+                        {"model": model, "precision": precision, "threads": threads, "case": case, **stats}
+                    )
+                print(f"  latency {model} {precision} {threads} thread(s) done", file=sys.stderr)
+    return rows
 
-    Cases: a bare InferenceSession.run loop, StreamingSession (fp32, fp32 with io_binding, int8
-    DynamicQuantizeLSTM), torch eager on the same shape. torch's own dynamic int8 is not measured: its
-    quantize_dynamic leaves rnndeploy's LSTM subclass in fp32 (and torch.ao.quantization is deprecated).
-    """
+
+def bench_torch(steps: int, blocks: int) -> list[dict]:
+    """torch eager ``SequenceModel`` on the demo-size model, fp32, 1 and 2 threads."""
     import torch
 
     from rnndeploy.models import ModelConfig, SequenceModel
 
-    tokens = np.array([[5]], np.int64)
     config = ModelConfig(
-        task="lm", cell="lstm", vocab_size=len(VOCAB), embed_dim=EMBED, hidden_size=HIDDEN, num_layers=LAYERS
+        task="lm", cell="lstm", vocab_size=len(VOCAB), embed_dim=64, hidden_size=256, num_layers=2
     )
     model = SequenceModel(config).eval()
     x = torch.tensor([[5]])
     rows = []
     for threads in (1, 2):
-        bare = ort.InferenceSession(
-            model_bytes, default_session_options(threads), providers=["CPUExecutionProvider"]
-        )
-        state = {
-            "h0": np.zeros((LAYERS, 1, HIDDEN), np.float32),
-            "c0": np.zeros((LAYERS, 1, HIDDEN), np.float32),
-        }
-
-        def bare_step(bare=bare, state=state):
-            _, state["h0"], state["c0"] = bare.run(None, {"input": tokens, **state})
-
-        cases = [("onnxruntime run loop (bare)", "fp32", bare_step)]
-        for name, precision, source, binding in (
-            ("StreamingSession.step", "fp32", model_bytes, False),
-            ("StreamingSession.step io_binding", "fp32", model_bytes, True),
-            ("StreamingSession.step", "int8", int8_bytes, False),
-        ):
-            session = StreamingSession(source, providers="cpu", threads=threads, io_binding=binding)
-            cases.append((name, precision, partial(session.step, tokens)))
-        for name, precision, step in cases:
-            rows.append(_latency_row(name, "onnxruntime", precision, threads, time_steps(step, steps)))
-
         torch.set_num_threads(threads)
-        torch_state = {"s": model.init_state(1)}
+        state = {"s": model.init_state(1)}
 
-        def torch_step(torch_state=torch_state):
+        def step(state=state) -> None:
             with torch.inference_mode():
-                _, torch_state["s"] = model(x, torch_state["s"])
+                _, state["s"] = model(x, state["s"])
 
-        stats = time_steps(torch_step, max(steps // 4, 100))
-        rows.append(_latency_row("torch eager SequenceModel", "torch", "fp32", threads, stats))
+        stats = alternate({"torch eager SequenceModel": step}, max(steps // 4, 50), blocks)
+        for case, values in stats.items():
+            rows.append(
+                {"model": "lstm-2x256", "precision": "fp32", "threads": threads, "case": case, **values}
+            )
     return rows
 
 
-def _latency_row(name: str, engine: str, precision: str, threads: int, stats: dict) -> dict:
-    label = f"{name} {precision} {threads} thread{'s' if threads > 1 else ''}"
-    return {
-        "case": label,
-        "name": name,
-        "engine": engine,
-        "precision": precision,
-        "threads": threads,
-        **stats,
-    }
+def bench_step_many(models: dict[str, dict[str, Path]], steps: int, blocks: int) -> list[dict]:
+    """``STREAMS`` streams in one ``step_many`` call (the same streams every call, as a busy server steps
+    them) against one bare ``run()`` on the stacked batch; fp32, 1 thread. ``us`` is per call."""
+    rows = []
+    for model, paths in models.items():
+        session = StreamingSession(paths["fp32"], providers="cpu", normalize=False)
+        x = step_input(ort.InferenceSession(str(paths["fp32"]), providers=["CPUExecutionProvider"]))
+        xs = {s: x.copy() for s in range(STREAMS)}
+        cases = {
+            f"bare run() on the stacked batch of {STREAMS}": bare_loop(paths["fp32"], 1, STREAMS),
+            f"step_many, {STREAMS} streams": partial(session.step_many, xs),
+        }
+        for case, stats in alternate(cases, max(steps // 10, 20), blocks).items():
+            rows.append({"model": model, "streams": STREAMS, "case": case, **stats})
+    return rows
 
 
-def bench_streams(model_bytes: bytes, counts: list[int], rounds: int) -> list[dict]:
-    """Steps per second for N streams: one batched step_many call vs one step call per stream."""
+def bench_streams(path: Path, counts: list[int], rounds: int) -> list[dict]:
+    """Steps per second for N streams of the demo-size model: one batched step_many call vs one step call per
+    stream."""
     rows = []
     rng = np.random.default_rng(0)
     for n in counts:
         xs = {s: rng.integers(0, len(VOCAB), (1, 1)) for s in range(n)}
-        batched = StreamingSession(model_bytes, providers="cpu")
-        separate = StreamingSession(model_bytes, providers="cpu")
-
-        reps = max(rounds // n, 5)
-        for name, fn in (
-            ("batched step_many", partial(batched.step_many, xs)),
-            ("one step per stream", partial(_one_by_one, separate, xs)),
-        ):
-            stats = time_steps(fn, reps, warmup=3)
-            rows.append({"streams": n, "mode": name, "steps_per_s": n / (stats["p50_us"] * 1e-6), **stats})
+        batched = StreamingSession(path, providers="cpu")
+        separate = StreamingSession(path, providers="cpu")
+        cases = {
+            "batched step_many": partial(batched.step_many, xs),
+            "one step per stream": partial(_one_by_one, separate, xs),
+        }
+        for mode, stats in alternate(cases, max(rounds // n, 5), 3).items():
+            rows.append({"streams": n, "mode": mode, "steps_per_s": n / (stats["us"] * 1e-6), **stats})
     return rows
 
 
@@ -258,7 +342,7 @@ def machine() -> dict:
         "numpy": np.__version__,
         "torch": torch.__version__,
         "commit": git_commit(Path(__file__).resolve().parent),
-        "model": f"char LSTM LM {LAYERS}x{HIDDEN}, embed {EMBED}, vocab {len(VOCAB)}",
+        "models": "lstm-2x256 (LM, embed 64, vocab 103), gru-1x64 (forecaster, 1 feature), lstm-2x512 (LM)",
     }
 
 
@@ -271,28 +355,47 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
 
 
 def _fmt(value) -> str:
-    return f"{value:.1f}" if isinstance(value, float) else str(value)
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def summarize(latency: list[dict], streams: list[dict], server: list[dict]) -> dict:
-    """Ratios of the tables. Every speedup over torch eager compares the same thread count on both sides;
-    ``int8`` keys compare onnxruntime's int8 model with torch eager fp32 (torch int8 is not measured)."""
-    p50 = {(r["name"], r["precision"], r["threads"]): r["p50_us"] for r in latency}
+def add_ratios(latency: list[dict], step_many: list[dict]) -> None:
+    """``vs_bare``: each row's time over the bare loop's with the same model, precision and threads."""
+    bare = {
+        (r["model"], r["precision"], r["threads"]): r["us"] for r in latency if r["case"] == "bare run() loop"
+    }
+    for r in latency:
+        key = (r["model"], r["precision"], r["threads"])
+        r["vs_bare"] = r["us"] / bare[key] if key in bare else float("nan")
+    stacked = {r["model"]: r["us"] for r in step_many if r["case"].startswith("bare")}
+    for r in step_many:
+        r["per_stream_us"] = r["us"] / r["streams"]
+        r["vs_bare"] = r["us"] / stacked[r["model"]]
+
+
+def summarize(latency: list[dict], step_many: list[dict], streams: list[dict], server: list[dict]) -> dict:
+    """The ratios the README quotes. ``step_vs_bare_*``: StreamingSession.step (default) over the bare
+    loop; ``iobinding_vs_run_*``: the default (bound) step over the io_binding=False step."""
+    us = {(r["model"], r["precision"], r["threads"], r["case"]): r["us"] for r in latency}
     summary = {}
+    for model, precision, threads, case in us:
+        if case != "bare run() loop":
+            continue
+        tag = f"{model}_{precision}_{threads}thread{'s' if threads > 1 else ''}"
+        step = us[(model, precision, threads, "StreamingSession.step")]
+        summary[f"step_vs_bare_{tag}"] = step / us[(model, precision, threads, case)]
+        summary[f"iobinding_vs_run_{tag}"] = (
+            step / us[(model, precision, threads, "StreamingSession.step io_binding=False")]
+        )
     for threads in (1, 2):
-        suffix = f"{threads}thread" + ("s" if threads > 1 else "")
-        ours = p50[("StreamingSession.step", "fp32", threads)]
-        torch_eager = p50[("torch eager SequenceModel", "fp32", threads)]
-        summary[f"overhead_vs_bare_run_pct_{suffix}"] = 100 * (
-            ours / p50[("onnxruntime run loop (bare)", "fp32", threads)] - 1
-        )
-        summary[f"io_binding_vs_run_{suffix}"] = (
-            p50[("StreamingSession.step io_binding", "fp32", threads)] / ours
-        )
-        summary[f"speedup_vs_torch_eager_fp32_{suffix}"] = torch_eager / ours
-        summary[f"speedup_int8_vs_torch_eager_fp32_{suffix}"] = (
-            torch_eager / p50[("StreamingSession.step", "int8", threads)]
-        )
+        torch_us = us.get(("lstm-2x256", "fp32", threads, "torch eager SequenceModel"))
+        if torch_us:
+            suffix = f"{threads}thread{'s' if threads > 1 else ''}"
+            for precision in ("fp32", "int8"):
+                step = us[("lstm-2x256", precision, threads, "StreamingSession.step")]
+                summary[f"speedup_{precision}_vs_torch_eager_fp32_{suffix}"] = torch_us / step
+    for r in step_many:
+        if not r["case"].startswith("bare"):
+            summary[f"step_many_{STREAMS}_vs_stacked_run_{r['model']}"] = r["vs_bare"]
     rate = {(r["streams"], r["mode"]): r["steps_per_s"] for r in streams}
     for n in sorted({r["streams"] for r in streams}):
         summary[f"batched_speedup_{n}_streams"] = (
@@ -309,7 +412,9 @@ def summarize(latency: list[dict], streams: list[dict], server: list[dict]) -> d
     return summary
 
 
-def plot(path: Path, latency: list[dict], streams: list[dict], server: list[dict]) -> None:
+def plot(
+    path: Path, latency: list[dict], step_many: list[dict], streams: list[dict], server: list[dict]
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -317,15 +422,20 @@ def plot(path: Path, latency: list[dict], streams: list[dict], server: list[dict
 
     fig, axes = plt.subplots(2, 2, figsize=(16, 10))
     axes = axes.ravel()
-    names = [r["case"] for r in latency]
-    axes[0].barh(
-        names,
-        [r["p50_us"] for r in latency],
-        xerr=[[r["p50_us"] - r["p20_us"] for r in latency], [r["p80_us"] - r["p50_us"] for r in latency]],
-    )
-    axes[0].set_xscale("log")
-    axes[0].set_xlabel("us per step (median, 0.2-0.8), batch 1")
-    axes[0].set_title("Per-step latency")
+    groups = list(dict.fromkeys((r["model"], r["precision"], r["threads"]) for r in latency))
+    cases = [c for c in dict.fromkeys(r["case"] for r in latency) if c.startswith("StreamingSession")]
+    ratio = {(r["model"], r["precision"], r["threads"], r["case"]): r["vs_bare"] for r in latency}
+    width = 0.8 / len(cases)
+    for k, case in enumerate(cases):
+        values = [ratio.get((*g, case), np.nan) for g in groups]
+        axes[0].bar(np.arange(len(groups)) + k * width, values, width, label=case)
+    axes[0].axhline(1.0, color="gray", lw=0.8)
+    axes[0].axhline(1.05, color="red", lw=0.8, ls="--", label="1.05x target")
+    axes[0].set_xticks(np.arange(len(groups)) + 0.4 - width / 2)
+    axes[0].set_xticklabels([f"{m}\n{p} {t}t" for m, p, t in groups], fontsize=7)
+    axes[0].set_ylabel("time per step / bare run() loop")
+    axes[0].set_title("Per-step latency, batch 1, relative to a bare onnxruntime loop")
+    axes[0].legend(fontsize=7)
     for mode in ("batched step_many", "one step per stream"):
         rows = [r for r in streams if r["mode"] == mode]
         axes[1].plot([r["streams"] for r in rows], [r["steps_per_s"] for r in rows], "o-", label=mode)
@@ -341,117 +451,88 @@ def plot(path: Path, latency: list[dict], streams: list[dict], server: list[dict
         ax.set(
             xscale="log", xlabel="concurrent sequences", ylabel="steps / s", title=f"Server, {client} client"
         )
-        ax.legend()
+        if server:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
-def main(quick: bool = False, out: Path | None = None) -> dict:
-    """Run all benchmarks, print tables, write runtime.json / .csv / .png; return the results."""
+CSV_COLUMNS = ["section", "model", "precision", "threads", "case", "streams_or_sequences", "us", "vs_bare",
+               "steps_per_s", "p50_us", "p20_us", "p80_us", "p99_us", "commit", "date"]  # fmt: skip
+
+
+def write_csv(path: str, results: dict) -> None:
+    info = results["machine"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for section, key in (
+            ("latency", "case"),
+            ("step_many", "case"),
+            ("streams", "mode"),
+            ("server", "mode"),
+        ):
+            for r in results[section]:
+                row = {
+                    **r,
+                    "section": section,
+                    "case": r[key],
+                    "commit": info["commit"],
+                    "date": info["date"],
+                }
+                row["streams_or_sequences"] = r.get("streams", r.get("sequences", 1))
+                if section == "server":
+                    row["case"] = f"{r['mode']} ({r['client']})"
+                writer.writerow(row)
+
+
+def main(quick: bool = False, out: Path | None = None, server: bool = True) -> dict:
+    """Run the benchmarks, print tables, write runtime.json / .csv / .png into ``out``; return the results."""
     from rnndeploy.checkpoint import atomic_write
 
-    out = Path(out) if out is not None else RESULTS
+    out = Path(out) if out is not None else DEFAULT_OUT
+    out.mkdir(parents=True, exist_ok=True)
     info = machine()
-    model = testing.lstm_lm(vocab=VOCAB, embed_dim=EMBED, hidden_size=HIDDEN, num_layers=LAYERS)
-    model_bytes = model.SerializeToString()
+    steps, blocks = (100, 3) if quick else (300, 7)
     with tempfile.TemporaryDirectory() as tmp:
-        onnx.save(model, Path(tmp) / "lm.onnx")
-        int8_bytes = quantize_int8(Path(tmp) / "lm.onnx", Path(tmp) / "lm.int8.onnx").SerializeToString()
-    latency = bench_latency(model_bytes, int8_bytes, 300 if quick else 3000)
-    print_table("Per-step latency, batch 1 (us)", latency, ["case", "p50_us", "p20_us", "p80_us", "p99_us"])
-    streams = bench_streams(model_bytes, [1, 8, 64] if quick else [1, 8, 64, 256], 256 if quick else 2048)
-    print_table(
-        "Streams: batched vs one call per stream", streams, ["streams", "mode", "steps_per_s", "p50_us"]
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "lm.onnx"
-        onnx.save(model, path)
-        server = bench_server(path, [1, 16] if quick else [1, 16, 64], 20 if quick else 50, 1 if quick else 5)
-    print_table(
-        "Server: steps/s and step latency",
-        server,
-        ["client", "mode", "sequences", "steps_per_s", "p50_us", "p99_us"],
-    )
-    summary = summarize(latency, streams, server)
-    print("\nSummary: " + json.dumps({k: round(v, 2) for k, v in summary.items()}, indent=1))
+        models = export_models(Path(tmp))
+        latency = bench_latency(models, steps, blocks) + bench_torch(steps, blocks)
+        step_many = bench_step_many(models, steps, blocks)
+        add_ratios(latency, step_many)
+        print_table("Per-step latency, batch 1 (us: median of block medians)", latency,
+                    ["model", "precision", "threads", "case", "us", "vs_bare", "p20_us", "p80_us", "p99_us"])  # fmt: skip
+        print_table(f"{STREAMS} streams: step_many vs one bare run() on the stacked batch", step_many,
+                    ["model", "case", "us", "per_stream_us", "vs_bare"])  # fmt: skip
+        demo = models["lstm-2x256"]["fp32"]
+        streams = bench_streams(demo, [1, 8, 64] if quick else [1, 8, 64, 256], 256 if quick else 2048)
+        print_table(
+            "Streams: batched vs one call per stream", streams, ["streams", "mode", "steps_per_s", "us"]
+        )
+        serving = []
+        if server:
+            serving = bench_server(
+                demo, [1, 16] if quick else [1, 16, 64], 20 if quick else 50, 1 if quick else 5
+            )
+            print_table("Server: steps/s and step latency", serving,
+                        ["client", "mode", "sequences", "steps_per_s", "p50_us", "p99_us"])  # fmt: skip
+    info["load_average_at_end"] = os.getloadavg()
+    summary = summarize(latency, step_many, streams, serving)
+    print("\nSummary: " + json.dumps({k: round(v, 3) for k, v in summary.items()}, indent=1))
     results = {
         "machine": info,
         "quick": quick,
         "latency": latency,
+        "step_many": step_many,
         "streams": streams,
-        "server": server,
+        "server": serving,
         "server_clients": CLIENTS,
         "summary": summary,
     }
     results = json.loads(json.dumps(results, default=float))
-
-    def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(
-                [
-                    "section",
-                    "case",
-                    "streams_or_sequences",
-                    "steps_per_s",
-                    "p50_us",
-                    "p20_us",
-                    "p80_us",
-                    "p99_us",
-                    "commit",
-                    "date",
-                ]
-            )
-            for r in results["latency"]:
-                writer.writerow(
-                    [
-                        "latency",
-                        r["case"],
-                        1,
-                        1e6 / r["p50_us"],
-                        r["p50_us"],
-                        r["p20_us"],
-                        r["p80_us"],
-                        r["p99_us"],
-                        info["commit"],
-                        info["date"],
-                    ]
-                )
-            for r in results["streams"]:
-                writer.writerow(
-                    [
-                        "streams",
-                        r["mode"],
-                        r["streams"],
-                        r["steps_per_s"],
-                        r["p50_us"],
-                        r["p20_us"],
-                        r["p80_us"],
-                        r["p99_us"],
-                        info["commit"],
-                        info["date"],
-                    ]
-                )
-            for r in results["server"]:
-                writer.writerow(
-                    [
-                        "server",
-                        f"{r['mode']} ({r['client']})",
-                        r["sequences"],
-                        r["steps_per_s"],
-                        r["p50_us"],
-                        r["p20_us"],
-                        r["p80_us"],
-                        r["p99_us"],
-                        info["commit"],
-                        info["date"],
-                    ]
-                )
-
     atomic_write(out / "runtime.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
-    atomic_write(out / "runtime.csv", write_csv)
-    atomic_write(out / "runtime.png", lambda tmp: plot(Path(tmp), latency, streams, server))
+    atomic_write(out / "runtime.csv", lambda tmp: write_csv(tmp, results))
+    atomic_write(out / "runtime.png", lambda tmp: plot(Path(tmp), latency, step_many, streams, serving))
     print(f"\nwrote {out / 'runtime.json'}, runtime.csv, runtime.png")
     return results
 
@@ -461,6 +542,7 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes (a smoke run)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default ./{DEFAULT_OUT})")
+    parser.add_argument("--no-server", action="store_true", help="skip the server benchmark")
     args = parser.parse_args()
-    main(quick=args.quick, out=args.out)
+    main(quick=args.quick, out=args.out, server=not args.no_server)

@@ -651,9 +651,17 @@ def bench() -> None:
 
 @bench.command("runtime")
 @click.option("--quick", is_flag=True, help="Fewer repeats and sizes (a smoke run).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Results folder.")
-def bench_runtime(quick, out) -> None:
-    """Runtime and server: per-step latency, batched throughput, server throughput and latency."""
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("bench-results"),
+    show_default=True,
+    help="Results folder (runtime.json, runtime.csv, runtime.png).",
+)
+@click.option("--server/--no-server", default=True, show_default=True, help="Also benchmark `rnndeploy serve`.")
+def bench_runtime(quick, out, server) -> None:
+    """Runtime and server: per-step latency against a bare onnxruntime loop (three model sizes, fp32 and int8,
+    1 and 2 threads), step_many against one run on the stacked batch, server throughput and latency."""
     import importlib.util
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_runtime.py"
@@ -662,7 +670,7 @@ def bench_runtime(quick, out) -> None:
     spec = importlib.util.spec_from_file_location("bench_runtime", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(quick=quick, out=out)
+    module.main(quick=quick, out=out, server=server)
 
 
 def _csv_list(convert):

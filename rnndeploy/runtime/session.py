@@ -508,6 +508,9 @@ class StreamingSession:
         Returns:
             ``{stream: {output_name: array}}``.
         """
+        if self._cpu_bound and len(xs) == 1:  # nothing to batch: the bound single-stream path is faster
+            ((stream, x),) = xs.items()
+            return {stream: self.step(x, stream)}
         results = self._step_many_uniform(xs)
         if results is not None:
             return results
@@ -595,9 +598,11 @@ class StreamingSession:
         members, values, batches = list(xs), list(xs.values()), [batch] * len(xs)
         axis = self.inputs[name].batch_axis
         # Steps without their batch axis are stacked along it; steps with it are concatenated.
-        feed = self._normalized(
-            {name: np.stack(values, axis) if signature.added else np.concatenate(values, axis)}
-        )
+        if not signature.added:
+            stacked = np.concatenate(values, axis)
+        else:
+            stacked = np.asarray(values) if axis == 0 else np.stack(values, axis)
+        feed = self._normalized({name: stacked})
         feed.update(self._gather(members, entries, batches))
         try:
             outs = self._session.run(self._output_names, {**feed, **self.constants})
