@@ -3,9 +3,10 @@
 - :class:`AddingProblem`: the adding problem exactly as Hochreiter & Schmidhuber (1997, "Long short-term
   memory", Section 5.4, Experiment 4) define it. Each step is a pair (value in [-1, 1], marker in {-1, 0, 1});
   the length is a random integer in [T, T + T/10]; one of the first ten pairs and then one of the first
-  T/2 - 1 still unmarked pairs get marker 1 (their values are X1 and X2; X1 is set to 0 when the first pair
-  is the one marked); the first and the last pair carry marker -1 unless marked. The target, given at the
-  end only, is 0.5 + (X1 + X2) / 4; a sequence is processed correctly when the absolute error is below 0.04.
+  T/2 - 1 still unmarked pairs get marker 1 (their values are X1 and X2; as the paper sets X1 to zero when
+  the first pair gets marked, a marked first pair has value 0); the first and the last pair carry marker -1
+  unless marked. The target, given at the end only, is 0.5 + (X1 + X2) / 4; a sequence is processed
+  correctly when the absolute error is below 0.04.
   The paper's LSTM at T = 100 stopped after 74,000 training sequences, when the average training error was
   below 0.01 and the 2,000 most recent sequences had all been processed correctly (1 wrong of 2,560 tested).
 - :class:`CopyTask`: the copy (memory) task in its common form: ``symbols`` random symbols out of
@@ -101,7 +102,9 @@ class AddingProblem:
         markers[rows, lengths - 1] = -1.0
         markers[rows, first] = 1.0
         markers[rows, second] = 1.0
-        values[rows[first == 0], 0] = 0.0  # the paper: X1 = 0 when the first pair is the marked one
+        # the paper: "in the rare case where the first pair of the sequence gets marked, we set X1 to zero";
+        # the second pick may land there too, and its value is zeroed the same way
+        values[markers[:, 0] == 1, 0] = 0.0
         steps = torch.arange(L)
         valid = steps[None, :] < lengths[:, None]
         values, markers = values * valid, markers * valid
