@@ -273,7 +273,10 @@ async def start_grpc_server(core: ModelServer, host: str, port: int) -> tuple[gr
         ]
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core), server)
-    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    except RuntimeError:  # grpcio's "Failed to bind to address"
+        bound = 0
     if bound == 0:
         raise OSError(f"cannot listen for gRPC on {host}:{port} (in use?)")
     await server.start()

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import tritonclient.grpc
 import tritonclient.http as httpclient
 
 from rnndeploy.runtime import testing
@@ -51,7 +52,7 @@ def start_serve(path, *options: str) -> tuple[subprocess.Popen, dict[str, str], 
             raise AssertionError(
                 f"no ready message; printed {printed}, stderr {process.stderr.read()}"
             ) from None
-        match = re.search(r"(HTTP|gRPC|metrics)\b.*?((?:http://)?[\w.\[\]:]+:\d+)", printed[-1])
+        match = re.search(r"(HTTP|gRPC|metrics)\b.*?((?:http://)?[\w.\[\]]+:\d+)", printed[-1])
         if match:
             urls.setdefault(match.group(1).lower(), match.group(2))
     return process, urls, printed
@@ -61,7 +62,10 @@ def start_serve(path, *options: str) -> tuple[subprocess.Popen, dict[str, str], 
 def served(tmp_path_factory):
     path = tmp_path_factory.mktemp("serve") / "lm.onnx"
     onnx.save(testing.lstm_lm(hidden_size=7), path)
-    process, urls, printed = start_serve(path, "--log-level", "info", "--max-queue-delay-us", "2000")
+    metrics_port = free_port()
+    process, urls, printed = start_serve(
+        path, "--log-level", "info", "--max-queue-delay-us", "2000", "--metrics-port", str(metrics_port)
+    )
     yield urls["http"].removeprefix("http://"), path, process, printed
     if process.poll() is None:
         process.kill()
@@ -75,6 +79,13 @@ def test_ready_message_names_the_model_and_its_urls(served):
     assert f"http://{url}/v2/models/lm/infer" in text and f"http://{url}/v2/health/ready" in text, text
     assert httpx.get(f"http://{url}/v2/health/ready").json() == {"ready": True}
     assert httpx.get(f"http://{url}/v2/models/lm").json()["name"] == "lm"
+    grpc_address = re.search(r"gRPC \(KServe v2, streaming\): (\S+)", text).group(1)
+    assert tritonclient.grpc.InferenceServerClient(grpc_address).is_model_ready("lm")
+    metrics_url = re.search(r"metrics \(Prometheus\): (\S+)", text).group(1)
+    assert not metrics_url.startswith(f"http://{url}/"), "--metrics-port was given: its own port"
+    page = httpx.get(metrics_url)
+    assert page.status_code == 200 and "nv_inference_request_success{" in page.text, page.text[:300]
+    assert "nv_inference_request_success{" in httpx.get(f"http://{url}/metrics").text
 
 
 def test_32_sequences_200_steps_no_cross_talk(served):
@@ -133,3 +144,22 @@ def test_sigterm_exits_after_the_shutdown_deadline_while_a_body_is_still_being_r
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path):
+    path = tmp_path / "lm.onnx"
+    onnx.save(testing.lstm_lm(hidden_size=7), path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for flag in ("--port", "--grpc-port"):
+            command = [sys.executable, "-m", "rnndeploy", "serve", str(path), flag, port]
+            command += ["--port", "0"] if flag == "--grpc-port" else ["--grpc-port", str(free_port())]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            assert result.returncode == 1, result
+            assert (
+                "Traceback" not in result.stderr
+                and port in result.stderr
+                and "choose another" in result.stderr
+            ), result.stderr
