@@ -345,11 +345,16 @@ class StreamingSession:
         if signature is None:
             arrays, batch, added = self._check_input(x)
             if key is not None:
-                if len(self._signatures) >= _MAX_SIGNATURES:
-                    self._signatures.clear()
-                self._signatures[key] = _Signature({n: a.shape for n, a in arrays.items()}, batch, added)
+                self._remember(key, arrays, batch, added)
             return arrays, batch, added
         return self._with_batch_axis(x, signature), signature.batch, signature.added
+
+    def _remember(self, key: tuple, arrays: dict[str, np.ndarray], batch: int, added: bool) -> _Signature:
+        signature = _Signature({n: a.shape for n, a in arrays.items()}, batch, added)
+        if len(self._signatures) >= _MAX_SIGNATURES:
+            self._signatures.clear()
+        self._signatures[key] = signature
+        return signature
 
     def _with_batch_axis(self, x: np.ndarray | Mapping[str, np.ndarray], signature: _Signature) -> dict:
         if not isinstance(x, Mapping):
@@ -586,8 +591,10 @@ class StreamingSession:
         for x in xs.values():
             if type(x) is not np.ndarray or x.shape != shape or x.dtype != dtype:
                 return None
-        self.check_input(first)  # validates (once) and caches this signature
-        signature = self._signatures[_signature_key(first)]
+        key = _signature_key(first)
+        signature = self._signatures.get(key)
+        if signature is None:  # validated once (a server's event loop may validate others meanwhile)
+            signature = self._remember(key, *self._check_input(first))
         batch = signature.batch
         for stream in xs:
             entry = streams.get(stream)
