@@ -38,6 +38,7 @@ grpc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 PY_MODEL, ORT_MODEL, ORT_AS_PY_MODEL = "rnn_py", "rnn_ort", "rnn_ort_config_python"
+GRU_MODEL = "gru_regression_py"  # float features in, a second model of the same repository
 MAX_BATCH = 16  # also the oldest strategy's candidate sequences: the 17th sequence waits for a free slot
 IDLE_S = 2.0
 STEPS = 8
@@ -74,15 +75,40 @@ def _free_port() -> int:
 
 
 @dataclass
+class Reference:
+    """A model's plain exported graph (``h0``/``c0`` ``[L*D, batch, H]``), run offline by onnxruntime."""
+
+    session: ort.InferenceSession
+    state_names: list[str]
+    rows: int
+    hidden: int
+    features: int | None  # None: token ids
+
+    @classmethod
+    def export(cls, model: SequenceModel, path: Path) -> Reference:
+        export_onnx(model, path)
+        c = model.config
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        features = None if c.vocab_size is not None else c.input_size
+        return cls(session, list(c.state_names), c.num_layers * c.num_directions, c.hidden_size, features)
+
+    def encode(self, tokens: tuple[int, ...]) -> np.ndarray:
+        """``[1, T]`` int64 token ids, or ``[1, T, F]`` float32 features (a fixed row per token)."""
+        if self.features is None:
+            return np.array([tokens], np.int64)
+        return FEATURES[None, list(tokens), : self.features]
+
+
+FEATURES = np.random.default_rng(0).standard_normal((11, 4)).astype(np.float32)
+
+
+@dataclass
 class Server:
     http_url: str
     grpc_url: str
     repo: Path
     log: Path
-    reference: ort.InferenceSession  # the plain exported graph (h0/c0 [L*D, batch, H])
-    state_names: list[str]
-    rows: int
-    hidden: int
+    references: dict[str, Reference]
 
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
@@ -96,9 +122,21 @@ def server(tmp_path_factory) -> Server:
     model = SequenceModel(
         ModelConfig(task="lm", cell="lstm", vocab_size=11, num_layers=2, embed_dim=6, hidden_size=5)
     ).eval()
+    gru = SequenceModel(
+        ModelConfig(task="regression", cell="gru", input_size=4, output_size=2, hidden_size=7)
+    ).eval()
     repo = tmp / "repo"
     common = dict(max_batch_size=MAX_BATCH, max_queue_delay_us=5000, idle_timeout_us=int(IDLE_S * 1e6))
-    write_triton_repository(model, repo, PY_MODEL, backend="python", **common)
+    py_folder = write_triton_repository(model, repo, PY_MODEL, backend="python", **common)
+    # Exported configs prefer batches of 1 (no wait when one request is ready), so how many requests share an
+    # execution depends on timing. Here Triton waits (up to 0.2 s) for all 16 sequences: model.py gets batches.
+    text = (py_folder / "config.pbtxt").read_text()
+    waiting = text.replace("preferred_batch_size: [ 1, 4, 16 ]", "preferred_batch_size: [ 16 ]").replace(
+        "max_queue_delay_microseconds: 5000", "max_queue_delay_microseconds: 200000"
+    )
+    assert waiting.count("[ 16 ]") == 1 and "200000" in waiting, text
+    (py_folder / "config.pbtxt").write_text(waiting)
+    write_triton_repository(gru, repo, GRU_MODEL, backend="python", **common)
     ort_folder = write_triton_repository(model, repo, ORT_MODEL, **common)
     # The onnxruntime repository's exact config, run by model.py: Triton's core then checks its sequence
     # batcher (controls, implicit state declarations), which the missing backend never lets it reach.
@@ -110,8 +148,10 @@ def server(tmp_path_factory) -> Server:
         'backend: "onnxruntime"', 'backend: "python"'
     )
     (swapped / "config.pbtxt").write_text(text)
-    export_onnx(model, tmp / "plain.onnx")
-    reference = ort.InferenceSession(str(tmp / "plain.onnx"), providers=["CPUExecutionProvider"])
+    references = {
+        PY_MODEL: Reference.export(model, tmp / "lm.onnx"),
+        GRU_MODEL: Reference.export(gru, tmp / "gru.onnx"),
+    }
 
     # The Python backend runs the stub for this Python version from a backend folder of our own.
     pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -136,6 +176,7 @@ def server(tmp_path_factory) -> Server:
         f"--backend-directory={backend.parent}",
         "--model-control-mode=explicit",
         f"--load-model={PY_MODEL}",
+        f"--load-model={GRU_MODEL}",
         "--http-address=127.0.0.1",
         f"--http-port={http_port}",
         "--grpc-address=127.0.0.1",
@@ -147,17 +188,7 @@ def server(tmp_path_factory) -> Server:
         proc = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-    c = model.config
-    srv = Server(
-        f"127.0.0.1:{http_port}",
-        f"127.0.0.1:{grpc_port}",
-        repo,
-        log,
-        reference,
-        list(c.state_names),
-        c.num_layers * c.num_directions,
-        c.hidden_size,
-    )
+    srv = Server(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", repo, log, references)
     try:
         client = http.InferenceServerClient(srv.http_url)
         deadline = time.monotonic() + STARTUP_S
@@ -165,12 +196,14 @@ def server(tmp_path_factory) -> Server:
             if proc.poll() is not None:
                 pytest.fail(f"tritonserver exited with {proc.returncode} while starting:\n{srv.log_tail()}")
             try:
-                if client.is_server_ready() and client.is_model_ready(PY_MODEL):
+                if client.is_server_ready() and all(client.is_model_ready(m) for m in references):
                     break
             except (InferenceServerException, ConnectionError, OSError):
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"tritonserver not ready with {PY_MODEL} after {STARTUP_S} s:\n{srv.log_tail()}")
+                pytest.fail(
+                    f"tritonserver not ready with {list(references)} after {STARTUP_S} s:\n{srv.log_tail()}"
+                )
             time.sleep(0.25)
         client.close()
         yield srv
@@ -206,7 +239,7 @@ class Request:
 def plan(base: int) -> tuple[list[list[Request]], int]:
     """16 concurrent sequences ``base+1 .. base+16`` over ``STEPS`` steps, and the one that idles out.
 
-    Sequences 1-13 run every step (chunks of 1-3 tokens, so a batch mixes shapes); 14 ends at step 3 and 17
+    Sequences 1-13 run every step (chunks of 1-3 tokens, sequence 1's of another length); 14 ends at step 3 and 17
     starts at step 4 in the slot it frees; 15 restarts (START on the same id) at step 4; 16 stops after step 1
     and idles out. Returns the requests per step and the idle sequence's id.
     """
@@ -217,7 +250,7 @@ def plan(base: int) -> tuple[list[list[Request]], int]:
         for s in range(1, 18):
             if (s == 14 and t > 3) or (s == 17 and t < 4) or (s == 16 and t > 1):
                 continue
-            n = 1 + (s + t) % 3
+            n = 1 + (t + (s == 1)) % 3  # Triton batches equal shapes only: sequence 1 stands apart
             tokens = tuple(int(v) for v in rng.integers(0, 11, n))
             start = t == 0 or (s == 17 and t == 4) or (s == 15 and t == 4)
             end = t == STEPS - 1 or (s == 14 and t == 3)
@@ -226,22 +259,24 @@ def plan(base: int) -> tuple[list[list[Request]], int]:
     return steps, base + 16
 
 
-def reference_outputs(srv: Server, requests: list[Request]) -> dict[str, np.ndarray]:
+def reference_outputs(ref: Reference, requests: list[Request]) -> dict[str, np.ndarray]:
     """Each sequence alone through the plain graph, state fed back, zero state on START."""
     out, state = {}, {}
-    names = ["output", *(f"{s}n" for s in srv.state_names)]
+    names = ["output", *(f"{s}n" for s in ref.state_names)]
     for r in sorted(requests, key=lambda r: (r.seq, r.step)):
         if r.start:
-            state[r.seq] = [np.zeros((srv.rows, 1, srv.hidden), np.float32) for _ in srv.state_names]
-        feed = {"input": np.array([r.tokens], np.int64)}
-        feed.update({f"{s}0": v for s, v in zip(srv.state_names, state[r.seq])})
-        y, *state[r.seq] = srv.reference.run(names, feed)
+            state[r.seq] = [np.zeros((ref.rows, 1, ref.hidden), np.float32) for _ in ref.state_names]
+        feed = {"input": ref.encode(r.tokens)}
+        feed.update({f"{s}0": v for s, v in zip(ref.state_names, state[r.seq])})
+        y, *state[r.seq] = ref.session.run(names, feed)
         out[r.key] = y
     return out
 
 
-def assert_equal_outputs(got: dict[str, np.ndarray], requests: list[Request], srv: Server, how: str) -> None:
-    want = reference_outputs(srv, requests)
+def assert_equal_outputs(
+    got: dict[str, np.ndarray], requests: list[Request], ref: Reference, how: str
+) -> None:
+    want = reference_outputs(ref, requests)
     assert sorted(got) == sorted(want), f"{how}: responses for {sorted(set(want) - set(got))} missing"
     for r in requests:
         np.testing.assert_allclose(
@@ -252,10 +287,11 @@ def assert_equal_outputs(got: dict[str, np.ndarray], requests: list[Request], sr
         )
 
 
-def _input(module, tokens: tuple[int, ...]):
-    x = module.InferInput("input", [1, len(tokens)], "INT64")
-    x.set_data_from_numpy(np.array([tokens], np.int64))
-    return x
+def _input(module, ref: Reference, tokens: tuple[int, ...]):
+    x = ref.encode(tokens)
+    tensor = module.InferInput("input", list(x.shape), "INT64" if x.dtype == np.int64 else "FP32")
+    tensor.set_data_from_numpy(x)
+    return tensor
 
 
 def _inference_counts(client, model: str) -> tuple[int, int]:
@@ -266,7 +302,9 @@ def _inference_counts(client, model: str) -> tuple[int, int]:
 # --- tests ---
 
 
-def test_python_backend_over_http_matches_onnxruntime(server):
+@pytest.mark.parametrize("model", [PY_MODEL, GRU_MODEL])
+def test_python_backend_over_http_matches_onnxruntime(server, model):
+    ref = server.references[model]
     steps, idle = plan(base=100)
     client = http.InferenceServerClient(server.http_url, concurrency=16)
     got = {}
@@ -276,8 +314,8 @@ def test_python_backend_over_http_matches_onnxruntime(server):
                 (
                     r,
                     client.async_infer(
-                        PY_MODEL,
-                        [_input(http, r.tokens)],
+                        model,
+                        [_input(http, ref, r.tokens)],
                         sequence_id=r.seq,
                         sequence_start=r.start,
                         sequence_end=r.end,
@@ -288,19 +326,20 @@ def test_python_backend_over_http_matches_onnxruntime(server):
             for r, p in pending:
                 got[r.key] = p.get_result(timeout=RESPONSE_S).as_numpy("output")
         requests = [r for batch in steps for r in batch]
-        assert_equal_outputs(got, requests, server, "HTTP")
+        assert_equal_outputs(got, requests, ref, "HTTP")
 
         time.sleep(2 * IDLE_S + 1)  # past the idle timeout: Triton has released sequence `idle`
         with pytest.raises(InferenceServerException, match="must specify the START flag"):
-            client.infer(PY_MODEL, [_input(http, (1, 2))], sequence_id=idle)
+            client.infer(model, [_input(http, ref, (1, 2))], sequence_id=idle)
         again = Request(idle, STEPS, (4, 5, 6), True, True)
-        y = client.infer(PY_MODEL, [_input(http, again.tokens)], sequence_id=idle, sequence_start=True)
-        assert_equal_outputs({again.key: y.as_numpy("output")}, [again], server, "HTTP after idling out")
+        y = client.infer(model, [_input(http, ref, again.tokens)], sequence_id=idle, sequence_start=True)
+        assert_equal_outputs({again.key: y.as_numpy("output")}, [again], ref, "HTTP after idling out")
     finally:
         client.close()
 
 
 def test_python_backend_over_grpc_stream_matches_onnxruntime(server):
+    ref = server.references[PY_MODEL]
     steps, idle = plan(base=200)
     client = grpc.InferenceServerClient(server.grpc_url)
     responses: queue.Queue = queue.Queue()
@@ -330,7 +369,7 @@ def test_python_backend_over_grpc_stream_matches_onnxruntime(server):
         for r in requests:  # all at once: Triton keeps each sequence's order and batches across sequences
             client.async_stream_infer(
                 PY_MODEL,
-                [_input(grpc, r.tokens)],
+                [_input(grpc, ref, r.tokens)],
                 request_id=r.key,
                 sequence_id=r.seq,
                 sequence_start=r.start,
@@ -339,7 +378,7 @@ def test_python_backend_over_grpc_stream_matches_onnxruntime(server):
         got = collect(len(requests))
         errors = {k: v for k, v in got.items() if k.startswith("error-")}
         assert not errors, f"gRPC stream: {len(errors)} requests failed, e.g. {next(iter(errors.values()))}"
-        assert_equal_outputs(got, requests, server, "gRPC stream")
+        assert_equal_outputs(got, requests, ref, "gRPC stream")
         inferences, executions = (a - b for a, b in zip(_inference_counts(client, PY_MODEL), before))
         assert inferences == len(requests), (inferences, len(requests))
         assert executions < inferences, (
@@ -347,20 +386,20 @@ def test_python_backend_over_grpc_stream_matches_onnxruntime(server):
         )
 
         time.sleep(2 * IDLE_S + 1)
-        client.async_stream_infer(PY_MODEL, [_input(grpc, (1, 2))], request_id="late", sequence_id=idle)
+        client.async_stream_infer(PY_MODEL, [_input(grpc, ref, (1, 2))], request_id="late", sequence_id=idle)
         (late,) = collect(1).values()
         assert isinstance(late, InferenceServerException), f"sequence {idle} did not idle out: got {late}"
         assert "must specify the START flag" in str(late), late
         again = Request(idle, STEPS, (4, 5, 6), True, True)
         client.async_stream_infer(
             PY_MODEL,
-            [_input(grpc, again.tokens)],
+            [_input(grpc, ref, again.tokens)],
             request_id=again.key,
             sequence_id=idle,
             sequence_start=True,
             sequence_end=True,
         )
-        assert_equal_outputs(collect(1), [again], server, "gRPC after idling out")
+        assert_equal_outputs(collect(1), [again], ref, "gRPC after idling out")
     finally:
         client.stop_stream()
         client.close()
@@ -386,7 +425,9 @@ def test_onnxruntime_backend_repository_reaches_the_missing_backend(server):
         assert client.is_model_ready(ORT_AS_PY_MODEL), server.log_tail()
         config = client.get_model_config(ORT_AS_PY_MODEL)
         seq = config["sequence_batching"]
-        assert [s["input_name"] for s in seq["state"]] == [f"state_{s}_in" for s in server.state_names]
+        assert [s["input_name"] for s in seq["state"]] == [
+            f"state_{s}_in" for s in server.references[PY_MODEL].state_names
+        ]
         assert [c["name"] for c in seq["control_input"]] == ["START"]
         assert config["max_batch_size"] == MAX_BATCH
         client.unload_model(ORT_AS_PY_MODEL)
