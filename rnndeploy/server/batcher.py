@@ -12,8 +12,9 @@ The batcher's live table and the session's streams are one truth: a sequence is 
 ``sequence_end`` marks it ending) when its request arrives, on the event loop, so a step that arrives behind the
 end of its sequence is refused at once; once a sequence has no queued step, it stays in the table exactly
 when the session holds its state. A request that costs more than a full batch of single steps (rows x time
-steps > ``max_batch_size``) runs in a batch of its own, alternating with batches of short steps, so it delays
-short steps of other sequences by at most one batch.
+steps > ``max_batch_size``) runs in batches of its own, alternating with batches of short steps, and in pieces
+along the time axis of at most ``long_chunk_cost`` rows x steps each (its state carried from piece to piece,
+restored when a piece fails), so it delays short steps of other sequences by at most one piece.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -56,6 +57,10 @@ class _Request:
     sequence: bool  # False: a one-off request (its own stream, started and ended)
     queued: float  # time.perf_counter() when it was queued
     future: asyncio.Future = field(repr=False)
+    done_steps: int = 0  # a long request run in pieces: time steps done, their outputs, the state before
+    parts: list = field(default_factory=list, repr=False)
+    kept: dict | None = field(default=None, repr=False)
+    kept_rows: int | None = None
 
 
 class SequenceBatcher:
@@ -69,6 +74,8 @@ class SequenceBatcher:
         max_sequences: most live sequences; starting one more is refused with status 429.
         max_state_bytes: most state bytes of all live sequences (rows x :attr:`row_state_bytes`); a start
             beyond it is refused with status 429.
+        long_chunk_cost: rows x time steps of each piece a long request runs in (models whose inputs and
+            outputs share one named time axis; others run a long request whole).
         worker_thread: run batches in a worker thread (default), so the event loop reads and answers requests
             while the model runs. ``False`` runs them on the event loop: no thread hand-off (and wait for the
             GIL) per batch, which raises unbatched throughput of a small CPU model (see
@@ -85,6 +92,7 @@ class SequenceBatcher:
         idle_timeout_s: float = 60.0,
         max_sequences: int = 1024,
         max_state_bytes: int = 2**30,
+        long_chunk_cost: int = 256,
         worker_thread: bool = True,
     ) -> None:
         if (
@@ -105,6 +113,8 @@ class SequenceBatcher:
         self.idle_timeout_s = idle_timeout_s
         self.max_sequences = max_sequences
         self.max_state_bytes = max_state_bytes
+        self.long_chunk_cost = max(long_chunk_cost, 1)
+        self._time_axes = _time_axes(session)
         self.row_state_bytes = sum(
             p.dtype.itemsize
             * math.prod(d for axis, d in enumerate(p.shape) if axis != p.batch_axis and isinstance(d, int))
@@ -313,6 +323,11 @@ class SequenceBatcher:
             self.compute_s += elapsed * len(batch)
             self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
             for request, result in zip(batch, results, strict=True):
+                if result is None:  # pieces left: first in its sequence's line again
+                    request.queued = time.perf_counter()
+                    self._pending.appendleft(request)
+                    self._wakeup.set()
+                    continue
                 if request.sequence:
                     self._settle(request.stream)
                 if request.future.done():
@@ -337,6 +352,8 @@ class SequenceBatcher:
         A step of a sequence whose state is gone (its start failed) fails without running; ended sequences
         are freed whatever happened.
         """
+        if len(batch) == 1 and batch[0].cost > self.max_batch_size and self._time_axes is not None:
+            return [self._piece(batch[0])]
         lost = {id(r) for r in batch if not r.start and r.stream not in self._open}
         runnable = [r for r in batch if id(r) not in lost]
         done: dict[int, dict[str, np.ndarray] | Exception] = {
@@ -361,6 +378,48 @@ class SequenceBatcher:
         self.batches_run += 1
         self.steps_run += sum(not isinstance(r, Exception) for r in results)
         return results
+
+    def _piece(self, request: _Request) -> dict[str, np.ndarray] | Exception | None:
+        """Worker thread: the next piece of a long request; ``None`` while pieces are left."""
+        stream, inputs_axes, outputs_axes = request.stream, *self._time_axes
+        first = request.done_steps == 0
+        if first:
+            if not request.start and stream not in self._open:
+                return self.unknown(stream)
+            request.kept_rows = self._open.get(stream)
+            request.kept = None if request.kept_rows is None else self.session.get_state(stream)
+        name = next(iter(request.arrays))
+        length = request.arrays[name].shape[inputs_axes[name]]
+        stop = min(request.done_steps + max(1, self.long_chunk_cost // request.rows), length)
+        arrays = {
+            n: np.take(a, range(request.done_steps, stop), axis=inputs_axes[n])
+            for n, a in request.arrays.items()
+        }
+        piece = replace(request, arrays=arrays, start=request.start and first, end=False)
+        try:
+            request.parts.append(self._step([piece])[stream])
+        except StepInputError as error:
+            self.session.reset(stream, request.kept)  # the state before the request (none: no stream)
+            if request.kept_rows is None:
+                self._open.pop(stream, None)
+            else:
+                self._open[stream] = request.kept_rows
+            result: dict[str, np.ndarray] | Exception = error
+        else:
+            request.done_steps = stop
+            if stop < length:
+                self.batches_run += 1
+                return None
+            result = {
+                n: np.concatenate([part[n] for part in request.parts], axis=outputs_axes[n])
+                for n in request.parts[0]
+            }
+        if request.end:
+            self.session.reset(stream)
+            self._open.pop(stream, None)
+        self.batches_run += 1
+        self.steps_run += not isinstance(result, Exception)
+        return result
 
     def _step_alone(self, request: _Request) -> dict[str, np.ndarray] | Exception:
         try:
@@ -398,3 +457,23 @@ class SequenceBatcher:
         for stream in streams:
             self.session.reset(stream)
             self._open.pop(stream, None)
+
+
+def _time_axes(session: StreamingSession) -> tuple[dict[str, int], dict[str, int]] | None:
+    """The time axis of each step input and output: the one dynamic non-batch dim, named alike in all."""
+    inputs, names = {}, set()
+    for name, spec in session.inputs.items():
+        dynamic = [a for a, d in enumerate(spec.shape) if a != spec.batch_axis and not isinstance(d, int)]
+        if len(dynamic) != 1:
+            return None
+        inputs[name] = dynamic[0]
+        names.add(spec.shape[dynamic[0]])
+    if len(names) != 1:
+        return None
+    outputs = {}
+    for name, spec in session.outputs.items():
+        axes = [a for a, d in enumerate(spec.shape) if d in names]
+        if len(axes) != 1:
+            return None
+        outputs[name] = axes[0]
+    return inputs, outputs

@@ -495,6 +495,83 @@ def test_a_long_request_delays_short_steps_by_at_most_one_batch(lm_bytes):
         np.testing.assert_allclose(results[2 + s]["output"][0, 0], offline([s])[0, 0], **TOL)
 
 
+def test_a_long_request_runs_in_pieces_between_short_steps(lm_bytes):
+    """Pieces of 16 steps: short steps queued behind two long requests run after the first piece."""
+    session = StreamingSession(lm_bytes)
+    offline = Offline(lm_bytes)
+    gate, batches = threading.Event(), []
+    step_many = session.step_many
+
+    def gated(xs):
+        batches.append({str(s): next(iter(x.values())).shape[1] for s, x in xs.items()})
+        if len(batches) == 1:
+            assert gate.wait(30), "the test never opened the gate"
+        return step_many(xs)
+
+    session.step_many = gated
+    tokens = np.random.default_rng(7).integers(0, V, (2, 40))
+
+    async def main():
+        batcher = SequenceBatcher(session, max_batch_size=8, max_queue_delay_s=0.001, long_chunk_cost=16)
+        await batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.infer({"input": tokens[:1]}, "A", True, cost=40))
+            while not batches:
+                await asyncio.sleep(0.01)
+            rest = [asyncio.ensure_future(batcher.infer({"input": tokens[1:]}, "B", True, cost=40))]
+            rest += [
+                asyncio.ensure_future(batcher.infer({"input": np.array([[s]])}, f"s{s}", True))
+                for s in range(3)
+            ]
+            await asyncio.sleep(0)
+            gate.set()
+            results = await asyncio.gather(first, *rest)
+            assert set(batcher.live) == set(session.streams) == {"A", "B", "s0", "s1", "s2"}
+        finally:
+            await batcher.stop()
+        return results
+
+    results = asyncio.run(main())
+    assert batches == [
+        {"A": 16},
+        {"s0": 1, "s1": 1, "s2": 1},
+        {"A": 16},
+        {"A": 8},
+        {"B": 16},
+        {"B": 16},
+        {"B": 8},
+    ]
+    np.testing.assert_allclose(results[0]["output"], offline(tokens[0]), **TOL)
+    np.testing.assert_allclose(results[1]["output"], offline(tokens[1]), **TOL)
+
+
+@pytest.mark.parametrize("start", [False, True], ids=["step", "restart"])
+def test_a_failed_piece_restores_the_state_before_the_request(start):
+    """Token 99999 in the third piece of a long request (a model without vocabulary metadata, so
+    onnxruntime rejects it): the request fails and the sequence goes on from the state it had before."""
+    model = testing.lstm_lm(hidden_size=H, num_layers=2, metadata=False).SerializeToString()
+    session = StreamingSession(model, {"h0": "hn", "c0": "cn"})
+    offline = Offline(model)
+    bad = np.arange(40).reshape(1, 40) % V
+    bad[0, 35] = 99999
+
+    async def main():
+        batcher = SequenceBatcher(session, max_batch_size=8, max_queue_delay_s=0.001, long_chunk_cost=16)
+        await batcher.start()
+        try:
+            await batcher.infer({"input": np.array([[3, 1]])}, "s", True)
+            with pytest.raises(Exception, match="99999"):
+                await batcher.infer({"input": bad}, "s", start, cost=40)
+            after = await batcher.infer({"input": np.array([[4]])}, "s", False, True)
+            assert batcher.live == {} and session.streams == []
+        finally:
+            await batcher.stop()
+        return after
+
+    after = asyncio.run(main())
+    np.testing.assert_allclose(after["output"][0, 0], offline([3, 1, 4])[0, -1], **TOL)
+
+
 # --------------------------------------------------------------------------- slow clients
 @contextlib.contextmanager
 def running(session: StreamingSession, header_timeout_s=10.0, max_connections=64, **options):
