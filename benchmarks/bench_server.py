@@ -212,7 +212,6 @@ async def one_step_latency(server: Server, steps: int, beside_maximal: int) -> d
             latencies.append(time.perf_counter() - began)
             peak = max(peak, server.rss())
             t += 1
-            await asyncio.sleep(0.005)
         stop.set()
         if background is not None:
             await background
