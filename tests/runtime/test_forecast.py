@@ -18,6 +18,8 @@ from rnndeploy.models import ModelConfig, SequenceModel
 from rnndeploy.runtime import ModelError, StreamingSession
 from rnndeploy.train import TrainOptions, train
 
+from ._serving import infer, serving
+
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 
@@ -66,6 +68,13 @@ def test_run_forecasts_in_the_units_of_the_training_csv(forecaster):
     want = torch_forecast(ckpt, rows)
     assert abs(want[:, 0].mean() - 400) < 30, "the reference forecast should be in ppm-like units"
     np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_serve_forecasts_in_the_units_of_the_training_csv(forecaster):
+    ckpt, path, rows = forecaster
+    with serving(path) as url:
+        got = infer(url, rows, "FP32")
+    np.testing.assert_allclose(got, torch_forecast(ckpt, rows), **TOL)
 
 
 def test_run_raw_feeds_the_graph_as_it_is(forecaster):

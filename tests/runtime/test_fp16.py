@@ -3,13 +3,9 @@ crashed such graphs with SIGSEGV at ORT_ENABLE_ALL): clean exits, outputs equal 
 fp16 tolerance of export verification."""
 
 import json
-import signal
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -19,6 +15,8 @@ from rnndeploy.export import export_onnx, to_fp16
 from rnndeploy.export.verification import TOLERANCES
 from rnndeploy.models import ModelConfig, SequenceModel
 from rnndeploy.runtime.providers import uses_float16
+
+from ._serving import infer, serving
 
 VOCAB = list("abcdefgh ")
 ATOL, RTOL = TOLERANCES["fp16"]
@@ -94,40 +92,9 @@ def test_generate_picks_what_the_fp32_graph_ranks_first(models):
 
 def test_serve_answers_and_stops_on_sigterm(models):
     fp32, fp16 = models
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "rnndeploy", "serve", str(fp16), "--name", "lm", "--port", str(port)]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, f"serve exited {server.returncode}: {server.stderr.read()[-2000:]}"
-            try:
-                if httpx.get(f"{url}/v2/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "serve did not become ready in 60 s"
-            time.sleep(0.2)
-        request = {
-            "inputs": [{"name": "input", "shape": [1, len(TOKENS)], "datatype": "INT64", "data": TOKENS}],
-            "parameters": {"sequence_id": 7, "sequence_start": True, "sequence_end": True},
-        }
-        reply = httpx.post(f"{url}/v2/models/lm/infer", json=request, timeout=30)
-        assert reply.status_code == 200, reply.text
-        output = next(o for o in reply.json()["outputs"] if o["name"] == "output")
-        got = np.array(output["data"], np.float32).reshape(output["shape"])[0]
-        np.testing.assert_allclose(got, fp32_outputs(fp32, TOKENS), atol=ATOL, rtol=RTOL)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            raise
-    assert server.returncode == 0, f"exit {server.returncode}; stderr: {server.stderr.read()[-2000:]}"
+    with serving(fp16) as url:
+        got = infer(url, np.array(TOKENS), "INT64")
+    np.testing.assert_allclose(got, fp32_outputs(fp32, TOKENS), atol=ATOL, rtol=RTOL)
 
 
 def test_streaming_session(models):
