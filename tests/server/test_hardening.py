@@ -8,6 +8,7 @@ offline onnxruntime runs from zero state over the whole token history.
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -637,3 +638,18 @@ def test_connections_beyond_the_cap_get_503_and_health_recovers(lm_bytes):
             for sock in stalled:
                 sock.close()
         assert httpx.get(f"{base}/v2/health/live").status_code == 200
+
+
+def test_a_client_that_disconnects_mid_body_logs_no_error(lm_bytes, caplog):
+    with running(StreamingSession(lm_bytes)) as (base, app):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as gone:
+            gone.sendall(b'POST /v2/models/lm/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"in')
+        stats = app.state.model_server.stats
+        deadline = time.monotonic() + 20  # a bound on the test: the server sees the close at once
+        while stats.failure == 0:
+            assert time.monotonic() < deadline, "the server never noticed the disconnect"
+            time.sleep(0.02)
+        assert httpx.get(f"{base}/v2/health/live").status_code == 200
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert errors == [], [r.getMessage() for r in errors]
