@@ -11,7 +11,8 @@ clients run here on one asyncio loop (aiohttp), so on a 2-core machine client an
   sequence (until ``--maximal-requests`` of them ran); the same latency alone is the baseline.
 - protocols: per-step latency at 1 sequence and throughput at 16 and 64 sequences for HTTP
   (tritonclient.http), gRPC unary (tritonclient.grpc ``infer``) and gRPC streamed (a stream per sequence),
-  each load in a fresh client process (benchmarks/kserve_load.py), one thread per sequence.
+  one thread per sequence; and with the light asyncio clients, HTTP (aiohttp) and gRPC streamed (grpc.aio),
+  all sequences on one loop. Each load runs in a fresh client process (benchmarks/kserve_load.py).
 
 Numbers only (no pass/fail): prints a table and writes JSON with machine, versions and commit.
 
@@ -285,7 +286,7 @@ def main() -> None:
             results["rss_after_all_mb"] = server.rss()
             results["protocols"] = []
             for sequences in (1, 16, 64):
-                for client in ("tritonclient", "grpc-unary", "grpc-stream"):
+                for client in ("tritonclient", "grpc-unary", "grpc-stream", "aiohttp", "grpc-aio-stream"):
                     runs = [
                         protocol_load(server, client, sequences, args.protocol_steps)
                         for _ in range(args.repeats)

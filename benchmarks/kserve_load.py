@@ -8,6 +8,8 @@ as binary tensor data) and waits for each reply before its next step. Two client
 - ``tritonclient``: the stock ``tritonclient.http`` client, one thread and one client per sequence.
 - ``grpc-unary`` / ``grpc-stream``: the stock ``tritonclient.grpc`` client, one thread and one client per
   sequence, unary ``infer`` or a stream per sequence (``async_stream_infer``, waiting for each reply).
+- ``grpc-aio-stream`` (light): a stream per sequence, all on one ``grpc.aio`` channel and event loop, with
+  the generated messages tritonclient ships; the gRPC counterpart of ``aiohttp``.
 
 Prints one JSON object: ``steps_per_s`` and ``latencies_us`` (one per step).
 
@@ -155,6 +157,40 @@ def run_grpc(port: int, model: str, sequences: int, steps: int, vocab: int, stre
     return {"steps_per_s": sequences * steps / elapsed, "latencies_us": [x * 1e6 for x in latencies]}
 
 
+async def run_grpc_aio(port: int, model: str, sequences: int, steps: int, vocab: int) -> dict:
+    """A stream per sequence on one grpc.aio channel (no tritonclient): the server's share of a streamed step."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        async def sequence(sequence_id: int, n: int, latencies: list[float]) -> None:
+            call = stub.ModelStreamInfer()
+            for t in range(n):
+                request = pb.ModelInferRequest(model_name=model)
+                request.inputs.add(name="input", datatype="INT64", shape=[1, 1])
+                request.raw_input_contents.append(np.array([[(sequence_id + t) % vocab]], np.int64).tobytes())
+                request.parameters["sequence_id"].int64_param = sequence_id
+                request.parameters["sequence_start"].bool_param = t == 0
+                request.parameters["sequence_end"].bool_param = t == n - 1
+                start = time.perf_counter()
+                await call.write(request)
+                reply = await call.read()
+                if reply.error_message:
+                    raise RuntimeError(f"step {t} of sequence {sequence_id}: {reply.error_message}")
+                latencies.append(time.perf_counter() - start)
+            await call.done_writing()
+
+        await asyncio.gather(*(sequence(10**6 + s, 3, []) for s in range(sequences)))
+        latencies: list[float] = []
+        start = time.perf_counter()
+        await asyncio.gather(*(sequence(s + 1, steps, latencies) for s in range(sequences)))
+        elapsed = time.perf_counter() - start
+    return {"steps_per_s": sequences * steps / elapsed, "latencies_us": [x * 1e6 for x in latencies]}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -166,13 +202,16 @@ if __name__ == "__main__":
     parser.add_argument("--vocab", type=int, default=64, help="token ids cycle through 0..vocab-1")
     parser.add_argument(
         "--client",
-        choices=["aiohttp", "tritonclient", "grpc-unary", "grpc-stream"],
+        choices=["aiohttp", "tritonclient", "grpc-unary", "grpc-stream", "grpc-aio-stream"],
         default="aiohttp",
-        help="grpc-*: tritonclient.grpc on --port (a gRPC port), unary infer or one stream per sequence",
+        help="grpc-unary/-stream: tritonclient.grpc on --port (a gRPC port), unary infer or a stream per "
+        "sequence; grpc-aio-stream: a stream per sequence on one grpc.aio channel",
     )
     args = parser.parse_args()
     load = (args.port, args.model, args.sequences, args.steps, args.vocab)
-    if args.client.startswith("grpc-"):
+    if args.client == "grpc-aio-stream":
+        result = asyncio.run(run_grpc_aio(*load))
+    elif args.client.startswith("grpc-"):
         result = run_grpc(*load, stream=args.client == "grpc-stream")
     elif args.client == "tritonclient":
         result = run_tritonclient(*load)
