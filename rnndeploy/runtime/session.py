@@ -579,16 +579,19 @@ class StreamingSession:
     def _step_many_uniform(
         self, xs: Mapping[Hashable, object]
     ) -> dict[Hashable, dict[str, np.ndarray]] | None:
-        """:meth:`step_many` when every step is one numpy array of one signature (a server's batch of single
-        steps): validated once, one call, no per-stream copies. None (nothing done) for other steps."""
+        """:meth:`step_many` when every step is one numpy array of one signature, given as the array or as
+        ``{input: array}`` (a server's batch of single steps): validated once, one call, no per-stream copies.
+        None (nothing done) for other steps."""
         if len(self.inputs) != 1 or not self._fixed_states or self.cuda_graph or not xs:
             return None
-        first = next(iter(xs.values()))
-        if type(first) is not np.ndarray:
+        name = next(iter(self.inputs))
+        values = [x if type(x) is np.ndarray else _only(x, name) for x in xs.values()]
+        first = values[0]
+        if first is None:
             return None
         shape, dtype, streams = first.shape, first.dtype, self._streams
         entries = []
-        for x in xs.values():
+        for x in values:
             if type(x) is not np.ndarray or x.shape != shape or x.dtype != dtype:
                 return None
         key = _signature_key(first)
@@ -601,8 +604,7 @@ class StreamingSession:
             if entry is not None and entry.batch is not None and entry.batch != batch:
                 raise StepInputError(f"stream {stream!r} has batch size {entry.batch}, this step has {batch}")
             entries.append(entry)
-        name = next(iter(self.inputs))
-        members, values, batches = list(xs), list(xs.values()), [batch] * len(xs)
+        members, batches = list(xs), [batch] * len(xs)
         axis = self.inputs[name].batch_axis
         # Steps without their batch axis are stacked along it; steps with it are concatenated.
         if not signature.added:
@@ -614,7 +616,9 @@ class StreamingSession:
         try:
             outs = self._session.run(self._output_names, {**feed, **self.constants})
         except ORT_RUN_ERRORS as error:
-            arrays = {s: {name: x.reshape(signature.shapes[name])} for s, x in xs.items()}
+            arrays = {
+                s: {name: x.reshape(signature.shapes[name])} for s, x in zip(members, values, strict=True)
+            }
             raise step_error(error, arrays) from error
         n_out = len(self.outputs)
         outputs = self._denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
@@ -690,6 +694,13 @@ class StreamingSession:
             "normalization": None if self.normalization is None else self.normalization.to_json(),
             "metadata": self.metadata,
         }
+
+
+def _only(x: object, name: str) -> np.ndarray | None:
+    """The array of ``{name: array}``, None for anything else."""
+    if type(x) is dict and len(x) == 1:
+        return x.get(name)
+    return None
 
 
 def _signature_key(x: object) -> tuple | None:

@@ -385,8 +385,9 @@ def test_several_step_inputs_stepwise(io_binding):
     np.testing.assert_allclose(session.get_state()["past_total"], total_ref, **TOL)
 
 
+@pytest.mark.parametrize("as_dict", [False, True], ids=["arrays", "dicts"])
 @pytest.mark.parametrize("io_binding", [False, True], ids=["run", "iobinding"])
-def test_repeated_step_many_keeps_stacked_state(lm_bytes, io_binding):
+def test_repeated_step_many_keeps_stacked_state(lm_bytes, io_binding, as_dict):
     """Streams that step together again reuse the last batch's stacked state; a stream that joins, leaves,
     is reset, steps alone, or comes in another order in between still gets exactly its own state."""
     rng = np.random.default_rng(10)
@@ -410,7 +411,7 @@ def test_repeated_step_many_keeps_stacked_state(lm_bytes, io_binding):
             np.testing.assert_allclose(
                 batched.step(lone, stream="a")["output"], separate.step(lone, stream="a")["output"], **TOL
             )
-        got = batched.step_many(xs)
+        got = batched.step_many({s: {"input": x} for s, x in xs.items()} if as_dict else xs)
         for s, x in xs.items():
             np.testing.assert_allclose(got[s]["output"], separate.step(x, stream=s)["output"], **TOL)
     for s in "abcd":
