@@ -146,7 +146,7 @@ def triton_layer(
             return triton_layer(cell, x, state, weights, lengths, reverse, nonlinearity, strategy)
     _check_inputs(cell, x, state, weights, nonlinearity)
 
-    from .common import make_config
+    from .common import plan_layer
     from .gru import GRUFunction
     from .lstm import LSTMFunction
     from .rnn import RNNFunction
@@ -160,15 +160,15 @@ def triton_layer(
         lengths = lengths.to(device=x.device, dtype=torch.int64).contiguous()
     needs_grad = any(t is not None and t.requires_grad for t in (x, *state, *weights))
     store_ws = torch.is_grad_enabled() and needs_grad
-    config = make_config(cell, B, H, x.dtype, x.device, strategy)
+    plan = plan_layer(cell, B, H, x.dtype, x.device, strategy)
     if cell == "lstm":
-        y, h, c = LSTMFunction.apply(x, *state, w_ih, w_hh, b_ih, b_hh, lengths, reverse, config, store_ws)
+        y, h, c = LSTMFunction.apply(x, *state, w_ih, w_hh, b_ih, b_hh, lengths, reverse, plan, store_ws)
         return y, (h, c)
     if cell == "gru":
-        y, h = GRUFunction.apply(x, *state, w_ih, w_hh, b_ih, b_hh, lengths, reverse, config, store_ws)
+        y, h = GRUFunction.apply(x, *state, w_ih, w_hh, b_ih, b_hh, lengths, reverse, plan, store_ws)
         return y, (h,)
     relu = nonlinearity == "relu"
-    y, h = RNNFunction.apply(x, *state, w_ih, w_hh, b_ih, b_hh, lengths, reverse, config, relu)
+    y, h = RNNFunction.apply(x, *state, w_ih, w_hh, b_ih, b_hh, lengths, reverse, plan, relu)
     return y, (h,)
 
 

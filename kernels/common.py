@@ -1,28 +1,42 @@
-"""Shared pieces of the persistent kernels: stable activations, the grid barrier, the launch configuration.
+"""Shared pieces of the persistent kernels: activations, products, the grid barrier, the launch configuration
+(with its resource and cost model) and the one launcher every cell uses.
 
-Every kernel in this package runs on a grid ``(cdiv(B, BB), NSPLIT)``: program ``(i_b, i_h)`` owns batch
-rows ``[i_b*BB, i_b*BB + BB)`` and hidden units ``[i_h*BH, i_h*BH + BH)`` of every gate, and runs the whole
-time loop.
+Every kernel runs on a grid ``(cdiv(B, BB), NSPLIT)``: program ``(i_b, i_h)`` owns batch rows
+``[i_b*BB, i_b*BB + BB)`` and hidden units ``[i_h*BH, i_h*BH + BH)`` of every gate, and runs the whole time
+loop. The forward and the backward get a configuration each (their products have different shapes).
 
-- ``NSPLIT == 1`` and ``BH >= H``: one program holds the full state; without ``SCRATCH`` the recurrent
-  operand stays in registers.
-- ``NSPLIT > 1`` (GPU only): the hidden dimension is split over co-resident programs; after each step a
-  program writes its slice of the recurrent operand (``h`` forward, gate gradients backward) to a
-  double-buffered fp32 scratch and waits at a grid barrier; the next step reads the full operand back from L2.
-- ``STREAM_W``: the program's ``W_hh`` slice is re-read from L2 every step, ``BKC`` rows at a time together
-  with the matching chunk of the operand from the scratch (needs ``SCRATCH``), instead of being held on chip
-  (for slices too large for one SM).
-- ``SCRATCH``: exchange the recurrent operand through the scratch buffer. Always on when ``NSPLIT > 1``; the
-  tests switch it on for ``NSPLIT == 1`` so the interpreter runs the exchange code of the split path (all but
-  the barrier itself, which would deadlock there: the interpreter runs programs one after another).
+Forward, per step: one product ``[GP*BH, K] @ [K, BB]``: the program's ``W_hh`` rows of all gates (``GP``:
+the gate count padded to a power of two, GRU's fourth block is zero) against ``h_{t-1}^T``. On sm_90 that is
+one warpgroup of ``wgmma`` over distinct rows: no two warps issue the same MMA. Elementwise work runs on
+``[BH, BB]`` tiles (units x batch).
+
+Backward, per step: ``dh_{t-1} [BB, BH] = dg [BB, G*H] @ W_hh[:, units] [G*H, BH]``, split over ``K`` into
+``NKS`` slices, one warp each (a batched ``tl.dot`` summed over the slices): the output is too small for
+every warp to own part of it, so the warps own parts of ``K`` instead.
+
+The held paths walk ``K`` in at most two power-of-two pieces ``BK1 + BK2`` that stop at ``H`` (``G*H``
+backward) rounded up to 16 (``NKS*16``): H=768 walks 512 + 256, not a padded 1024.
+
+- ``resident``: ``NSPLIT == 1``, ``BH >= H``; the recurrent operand stays in registers.
+- ``split`` (GPU only): ``NSPLIT > 1`` co-resident programs; after each step a program writes its slice of
+  the recurrent operand (``h`` forward, gate gradients backward) in the compute dtype to a double-buffered
+  scratch and waits at a grid barrier (cooperative launch, so an impossible grid is a launch error, not a
+  hang); the next step reads the operand back through L2.
+- ``stream`` / ``split-stream``: ``W_hh`` is re-read from L2 every step, ``BKC`` rows of ``K`` at a time,
+  with the matching chunk of the operand from the scratch (for slices too large for one SM).
+- ``resident-scratch``: ``resident`` through the scratch exchange, for the tests: the interpreter runs the
+  exchange code of ``split`` (all but the barrier, which would deadlock there: programs run one after another).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+import warnings
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -51,21 +65,11 @@ def _tanh(x):
 
 
 @triton.jit
-def _dot(a, w, PRECISION: tl.constexpr):
-    """``a @ w`` with ``a`` rounded to ``w``'s dtype first and fp32 accumulation."""
-    a = a.to(w.dtype)
+def _dot(a, b, PRECISION: tl.constexpr):
+    """``a @ b`` (2-D or batched 3-D), operands already in the weight dtype, fp32 accumulation."""
     if _DOT_FP32:
-        return tl.dot(a.to(tl.float32), w.to(tl.float32))
-    return tl.dot(a, w, input_precision=PRECISION)
-
-
-@triton.jit
-def _load_op(p, o_b, o_k, stride, H, m_b):
-    """``[BB, len(o_k)]`` chunk of a ``[B, stride]`` buffer, read through L2 (other programs wrote it)."""
-    m = m_b[:, None] & (o_k < H)[None, :]
-    return tl.load(
-        p + o_b[:, None].to(tl.int64) * stride + o_k[None, :], mask=m, other=0.0, cache_modifier=".cg"
-    )
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -81,41 +85,236 @@ def _grid_barrier(p_bar, target):
 
 
 @triton.jit
-def _load_w(p_w, o_row, o_col, H, TRANSPOSE: tl.constexpr):
-    """One gate's ``W_hh`` tile; rows/cols index the ``[H, H]`` gate block. ``TRANSPOSE`` loads ``W^T``."""
-    m = (o_row[:, None] < H) & (o_col[None, :] < H)
-    if TRANSPOSE:
-        return tl.load(p_w + o_col[None, :].to(tl.int64) * H + o_row[:, None], mask=m, other=0.0)
-    return tl.load(p_w + o_row[:, None].to(tl.int64) * H + o_col[None, :], mask=m, other=0.0)
+def _exchange(p_s, p_bar, i_b, s, NSPLIT: tl.constexpr):
+    """Ends step ``s`` after this program stored its slice at ``p_s``: everyone's slice is visible after it."""
+    if NSPLIT > 1:
+        _grid_barrier(p_bar + i_b, (s + 1) * NSPLIT)
+    else:
+        tl.debug_barrier()
+
+
+@triton.jit
+def _gate_rows(i_h, H, G: tl.constexpr, GP: tl.constexpr, BH: tl.constexpr):
+    """Rows of ``W_hh [G*H, H]`` a forward program holds, gate-major: ``[GP*BH]`` row ids and their mask."""
+    o_r = tl.arange(0, GP * BH)
+    o_u = i_h * BH + o_r % BH
+    return (o_r // BH) * H + o_u, (o_u < H) & (o_r // BH < G)
+
+
+@triton.jit
+def _load_rows(p_w, o_row, m_row, o_k, H, SW):
+    """``[len(o_row), len(o_k)]`` tile of ``W_hh`` (rows ``o_row`` of stride ``SW``, columns ``o_k < H``)."""
+    m = m_row[:, None] & (o_k < H)[None, :]
+    return tl.load(p_w + o_row[:, None].to(tl.int64) * SW + o_k[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _load_op_t(p, o_b, m_b, o_k, stride, K):
+    """``[len(o_k), BB]``: columns ``o_k < K`` of a ``[B, stride]`` buffer, transposed, read through L2."""
+    m = (o_k < K)[:, None] & m_b[None, :]
+    return tl.load(
+        p + o_b[None, :].to(tl.int64) * stride + o_k[:, None], mask=m, other=0.0, cache_modifier=".cg"
+    )
+
+
+@triton.jit
+def _split4(acc, BH: tl.constexpr, BB: tl.constexpr):
+    """The four gate blocks ``[BH, BB]`` of a gate-major ``[4*BH, BB]`` product."""
+    a = tl.permute(tl.reshape(acc, [2, 2, BH, BB]), (2, 3, 0, 1))  # [BH, BB, g // 2, g % 2]
+    even, odd = tl.split(a)  # gates 0, 2 and 1, 3
+    a0, a2 = tl.split(even)
+    a1, a3 = tl.split(odd)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _hold_rows(p_w, o_row, m_row, H, SW, BK1: tl.constexpr, BK2: tl.constexpr, STREAM_W: tl.constexpr):
+    """The forward's held ``W_hh`` rows in two ``K`` pieces ``[M, BK1]``, ``[M, BK2]`` (dummies when streamed)."""
+    if STREAM_W:
+        w1 = tl.zeros([o_row.shape[0], 16], dtype=p_w.dtype.element_ty)
+        w2 = w1
+    else:
+        w1 = _load_rows(p_w, o_row, m_row, tl.arange(0, BK1), H, SW)
+        if BK2 > 0:
+            w2 = _load_rows(p_w, o_row, m_row, BK1 + tl.arange(0, BK2), H, SW)
+        else:
+            w2 = tl.zeros([o_row.shape[0], 16], dtype=p_w.dtype.element_ty)
+    return w1, w2
+
+
+@triton.jit
+def _fwd_product(p_w, p_scr, s, b_h, w1, w2, o_row, m_row, o_b, m_b, B, H, SW, SP,
+                 BB: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr, BKC: tl.constexpr,
+                 STREAM_W: tl.constexpr, SCRATCH: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """``W_rows @ h_{t-1}^T`` at step ``s``: ``[M, BB]`` fp32. ``h_{t-1}`` comes from the scratch, where the
+    previous step (``h_0``: the launcher) put it, or is ``b_h [BH, BB]``, the own state, when nothing is
+    exchanged."""
+    if SCRATCH:
+        p_prev = p_scr + ((s + 1) % 2) * B * SP
+    if STREAM_W:
+        acc = tl.zeros([o_row.shape[0], BB], dtype=tl.float32)
+        for k0 in range(0, H, BKC):
+            o_k = k0 + tl.arange(0, BKC)
+            acc += _dot(
+                _load_rows(p_w, o_row, m_row, o_k, H, SW), _load_op_t(p_prev, o_b, m_b, o_k, SP, H), PRECISION
+            )
+    elif SCRATCH:
+        acc = _dot(w1, _load_op_t(p_prev, o_b, m_b, tl.arange(0, BK1), SP, H), PRECISION)
+        if BK2 > 0:
+            acc += _dot(w2, _load_op_t(p_prev, o_b, m_b, BK1 + tl.arange(0, BK2), SP, H), PRECISION)
+    else:
+        acc = _dot(w1, b_h.to(w1.dtype), PRECISION)
+    return acc
+
+
+@triton.jit
+def _slices(k0, NKS: tl.constexpr, KS: tl.constexpr):
+    """``[NKS, KS]`` indices ``k0 + i*KS + j``: one contiguous run of ``K`` per slice."""
+    return k0 + tl.arange(0, NKS)[:, None] * KS + tl.arange(0, KS)[None, :]
+
+
+@triton.jit
+def _load_w_slices(p_w, o_k, o_h, K, H, SW):
+    """``[NKS, KS, BH]``: ``W_hh[o_k, o_h]`` (rows ``o_k < K = G*H`` of stride ``SW``)."""
+    m = (o_k < K)[:, :, None] & (o_h < H)[None, None, :]
+    return tl.load(p_w + o_k[:, :, None].to(tl.int64) * SW + o_h[None, None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _load_g_slices(p, o_b, m_b, o_k, K, SP):
+    """``[NKS, BB, KS]``: columns ``o_k < K`` of the gate-gradient scratch (rows of stride ``SP``), via L2."""
+    m = m_b[None, :, None] & (o_k < K)[:, None, :]
+    p = p + o_b[None, :, None].to(tl.int64) * SP + o_k[:, None, :]
+    return tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _hold_cols(p_w, o_h, K, H, SW, NKS: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
+               STREAM_W: tl.constexpr, SCRATCH: tl.constexpr):  # fmt: skip
+    """The backward's held ``W_hh[:, units]`` as ``K`` slices ``[NKS, BK1/NKS, BH]`` and ``[NKS, BK2/NKS, BH]``."""
+    if STREAM_W or not SCRATCH:
+        w1 = tl.zeros([NKS, 16, o_h.shape[0]], dtype=p_w.dtype.element_ty)
+        w2 = w1
+    else:
+        w1 = _load_w_slices(p_w, _slices(0, NKS, BK1 // NKS), o_h, K, H, SW)
+        if BK2 > 0:
+            w2 = _load_w_slices(p_w, _slices(BK1, NKS, BK2 // NKS), o_h, K, H, SW)
+        else:
+            w2 = tl.zeros([NKS, 16, o_h.shape[0]], dtype=p_w.dtype.element_ty)
+    return w1, w2
+
+
+@triton.jit
+def _bwd_product(p_w, p_cur, w1, w2, o_b, m_b, o_h, K, H, SW, SP,
+                 NKS: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr, BKC: tl.constexpr,
+                 STREAM_W: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """``dg @ W_hh[:, units]``: ``[BB, BH]`` fp32 from the gate gradients of this step in the scratch at
+    ``p_cur`` (``[B, K]``, ``K = G*H``), split over ``K`` into ``NKS`` slices summed at the end."""
+    if STREAM_W:
+        acc = tl.zeros([NKS, o_b.shape[0], o_h.shape[0]], dtype=tl.float32)
+        for k0 in range(0, K, BKC):
+            o_k = _slices(k0, NKS, BKC // NKS)
+            b_w = _load_w_slices(p_w, o_k, o_h, K, H, SW)
+            acc += _dot(_load_g_slices(p_cur, o_b, m_b, o_k, K, SP).to(b_w.dtype), b_w, PRECISION)
+    else:
+        acc = _dot(_load_g_slices(p_cur, o_b, m_b, _slices(0, NKS, BK1 // NKS), K, SP), w1, PRECISION)
+        if BK2 > 0:
+            acc += _dot(_load_g_slices(p_cur, o_b, m_b, _slices(BK1, NKS, BK2 // NKS), K, SP), w2, PRECISION)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _load_w_t(p_w, o_k, o_h, H, SW):
+    """``[BK, BH]`` block ``W_g[o_k, o_h]`` of one gate (the backward's resident operand)."""
+    m = (o_k < H)[:, None] & (o_h < H)[None, :]
+    return tl.load(p_w + o_k[:, None].to(tl.int64) * SW + o_h[None, :], mask=m, other=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration: what a launch costs on the target, modelled as the compiler and the hardware spend it
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """What limits and paces a launch: per-block limits and the published rates the cost model uses."""
+
+    name: str
+    sms: int
+    shared_per_block: int  # bytes, opt-in maximum of one block
+    regs_per_thread: int
+    clock_ghz: float
+    smem_bytes_per_clk: int  # per SM
+    l2_bytes_per_clk: float  # per SM, L2 -> SM
+    l2_latency_clk: int  # a dependent global load served by L2
+    barrier_clk: int  # one grid barrier round (atomic release, acquire polling through L2)
+    mma_flop_per_clk: dict  # per SM, dense tensor-core rates by operand dtype
+
+
+# NOTE: H100/H200 SXM: 132 SMs, 227 KiB shared memory per block, 255 registers per thread, 1.98 GHz boost
+# (H100 SXM datasheet); 128 B/clk shared memory per SM; dense tensor rates per SM from the datasheet's
+# 989 TF bf16/fp16 and 495 TF tf32 at 132 SMs x 1.83 GHz (4096 and 2048 FLOP/clk; fp32 FMA 256 FLOP/clk).
+# L2 -> SM ~64 B/clk and ~600 clk L2 latency, ~1500 clk per grid barrier round: microbenchmark figures
+# (Luo et al. 2024, "Benchmarking and Dissecting the Nvidia Hopper GPU Architecture"; grid-sync costs from
+# persistent-RNN work), first-order only.
+H100 = GPUSpec(
+    name="H100/H200 (sm_90)",
+    sms=132,
+    shared_per_block=232_448,
+    regs_per_thread=255,
+    clock_ghz=1.98,
+    smem_bytes_per_clk=128,
+    l2_bytes_per_clk=64.0,
+    l2_latency_clk=600,
+    barrier_clk=1500,
+    mma_flop_per_clk={"bf16": 4096, "fp16": 4096, "tf32": 2048, "ieee": 256},
+)
+
+STRATEGIES = ("resident", "resident-scratch", "stream", "split", "split-stream")
+_BARRIER = ("split", "split-stream")
+# the order a failed launch falls back along (each also tried with smaller blocks by make_config)
+_FALLBACK = {
+    "resident": "stream",
+    "split": "split-stream",
+    "split-stream": "stream",
+    "resident-scratch": "stream",
+}
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """How one layer is launched (see the module docstring). ``BK`` is ``H`` padded to a power of two; the
-    streamed path walks it in chunks of ``BKC``."""
+    """How one pass (forward or backward) of one layer is launched; see the module docstring.
 
+    ``BK1 + BK2``: the two power-of-two pieces of the product's ``K`` (``BK2 = 0``: one piece); ``BKC``: the
+    streamed chunk; ``NKS``: the backward's split-K slices. ``shared`` and ``regs`` are the model's bytes of
+    shared memory and registers per thread; ``step_us`` its first-order time per step (see :func:`estimate`).
+    """
+
+    cell: str
+    backward: bool
+    strategy: str
     BB: int
     BH: int
-    BK: int
+    BK1: int
+    BK2: int
     BKC: int
+    NKS: int
     NSPLIT: int
-    STREAM_W: bool
-    SCRATCH: bool
     num_warps: int
+    num_stages: int
+    shared: int = 0
+    regs: int = 0
+    step_us: float = 0.0
 
     @property
-    def strategy(self) -> str:
-        if self.NSPLIT > 1:
-            return "split-stream" if self.STREAM_W else "split"
-        return "stream" if self.STREAM_W else ("resident-scratch" if self.SCRATCH else "resident")
+    def STREAM_W(self) -> bool:
+        return self.strategy in ("stream", "split-stream")
 
+    @property
+    def SCRATCH(self) -> bool:
+        return self.strategy != "resident"
 
-STRATEGIES = ("resident", "resident-scratch", "stream", "split", "split-stream")
-
-# The PROVISIONAL dispatch table (README, "Kernels"). Nothing here is measured yet: no GPU run has happened.
-# Byte budgets for a program's W_hh slice held in registers across the time loop:
-_RESIDENT_BYTES = 64 * 1024  # whole W_hh in one program (8 warps): H <= 64 for every cell and dtype
-_SPLIT_RESIDENT_BYTES = 128 * 1024  # one program's column slice when split (8 warps)
+    def grid(self, B: int) -> tuple[int, int]:
+        return triton.cdiv(B, self.BB), self.NSPLIT
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -123,71 +322,390 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
+def _pieces(K: int, unit: int) -> tuple[int, int]:
+    """``K`` rounded up to ``unit`` as at most two powers of two ``(BK1, BK2)`` (``BK2`` 0 when one does)."""
+    k = -(-K // unit) * unit
+    bk1 = 1 << (k.bit_length() - 1)
+    if bk1 == k:
+        return bk1, 0
+    return bk1, max(unit, triton.next_power_of_2(k - bk1))
+
+
+def _esize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def dtype_key(dtype: torch.dtype, precision: str) -> str:
+    """The tensor-core rate that applies: ``bf16``, ``fp16``, ``tf32`` or ``ieee`` (fp32 without TF32)."""
+    if dtype == torch.float32:
+        return precision
+    return "bf16" if dtype == torch.bfloat16 else "fp16"
+
+
+def model_shared(cfg: KernelConfig, H: int, dtype: torch.dtype) -> int:
+    """Shared memory of one program, as triton allocates it on sm_90: every ``tl.dot`` operand is staged in
+    shared memory (the held ``W_hh`` slice included, whatever it was loaded into), a streamed loop buffers
+    ``num_stages`` chunks of both operands, and the fp32 accumulator's re-layout for the elementwise code
+    (gate split forward, slice sum backward) takes a buffer of its own. Checked against the
+    compiler over the whole dispatch grid (tests/kernels/test_compile_sm90.py)."""
+    G = GATES[cfg.cell]
+    es = _esize(dtype)
+    buffers = cfg.num_stages  # a streamed loop: triton 3.8 keeps num_stages chunks of each operand
+    if not cfg.backward:
+        M = 4 * cfg.BH if G > 1 else cfg.BH
+        if cfg.STREAM_W:
+            operands = buffers * (M * cfg.BKC + cfg.BKC * cfg.BB) * es
+        else:
+            K = cfg.BK1 + cfg.BK2
+            operands = (M * K + K * cfg.BB) * es
+        return operands + M * cfg.BB * 4
+    if cfg.STREAM_W:
+        operands = buffers * (cfg.BKC * cfg.BH + cfg.BB * cfg.BKC) * es
+    elif cfg.SCRATCH:
+        K = cfg.BK1 + cfg.BK2
+        operands = (K * cfg.BH + cfg.BB * K) * es
+    else:  # resident backward: one [BB, BK] x [BK, BH] product per gate, the W blocks held
+        operands = G * (cfg.BK1 * cfg.BH + cfg.BB * cfg.BK1) * es
+    return operands + (cfg.NKS if cfg.SCRATCH else 1) * cfg.BB * cfg.BH * 4
+
+
+def model_regs(cfg: KernelConfig, H: int, dtype: torch.dtype) -> int:
+    """Registers per thread. Every loaded ``tl.dot`` operand passes through registers on its way to shared
+    memory, spread over the program's threads: the held ``W_hh`` slice once before the loop, the exchanged
+    operand (or the streamed chunks) every step, next to the fp32 accumulator and the per-gate fp32 tiles of
+    the elementwise code (no warp holds another's part). Plus a fixed cost for addresses and masks."""
+    G = GATES[cfg.cell]
+    es = _esize(dtype)
+    threads = 32 * cfg.num_warps
+    K = cfg.BK1 + cfg.BK2
+    if not cfg.backward:
+        M = 4 * cfg.BH if G > 1 else cfg.BH
+        held = 0 if cfg.STREAM_W else M * K * es
+        operand = (M * cfg.BKC + cfg.BKC * cfg.BB) * es if cfg.STREAM_W else K * cfg.BB * es
+        live = (M * cfg.BB * 2 + 3 * cfg.BH * cfg.BB) * 4  # accumulator + gate tiles, state and outputs
+    else:
+        if cfg.STREAM_W:
+            held = 0
+        else:
+            held = K * cfg.BH * es if cfg.SCRATCH else G * cfg.BK1 * cfg.BH * es
+        operand = (cfg.BKC * cfg.BH + cfg.BB * cfg.BKC) * es if cfg.STREAM_W else cfg.BB * K * es
+        live = ((cfg.NKS if cfg.SCRATCH else 1) + G + 3) * cfg.BB * cfg.BH * 4
+    # NOTE: x2 on what is staged every step: the compiler keeps loads in flight ahead of their stores. Calibrated on
+    # the sm_90 grid (benchmarks/results/kernels-sm90-grid.md): below this, barrier paths spilled.
+    return 40 + -(-max(held, 2 * operand + live) // (4 * threads))
+
+
+def estimate(
+    cfg: KernelConfig, H: int, dtype: torch.dtype, precision: str = "tf32", gpu: GPUSpec = H100
+) -> dict:
+    """First-order time of one step of one program (all programs run in parallel), from published rates.
+
+    Terms (clocks): the product, paced by the slower of its MMA work / tensor rate and its operands' shared
+    memory traffic / bandwidth; the operand exchanged through L2 (bytes / bandwidth + one latency) and
+    W_hh where it is streamed; one grid barrier where there is one. These are added: the step is a chain.
+    """
+    G = GATES[cfg.cell]
+    es = _esize(dtype)
+    K_logical = G * H if cfg.backward else H
+    rows = cfg.BH if cfg.backward else (4 if G > 1 else 1) * cfg.BH
+    cols = cfg.BB
+    if cfg.STREAM_W:
+        K = triton.cdiv(K_logical, cfg.BKC) * cfg.BKC
+    elif cfg.backward and not cfg.SCRATCH:
+        K = G * cfg.BK1
+    else:
+        K = cfg.BK1 + cfg.BK2
+    flop = 2 * rows * cols * K
+    mma_clk = flop / gpu.mma_flop_per_clk[dtype_key(dtype, precision)]
+    w_bytes = rows * K * es
+    op_bytes = cols * K * es
+    # forward: warpgroups beyond the 64-row blocks of the slice split the columns and each re-reads the rows
+    reads = 1 if cfg.backward else max(1, (cfg.num_warps // 4) // max(1, rows // 64))
+    smem_clk = (w_bytes * reads + op_bytes) / gpu.smem_bytes_per_clk
+    l2_bytes = (op_bytes if cfg.SCRATCH else 0) + (w_bytes if cfg.STREAM_W else 0)
+    l2_clk = l2_bytes / gpu.l2_bytes_per_clk + (gpu.l2_latency_clk if l2_bytes else 0)
+    barrier_clk = gpu.barrier_clk if cfg.NSPLIT > 1 else 0
+    # the tensor cores read their operands from shared memory: the slower of the two paces the product
+    total = max(mma_clk, smem_clk) + l2_clk + barrier_clk
+    return {
+        "mma_clk": mma_clk,
+        "smem_clk": smem_clk,
+        "l2_clk": l2_clk,
+        "barrier_clk": barrier_clk,
+        "l2_bytes": l2_bytes,
+        "step_us": total / (gpu.clock_ghz * 1e3),
+    }
+
+
+def _candidates(cell: str, B: int, H: int, strategy: str, backward: bool, cpu: bool):
+    G = GATES[cell]
+    bb_max = _pow2(min(B, 16)) if cpu else _pow2(min(B, 256))
+    bbs = [bb_max] if cpu else [bb for bb in (16, 32, 64, 128, 256) if bb <= bb_max]
+    if strategy in ("resident", "resident-scratch", "stream"):
+        bhs = [_pow2(H)]
+    else:
+        # forward RNN rows are units only: 64 of them fill one warpgroup's wgmma
+        low = 64 if cell == "rnn" and not backward else 16
+        bhs = [bh for bh in (16, 32, 64, 128, 256) if low <= bh < _pow2(H)]
+    for BB in bbs:
+        for BH in bhs:
+            stream = strategy in ("stream", "split-stream")
+            nsplit = 1 if strategy in ("resident", "resident-scratch", "stream") else triton.cdiv(H, BH)
+            if not backward:
+                if strategy == "resident":
+                    bk1, bk2 = BH, 0
+                else:
+                    bk1, bk2 = _pieces(H, 16)
+                M = (4 if G > 1 else 1) * BH
+                # one warpgroup (wgmma over all rows, nothing repeated) unless the rows fill two; 8 warps
+                # over 64 rows split the columns instead and both warpgroups read all of the slice
+                warps_options = ([4, 8] if M < 128 else [8]) if not cpu else [4]
+                nks = 1
+            else:
+                # more split-K slices first: shorter MMA chains per warp, less staged per thread
+                warps_options = [8, 4] if not cpu else [2]
+                nks = None
+                bk1 = bk2 = 0
+            for num_warps in warps_options:
+                bkc = 16 if cpu else 64
+                nks_options = [1]
+                if backward:
+                    # held: two K slices per warp, half the operand staged per thread at once (measured: no
+                    # spills where one slice per warp spilled); streamed: one slice per warp, small chunks;
+                    # one wide product when a single program streams all units (every warp has output)
+                    if cpu:
+                        nks_options = [2]
+                    elif strategy == "stream":
+                        nks_options = [1]
+                    elif strategy == "split-stream":
+                        nks_options = [num_warps]
+                    else:
+                        nks_options = [2 * num_warps, num_warps]
+                for nks in nks_options:
+                    if backward:
+                        bk1, bk2 = (BH, 0) if strategy == "resident" else _pieces(G * H, nks * 16)
+                        bkc = 16 * nks if strategy != "stream" or cpu else 16
+                    yield KernelConfig(cell, backward, strategy, BB, BH, bk1, bk2, bkc, nks, nsplit, num_warps,
+                                       2 if stream else 1)  # fmt: skip
+
+
+_FAILED: set[tuple] = set()  # (cell, backward, B, H, dtype, strategy) that failed to launch here
+
+
 def make_config(
-    cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device, strategy: str | None = None
+    cell: str,
+    B: int,
+    H: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    strategy: str | None = None,
+    backward: bool = False,
+    gpu: GPUSpec | None = None,
+    precision: str = "tf32",
 ) -> KernelConfig:
-    """Chooses block sizes and the strategy for one layer; ``strategy`` forces one of :data:`STRATEGIES`.
+    """Chooses the strategy and block sizes of one pass of one layer; ``strategy`` forces one of
+    :data:`STRATEGIES` (a ``ValueError`` says why when it cannot fit).
 
-    Provisional rules (no GPU measurement yet):
-
-    - ``resident`` when the whole ``W_hh`` fits ``_RESIDENT_BYTES`` (one program per batch block);
-    - otherwise ``split``: the narrowest column slice ``BH >= 16`` whose grid ``cdiv(B, BB) * cdiv(H, BH)``
-      fits the SM count, held in registers when it fits ``_SPLIT_RESIDENT_BYTES``, else ``split-stream``;
-    - when no split fits the SM count: ``stream`` (one program per batch block re-reading ``W_hh``: correct,
-      slow).
+    On CUDA every candidate is checked against the target's limits with :func:`model_shared` and
+    :func:`model_regs`, barrier grids against the SM count (one program per SM, co-resident), and the one
+    with the smallest :func:`estimate` wins. Nothing returned exceeds a limit of the model; the compile test
+    checks the model against the compiler. ``gpu`` defaults to the current device (H100 rates, its SM count
+    and shared memory) and lets a CPU machine plan for a GPU it does not have (``device`` of type cuda).
 
     The interpreter (CPU tensors) runs ``resident``, ``resident-scratch`` and ``stream`` only.
     """
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    G = GATES[cell]
-    BK = _pow2(H)
-    esize = torch.empty((), dtype=dtype).element_size()
-    if device.type != "cuda":
-        if strategy in ("split", "split-stream"):
+    cpu = torch.device(device).type != "cuda"
+    if cpu:
+        if strategy in _BARRIER:
             raise ValueError(
                 f"strategy {strategy!r} needs a CUDA GPU (grid barrier); the interpreter runs "
                 "'resident', 'resident-scratch' or 'stream'"
             )
-        strategy = strategy or "resident"
-        # chunks of 16 so that H=33 already walks several chunks in the tests
-        stream = strategy == "stream"
-        return KernelConfig(_pow2(min(B, 16)), BK, BK, 16, 1, stream, strategy != "resident", 4)
-    BB = _pow2(min(B, 64))
-    BKC = min(BK, 64)
-    n_b = triton.cdiv(B, BB)
-    if strategy is None:
-        strategy = "resident" if G * min(H, BK) * BK * esize <= _RESIDENT_BYTES else "split"
-    if strategy in ("resident", "resident-scratch", "stream"):
-        return KernelConfig(BB, BK, BK, BKC, 1, strategy == "stream", strategy != "resident", 8)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    BH = 16
-    while n_b * triton.cdiv(H, BH) > sms and BH < BK:
-        BH *= 2
-    nsplit = triton.cdiv(H, BH)
-    if nsplit == 1 or n_b * nsplit > sms:
-        # NOTE: the spin barrier is safe only when the whole grid is co-resident: never more programs than SMs
-        return KernelConfig(BB, BK, BK, BKC, 1, True, True, 8)
-    stream = strategy == "split-stream" or G * min(H, BK) * BH * esize > _SPLIT_RESIDENT_BYTES
-    return KernelConfig(BB, BH, BK, BKC, nsplit, stream, True, 8)
+        return next(_candidates(cell, B, H, strategy or "resident", backward, cpu=True))
+    if gpu is None:
+        gpu = _device_spec(torch.device(device))
+    tried = [strategy] if strategy is not None else ["resident", "split", "split-stream", "stream"]
+    best, best_key, reasons = None, None, []
+    for s in tried:
+        if strategy is None and (cell, backward, B, H, dtype, s) in _FAILED:
+            reasons.append(f"{s}: failed to launch on this GPU before")
+            continue
+        for cfg in _candidates(cell, B, H, s, backward, cpu=False):
+            why = _does_not_fit(cfg, B, H, dtype, gpu)
+            if why is None and precision == "ieee" and dtype == torch.float32 and s == "split":
+                # NOTE: without tensor cores tl.dot is an outer product held in registers: K > 256 in one
+                # product spills kilobytes per thread (sm_90 grid); the streamed chunks keep it small
+                if max(cfg.BK1, cfg.BK2) > 256:
+                    why = "IEEE fp32 product over K > 256 in registers"
+            if why:
+                reasons.append(f"{s} BB={cfg.BB} BH={cfg.BH} warps={cfg.num_warps}: {why}")
+                continue
+            cost = estimate(cfg, H, dtype, precision, gpu)["step_us"]
+            cfg = replace(
+                cfg, shared=model_shared(cfg, H, dtype), regs=model_regs(cfg, H, dtype), step_us=cost
+            )
+            # at equal cost fewer batch blocks (W_hh held fewer times), then fewer programs
+            key = (round(cost, 6), triton.cdiv(B, cfg.BB), cfg.NSPLIT)
+            if best is None or key < best_key:
+                best, best_key = cfg, key
+    if best is None:
+        pass_ = "backward" if backward else "forward"
+        raise ValueError(
+            f"no launch configuration of {cell} {pass_} B={B} H={H} {dtype} fits {gpu.name} with strategy "
+            f"{strategy or 'any'}: " + "; ".join(reasons[-4:]) + ". Use backend='torch' for this layer."
+        )
+    return best
 
 
-def launch_buffers(ref: Tensor, H: int, out_gates: int, ws_gates: int, scr_gates: int, config: KernelConfig):
-    """Allocates a kernel's outputs and work buffers; also computes the grid and the dot precision.
+@dataclass(frozen=True)
+class LayerPlan:
+    """The forward and the backward configuration of one layer (their products differ in shape)."""
 
-    ``out [T, B, out_gates*H]`` and ``ws [T, B, ws_gates*H]`` in ``ref``'s dtype, the fp32 exchange scratch
-    ``[2, B, scr_gates*H]`` and the barrier counters ``[cdiv(B, BB)]``.
+    forward: KernelConfig
+    backward: KernelConfig
+
+    @property
+    def strategy(self) -> str:
+        f, b = self.forward.strategy, self.backward.strategy
+        return f if f == b else f"{f}/{b}"
+
+
+def plan_layer(
+    cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device, strategy: str | None = None,
+    gpu: GPUSpec | None = None,
+) -> LayerPlan:  # fmt: skip
+    """:func:`make_config` for both passes of one layer."""
+    precision = dot_precision(dtype)
+    return LayerPlan(
+        *(make_config(cell, B, H, dtype, device, strategy, bwd, gpu, precision) for bwd in (False, True))
+    )
+
+
+def _does_not_fit(cfg: KernelConfig, B: int, H: int, dtype: torch.dtype, gpu: GPUSpec) -> str | None:
+    shared = model_shared(cfg, H, dtype)
+    if shared > gpu.shared_per_block:
+        return f"{shared} B shared memory > {gpu.shared_per_block}"
+    regs = model_regs(cfg, H, dtype)
+    if regs > gpu.regs_per_thread:
+        return f"{regs} registers per thread > {gpu.regs_per_thread}"
+    programs = triton.cdiv(B, cfg.BB) * cfg.NSPLIT
+    if cfg.NSPLIT > 1 and programs > gpu.sms:
+        return f"barrier grid of {programs} programs > {gpu.sms} SMs (all must be co-resident)"
+    if cfg.NSPLIT == 1 and cfg.strategy in _BARRIER:
+        return "one program: no split"
+    return None
+
+
+def _device_spec(device: torch.device) -> GPUSpec:
+    props = torch.cuda.get_device_properties(device)
+    shared = getattr(props, "shared_memory_per_block_optin", H100.shared_per_block)
+    return replace(H100, name=props.name, sms=props.multi_processor_count, shared_per_block=shared)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 follows cuDNN's switch: TF32 tensor cores unless ``torch.backends.cudnn.allow_tf32`` is off; the
+    setting means nothing to bf16/fp16 operands, which get triton's default."""
+    return "ieee" if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32 else "tf32"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The launcher
+
+
+_RESOURCE_ERROR = re.compile(
+    r"out of resource|too many resources|cooperative launch|TOO_LARGE", re.IGNORECASE
+)
+_WARNED: set[tuple] = set()
+
+
+def launch(
+    kernel: triton.JITFunction,
+    config: KernelConfig,
+    tensors: dict[str, Tensor | None],
+    T: int,
+    B: int,
+    H: int,
+    scratch_gates: int,
+    first_operand: Tensor | None = None,
+    gpu: GPUSpec | None = None,
+    **flags,
+) -> KernelConfig:
+    """Launches one pass: allocates the exchange scratch ``[2, B, scratch_gates*H]`` (compute dtype, rows
+    padded to 16 elements, as are ``W_hh``'s when ``H % 16 != 0``) and the barrier counters, passes every ``p_*`` argument by name from ``tensors``, the block sizes of ``config``
+    and ``flags`` (the kernel's other constexprs). ``first_operand`` is what the first step reads from the
+    scratch (``h_0`` forward). Barrier grids launch cooperatively.
+
+    Where a launch fails for resources on a GPU, the next strategy (``split`` -> ``split-stream`` ->
+    ``stream``) runs instead, with one warning, and later layers of that shape skip the failed one.
+    Returns the configuration that ran. ``gpu`` plans the fallback for that target instead of the current
+    device (tests).
     """
-    T, B = ref.shape[0], ref.shape[1]
-    out = ref.new_empty(T, B, out_gates * H)
-    ws = ref.new_empty(T, B, ws_gates * H) if ws_gates else None
-    scr = torch.empty(2, B, scr_gates * H, dtype=torch.float32, device=ref.device) if config.SCRATCH else None
-    n_b = triton.cdiv(B, config.BB)
-    bar = torch.zeros(n_b, dtype=torch.int32, device=ref.device) if config.NSPLIT > 1 else None
-    # fp32 follows cuDNN's switch: TF32 tensor cores unless torch.backends.cudnn.allow_tf32 is off; the
-    # setting means nothing to bf16/fp16 operands, which get triton's default
-    precision = "ieee" if ref.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32 else "tf32"
-    return out, ws, scr, bar, (n_b, config.NSPLIT), precision
+    ref = next(t for name, t in tensors.items() if t is not None and name != "p_len")
+    # NOTE: rows of W_hh and of the scratch start 16-element aligned, so every load of them vectorizes: with
+    # H % 16 != 0 they were scalar loads, an address register each, and the sm_90 code spilled
+    SW, SP = -(-H // 16) * 16, -(-scratch_gates * H // 16) * 16
+    w = tensors["p_w"]
+    if SW != H:
+        tensors = {**tensors, "p_w": F.pad(w, (0, SW - H))}
+    while True:
+        scr = bar = None
+        if config.SCRATCH:
+            scr = torch.empty(2, B, SP, dtype=ref.dtype, device=ref.device)
+            if first_operand is not None:
+                scr[1, :, :H].copy_(first_operand)
+        if config.NSPLIT > 1:
+            bar = torch.zeros(triton.cdiv(B, config.BB), dtype=torch.int32, device=ref.device)
+        args = {**tensors, "p_scr": scr, "p_bar": bar}
+        pointers = [args[name] for name in kernel.arg_names if name.startswith("p_")]
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        if config.NSPLIT > 1:
+            options["launch_cooperative_grid"] = True
+        try:
+            kernel[config.grid(B)](
+                *pointers, T, B, H, SW, SP,
+                BB=config.BB, BH=config.BH, BK1=config.BK1, BK2=config.BK2, BKC=config.BKC, NKS=config.NKS,
+                NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W, SCRATCH=config.SCRATCH,
+                PRECISION=dot_precision(ref.dtype), **flags, **options,
+            )  # fmt: skip
+            return config
+        except Exception as e:
+            on_gpu = ref.device.type == "cuda" or gpu is not None
+            if not on_gpu or not _RESOURCE_ERROR.search(str(e)) or config.strategy == "stream":
+                raise
+            config = _fall_back(config, B, H, ref.dtype, e, gpu)
+
+
+def _fall_back(
+    config: KernelConfig, B: int, H: int, dtype: torch.dtype, error: Exception, gpu: GPUSpec | None
+):
+    """The next strategy along :data:`_FALLBACK` that has a configuration, with one warning per shape."""
+    _FAILED.add((config.cell, config.backward, B, H, dtype, config.strategy))
+    pass_ = "backward" if config.backward else "forward"
+    nxt = _FALLBACK.get(config.strategy)
+    while nxt is not None:
+        try:
+            new = make_config(config.cell, B, H, dtype, torch.device("cuda"), nxt, config.backward, gpu,
+                              dot_precision(dtype))  # fmt: skip
+            break
+        except ValueError:
+            nxt = _FALLBACK.get(nxt)
+    else:
+        raise RuntimeError(
+            f"rnndeploy.kernels: {config.cell} {pass_} B={B} H={H} {dtype}: strategy {config.strategy!r} failed "
+            f"to launch ({error}) and no other strategy fits: use backend='torch' for this layer"
+        ) from error
+    key = (config.cell, config.backward, B, H, dtype, config.strategy)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(
+            f"rnndeploy.kernels: {config.cell} {pass_} B={B} H={H} {dtype}: strategy {config.strategy!r} "
+            f"failed to launch ({str(error).splitlines()[0][:200]}); running {nxt!r} instead",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return new
 
 
 def previous_states(y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool) -> Tensor:

@@ -13,13 +13,18 @@ from torch import Tensor
 
 from .common import (
     KernelConfig,
+    _bwd_product,
     _dot,
-    _grid_barrier,
-    _load_op,
-    _load_w,
+    _exchange,
+    _fwd_product,
+    _gate_rows,
+    _hold_cols,
+    _hold_rows,
+    _load_w_t,
     _sigmoid,
+    _split4,
     _tanh,
-    launch_buffers,
+    launch,
     previous_states,
     projection_grads,
 )
@@ -42,74 +47,62 @@ def lstm_fwd_kernel(
     p_hT,  # [B, H]
     p_cT,  # [B, H]
     p_ws,  # [T, B, 5H] i, f, g, o, c_{t-1}
-    p_scr,  # [2, B, H] fp32 exchange of h
+    p_scr,  # [2, B, H] exchange of h, compute dtype
     p_bar,  # [cdiv(B, BB)] int32 barrier counters
     T,
     B,
     H,
+    SW,  # row stride of W_hh (H rounded up to 16: aligned rows)
+    SP,  # row stride of the scratch
     BB: tl.constexpr,
     BH: tl.constexpr,
-    BK: tl.constexpr,
+    BK1: tl.constexpr,
+    BK2: tl.constexpr,
     BKC: tl.constexpr,
+    NKS: tl.constexpr,
     NSPLIT: tl.constexpr,
     STREAM_W: tl.constexpr,
     SCRATCH: tl.constexpr,
+    PRECISION: tl.constexpr,
     REVERSE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     STORE_WS: tl.constexpr,
-    PRECISION: tl.constexpr,
 ):
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     o_b = i_b * BB + tl.arange(0, BB)
     o_h = i_h * BH + tl.arange(0, BH)
-    o_k = tl.arange(0, BK)
     m_b = o_b < B
-    m_bh = m_b[:, None] & (o_h < H)[None, :]
-    o_bh = o_b[:, None].to(tl.int64) * H + o_h[None, :]
-    o_bg = o_b[:, None].to(tl.int64) * 4 * H + o_h[None, :]
-    o_bw = o_b[:, None].to(tl.int64) * WS * H + o_h[None, :]
-    HH = tl.cast(H, tl.int64) * H  # H == 1 arrives as a constexpr on GPU
+    m_hb = (o_h < H)[:, None] & m_b[None, :]
+    o_hb = o_b[None, :].to(tl.int64) * H + o_h[:, None]  # [BH, BB] units x batch
+    o_sb = o_b[None, :].to(tl.int64) * SP + o_h[:, None]  # into the scratch
+    o_gb = o_b[None, :].to(tl.int64) * 4 * H + o_h[:, None]
+    o_wb = o_b[None, :].to(tl.int64) * WS * H + o_h[:, None]
+    o_row, m_row = _gate_rows(i_h, H, 4, 4, BH)  # [4BH] rows of W_hh, gate-major
 
-    b_h = tl.load(p_h0 + o_bh, mask=m_bh, other=0.0).to(tl.float32)  # [BB, BH] own slice
-    b_c = tl.load(p_c0 + o_bh, mask=m_bh, other=0.0).to(tl.float32)
-    if not STREAM_W:
-        b_hk = _load_op(p_h0, o_b, o_k, H, H, m_b).to(tl.float32)  # [BB, BK] recurrent operand
-        b_wi = _load_w(p_w, o_k, o_h, H, True)  # [BK, BH] W_i^T
-        b_wf = _load_w(p_w + HH, o_k, o_h, H, True)
-        b_wg = _load_w(p_w + 2 * HH, o_k, o_h, H, True)
-        b_wo = _load_w(p_w + 3 * HH, o_k, o_h, H, True)
+    b_h = tl.load(p_h0 + o_hb, mask=m_hb, other=0.0).to(tl.float32)  # [BH, BB] own slice
+    b_c = tl.load(p_c0 + o_hb, mask=m_hb, other=0.0).to(tl.float32)
+    b_w1, b_w2 = _hold_rows(p_w, o_row, m_row, H, SW, BK1, BK2, STREAM_W)  # [4BH, BK1], [4BH, BK2]
     if HAS_BIAS:
         m_h = o_h < H
-        b_bi = tl.load(p_b + o_h, mask=m_h, other=0.0).to(tl.float32)[None, :]
-        b_bf = tl.load(p_b + H + o_h, mask=m_h, other=0.0).to(tl.float32)[None, :]
-        b_bg = tl.load(p_b + 2 * H + o_h, mask=m_h, other=0.0).to(tl.float32)[None, :]
-        b_bo = tl.load(p_b + 3 * H + o_h, mask=m_h, other=0.0).to(tl.float32)[None, :]
+        b_bi = tl.load(p_b + o_h, mask=m_h, other=0.0).to(tl.float32)[:, None]
+        b_bf = tl.load(p_b + H + o_h, mask=m_h, other=0.0).to(tl.float32)[:, None]
+        b_bg = tl.load(p_b + 2 * H + o_h, mask=m_h, other=0.0).to(tl.float32)[:, None]
+        b_bo = tl.load(p_b + 3 * H + o_h, mask=m_h, other=0.0).to(tl.float32)[:, None]
     if HAS_LENGTHS:
-        b_len = tl.load(p_len + o_b, mask=m_b, other=0)
+        b_len = tl.load(p_len + o_b, mask=m_b, other=0)[None, :]
 
     for s in range(T):
         t = T - 1 - s if REVERSE else s
-        p_gt = p_gx + t.to(tl.int64) * B * 4 * H + o_bg
-        b_ai = tl.load(p_gt, mask=m_bh, other=0.0).to(tl.float32)
-        b_af = tl.load(p_gt + H, mask=m_bh, other=0.0).to(tl.float32)
-        b_ag = tl.load(p_gt + 2 * H, mask=m_bh, other=0.0).to(tl.float32)
-        b_ao = tl.load(p_gt + 3 * H, mask=m_bh, other=0.0).to(tl.float32)
-        if STREAM_W:
-            # h_{t-1} was written by the previous step (h_0: by the launcher); W_hh streams from L2
-            p_prev = p_scr + ((s + 1) % 2) * B * H
-            for k0 in range(0, BK, BKC):
-                o_kc = k0 + tl.arange(0, BKC)
-                b_hc = _load_op(p_prev, o_b, o_kc, H, H, m_b)  # [BB, BKC]
-                b_ai += _dot(b_hc, _load_w(p_w, o_kc, o_h, H, True), PRECISION)
-                b_af += _dot(b_hc, _load_w(p_w + HH, o_kc, o_h, H, True), PRECISION)
-                b_ag += _dot(b_hc, _load_w(p_w + 2 * HH, o_kc, o_h, H, True), PRECISION)
-                b_ao += _dot(b_hc, _load_w(p_w + 3 * HH, o_kc, o_h, H, True), PRECISION)
-        else:
-            b_ai += _dot(b_hk, b_wi, PRECISION)
-            b_af += _dot(b_hk, b_wf, PRECISION)
-            b_ag += _dot(b_hk, b_wg, PRECISION)
-            b_ao += _dot(b_hk, b_wo, PRECISION)
+        b_a = _fwd_product(p_w, p_scr, s, b_h, b_w1, b_w2, o_row, m_row, o_b, m_b, B, H, SW, SP, BB,
+                           BK1, BK2, BKC,
+                           STREAM_W, SCRATCH, PRECISION)  # fmt: skip
+        b_ai, b_af, b_ag, b_ao = _split4(b_a, BH, BB)
+        p_gt = p_gx + t.to(tl.int64) * B * 4 * H + o_gb
+        b_ai += tl.load(p_gt, mask=m_hb, other=0.0).to(tl.float32)
+        b_af += tl.load(p_gt + H, mask=m_hb, other=0.0).to(tl.float32)
+        b_ag += tl.load(p_gt + 2 * H, mask=m_hb, other=0.0).to(tl.float32)
+        b_ao += tl.load(p_gt + 3 * H, mask=m_hb, other=0.0).to(tl.float32)
         if HAS_BIAS:
             b_ai += b_bi
             b_af += b_bf
@@ -122,14 +115,14 @@ def lstm_fwd_kernel(
         b_cn = b_f * b_c + b_i * b_g
         b_hn = b_o * _tanh(b_cn)
         if STORE_WS:
-            p_wt = p_ws + t.to(tl.int64) * B * WS * H + o_bw
-            tl.store(p_wt, b_i.to(p_ws.dtype.element_ty), mask=m_bh)
-            tl.store(p_wt + H, b_f.to(p_ws.dtype.element_ty), mask=m_bh)
-            tl.store(p_wt + 2 * H, b_g.to(p_ws.dtype.element_ty), mask=m_bh)
-            tl.store(p_wt + 3 * H, b_o.to(p_ws.dtype.element_ty), mask=m_bh)
-            tl.store(p_wt + 4 * H, b_c.to(p_ws.dtype.element_ty), mask=m_bh)
+            p_wt = p_ws + t.to(tl.int64) * B * WS * H + o_wb
+            tl.store(p_wt, b_i.to(p_ws.dtype.element_ty), mask=m_hb)
+            tl.store(p_wt + H, b_f.to(p_ws.dtype.element_ty), mask=m_hb)
+            tl.store(p_wt + 2 * H, b_g.to(p_ws.dtype.element_ty), mask=m_hb)
+            tl.store(p_wt + 3 * H, b_o.to(p_ws.dtype.element_ty), mask=m_hb)
+            tl.store(p_wt + 4 * H, b_c.to(p_ws.dtype.element_ty), mask=m_hb)
         if HAS_LENGTHS:
-            m_t = (t < b_len)[:, None]
+            m_t = t < b_len
             b_h = tl.where(m_t, b_hn, b_h)
             b_c = tl.where(m_t, b_cn, b_c)
             b_out = tl.where(m_t, b_hn, 0.0)
@@ -137,20 +130,13 @@ def lstm_fwd_kernel(
             b_h = b_hn
             b_c = b_cn
             b_out = b_hn
-        tl.store(p_y + t.to(tl.int64) * B * H + o_bh, b_out.to(p_y.dtype.element_ty), mask=m_bh)
+        tl.store(p_y + t.to(tl.int64) * B * H + o_hb, b_out.to(p_y.dtype.element_ty), mask=m_hb)
         if SCRATCH:
-            p_s = p_scr + (s % 2) * B * H
-            tl.store(p_s + o_bh, b_h, mask=m_bh)
-            if NSPLIT > 1:
-                _grid_barrier(p_bar + i_b, (s + 1) * NSPLIT)
-            else:
-                tl.debug_barrier()
-            if not STREAM_W:
-                b_hk = _load_op(p_s, o_b, o_k, H, H, m_b)
-        else:
-            b_hk = b_h
-    tl.store(p_hT + o_bh, b_h.to(p_hT.dtype.element_ty), mask=m_bh)
-    tl.store(p_cT + o_bh, b_c.to(p_cT.dtype.element_ty), mask=m_bh)
+            p_s = p_scr + (s % 2) * B * SP
+            tl.store(p_s + o_sb, b_h.to(p_scr.dtype.element_ty), mask=m_hb)
+            _exchange(p_s, p_bar, i_b, s, NSPLIT)
+    tl.store(p_hT + o_hb, b_h.to(p_hT.dtype.element_ty), mask=m_hb)
+    tl.store(p_cT + o_hb, b_c.to(p_cT.dtype.element_ty), mask=m_hb)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -164,42 +150,48 @@ def lstm_bwd_kernel(
     p_dg,  # [T, B, 4H] gate pre-activation gradients
     p_dh0,  # [B, H]
     p_dc0,  # [B, H]
-    p_scr,  # [2, B, 4H] fp32 exchange of gate gradients
+    p_scr,  # [2, B, 4H] exchange of gate gradients, compute dtype
     p_bar,  # [cdiv(B, BB)] int32
     T,
     B,
     H,
+    SW,  # row stride of W_hh (H rounded up to 16: aligned rows)
+    SP,  # row stride of the scratch
     BB: tl.constexpr,
     BH: tl.constexpr,
-    BK: tl.constexpr,
+    BK1: tl.constexpr,
+    BK2: tl.constexpr,
     BKC: tl.constexpr,
+    NKS: tl.constexpr,
     NSPLIT: tl.constexpr,
     STREAM_W: tl.constexpr,
     SCRATCH: tl.constexpr,
+    PRECISION: tl.constexpr,
     REVERSE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
-    PRECISION: tl.constexpr,
 ):
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     o_b = i_b * BB + tl.arange(0, BB)
     o_h = i_h * BH + tl.arange(0, BH)
-    o_k = tl.arange(0, BK)
     m_b = o_b < B
     m_bh = m_b[:, None] & (o_h < H)[None, :]
-    o_bh = o_b[:, None].to(tl.int64) * H + o_h[None, :]
+    o_bh = o_b[:, None].to(tl.int64) * H + o_h[None, :]  # [BB, BH] batch x units
     o_bg = o_b[:, None].to(tl.int64) * 4 * H + o_h[None, :]
     o_bw = o_b[:, None].to(tl.int64) * WS * H + o_h[None, :]
-    HH = tl.cast(H, tl.int64) * H  # H == 1 arrives as a constexpr on GPU
+    o_bs = o_b[:, None].to(tl.int64) * SP + o_h[None, :]  # into the scratch
+    HH = tl.cast(H, tl.int64) * SW  # one gate's block of W_hh (H == 1 arrives as a constexpr on GPU)
 
     b_dh = tl.load(p_dhT + o_bh, mask=m_bh, other=0.0).to(tl.float32)  # [BB, BH] dL/dh of the carried state
     b_dc = tl.load(p_dcT + o_bh, mask=m_bh, other=0.0).to(tl.float32)
-    if not STREAM_W:
-        b_wi = _load_w(p_w, o_k, o_h, H, False)  # [BK, BH] W_i[j, k]: gate unit j -> state unit k
-        b_wf = _load_w(p_w + HH, o_k, o_h, H, False)
-        b_wg = _load_w(p_w + 2 * HH, o_k, o_h, H, False)
-        b_wo = _load_w(p_w + 3 * HH, o_k, o_h, H, False)
+    b_w1, b_w2 = _hold_cols(p_w, o_h, 4 * H, H, SW, NKS, BK1, BK2, STREAM_W, SCRATCH)  # [NKS, BK/NKS, BH]
+    if not SCRATCH:
+        o_k = tl.arange(0, BK1)
+        b_wi = _load_w_t(p_w, o_k, o_h, H, SW)  # [BK, BH] W_i[j, k]: gate unit j -> state unit k
+        b_wf = _load_w_t(p_w + HH, o_k, o_h, H, SW)
+        b_wg = _load_w_t(p_w + 2 * HH, o_k, o_h, H, SW)
+        b_wo = _load_w_t(p_w + 3 * HH, o_k, o_h, H, SW)
     if HAS_LENGTHS:
-        b_len = tl.load(p_len + o_b, mask=m_b, other=0)
+        b_len = tl.load(p_len + o_b, mask=m_b, other=0)[:, None]
 
     for s in range(T):
         t = s if REVERSE else T - 1 - s
@@ -218,7 +210,7 @@ def lstm_bwd_kernel(
         b_dg = b_dct * b_i * (1.0 - b_g * b_g)
         b_dcp = b_dct * b_f
         if HAS_LENGTHS:
-            m_t = (t < b_len)[:, None]
+            m_t = t < b_len
             b_di = tl.where(m_t, b_di, 0.0)
             b_df = tl.where(m_t, b_df, 0.0)
             b_dg = tl.where(m_t, b_dg, 0.0)
@@ -232,48 +224,19 @@ def lstm_bwd_kernel(
         tl.store(p_gt + 2 * H, b_dg.to(p_dg.dtype.element_ty), mask=m_bh)
         tl.store(p_gt + 3 * H, b_do.to(p_dg.dtype.element_ty), mask=m_bh)
         if SCRATCH:
-            p_s = p_scr + (s % 2) * B * 4 * H
-            tl.store(p_s + o_bg, b_di, mask=m_bh)
-            tl.store(p_s + H + o_bg, b_df, mask=m_bh)
-            tl.store(p_s + 2 * H + o_bg, b_dg, mask=m_bh)
-            tl.store(p_s + 3 * H + o_bg, b_do, mask=m_bh)
-            if NSPLIT > 1:
-                _grid_barrier(p_bar + i_b, (s + 1) * NSPLIT)
-            else:
-                tl.debug_barrier()
-            if STREAM_W:
-                b_dhp = tl.zeros([BB, BH], dtype=tl.float32)
-                for k0 in range(0, BK, BKC):
-                    o_kc = k0 + tl.arange(0, BKC)
-                    b_dhp += _dot(
-                        _load_op(p_s, o_b, o_kc, 4 * H, H, m_b), _load_w(p_w, o_kc, o_h, H, False), PRECISION
-                    )
-                    b_dhp += _dot(
-                        _load_op(p_s + H, o_b, o_kc, 4 * H, H, m_b),
-                        _load_w(p_w + HH, o_kc, o_h, H, False),
-                        PRECISION,
-                    )
-                    b_dhp += _dot(
-                        _load_op(p_s + 2 * H, o_b, o_kc, 4 * H, H, m_b),
-                        _load_w(p_w + 2 * HH, o_kc, o_h, H, False),
-                        PRECISION,
-                    )
-                    b_dhp += _dot(
-                        _load_op(p_s + 3 * H, o_b, o_kc, 4 * H, H, m_b),
-                        _load_w(p_w + 3 * HH, o_kc, o_h, H, False),
-                        PRECISION,
-                    )
-            else:
-                # one gate's operand live at a time keeps the register file for the resident W_hh slice
-                b_dhp = _dot(_load_op(p_s, o_b, o_k, 4 * H, H, m_b), b_wi, PRECISION)
-                b_dhp += _dot(_load_op(p_s + H, o_b, o_k, 4 * H, H, m_b), b_wf, PRECISION)
-                b_dhp += _dot(_load_op(p_s + 2 * H, o_b, o_k, 4 * H, H, m_b), b_wg, PRECISION)
-                b_dhp += _dot(_load_op(p_s + 3 * H, o_b, o_k, 4 * H, H, m_b), b_wo, PRECISION)
+            p_s = p_scr + (s % 2) * B * SP
+            tl.store(p_s + o_bs, b_di.to(p_scr.dtype.element_ty), mask=m_bh)
+            tl.store(p_s + H + o_bs, b_df.to(p_scr.dtype.element_ty), mask=m_bh)
+            tl.store(p_s + 2 * H + o_bs, b_dg.to(p_scr.dtype.element_ty), mask=m_bh)
+            tl.store(p_s + 3 * H + o_bs, b_do.to(p_scr.dtype.element_ty), mask=m_bh)
+            _exchange(p_s, p_bar, i_b, s, NSPLIT)
+            b_dhp = _bwd_product(p_w, p_s, b_w1, b_w2, o_b, m_b, o_h, 4 * H, H, SW, SP, NKS, BK1, BK2, BKC, STREAM_W,
+                                 PRECISION)  # fmt: skip
         else:
-            b_dhp = _dot(b_di, b_wi, PRECISION)
-            b_dhp += _dot(b_df, b_wf, PRECISION)
-            b_dhp += _dot(b_dg, b_wg, PRECISION)
-            b_dhp += _dot(b_do, b_wo, PRECISION)
+            b_dhp = _dot(b_di.to(b_wi.dtype), b_wi, PRECISION)
+            b_dhp += _dot(b_df.to(b_wi.dtype), b_wf, PRECISION)
+            b_dhp += _dot(b_dg.to(b_wi.dtype), b_wg, PRECISION)
+            b_dhp += _dot(b_do.to(b_wi.dtype), b_wo, PRECISION)
         if HAS_LENGTHS:
             b_dh = tl.where(m_t, b_dhp, b_dh)
         else:
@@ -295,17 +258,14 @@ def lstm_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Runs the recurrence over ``gx [T, B, 4H]``. Returns ``y [T, B, H]``, ``h_T``, ``c_T``, workspace."""
     T, B, H = gx.shape[0], gx.shape[1], w_hh.shape[1]
-    y, ws, scr, bar, grid, precision = launch_buffers(gx, H, 1, WS.value if store_ws else 0, 1, config)
-    if config.STREAM_W:
-        scr[1].copy_(h0)  # the operand of step 0
+    y = gx.new_empty(T, B, H)
+    ws = gx.new_empty(T, B, WS.value * H) if store_ws else None
     hT, cT = torch.empty_like(h0), torch.empty_like(c0)
-    lstm_fwd_kernel[grid](
-        gx, w_hh, b_hh, h0, c0, lengths, y, hT, cT, ws, scr, bar, T, B, H,
-        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT,
-        STREAM_W=config.STREAM_W,
-        SCRATCH=config.SCRATCH, REVERSE=reverse, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None,
-        STORE_WS=store_ws, PRECISION=precision, num_warps=config.num_warps,
-    )  # fmt: skip
+    tensors = dict(
+        p_gx=gx, p_w=w_hh, p_b=b_hh, p_h0=h0, p_c0=c0, p_len=lengths, p_y=y, p_hT=hT, p_cT=cT, p_ws=ws
+    )
+    launch(lstm_fwd_kernel, config, tensors, T, B, H, 1, h0, REVERSE=reverse, HAS_BIAS=b_hh is not None,
+           HAS_LENGTHS=lengths is not None, STORE_WS=store_ws)  # fmt: skip
     return y, hT, cT, ws
 
 
@@ -321,15 +281,12 @@ def lstm_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reverse-time pass. Returns gate gradients ``[T, B, 4H]`` (pre-activation), ``dh_0`` and ``dc_0``."""
     T, B, H = dy.shape[0], dy.shape[1], w_hh.shape[1]
-    dg, _, scr, bar, grid, precision = launch_buffers(ws, H, 4, 0, 4, config)
+    dg = ws.new_empty(T, B, 4 * H)
     dh0, dc0 = torch.empty_like(dhT), torch.empty_like(dcT)
-    lstm_bwd_kernel[grid](
-        dy, dhT, dcT, ws, w_hh, lengths, dg, dh0, dc0, scr, bar, T, B, H,
-        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT,
-        STREAM_W=config.STREAM_W,
-        SCRATCH=config.SCRATCH, REVERSE=reverse, HAS_LENGTHS=lengths is not None, PRECISION=precision,
-        num_warps=config.num_warps,
-    )  # fmt: skip
+    tensors = dict(
+        p_dy=dy, p_dhT=dhT, p_dcT=dcT, p_ws=ws, p_w=w_hh, p_len=lengths, p_dg=dg, p_dh0=dh0, p_dc0=dc0
+    )
+    launch(lstm_bwd_kernel, config, tensors, T, B, H, 4, REVERSE=reverse, HAS_LENGTHS=lengths is not None)
     return dg, dh0, dc0
 
 
@@ -337,11 +294,11 @@ class LSTMFunction(torch.autograd.Function):
     """One LSTM layer in one direction; see :func:`rnndeploy.kernels.triton_layer` for the arguments."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, config, store_ws):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, plan, store_ws):
         gx = F.linear(x, w_ih, b_ih)
-        y, hT, cT, ws = lstm_fwd(gx, w_hh, b_hh, h0, c0, lengths, reverse, store_ws, config)
+        y, hT, cT, ws = lstm_fwd(gx, w_hh, b_hh, h0, c0, lengths, reverse, store_ws, plan.forward)
         ctx.save_for_backward(x, h0, w_ih, w_hh, y, ws, lengths)
-        ctx.reverse, ctx.config, ctx.has_bias = reverse, config, b_ih is not None
+        ctx.reverse, ctx.plan, ctx.has_bias = reverse, plan, b_ih is not None
         return y, hT, cT
 
     @staticmethod
@@ -350,7 +307,7 @@ class LSTMFunction(torch.autograd.Function):
         if ws is None:
             raise RuntimeError("LSTMFunction: forward ran with store_ws=False: nothing to backprop")
         dg, dh0, dc0 = lstm_bwd(dy.contiguous(), dhT.contiguous(), dcT.contiguous(), ws, w_hh, lengths,
-                                ctx.reverse, ctx.config)  # fmt: skip
+                                ctx.reverse, ctx.plan.backward)  # fmt: skip
         hp = previous_states(y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[4] else None
         dx, dw_ih, dw_hh, db_ih, db_hh = projection_grads(ctx, dg, dg, x, hp, w_ih, 3)
         return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None

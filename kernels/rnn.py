@@ -13,12 +13,16 @@ from torch import Tensor
 
 from .common import (
     KernelConfig,
+    _bwd_product,
     _dot,
-    _grid_barrier,
-    _load_op,
-    _load_w,
+    _exchange,
+    _fwd_product,
+    _gate_rows,
+    _hold_cols,
+    _hold_rows,
+    _load_w_t,
     _tanh,
-    launch_buffers,
+    launch,
     previous_states,
     projection_grads,
 )
@@ -33,54 +37,50 @@ def rnn_fwd_kernel(
     p_len,  # [B] int64
     p_y,  # [T, B, H]
     p_hT,  # [B, H]
-    p_scr,  # [2, B, H] fp32 exchange of h
+    p_scr,  # [2, B, H] exchange of h, compute dtype
     p_bar,  # [cdiv(B, BB)] int32
     T,
     B,
     H,
+    SW,  # row stride of W_hh (H rounded up to 16: aligned rows)
+    SP,  # row stride of the scratch
     BB: tl.constexpr,
     BH: tl.constexpr,
-    BK: tl.constexpr,
+    BK1: tl.constexpr,
+    BK2: tl.constexpr,
     BKC: tl.constexpr,
+    NKS: tl.constexpr,
     NSPLIT: tl.constexpr,
     STREAM_W: tl.constexpr,
     SCRATCH: tl.constexpr,
+    PRECISION: tl.constexpr,
     REVERSE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     RELU: tl.constexpr,
-    PRECISION: tl.constexpr,
 ):
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     o_b = i_b * BB + tl.arange(0, BB)
     o_h = i_h * BH + tl.arange(0, BH)
-    o_k = tl.arange(0, BK)
     m_b = o_b < B
-    m_bh = m_b[:, None] & (o_h < H)[None, :]
-    o_bh = o_b[:, None].to(tl.int64) * H + o_h[None, :]
+    m_hb = (o_h < H)[:, None] & m_b[None, :]
+    o_hb = o_b[None, :].to(tl.int64) * H + o_h[:, None]  # [BH, BB] units x batch
+    o_sb = o_b[None, :].to(tl.int64) * SP + o_h[:, None]  # into the scratch
+    o_row, m_row = _gate_rows(i_h, H, 1, 1, BH)
 
-    b_h = tl.load(p_h0 + o_bh, mask=m_bh, other=0.0).to(tl.float32)  # [BB, BH] own slice
-    if not STREAM_W:
-        b_hk = _load_op(p_h0, o_b, o_k, H, H, m_b).to(tl.float32)  # [BB, BK] recurrent operand
-        b_w = _load_w(p_w, o_k, o_h, H, True)  # [BK, BH] W^T
+    b_h = tl.load(p_h0 + o_hb, mask=m_hb, other=0.0).to(tl.float32)  # [BH, BB] own slice
+    b_w1, b_w2 = _hold_rows(p_w, o_row, m_row, H, SW, BK1, BK2, STREAM_W)  # [BH, BK1], [BH, BK2]
     if HAS_BIAS:
-        b_b = tl.load(p_b + o_h, mask=o_h < H, other=0.0).to(tl.float32)[None, :]
+        b_b = tl.load(p_b + o_h, mask=o_h < H, other=0.0).to(tl.float32)[:, None]
     if HAS_LENGTHS:
-        b_len = tl.load(p_len + o_b, mask=m_b, other=0)
+        b_len = tl.load(p_len + o_b, mask=m_b, other=0)[None, :]
 
     for s in range(T):
         t = T - 1 - s if REVERSE else s
-        b_a = tl.load(p_gx + t.to(tl.int64) * B * H + o_bh, mask=m_bh, other=0.0).to(tl.float32)
-        if STREAM_W:
-            # h_{t-1} was written by the previous step (h_0: by the launcher); W_hh streams from L2
-            p_prev = p_scr + ((s + 1) % 2) * B * H
-            for k0 in range(0, BK, BKC):
-                o_kc = k0 + tl.arange(0, BKC)
-                b_a += _dot(
-                    _load_op(p_prev, o_b, o_kc, H, H, m_b), _load_w(p_w, o_kc, o_h, H, True), PRECISION
-                )
-        else:
-            b_a += _dot(b_hk, b_w, PRECISION)
+        b_a = _fwd_product(p_w, p_scr, s, b_h, b_w1, b_w2, o_row, m_row, o_b, m_b, B, H, SW, SP, BB,
+                           BK1, BK2, BKC,
+                           STREAM_W, SCRATCH, PRECISION)  # fmt: skip
+        b_a += tl.load(p_gx + t.to(tl.int64) * B * H + o_hb, mask=m_hb, other=0.0).to(tl.float32)
         if HAS_BIAS:
             b_a += b_b
         if RELU:
@@ -88,25 +88,18 @@ def rnn_fwd_kernel(
         else:
             b_new = _tanh(b_a)
         if HAS_LENGTHS:
-            m_t = (t < b_len)[:, None]
+            m_t = t < b_len
             b_h = tl.where(m_t, b_new, b_h)
             b_out = tl.where(m_t, b_new, 0.0)
         else:
             b_h = b_new
             b_out = b_new
-        tl.store(p_y + t.to(tl.int64) * B * H + o_bh, b_out.to(p_y.dtype.element_ty), mask=m_bh)
+        tl.store(p_y + t.to(tl.int64) * B * H + o_hb, b_out.to(p_y.dtype.element_ty), mask=m_hb)
         if SCRATCH:
-            p_s = p_scr + (s % 2) * B * H
-            tl.store(p_s + o_bh, b_h, mask=m_bh)
-            if NSPLIT > 1:
-                _grid_barrier(p_bar + i_b, (s + 1) * NSPLIT)
-            else:
-                tl.debug_barrier()
-            if not STREAM_W:
-                b_hk = _load_op(p_s, o_b, o_k, H, H, m_b)
-        else:
-            b_hk = b_h
-    tl.store(p_hT + o_bh, b_h.to(p_hT.dtype.element_ty), mask=m_bh)
+            p_s = p_scr + (s % 2) * B * SP
+            tl.store(p_s + o_sb, b_h.to(p_scr.dtype.element_ty), mask=m_hb)
+            _exchange(p_s, p_bar, i_b, s, NSPLIT)
+    tl.store(p_hT + o_hb, b_h.to(p_hT.dtype.element_ty), mask=m_hb)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -118,36 +111,41 @@ def rnn_bwd_kernel(
     p_len,  # [B] int64
     p_dg,  # [T, B, H] pre-activation gradients
     p_dh0,  # [B, H]
-    p_scr,  # [2, B, H] fp32 exchange of the pre-activation gradients
+    p_scr,  # [2, B, H] exchange of the pre-activation gradients, compute dtype
     p_bar,  # [cdiv(B, BB)] int32
     T,
     B,
     H,
+    SW,  # row stride of W_hh (H rounded up to 16: aligned rows)
+    SP,  # row stride of the scratch
     BB: tl.constexpr,
     BH: tl.constexpr,
-    BK: tl.constexpr,
+    BK1: tl.constexpr,
+    BK2: tl.constexpr,
     BKC: tl.constexpr,
+    NKS: tl.constexpr,
     NSPLIT: tl.constexpr,
     STREAM_W: tl.constexpr,
     SCRATCH: tl.constexpr,
+    PRECISION: tl.constexpr,
     REVERSE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     RELU: tl.constexpr,
-    PRECISION: tl.constexpr,
 ):
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     o_b = i_b * BB + tl.arange(0, BB)
     o_h = i_h * BH + tl.arange(0, BH)
-    o_k = tl.arange(0, BK)
     m_b = o_b < B
     m_bh = m_b[:, None] & (o_h < H)[None, :]
-    o_bh = o_b[:, None].to(tl.int64) * H + o_h[None, :]
+    o_bh = o_b[:, None].to(tl.int64) * H + o_h[None, :]  # [BB, BH] batch x units
+    o_bs = o_b[:, None].to(tl.int64) * SP + o_h[None, :]  # into the scratch
 
     b_dh = tl.load(p_dhT + o_bh, mask=m_bh, other=0.0).to(tl.float32)  # [BB, BH]
-    if not STREAM_W:
-        b_w = _load_w(p_w, o_k, o_h, H, False)  # [BK, BH] W[j, k]
+    b_w1, b_w2 = _hold_cols(p_w, o_h, H, H, SW, NKS, BK1, BK2, STREAM_W, SCRATCH)  # [NKS, BK/NKS, BH]
+    if not SCRATCH:
+        b_w = _load_w_t(p_w, tl.arange(0, BK1), o_h, H, SW)  # [BK, BH] W[j, k]
     if HAS_LENGTHS:
-        b_len = tl.load(p_len + o_b, mask=m_b, other=0)
+        b_len = tl.load(p_len + o_b, mask=m_b, other=0)[:, None]
 
     for s in range(T):
         t = s if REVERSE else T - 1 - s
@@ -159,27 +157,17 @@ def rnn_bwd_kernel(
         else:
             b_da = b_dht * (1.0 - b_y * b_y)
         if HAS_LENGTHS:
-            m_t = (t < b_len)[:, None]
+            m_t = t < b_len
             b_da = tl.where(m_t, b_da, 0.0)
         tl.store(p_dg + o_t, b_da.to(p_dg.dtype.element_ty), mask=m_bh)
         if SCRATCH:
-            p_s = p_scr + (s % 2) * B * H
-            tl.store(p_s + o_bh, b_da, mask=m_bh)
-            if NSPLIT > 1:
-                _grid_barrier(p_bar + i_b, (s + 1) * NSPLIT)
-            else:
-                tl.debug_barrier()
-            if STREAM_W:
-                b_dhp = tl.zeros([BB, BH], dtype=tl.float32)
-                for k0 in range(0, BK, BKC):
-                    o_kc = k0 + tl.arange(0, BKC)
-                    b_dhp += _dot(
-                        _load_op(p_s, o_b, o_kc, H, H, m_b), _load_w(p_w, o_kc, o_h, H, False), PRECISION
-                    )
-            else:
-                b_dhp = _dot(_load_op(p_s, o_b, o_k, H, H, m_b), b_w, PRECISION)
+            p_s = p_scr + (s % 2) * B * SP
+            tl.store(p_s + o_bs, b_da.to(p_scr.dtype.element_ty), mask=m_bh)
+            _exchange(p_s, p_bar, i_b, s, NSPLIT)
+            b_dhp = _bwd_product(p_w, p_s, b_w1, b_w2, o_b, m_b, o_h, H, H, SW, SP, NKS, BK1, BK2, BKC, STREAM_W,
+                                 PRECISION)  # fmt: skip
         else:
-            b_dhp = _dot(b_da, b_w, PRECISION)
+            b_dhp = _dot(b_da.to(b_w.dtype), b_w, PRECISION)
         if HAS_LENGTHS:
             b_dh = tl.where(m_t, b_dhp, b_dh)
         else:
@@ -202,17 +190,10 @@ def rnn_fwd(
     The backward needs nothing but ``y``: the activation's derivative is a function of its output.
     """
     T, B, H = gx.shape[0], gx.shape[1], w_hh.shape[1]
-    y, _, scr, bar, grid, precision = launch_buffers(gx, H, 1, 0, 1, config)
-    if config.STREAM_W:
-        scr[1].copy_(h0)  # the operand of step 0
-    hT = torch.empty_like(h0)
-    rnn_fwd_kernel[grid](
-        gx, w_hh, b_hh, h0, lengths, y, hT, scr, bar, T, B, H,
-        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT,
-        STREAM_W=config.STREAM_W,
-        SCRATCH=config.SCRATCH, REVERSE=reverse, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None,
-        RELU=relu, PRECISION=precision, num_warps=config.num_warps,
-    )  # fmt: skip
+    y, hT = gx.new_empty(T, B, H), torch.empty_like(h0)
+    tensors = dict(p_gx=gx, p_w=w_hh, p_b=b_hh, p_h0=h0, p_len=lengths, p_y=y, p_hT=hT)
+    launch(rnn_fwd_kernel, config, tensors, T, B, H, 1, h0, REVERSE=reverse, HAS_BIAS=b_hh is not None,
+           HAS_LENGTHS=lengths is not None, RELU=relu)  # fmt: skip
     return y, hT
 
 
@@ -228,15 +209,10 @@ def rnn_bwd(
 ) -> tuple[Tensor, Tensor]:
     """Reverse-time pass. Returns pre-activation gradients ``[T, B, H]`` and ``dh_0``."""
     T, B, H = dy.shape[0], dy.shape[1], w_hh.shape[1]
-    dg, _, scr, bar, grid, precision = launch_buffers(y, H, 1, 0, 1, config)
-    dh0 = torch.empty_like(dhT)
-    rnn_bwd_kernel[grid](
-        dy, dhT, y, w_hh, lengths, dg, dh0, scr, bar, T, B, H,
-        BB=config.BB, BH=config.BH, BK=config.BK, BKC=config.BKC, NSPLIT=config.NSPLIT,
-        STREAM_W=config.STREAM_W,
-        SCRATCH=config.SCRATCH, REVERSE=reverse, HAS_LENGTHS=lengths is not None, RELU=relu,
-        PRECISION=precision, num_warps=config.num_warps,
-    )  # fmt: skip
+    dg, dh0 = y.new_empty(T, B, H), torch.empty_like(dhT)
+    tensors = dict(p_dy=dy, p_dhT=dhT, p_y=y, p_w=w_hh, p_len=lengths, p_dg=dg, p_dh0=dh0)
+    launch(rnn_bwd_kernel, config, tensors, T, B, H, 1, REVERSE=reverse, HAS_LENGTHS=lengths is not None,
+           RELU=relu)  # fmt: skip
     return dg, dh0
 
 
@@ -244,18 +220,18 @@ class RNNFunction(torch.autograd.Function):
     """One Elman RNN layer in one direction; see :func:`rnndeploy.kernels.triton_layer` for the arguments."""
 
     @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, config, relu):
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, plan, relu):
         gx = F.linear(x, w_ih, b_ih)
-        y, hT = rnn_fwd(gx, w_hh, b_hh, h0, lengths, reverse, relu, config)
+        y, hT = rnn_fwd(gx, w_hh, b_hh, h0, lengths, reverse, relu, plan.forward)
         ctx.save_for_backward(x, h0, w_ih, w_hh, y, lengths)
-        ctx.reverse, ctx.config, ctx.has_bias, ctx.relu = reverse, config, b_ih is not None, relu
+        ctx.reverse, ctx.plan, ctx.has_bias, ctx.relu = reverse, plan, b_ih is not None, relu
         return y, hT
 
     @staticmethod
     def backward(ctx, dy, dhT):
         x, h0, w_ih, w_hh, y, lengths = ctx.saved_tensors
         dy, dhT = dy.contiguous(), dhT.contiguous()
-        dg, dh0 = rnn_bwd(dy, dhT, y, w_hh, lengths, ctx.reverse, ctx.relu, ctx.config)
+        dg, dh0 = rnn_bwd(dy, dhT, y, w_hh, lengths, ctx.reverse, ctx.relu, ctx.plan.backward)
         hp = previous_states(y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[3] else None
         dx, dw_ih, dw_hh, db_ih, db_hh = projection_grads(ctx, dg, dg, x, hp, w_ih, 2)
         return dx, dh0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None

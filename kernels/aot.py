@@ -1,0 +1,282 @@
+"""Ahead-of-time compilation of the kernels for a GPU target, on a machine without one.
+
+Triton's compiler targets sm_90 (H100/H200) from a CPU; the result tells what a launch would need (shared
+memory, registers, spills) and what a step executes (instructions in PTX and SASS). Used by the compile
+tests and the static cost report. Run with ``TRITON_INTERPRET`` unset: the interpreter replaces kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .common import KernelConfig
+
+TARGET = GPUTarget("cuda", 90, 32)
+_TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_POINTER = {"p_len": "*i64", "p_bar": "*i32"}
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """What one compiled kernel needs and does. Counts are static (instructions in the code): ``*_loop``
+    counts are inside the time loop's body, i.e. per step for held paths and per streamed chunk otherwise."""
+
+    name: str
+    shared: int  # bytes per block (triton's allocation)
+    regs: int  # per thread (cuobjdump -res-usage)
+    stack: int  # bytes per thread of local memory: spills
+    spill_stores: int  # SASS STL instructions
+    ptx: str
+    sass: str
+
+
+def _kernel(cell: str, backward: bool):
+    module = importlib.import_module(f".{cell}", __package__)
+    return getattr(module, f"{cell}_{'bwd' if backward else 'fwd'}_kernel")
+
+
+def compile_config(
+    config: KernelConfig,
+    B: int,
+    H: int,
+    dtype: torch.dtype,
+    precision: str = "tf32",
+    lengths: bool = True,
+    reverse: bool = True,
+    bias: bool = True,
+    store_ws: bool = True,
+    relu: bool = False,
+) -> Compiled:
+    """Compiles the kernel ``config`` launches for sm_90 at batch ``B`` and hidden size ``H``, with the
+    launch options the launcher passes and the specialization a launch gets (pointers 16-byte aligned,
+    integer arguments divisible by 16 marked so: that decides vectorized loads)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels")
+    return _compile(
+        config, B % 16 == 0, H % 16 == 0, dtype, precision, lengths, reverse, bias, store_ws, relu
+    )
+
+
+@functools.cache
+def _compile(config, b16, h16, dtype, precision, lengths, reverse, bias, store_ws, relu) -> Compiled:
+    fn = _kernel(config.cell, config.backward)
+    consts = dict(BB=config.BB, BH=config.BH, BK1=config.BK1, BK2=config.BK2, BKC=config.BKC, NKS=config.NKS,
+                  NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W, SCRATCH=config.SCRATCH, PRECISION=precision,
+                  REVERSE=reverse, HAS_LENGTHS=lengths, HAS_BIAS=bias, STORE_WS=store_ws, RELU=relu)  # fmt: skip
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    signature = {}
+    for name in fn.arg_names:
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name.startswith("p_"):
+            signature[name] = _POINTER.get(name, f"*{_TRITON_DTYPE[dtype]}")
+        else:
+            signature[name] = "i32"
+    aligned = {name for name in fn.arg_names if name.startswith("p_")} | {"SW", "SP"}
+    aligned |= {name for name, divisible in (("B", b16), ("H", h16)) if divisible}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in aligned}
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.NSPLIT > 1:
+        options["launch_cooperative_grid"] = True
+    source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    kernel = triton.compile(source, target=TARGET, options=options)
+    regs, stack, sass = _cubin_facts(kernel.asm["cubin"])
+    return Compiled(fn.__name__, kernel.metadata.shared, regs, stack, len(re.findall(r"\bSTL\b", sass)),
+                    kernel.asm["ptx"], sass)  # fmt: skip
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _cubin_facts(cubin: bytes) -> tuple[int, int, str]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run(
+            [_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True
+        ).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", res)
+    if m is None:
+        raise RuntimeError(f"cuobjdump -res-usage printed no REG/STACK line: {res[:500]!r}")
+    return int(m.group(1)), int(m.group(2)), sass
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the issue's grid: every cell, fp32 (TF32 and IEEE), bf16, fp16, these batches and hidden sizes, both passes
+GRID_DTYPES = (("fp32", "tf32"), ("fp32", "ieee"), ("bf16", "tf32"), ("fp16", "tf32"))
+GRID_B = (1, 3, 16, 32, 64, 128, 256)
+GRID_H = (16, 33, 64, 100, 128, 256, 512, 768, 1000, 1024)
+# a representative subset (the default test): the headline shape of every cell, each strategy, fp32 and fp16
+SUBSET = (
+    ("lstm", "bf16", "tf32", 16, 768, None),
+    ("gru", "bf16", "tf32", 16, 768, None),
+    ("rnn", "bf16", "tf32", 16, 768, None),
+    ("lstm", "fp32", "tf32", 64, 1024, None),
+    ("gru", "fp16", "tf32", 3, 100, None),
+    ("rnn", "fp32", "ieee", 1, 33, None),
+    ("lstm", "fp32", "tf32", 16, 128, "stream"),
+    ("gru", "bf16", "tf32", 256, 512, None),
+)
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One dispatcher pick compiled: the configuration, the model's numbers and the compiler's."""
+
+    cell: str
+    direction: str
+    dtype: str
+    precision: str
+    B: int
+    H: int
+    config: KernelConfig
+    compiled: Compiled
+
+    def row(self) -> dict:
+        c, k = self.config, self.compiled
+        mma = len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\S*", k.ptx))
+        return {
+            "cell": self.cell, "pass": self.direction, "dtype": self.dtype, "precision": self.precision,
+            "B": self.B, "H": self.H, "strategy": c.strategy, "BB": c.BB, "BH": c.BH, "BK": f"{c.BK1}+{c.BK2}",
+            "NKS": c.NKS, "NSPLIT": c.NSPLIT, "warps": c.num_warps, "stages": c.num_stages,
+            "shared": k.shared, "shared_model": c.shared, "regs": k.regs, "regs_model": c.regs,
+            "stack": k.stack, "mma_static": mma, "est_step_us": round(c.step_us, 3),
+        }  # fmt: skip
+
+
+def picks(cases, gpu=None):
+    """Compiles what :func:`~rnndeploy.kernels.common.plan_layer` picks for each
+    ``(cell, dtype, precision, B, H, strategy)`` (both passes, lengths and reverse on), yielding
+    :class:`Pick` or, where no configuration fits, ``(case, ValueError)``."""
+    from .common import H100, make_config
+
+    gpu = gpu or H100
+    for cell, dtype_name, precision, B, H, strategy in cases:
+        dtype = DTYPES[dtype_name]
+        for backward in (False, True):
+            try:
+                cfg = make_config(cell, B, H, dtype, torch.device("cuda"), strategy, backward, gpu, precision)
+            except ValueError as e:
+                yield (cell, "bwd" if backward else "fwd", dtype_name, precision, B, H), e
+                continue
+            compiled = compile_config(cfg, B, H, dtype, precision)
+            yield Pick(cell, "bwd" if backward else "fwd", dtype_name, precision, B, H, cfg, compiled)
+
+
+def grid_cases():
+    return [
+        (cell, d, p, B, H, None) for cell in ("rnn", "lstm", "gru") for d, p in GRID_DTYPES for B in GRID_B
+        for H in GRID_H
+    ]  # fmt: skip
+
+
+_MMA = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\.\S*?\.m(\d+)n(\d+)k(\d+)")
+_LD_GLOBAL = re.compile(r"\bld\.global(?:\.\w+)*?(?:\.v(\d))?\.(?:b|u|s|f)(\d+)\b")
+_SHARED = re.compile(r"\b(?:ld\.shared|st\.shared|ldmatrix|stmatrix|cp\.async)\b")
+_CP_ASYNC = re.compile(r"\bcp\.async\.\w+\.shared\.global\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(\d+)")
+
+
+def _loop_blocks(ptx: str) -> dict[int, list[list[str]]]:
+    """PTX instruction lines grouped by the loop they sit in, keyed by loop depth (0: outside every loop).
+
+    A loop is a backward branch: the lines from the target label to the branch. Each innermost run of lines
+    at one depth is one group."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\$L__BB\d+_\d+):", line))}
+    loops = []
+    for i, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if m and labels.get(m.group(1), i + 1) <= i:
+            loops.append((labels[m.group(1)], i))
+    blocks: dict[int, list[list[str]]] = {}
+    previous = None
+    for i, line in enumerate(lines):
+        if not line.startswith("\t") or line.strip().startswith("//"):
+            continue
+        inside = tuple(loop for loop in loops if loop[0] <= i <= loop[1])
+        depth = len(inside)
+        if inside != previous:
+            blocks.setdefault(depth, []).append([])
+            previous = inside
+        blocks[depth][-1].append(line)
+    return blocks
+
+
+def step_costs(pick: Pick, gpu=None) -> dict:
+    """Per time step of one program, from its sm_90 PTX: MMA and shared-memory instructions per warp, global
+    bytes loaded, CTA barriers, and the MMA duplication against the program's minimum; with the model's
+    first-order time (:func:`~rnndeploy.kernels.common.estimate`) and its terms.
+
+    Counting: instructions in the time loop's body once; in an inner loop (the streamed K chunks) times its
+    trip count; the grid barrier's spin loop once (one poll). Global bytes are per program (all threads).
+    """
+    from .common import GATES, H100, estimate
+
+    gpu = gpu or H100
+    cfg, H = pick.config, pick.H
+    G = GATES[pick.cell]
+    blocks = _loop_blocks(pick.compiled.ptx)
+    K_logical = G * H if cfg.backward else H
+    trips = triton.cdiv(K_logical, cfg.BKC) if cfg.STREAM_W else 1
+    mma = smem = bars = 0
+    ld_bytes = 0
+    shape = None
+    for depth, blist in blocks.items():
+        if depth == 0:
+            continue
+        for block in blist:
+            text = "\n".join(block)
+            spin = "atom.global" in text and depth >= 2
+            n = 1 if depth == 1 or spin else trips
+            found = _MMA.findall(text)
+            if found:
+                shape = tuple(int(v) for v in found[0][1:])
+            mma += n * len(found)
+            smem += n * len(_SHARED.findall(text))
+            bars += n * len(re.findall(r"\bbar\.sync\b|\bbarrier\.sync\b", text))
+            for vec, bits in _LD_GLOBAL.findall(text):
+                ld_bytes += n * int(vec or 1) * int(bits) // 8
+            ld_bytes += n * sum(int(size) for size in _CP_ASYNC.findall(text))
+    threads = 32 * cfg.num_warps
+    rows = cfg.BH if cfg.backward else (4 if G > 1 else 1) * cfg.BH
+    if cfg.STREAM_W:
+        K = trips * cfg.BKC
+    elif cfg.backward and not cfg.SCRATCH:
+        K = G * cfg.BK1
+    else:
+        K = cfg.BK1 + cfg.BK2
+    out = {"mma_per_warp": mma, "mma_shape": "m{}n{}k{}".format(*shape) if shape else "none (FMA)"}
+    if shape:
+        m, n, k = shape
+        minimum = rows * cfg.BB * K / (m * n * k)
+        # wgmma is issued once per warpgroup (4 warps), mma.sync once per warp
+        issuers = cfg.num_warps // 4 if m == 64 else cfg.num_warps
+        out["mma_min_per_warp"] = minimum / issuers
+        out["mma_duplication"] = mma * issuers / minimum
+    out.update(
+        smem_instr_per_warp=smem,
+        cta_barriers=bars,
+        grid_barriers=1 if cfg.NSPLIT > 1 else 0,
+        global_bytes_loaded=ld_bytes * threads,
+        k_walked=K,
+        k_needed=K_logical,
+        regs=pick.compiled.regs,
+        stack=pick.compiled.stack,
+        shared=pick.compiled.shared,
+    )
+    est = estimate(cfg, H, DTYPES[pick.dtype], pick.precision, gpu)
+    out.update({f"est_{k}": v for k, v in est.items()})
+    return out

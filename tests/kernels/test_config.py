@@ -1,0 +1,139 @@
+"""make_config and the shared launcher, planned for an H100/H200 (sm_90) from a CPU: no GPU needed.
+
+The model's limits hold by construction over the issue's whole grid; a forced strategy that cannot fit is
+refused by name (never silently replaced); barrier grids launch cooperatively; a launch that fails for
+resources falls back to the next strategy with one warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import triton
+
+from rnndeploy.kernels import common
+from rnndeploy.kernels.aot import GRID_B, GRID_DTYPES, GRID_H
+from rnndeploy.kernels.common import H100, make_config, model_regs, model_shared, plan_layer
+
+CUDA = torch.device("cuda")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def test_every_grid_pick_fits_the_model():
+    """No configuration make_config returns exceeds shared memory, registers or the co-resident grid."""
+    picked = refused = 0
+    for cell in ("rnn", "lstm", "gru"):
+        for dtype_name, precision in GRID_DTYPES:
+            for B in GRID_B:
+                for H in GRID_H:
+                    for backward in (False, True):
+                        try:
+                            cfg = make_config(cell, B, H, DTYPES[dtype_name], CUDA, None, backward, H100,
+                                              precision)  # fmt: skip
+                        except ValueError as e:
+                            assert "Use backend='torch'" in str(e)
+                            refused += 1
+                            continue
+                        picked += 1
+                        name = f"{cell} bwd={backward} {dtype_name}/{precision} B={B} H={H}: {cfg}"
+                        assert model_shared(cfg, H, DTYPES[dtype_name]) <= H100.shared_per_block, name
+                        assert model_regs(cfg, H, DTYPES[dtype_name]) <= H100.regs_per_thread, name
+                        if cfg.NSPLIT > 1:
+                            assert triton.cdiv(B, cfg.BB) * cfg.NSPLIT <= H100.sms, name
+                        if (
+                            not cfg.STREAM_W
+                        ):  # the held K pieces cover the product's K, per gate when resident
+                            per_gate = cfg.strategy == "resident" or not backward
+                            assert cfg.BK1 + cfg.BK2 >= (H if per_gate else common.GATES[cell] * H), name
+    assert picked > 0.9 * (picked + refused), f"{refused} of {picked + refused} shapes have no configuration"
+
+
+def test_headline_picks_split_without_padding_the_k_loop():
+    plan = plan_layer("lstm", 16, 768, torch.bfloat16, CUDA, gpu=H100)
+    fwd, bwd = plan.forward, plan.backward
+    assert plan.strategy == "split", plan
+    assert (fwd.BK1, fwd.BK2) == (512, 256), f"forward K must stop at H=768, walks {fwd.BK1}+{fwd.BK2}"
+    assert (bwd.BK1, bwd.BK2) == (2048, 1024), f"backward K must stop at 4H=3072, walks {bwd.BK1}+{bwd.BK2}"
+    assert fwd.NSPLIT * triton.cdiv(16, fwd.BB) <= H100.sms
+
+
+@pytest.mark.parametrize(
+    "K, unit, expected", [(768, 16, (512, 256)), (1000, 16, (512, 512)), (33, 16, (32, 16)), (64, 16, (64, 0)),
+                          (3072, 256, (2048, 1024)), (2304, 256, (2048, 256))],
+)  # fmt: skip
+def test_k_pieces(K, unit, expected):
+    assert common._pieces(K, unit) == expected
+
+
+def test_forced_strategy_that_cannot_fit_is_refused_by_name():
+    """fp32 H=1024: a split slice of W_hh does not fit one block; 'split' must not become 'split-stream'."""
+    with pytest.raises(
+        ValueError, match=r"lstm forward B=16 H=1024 torch.float32 .* strategy split: .*shared"
+    ):
+        make_config("lstm", 16, 1024, torch.float32, CUDA, "split", False, H100)
+    assert (
+        make_config("lstm", 16, 1024, torch.float32, CUDA, "split-stream", False, H100).strategy
+        == "split-stream"
+    )
+
+
+class FakeKernel:
+    """Stands in for a JITFunction: records launches, raises ``errors`` one per launch first."""
+
+    arg_names = ["p_x", "p_w", "p_scr", "p_bar", "T", "B", "H", "SW", "SP"]
+
+    def __init__(self, errors=()):
+        self.errors = list(errors)
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.launches.append((grid, args, kwargs))
+            if self.errors:
+                raise self.errors.pop(0)
+
+        return run
+
+
+def _tensors(H, dtype=torch.bfloat16):
+    return {"p_x": torch.zeros(2, 16, 4 * H, dtype=dtype), "p_w": torch.zeros(4 * H, H, dtype=dtype)}
+
+
+def test_barrier_launch_is_cooperative_and_gets_aligned_buffers():
+    cfg = make_config("lstm", 16, 100, torch.bfloat16, CUDA, "split", False, H100)
+    kernel = FakeKernel()
+    ran = common.launch(kernel, cfg, _tensors(100), 2, 16, 100, 1, torch.ones(16, 100))
+    assert ran == cfg
+    (grid, args, kwargs), = kernel.launches  # fmt: skip
+    assert grid == (1, cfg.NSPLIT) and kwargs["launch_cooperative_grid"] is True
+    w, scr, bar = args[1], args[2], args[3]
+    assert w.shape == (400, 112) and scr.shape == (2, 16, 112) and bar.shape == (1,)
+    assert args[-2:] == (112, 112) and torch.equal(scr[1, :, :100], torch.ones(16, 100))
+    resident = make_config("lstm", 16, 64, torch.bfloat16, CUDA, "resident", False, H100)
+    kernel = FakeKernel()
+    common.launch(kernel, resident, _tensors(64), 2, 16, 64, 1)
+    assert "launch_cooperative_grid" not in kernel.launches[0][2]
+
+
+def test_resource_failure_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(common, "_FAILED", set())
+    monkeypatch.setattr(common, "_WARNED", set())
+    cfg = make_config("lstm", 16, 768, torch.bfloat16, CUDA, None, False, H100)
+    assert cfg.strategy == "split"
+    error = triton.runtime.errors.OutOfResources(262144, 232448, "shared memory")
+    kernel = FakeKernel([error])
+    with pytest.warns(RuntimeWarning, match=r"strategy 'split' failed to launch .*running 'split-stream'"):
+        ran = common.launch(kernel, cfg, _tensors(768), 2, 16, 768, 1, gpu=H100)
+    assert ran.strategy == "split-stream" and len(kernel.launches) == 2
+    assert make_config("lstm", 16, 768, torch.bfloat16, CUDA, None, False, H100).strategy != "split"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same shape failing again does not warn twice
+        common.launch(FakeKernel([error]), cfg, _tensors(768), 2, 16, 768, 1, gpu=H100)
+
+
+def test_other_launch_errors_are_not_swallowed():
+    cfg = make_config("lstm", 16, 768, torch.bfloat16, CUDA, None, False, H100)
+    with pytest.raises(TypeError, match="bad argument"):
+        common.launch(FakeKernel([TypeError("bad argument")]), cfg, _tensors(768), 2, 16, 768, 1, gpu=H100)
