@@ -28,9 +28,11 @@ import triton_python_backend_utils as pb_utils
 
 # NOTE: the Python-backend stubs of Triton <= 24.10 (server 2.51, pybind11 2.10) misread numpy >= 2 arrays both
 # ways: ``Tensor.as_numpy()`` repeats elements ([3, 7] arrives as [3, 3]) and ``pb_utils.Tensor(name, array)``
-# sends an empty tensor. DLPack carries tensors right with every numpy and every stub. The stub renames a
-# capsule it consumed "used_dlpack", which numpy's capsule destructor reports as a harmless ValueError: the
-# hook installed in initialize() keeps that one out of the server log.
+# sends an empty tensor. Inputs therefore come through DLPack (right with every numpy); outputs too with
+# numpy >= 2. With numpy < 2 outputs keep ``pb_utils.Tensor``: the stub renames a capsule it consumed
+# ("used_dlpack"), and numpy 1.x's capsule destructor then crashes the stub; numpy 2's reports a harmless
+# ValueError instead, which the hook installed in initialize() keeps out of the server log.
+_NUMPY_2 = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
 
 
 class _DLPack:
@@ -50,6 +52,10 @@ def _input(request, name: str) -> np.ndarray:
     return np.from_dlpack(_DLPack(pb_utils.get_input_tensor_by_name(request, name)))
 
 
+def _output(name: str, array: np.ndarray):
+    return pb_utils.Tensor.from_dlpack(name, array) if _NUMPY_2 else pb_utils.Tensor(name, array)
+
+
 def _quiet_consumed_capsules(hook):
     def unraisable(info) -> None:
         if not (
@@ -63,7 +69,8 @@ def _quiet_consumed_capsules(hook):
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        sys.unraisablehook = _quiet_consumed_capsules(sys.unraisablehook)
+        if _NUMPY_2:
+            sys.unraisablehook = _quiet_consumed_capsules(sys.unraisablehook)
         config = json.loads(args["model_config"])
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         options = ort.SessionOptions()
@@ -150,7 +157,7 @@ class TritonPythonModel:
         for i, lo, hi in zip(ready, offsets[:-1], offsets[1:]):
             request = requests[i]
             key = request.correlation_id()
-            outputs = [pb_utils.Tensor.from_dlpack(n, v[lo:hi].copy()) for n, v in zip(self.outputs, result)]
+            outputs = [_output(n, v[lo:hi].copy()) for n, v in zip(self.outputs, result)]
             responses[i] = pb_utils.InferenceResponse(output_tensors=outputs)
             ended = self.end is not None and _input(request, self.end).any()
             if ended:
