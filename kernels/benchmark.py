@@ -155,7 +155,7 @@ def run_benchmark(
     ``seq_len <= reference_max_t`` (its Python time loop is slow). Once ``time_budget_s`` has passed, the
     remaining cases are skipped (reported through ``progress``).
     """
-    from .common import make_config
+    from .common import plan_layer
 
     rows: list[Row] = []
     failures: list[Failure] = []
@@ -181,7 +181,7 @@ def run_benchmark(
             strategy = ""
             if provider == "triton":
                 # after the run: a strategy that failed to launch has been replaced (common.launch)
-                strategy = make_config(cell, B, H, dtype, torch.device("cuda")).strategy
+                strategy = plan_layer(cell, B, H, dtype, torch.device("cuda")).strategy
             result = Row(cell, mode, provider, dtype_name, B, H, T, ms, p20, p80, _peak_mib(step), strategy)
             rows.append(result)
         except Exception as e:  # one failing case is recorded; the grid goes on
@@ -226,6 +226,7 @@ def headline(
     rep_ms: int = 50,
     echo: Callable[[str], None] = print,
     device: str = "cuda",
+    timings: bool = True,
 ) -> list[dict]:
     """The first GPU check: each cell at one shape, outputs and every gradient, then timings, against cuDNN.
 
@@ -270,10 +271,10 @@ def headline(
                 emit({"check": cell, "tensor": name, "triton_err": err_t, "cudnn_err": err_c,
                       "result": "ok" if ok else "FAIL"})  # fmt: skip
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-            from .common import make_config
+            from .common import plan_layer
 
-            strategy = make_config(cell, B, H, dtype, torch.device(device)).strategy
-            for mode in MODES if device == "cuda" else ():
+            strategy = plan_layer(cell, B, H, dtype, torch.device(device)).strategy
+            for mode in MODES if device == "cuda" and timings else ():
                 ms = {}
                 for provider in ("triton", "cudnn"):
                     step = _case(cell, provider, B, H, T, dtype, mode == "full")

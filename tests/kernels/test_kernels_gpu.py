@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from rnndeploy import kernels
-from rnndeploy.kernels.common import STRATEGIES, make_config
+from rnndeploy.kernels.benchmark import headline
+from rnndeploy.kernels.common import H100, STRATEGIES, make_config, plan_layer
 
 from .test_kernels import TOL, assert_matches_reference, make_layer
 
@@ -34,14 +35,22 @@ def test_low_precision_matches_reference(cell, dtype, B, T, H):
 
 
 def _strategy_cases():
-    # (strategy, H) pairs each strategy can hold; T=1024 everywhere
-    pairs = [("resident", 64), ("resident-scratch", 64), ("stream", 128), ("split", 256), ("split", 1024),
-             ("split-stream", 768)]  # fmt: skip
-    return [
-        pytest.param(cell, s, H, id=f"{cell}-B16-T1024-H{H}-fp32-{s}")
-        for cell in ("rnn", "lstm", "gru")
-        for s, H in pairs
-    ]
+    # each strategy at the largest H (of these) it holds for fp32 without TF32 (what these tests compare), as
+    # make_config plans it for an H100/H200; T=1024 everywhere
+    cases = []
+    for cell in ("rnn", "lstm", "gru"):
+        for strategy in STRATEGIES:
+            for H in (1024, 768, 256, 128, 64):
+                try:
+                    for backward in (False, True):
+                        make_config(
+                            cell, 16, H, torch.float32, torch.device("cuda"), strategy, backward, H100, "ieee"
+                        )
+                except ValueError:
+                    continue
+                cases.append(pytest.param(cell, strategy, H, id=f"{cell}-B16-T1024-H{H}-fp32-{strategy}"))
+                break
+    return cases
 
 
 @pytest.mark.parametrize("cell, strategy, H", _strategy_cases())
@@ -53,6 +62,8 @@ def test_large_shapes_every_strategy_match_cudnn(cell, strategy, H):
     with torch.no_grad():
         for p, w in zip(module.parameters(), weights, strict=True):
             p.copy_(w)
+    plan = plan_layer(cell, B, H, torch.float32, torch.device("cuda"), strategy)
+    assert plan.strategy == strategy, f"forced {strategy!r}, planned {plan}"
     y, final = kernels.triton_layer(cell, x, state, weights, strategy=strategy)
     hx = tuple(s[None] for s in state)
     y_ref, final_ref = module(x, hx if cell == "lstm" else hx[0])
@@ -66,6 +77,17 @@ def test_large_shapes_every_strategy_match_cudnn(cell, strategy, H):
     torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
     for a, b in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(a, b.view_as(a), atol=atol * 10, rtol=rtol * 10)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_headline_configuration_matches_cudnn(cell):
+    """bf16 B=16 T=1024 H=768 as the dispatcher plans it (split, K walked as 512 + 256): outputs and every
+    gradient no further from fp32 cuDNN than cuDNN's own bf16 run (twice its error plus 1e-2)."""
+    plan = plan_layer(cell, 16, 768, torch.bfloat16, torch.device("cuda"))
+    assert plan.forward.strategy == "split" and (plan.forward.BK1, plan.forward.BK2) == (512, 256), plan
+    results = headline(cells=(cell,), echo=lambda line: None, timings=False)
+    checks = [r for r in results if "check" in r]
+    assert checks and all(r["result"] == "ok" for r in checks), checks
 
 
 def test_long_sequence_does_not_drift():
@@ -87,10 +109,15 @@ def test_dispatch_never_oversubscribes_the_barrier(B, H):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for cell in ("rnn", "lstm", "gru"):
         for dtype in (torch.float32, torch.bfloat16):
-            cfg = make_config(cell, B, H, dtype, torch.device("cuda"))
-            assert cfg.strategy in STRATEGIES
-            if cfg.NSPLIT > 1:
-                assert -(-B // cfg.BB) * cfg.NSPLIT <= sms
+            try:
+                plan = plan_layer(cell, B, H, dtype, torch.device("cuda"))
+            except ValueError as e:
+                assert "Use backend='torch'" in str(e)
+                continue
+            for cfg in (plan.forward, plan.backward):
+                assert cfg.strategy in STRATEGIES
+                if cfg.NSPLIT > 1:
+                    assert -(-B // cfg.BB) * cfg.NSPLIT <= sms
 
 
 def test_auto_backend_uses_cudnn_until_measured():
