@@ -433,3 +433,52 @@ def test_onnxruntime_backend_repository_reaches_the_missing_backend(server):
         client.unload_model(ORT_AS_PY_MODEL)
     finally:
         client.close()
+
+
+def test_repository_reader_agrees_with_tritonserver(server):
+    """rnndeploy.server.repository reads the repository as the real server does (index and configs)."""
+    from rnndeploy.server.repository import read_repository
+
+    repository = read_repository(server.repo)
+    client = http.InferenceServerClient(server.http_url)
+    try:
+        assert sorted(m["name"] for m in client.get_model_repository_index()) == sorted(repository.models)
+        client.load_model(ORT_AS_PY_MODEL)  # the onnxruntime config, with its implicit state declarations
+        for name in (PY_MODEL, GRU_MODEL, ORT_AS_PY_MODEL):
+            ours, theirs = repository.models[name], client.get_model_config(name)
+            assert (ours.name, ours.backend, ours.max_batch_size) == (
+                theirs["name"],
+                theirs["backend"],
+                theirs["max_batch_size"],
+            )
+            for mine, triton in ((ours.inputs, theirs["input"]), (ours.outputs, theirs["output"])):
+                assert [(t.name, t.data_type, list(t.dims)) for t in mine] == [
+                    (t["name"], t["data_type"], [int(d) for d in t["dims"]]) for t in triton
+                ], name
+            seq, tseq = ours.sequence_batching, theirs["sequence_batching"]
+            assert seq.max_sequence_idle_us == int(tseq["max_sequence_idle_microseconds"])
+            oldest = tseq["oldest"]
+            assert seq.strategy == "oldest"
+            assert seq.max_queue_delay_us == int(oldest["max_queue_delay_microseconds"])
+            assert seq.max_candidate_sequences == int(oldest["max_candidate_sequences"])
+            assert list(seq.preferred_batch_sizes) == [int(b) for b in oldest["preferred_batch_size"]]
+            assert [(c.name, c.kind, list(c.false_true)) for c in seq.controls] == [
+                (c["name"], c["control"][0]["kind"], c["control"][0]["int32_false_true"])
+                for c in tseq["control_input"]
+            ]
+            assert [
+                (s.input_name, s.output_name, s.data_type, list(s.dims), s.initial) for s in seq.states
+            ] == [
+                (
+                    t["input_name"],
+                    t["output_name"],
+                    t["data_type"],
+                    [int(d) for d in t["dims"]],
+                    "zero" if t["initial_state"][0]["zero_data"] else "none",
+                )
+                for t in tseq.get("state", [])
+            ], name
+        assert len(repository.models[ORT_AS_PY_MODEL].sequence_batching.states) == 2  # h and c
+        client.unload_model(ORT_AS_PY_MODEL)
+    finally:
+        client.close()
