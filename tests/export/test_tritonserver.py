@@ -170,6 +170,7 @@ def server(tmp_path_factory) -> Server:
     )
     http_port, grpc_port = _free_port(), _free_port()
     log = tmp / "tritonserver.log"
+    shm_prefix = f"rnndeploy_test_{os.getpid()}_"  # the stubs' shared memory, removed after the server
     command = [
         str(root / "bin" / "tritonserver"),
         f"--model-repository={repo}",
@@ -183,6 +184,7 @@ def server(tmp_path_factory) -> Server:
         f"--grpc-port={grpc_port}",
         "--allow-metrics=false",
         "--exit-timeout-secs=5",
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
     ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -218,6 +220,8 @@ def server(tmp_path_factory) -> Server:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for region in Path("/dev/shm").glob(f"{shm_prefix}*"):  # left behind by a stub that crashed
+            region.unlink(missing_ok=True)
 
 
 # --- the streams: who sends what at which step ---
