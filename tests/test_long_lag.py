@@ -108,6 +108,15 @@ def test_set_gate_bias():
 SMOKE = TrainSettings(hidden=16, batch=32, lr=1e-2, gate_bias=5.0, budget=16_000)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: a second intra-op thread only adds synchronisation (10x slower on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _detached_every_step(original):
     """A reference layer whose backward stops at every step: BPTT truncated to one step (a broken backward)."""
 
@@ -124,14 +133,14 @@ def _detached_every_step(original):
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_lstm_learns_adding_at_T20(backend):
+def test_lstm_learns_adding_at_T20(backend, one_thread):
     result = train_on_task(AddingProblem(20), "lstm", dataclasses.replace(SMOKE, backend=backend))
     assert result.baseline_error > 0.03
     assert result.test_error < 0.1 * result.baseline_error, result.curve
     assert result.test_correct > 0.5
 
 
-def test_a_backward_cut_at_every_step_fails_the_smoke_test(monkeypatch):
+def test_a_backward_cut_at_every_step_fails_the_smoke_test(monkeypatch, one_thread):
     monkeypatch.setattr(kernels, "reference_layer", _detached_every_step(kernels.reference_layer))
     result = train_on_task(AddingProblem(20), "lstm", dataclasses.replace(SMOKE, backend="reference"))
     assert result.test_error > 0.8 * result.baseline_error
