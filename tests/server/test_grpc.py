@@ -357,3 +357,41 @@ def test_metrics_count_exactly_over_both_protocols(lm_bytes):
     assert values[("nv_inference_pending_request_count", ())] == 0
     for name in ("request", "queue", "compute_input", "compute_infer", "compute_output"):
         assert values[(f"nv_inference_{name}_duration_us", ())] > 0, name
+
+
+def test_a_step_in_flight_when_its_stream_is_cancelled_runs_and_is_accounted(lm_bytes):
+    """The stream is cancelled while the first step of its sequence runs in the worker: the step still runs,
+    the sequence stays live with the state it made (no stream left in the session that the live table does
+    not know), a later step continues it, and it idles out."""
+    session = StreamingSession(lm_bytes)
+    gate, entered = threading.Event(), threading.Event()
+    step_many = session.step_many
+
+    calls = []
+
+    def gated(xs):
+        calls.append(xs)
+        if len(calls) == 1:  # the first step of 'slow'
+            entered.set()
+            assert gate.wait(30), "the test never opened the gate"
+        return step_many(xs)
+
+    session.step_many = gated
+    with running(session, idle_timeout_s=1.0) as (http, address, core):
+        stream = Stream(address)
+        stream.client.async_stream_infer("lm", [token(1)], sequence_id="slow", sequence_start=True)
+        assert entered.wait(30)
+        stream.close(cancel=True)
+        gate.set()
+        deadline = time.monotonic() + 30  # a bound on the test, not a measurement
+        while core.batcher.steps_run < 1 or "slow" not in session.streams or core.batcher.pending:
+            assert time.monotonic() < deadline, "the cancelled step never ran"
+            time.sleep(0.02)
+        assert set(core.batcher.live) == set(session.streams) == {"slow"}
+        client = httpclient.InferenceServerClient(http)
+        last = client.infer("lm", [token(3, httpclient)], sequence_id="slow").as_numpy("output")[0, 0]
+        np.testing.assert_allclose(last, offline(lm_bytes, [[1, 3]])[0, -1], **TOL)
+        while core.batcher.live or session.streams:
+            assert time.monotonic() < deadline, (core.batcher.live, session.streams)
+            time.sleep(0.05)
+        assert core.batcher.evicted == 1
