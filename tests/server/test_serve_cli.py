@@ -135,8 +135,16 @@ def test_sigterm_exits_after_the_shutdown_deadline_while_a_body_is_still_being_r
             stalled.sendall(b"POST /v2/models/lm/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
             # The request is being read once the server answers on another connection after it.
             assert httpx.get(f"{urls['http']}/v2/health/live").status_code == 200
+            stream = tritonclient.grpc.InferenceServerClient(urls["grpc"])  # and a gRPC stream stays open
+            replies: queue.Queue = queue.Queue()
+            stream.start_stream(callback=lambda result, error: replies.put(error))
+            tensor = tritonclient.grpc.InferInput("input", [1, 1], "INT64")
+            tensor.set_data_from_numpy(np.array([[1]], np.int64))
+            stream.async_stream_infer("lm", [tensor], sequence_id=3, sequence_start=True)
+            assert replies.get(timeout=30) is None
             process.send_signal(signal.SIGTERM)
             code = process.wait(timeout=60)  # a bound on the test: the deadline is 1 s
+            stream.stop_stream(cancel_requests=True)
         stderr = process.stderr.read()
         assert code == 0, stderr
         assert "timeout graceful shutdown exceeded" in stderr, stderr
