@@ -257,6 +257,98 @@ def machine() -> dict:
     }
 
 
+def write_csv(results: dict, path: Path) -> None:
+    """One row per measurement: kind, client, sequences, steps/s, p50/p99 us, RSS (soak), machine columns."""
+    import csv
+
+    meta = results["machine"]
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(
+            [
+                "kind",
+                "client",
+                "sequences",
+                "steps_per_s",
+                "p50_us",
+                "p99_us",
+                "rss_peak_mb",
+                "commit",
+                "date",
+            ]
+        )
+        for row in results["soak"]:
+            writer.writerow(
+                [
+                    "soak",
+                    "aiohttp",
+                    row["sequences"],
+                    row["steps_per_s"],
+                    row["p50_us"],
+                    row["p99_us"],
+                    row["rss_peak_mb"],
+                    meta["commit"],
+                    meta["date"],
+                ]
+            )
+        for row in results["latency"]:
+            kind = "one_step_beside_maximal" if row["beside_maximal_request"] else "one_step_alone"
+            writer.writerow(
+                [
+                    kind,
+                    "aiohttp",
+                    1,
+                    "",
+                    row["p50_us"],
+                    row["p99_us"],
+                    row["rss_peak_mb"],
+                    meta["commit"],
+                    meta["date"],
+                ]
+            )
+        for row in results["protocols"]:
+            writer.writerow(
+                [
+                    "protocol",
+                    row["client"],
+                    row["sequences"],
+                    row["steps_per_s"],
+                    row["p50_us"],
+                    row["p99_us"],
+                    "",
+                    meta["commit"],
+                    meta["date"],
+                ]
+            )
+
+
+def plot(results: dict, path: Path) -> None:
+    """Steps per second by client and sequences (left), p50/p99 latency at 1 sequence (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clients = list(dict.fromkeys(row["client"] for row in results["protocols"]))
+    figure, (rate, latency) = plt.subplots(1, 2, figsize=(11, 4))
+    for client in clients:
+        rows = [r for r in results["protocols"] if r["client"] == client]
+        rate.plot([r["sequences"] for r in rows], [r["steps_per_s"] for r in rows], marker="o", label=client)
+    rate.set(xscale="log", xlabel="concurrent sequences", ylabel="steps / s", title="throughput")
+    rate.legend(fontsize=8)
+    ones = [r for r in results["protocols"] if r["sequences"] == 1]
+    x = np.arange(len(ones))
+    latency.bar(x - 0.2, [r["p50_us"] for r in ones], 0.4, label="p50")
+    latency.bar(x + 0.2, [r["p99_us"] for r in ones], 0.4, label="p99")
+    latency.set_xticks(x, [r["client"] for r in ones], rotation=20, fontsize=8)
+    latency.set(yscale="log", ylabel="us per step", title="1 sequence")
+    latency.legend(fontsize=8)
+    meta = results["machine"]
+    figure.suptitle(f"rnndeploy serve, {meta['model']}; commit {meta['commit']}, {meta['date']}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -321,6 +413,8 @@ def main() -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "server_soak.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_csv(results, args.out / "server_soak.csv")
+    plot(results, args.out / "server_soak.png")
 
 
 if __name__ == "__main__":
