@@ -395,3 +395,16 @@ def test_a_step_in_flight_when_its_stream_is_cancelled_runs_and_is_accounted(lm_
             assert time.monotonic() < deadline, (core.batcher.live, session.streams)
             time.sleep(0.05)
         assert core.batcher.evicted == 1
+
+
+def test_a_grpc_message_over_the_body_limit_is_resource_exhausted(lm_bytes):
+    with running(StreamingSession(lm_bytes), limits=Limits(max_body_bytes=4096)) as (_, address, core):
+        stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
+        big = typed_request({}, shape=(1, 1000))
+        big.raw_input_contents.append(np.zeros((1, 1000), np.int64).tobytes())
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(big)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.value
+        assert core.batcher.batches_run == 0
+        small = typed_request({"int64_contents": [1, 2]})
+        assert list(stub.ModelInfer(small).outputs[0].shape) == [1, 2, V]
