@@ -130,7 +130,8 @@ class SequenceBatcher:
         self.compute_s = 0.0  # summed over requests: the run of the batch each was in
         self.batch_sizes: dict[int, int] = {}
         self._pending: deque[_Request] = deque()
-        self._open: dict[Hashable, int] = {}  # rows of each stream the session holds (worker thread only)
+        # Rows of each stream the session holds: written where batches run, read on the loop between batches.
+        self._open: dict[Hashable, int] = {}
         self._last_batch_short = False
         self._stateless = itertools.count()
         self._executor = (
@@ -142,6 +143,7 @@ class SequenceBatcher:
 
     @property
     def running(self) -> bool:
+        """Between :meth:`start` and :meth:`stop`: requests are served."""
         return bool(self._tasks)
 
     async def start(self) -> None:
