@@ -6,14 +6,13 @@ to a status code), naming the field, the expected and the actual value. Nothing 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from rnndeploy.runtime import StepInputError, StreamingSession
+from rnndeploy.runtime import StepInputError, StreamingSession, vocabulary
 
 DATATYPES: dict[str, type[np.generic]] = {
     "BOOL": np.bool_,
@@ -249,14 +248,10 @@ def check_outputs(requested: list[tuple[str, bool]], session: StreamingSession) 
 
 def vocabulary_size(session: StreamingSession) -> int | None:
     """The number of token ids of a language model (``rnndeploy.vocab`` metadata), else ``None``."""
-    text = session.metadata.get("rnndeploy.vocab")
-    if text is None:
-        return None
     try:
-        vocab = json.loads(text)
-    except json.JSONDecodeError:
+        return len(vocabulary(session))
+    except ValueError:  # GenerateError (not a language model) or metadata that is not JSON
         return None
-    return len(vocab) if isinstance(vocab, list) else None
 
 
 def check_model_input(
