@@ -90,11 +90,13 @@ class _Stream:
 class _Rows:
     """The stacked state outputs of one batched run and which streams' rows they hold, in order."""
 
-    __slots__ = ("states", "members", "batches", "starts")
+    __slots__ = ("states", "members", "batches", "starts", "entries", "live")
 
     def __init__(self, states: dict[str, np.ndarray], members: list[Hashable], batches: list[int]) -> None:
         self.states, self.members, self.batches = states, members, batches
         self.starts = [0, *itertools.accumulate(batches)][:-1]
+        self.entries: list[_Stream] = []  # the members' streams, in order
+        self.live = 0  # how many of them still hold their state here
 
     def view(self, k: int, pairs: tuple[StatePair, ...]) -> dict[str, np.ndarray]:
         """Member ``k``'s state rows as views."""
@@ -256,7 +258,7 @@ class StreamingSession:
 
     def reset(self, stream: Hashable = 0, state: Mapping[str, np.ndarray] | None = None) -> None:
         """Start ``stream`` again from zero state, or from ``state`` (``{state_input: array}``, all pairs)."""
-        self._streams.pop(stream, None)
+        self._forget(stream)
         if state is None:
             return
         missing = sorted({p.input for p in self.states} - set(state))
@@ -280,7 +282,7 @@ class StreamingSession:
 
     def close(self, stream: Hashable = 0) -> None:
         """Forget ``stream`` and free its state."""
-        if self._streams.pop(stream, None) is None:
+        if self._forget(stream) is None:
             raise KeyError(f"stream {stream!r} is not open; open streams: {self.streams[:10]}")
 
     def get_state(self, stream: Hashable = 0) -> dict[str, np.ndarray]:
@@ -289,6 +291,12 @@ class StreamingSession:
         if entry is None or entry.batch is None:
             return {p.input: p.initial(1) for p in self.states}
         return {k: v.copy() for k, v in self._load(entry).items()}
+
+    def _forget(self, stream: Hashable) -> _Stream | None:
+        entry = self._streams.pop(stream, None)
+        if entry is not None:
+            self._drop_rows(entry)
+        return entry
 
     def _open(self, stream: Hashable, batch: int) -> _Stream:
         entry = self._streams.get(stream)
@@ -305,7 +313,7 @@ class StreamingSession:
         return entry
 
     def _store(self, entry: _Stream, arrays: dict[str, np.ndarray]) -> None:
-        entry.rows = None
+        self._drop_rows(entry)
         if self._cpu_bound:
             if entry.buffers is None or any(entry.state[k].shape != a.shape for k, a in arrays.items()):
                 entry.buffers = (
@@ -322,6 +330,35 @@ class StreamingSession:
             entry.graph = None
         else:
             entry.state = arrays
+
+    def _adopt(self, rows: _Rows, entries: list[_Stream]) -> None:
+        """Point ``entries`` (the streams of ``rows.members``, in order) at their rows of ``rows``."""
+        previous = {}
+        for k, entry in enumerate(entries):
+            if entry.rows is not None:
+                previous[id(entry.rows)] = entry.rows
+                entry.rows.live -= 1
+            entry.rows, entry.row = rows, k
+        rows.entries, rows.live = entries, len(entries)
+        for block in previous.values():
+            self._compact(block)
+
+    def _drop_rows(self, entry: _Stream) -> None:
+        block, entry.rows = entry.rows, None
+        if block is not None:
+            block.live -= 1
+            self._compact(block)
+
+    def _compact(self, block: _Rows) -> None:
+        """Once fewer than a quarter of ``block``'s streams hold their state there, give those their own copies:
+        streams that went idle must not keep a whole batch's state alive."""
+        if not block.live or block.live * 4 >= len(block.entries):
+            return
+        block.live = 0
+        for k, entry in enumerate(block.entries):
+            if entry.rows is block:
+                entry.rows = None
+                self._store(entry, block.materialize(k, self.states))
 
     def _load(self, entry: _Stream) -> dict[str, np.ndarray]:
         if entry.rows is not None:  # its state is still rows of a batched run's outputs: take them over
@@ -568,12 +605,12 @@ class StreamingSession:
                 start += batch
             stored.append((members, rows))
         for members, rows in stored:
-            for k, stream in enumerate(members):
-                entry = self._open(stream, rows.batches[k])
-                if self.io_binding and not self._cpu_bound:  # device state: copied back per stream
+            entries = [self._open(stream, batch) for stream, batch in zip(members, rows.batches, strict=True)]
+            if self.io_binding and not self._cpu_bound:  # device state: copied back per stream
+                for k, entry in enumerate(entries):
                     self._store(entry, rows.materialize(k, self.states))
-                else:
-                    entry.rows, entry.row = rows, k
+            else:
+                self._adopt(rows, entries)
         return {s: results[s] for s in xs}
 
     def _step_many_uniform(
@@ -630,16 +667,16 @@ class StreamingSession:
             for out_name, out in outputs.items()
         ]
         rows = _Rows({p.input: o for p, o in zip(self.states, outs[n_out:], strict=True)}, members, batches)
-        device_state = self.io_binding and not self._cpu_bound
         results = {}
         for k, (stream, entry) in enumerate(zip(members, entries, strict=True)):
             results[stream] = {out_name: parts[k] for out_name, parts in per_output}
             if entry is None or entry.batch is None:
-                entry = self._open(stream, batch)
-            if device_state:  # copied back to the device per stream
+                entries[k] = self._open(stream, batch)
+        if self.io_binding and not self._cpu_bound:  # device state: copied back per stream
+            for k, entry in enumerate(entries):
                 self._store(entry, rows.materialize(k, self.states))
-            else:
-                entry.rows, entry.row = rows, k
+        else:
+            self._adopt(rows, entries)
         return results
 
     def _gather(

@@ -417,3 +417,30 @@ def test_repeated_step_many_keeps_stacked_state(lm_bytes, io_binding, as_dict):
     for s in "abcd":
         for name, value in separate.get_state(s).items():
             np.testing.assert_allclose(batched.get_state(s)[name], value, **TOL)
+
+
+def test_idle_streams_do_not_keep_a_batchs_state_alive(lm_bytes):
+    """After step_many, streams hold rows of the batch's stacked state; once fewer than a quarter of them still
+    do (the others reset, closed or stepped alone), the rest get copies and the stacked arrays are freed.
+    States stay exact throughout."""
+    import gc
+    import weakref
+
+    session = StreamingSession(lm_bytes, providers="cpu")
+    separate = StreamingSession(lm_bytes, providers="cpu")
+    xs = {s: np.array([s % V]) for s in range(16)}
+    session.step_many(xs)
+    for s, x in xs.items():
+        separate.step(x, stream=s)
+    stacked = weakref.ref(session._streams[0].rows.states["h0"])  # white box: the batch's stacked state
+    for s in range(13):
+        (session.close if s % 2 else session.reset)(s)
+    gc.collect()
+    assert stacked() is None, "3 of 16 streams left: their rows should have been copied out"
+    for s in (13, 14, 15):
+        for name, value in separate.get_state(s).items():
+            np.testing.assert_allclose(session.get_state(s)[name], value, **TOL)
+        x = np.array([1])
+        np.testing.assert_allclose(
+            session.step(x, stream=s)["output"], separate.step(x, stream=s)["output"], **TOL
+        )
