@@ -1,11 +1,87 @@
-"""Kernel benchmark script: the same as `rnndeploy bench kernels` (all options pass through).
+"""Kernel benchmark script.
 
-python benchmarks/bench_kernels.py --cells lstm --batch 16 --hidden 768 --seq-len 1024 --dtypes bf16
+    python benchmarks/bench_kernels.py [options]      # = `rnndeploy bench kernels` (GPU timings)
+    python benchmarks/bench_kernels.py static         # static cost report: sm_90 compiles, no GPU needed
+    python benchmarks/bench_kernels.py static --grid  # + every dispatcher pick of the issue's grid (slow)
+
+The static report compiles what the dispatcher picks for sm_90 (H100/H200) on this machine and writes
+benchmarks/results/kernels-static.{md,json} (with --grid also kernels-sm90-grid.{md,jsonl}): per kernel and
+time step, MMA and shared-memory instructions per warp (PTX), global bytes, barriers, registers, spills,
+shared memory and a first-order time estimate from published H100 rates.
 """
 
-import sys
+from __future__ import annotations
 
-from rnndeploy.cli import main
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _provenance() -> dict:
+    import torch
+    import triton
+
+    from rnndeploy.provenance import git_commit
+
+    return {"target": "sm_90 (H100/H200), compiled ahead of time without a GPU", "triton": triton.__version__,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "commit": git_commit(Path(__file__).resolve().parent)}  # fmt: skip
+
+
+def static(grid: bool) -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels")
+    from rnndeploy.kernels.aot import grid_cases, picks, static_report
+
+    env = _provenance()
+    header = "\n".join(f"- {k}: {v}" for k, v in env.items())
+    rows, text = static_report()
+    print(text, flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "kernels-static.md").write_text(f"# Static cost per time step (sm_90)\n\n{header}\n\n{text}\n")
+    (RESULTS / "kernels-static.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    print(f"wrote {RESULTS / 'kernels-static.md'} and .json", flush=True)
+    if not grid:
+        return
+    keys = ("cell", "pass", "dtype", "precision", "B", "H", "strategy", "BB", "BH", "BK", "NKS", "NSPLIT",
+            "warps", "stages", "shared", "shared_model", "regs", "regs_model", "stack", "mma_static",
+            "est_step_us")  # fmt: skip
+    table = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    with open(RESULTS / "kernels-sm90-grid.jsonl", "w") as lines:
+        for pick in picks(grid_cases()):
+            if isinstance(pick, tuple):
+                (cell, direction, dtype, precision, B, H), error = pick
+                row = dict(
+                    cell=cell,
+                    direction=direction,
+                    dtype=dtype,
+                    precision=precision,
+                    B=B,
+                    H=H,
+                    error=str(error),
+                )
+                table.append(
+                    f"| {cell} | {direction} | {dtype} | {precision} | {B} | {H} | no fit: {error} |"
+                )
+            else:
+                row = pick.row()
+                table.append("| " + " | ".join(str(row[k]) for k in keys) + " |")
+            lines.write(json.dumps(row) + "\n")
+            lines.flush()
+    (RESULTS / "kernels-sm90-grid.md").write_text(
+        f"# Every dispatcher pick compiled for sm_90\n\n{header}\n\n" + "\n".join(table) + "\n"
+    )
+    print(f"wrote {RESULTS / 'kernels-sm90-grid.md'} ({len(table) - 2} kernels)", flush=True)
+
 
 if __name__ == "__main__":
-    main(["bench", "kernels", *sys.argv[1:]], prog_name="bench_kernels.py")
+    if sys.argv[1:2] == ["static"]:
+        static("--grid" in sys.argv[2:])
+    else:
+        from rnndeploy.cli import main
+
+        main(["bench", "kernels", *sys.argv[1:]], prog_name="bench_kernels.py")

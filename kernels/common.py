@@ -210,6 +210,18 @@ def _bwd_product(p_w, p_cur, w1, w2, o_b, m_b, o_h, K, H, SW, SP,
                  STREAM_W: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     """``dg @ W_hh[:, units]``: ``[BB, BH]`` fp32 from the gate gradients of this step in the scratch at
     ``p_cur`` (``[B, K]``, ``K = G*H``), split over ``K`` into ``NKS`` slices summed at the end."""
+    if STREAM_W and NKS == 1:
+        # wide tiles: the plain product has work for every warp, and a slice sum would replicate its result
+        acc2 = tl.zeros([o_b.shape[0], o_h.shape[0]], dtype=tl.float32)
+        for k0 in range(0, K, BKC):
+            o_k = k0 + tl.arange(0, BKC)
+            m_w = (o_k < K)[:, None] & (o_h < H)[None, :]
+            b_w = tl.load(p_w + o_k[:, None].to(tl.int64) * SW + o_h[None, :], mask=m_w, other=0.0)
+            m_g = m_b[:, None] & (o_k < K)[None, :]
+            p_g = p_cur + o_b[:, None].to(tl.int64) * SP + o_k[None, :]
+            b_g = tl.load(p_g, mask=m_g, other=0.0, cache_modifier=".cg")
+            acc2 += _dot(b_g.to(b_w.dtype), b_w, PRECISION)
+        return acc2
     if STREAM_W:
         acc = tl.zeros([NKS, o_b.shape[0], o_h.shape[0]], dtype=tl.float32)
         for k0 in range(0, K, BKC):
@@ -473,20 +485,26 @@ def _candidates(cell: str, B: int, H: int, strategy: str, backward: bool, cpu: b
                     # held: two K slices per warp, half the operand staged per thread at once (measured: no
                     # spills where one slice per warp spilled); streamed: one slice per warp, small chunks;
                     # one wide product when a single program streams all units (every warp has output)
+                    # NOTE: a slice sum over BB*BH > 512 spilled kilobytes on sm_90 (its result replicated
+                    # in every warp): wide tiles take the plain streamed product, which has work for all warps
+                    wide = BB * BH > 512
                     if cpu:
-                        nks_options = [2]
+                        # the interpreter runs both streamed products: split-K at B > 1, plain at B = 1
+                        nks_options = [1] if strategy == "stream" and B == 1 else [2]
                     elif strategy == "stream":
                         nks_options = [1]
                     elif strategy == "split-stream":
-                        nks_options = [num_warps]
+                        nks_options = [1] if wide else [num_warps]
                     else:
-                        nks_options = [2 * num_warps, num_warps]
+                        nks_options = [] if wide else [2 * num_warps, num_warps]
                 for nks in nks_options:
                     if backward:
                         bk1, bk2 = (BH, 0) if strategy == "resident" else _pieces(G * H, nks * 16)
-                        bkc = 16 * nks if strategy != "stream" or cpu else 16
-                    yield KernelConfig(cell, backward, strategy, BB, BH, bk1, bk2, bkc, nks, nsplit, num_warps,
-                                       2 if stream else 1)  # fmt: skip
+                        bkc = 16 * nks if nks > 1 else (16 if strategy == "stream" or cpu else 64)
+                    # streamed forward: the first chunk width (64, 32, 16) whose buffers fit
+                    for chunk in (64, 32, 16) if stream and not backward and not cpu else (bkc,):
+                        yield KernelConfig(cell, backward, strategy, BB, BH, bk1, bk2, chunk, nks, nsplit,
+                                           num_warps, 2 if stream else 1)  # fmt: skip
 
 
 _FAILED: set[tuple] = set()  # (cell, backward, B, H, dtype, strategy) that failed to launch here
