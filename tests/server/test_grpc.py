@@ -1,10 +1,7 @@
 """gRPC (KServe v2 / Triton's GRPCInferenceService) beside HTTP on one server, through stock tritonclient.grpc,
 and the Prometheus page; outputs are compared with offline onnxruntime runs from zero state."""
 
-import asyncio
-import contextlib
 import queue
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,66 +9,25 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from rnndeploy.runtime import StreamingSession, testing
-from rnndeploy.server import Limits, ModelServer, create_app
-from rnndeploy.server.grpc_service import start_grpc_server
+from rnndeploy.server import Limits
+
+from ._support import TOL, offline, running
 
 V, H = 9, 7
-TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
 @pytest.fixture(scope="module")
 def lm_bytes():
     return testing.lstm_lm(hidden_size=H, num_layers=2).SerializeToString()
-
-
-def offline(lm_bytes, tokens) -> np.ndarray:
-    """Whole sequences [B, T] in one InferenceSession run from zero state -> output [B, T, V]."""
-    tokens = np.asarray(tokens, np.int64)
-    session = ort.InferenceSession(lm_bytes, providers=["CPUExecutionProvider"])
-    zeros = np.zeros((2, tokens.shape[0], H), np.float32)
-    return session.run(["output"], {"input": tokens, "h0": zeros, "c0": zeros})[0]
-
-
-@contextlib.contextmanager
-def running(session: StreamingSession, **options):
-    """HTTP (uvicorn) and gRPC around one ModelServer on one event loop in a thread; yields
-    ``(http "host:port", grpc "host:port", core)``."""
-    core = ModelServer(session, "lm", **options)
-    app = create_app(session, model_server=core)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
-    ready, box = threading.Event(), {}
-
-    async def main():
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started and not task.done():
-            await asyncio.sleep(0.01)
-        grpc_server, box["port"] = await start_grpc_server(core, "127.0.0.1", 0)
-        ready.set()
-        await task
-        await grpc_server.stop(1)
-
-    thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
-    thread.start()
-    assert ready.wait(30), "server did not start"
-    try:
-        yield f"127.0.0.1:{sock.getsockname()[1]}", f"127.0.0.1:{box['port']}", core
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
 
 
 def token(value: int, client=grpcclient) -> grpcclient.InferInput:
@@ -98,7 +54,8 @@ class Stream:
 
 
 def test_every_grpc_method(lm_bytes):
-    with running(StreamingSession(lm_bytes), idle_timeout_s=30) as (_, address, core):
+    with running(StreamingSession(lm_bytes), idle_timeout_s=30, grpc=True) as served:
+        address = served.grpc
         client = grpcclient.InferenceServerClient(address)
         assert client.is_server_live() and client.is_server_ready()
         assert (
@@ -157,7 +114,8 @@ def typed_request(contents: dict, datatype="INT64", shape=(1, 2), **parameters) 
 
 def test_typed_contents_raw_contents_and_refusals(lm_bytes):
     limits = Limits(max_rows=2, max_sequences=1)
-    with running(StreamingSession(lm_bytes), limits=limits) as (_, address, core):
+    with running(StreamingSession(lm_bytes), limits=limits, grpc=True) as served:
+        _, address, core = served.http, served.grpc, served.core
         stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
         reply = stub.ModelInfer(typed_request({"int64_contents": [2, 5]}))
         (output,) = reply.outputs
@@ -218,7 +176,8 @@ def test_typed_contents_raw_contents_and_refusals(lm_bytes):
 
 
 def test_a_malformed_request_inside_a_stream_leaves_it_open(lm_bytes):
-    with running(StreamingSession(lm_bytes)) as (_, address, core):
+    with running(StreamingSession(lm_bytes), grpc=True) as served:
+        _, address, core = served.http, served.grpc, served.core
         stream = Stream(address)
         tokens = [[1, 2, 3]]
         outputs = [stream.send(1, "s", sequence_start=True)]
@@ -236,7 +195,8 @@ def test_a_malformed_request_inside_a_stream_leaves_it_open(lm_bytes):
 
 
 def test_a_cancelled_stream_keeps_its_sequence_until_it_ends_or_idles_out(lm_bytes):
-    with running(StreamingSession(lm_bytes), idle_timeout_s=1.0) as (http, address, core):
+    with running(StreamingSession(lm_bytes), idle_timeout_s=1.0, grpc=True) as served:
+        http, address, core = served.http, served.grpc, served.core
         stream = Stream(address)
         kept = [stream.send(t, "kept", sequence_start=t == 4)[0].as_numpy("output")[0, 0] for t in (4, 5)]
         stream.send(6, "abandoned", sequence_start=True)
@@ -269,7 +229,8 @@ def test_32_sequences_streamed_and_unary_mixed_with_http_no_cross_talk(lm_bytes)
     S, T = 40, 200
     tokens = np.random.default_rng(0).integers(0, V, (S, T))
     got = np.full((S, T, V), np.nan, np.float32)
-    with running(session, max_queue_delay_us=2000) as (http, address, core):
+    with running(session, max_queue_delay_us=2000, grpc=True) as served:
+        http, address, core = served.http, served.grpc, served.core
 
         def sequence(s: int) -> None:
             flags = [{"sequence_start": t == 0, "sequence_end": t == T - 1} for t in range(T)]
@@ -311,7 +272,8 @@ def metric_values(text: str) -> dict:
 
 def test_metrics_count_exactly_over_both_protocols(lm_bytes):
     limits = Limits(max_rows=1)
-    with running(StreamingSession(lm_bytes), limits=limits) as (http, address, core):
+    with running(StreamingSession(lm_bytes), limits=limits, grpc=True) as served:
+        http, address = served.http, served.grpc
         base = f"http://{http}/v2/models/lm/infer"
 
         def body(value, rows=1, **parameters):
@@ -377,7 +339,8 @@ def test_a_step_in_flight_when_its_stream_is_cancelled_runs_and_is_accounted(lm_
         return step_many(xs)
 
     session.step_many = gated
-    with running(session, idle_timeout_s=1.0) as (http, address, core):
+    with running(session, idle_timeout_s=1.0, grpc=True) as served:
+        http, address, core = served.http, served.grpc, served.core
         stream = Stream(address)
         stream.client.async_stream_infer("lm", [token(1)], sequence_id="slow", sequence_start=True)
         assert entered.wait(30)
@@ -398,7 +361,8 @@ def test_a_step_in_flight_when_its_stream_is_cancelled_runs_and_is_accounted(lm_
 
 
 def test_a_grpc_message_over_the_body_limit_is_resource_exhausted(lm_bytes):
-    with running(StreamingSession(lm_bytes), limits=Limits(max_body_bytes=4096)) as (_, address, core):
+    with running(StreamingSession(lm_bytes), limits=Limits(max_body_bytes=4096), grpc=True) as served:
+        _, address, core = served.http, served.grpc, served.core
         stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
         big = typed_request({}, shape=(1, 1000))
         big.raw_input_contents.append(np.zeros((1, 1000), np.int64).tobytes())

@@ -6,28 +6,26 @@ offline onnxruntime runs from zero state over the whole token history.
 """
 
 import asyncio
-import contextlib
 import json
 import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from rnndeploy.runtime import StreamingSession, testing
 from rnndeploy.server import Limits, SequenceBatcher, SequenceError, create_app
-from rnndeploy.server.serving import guarded_protocol
+
+from ._support import TOL, offline, running
 
 V, H = 9, 7
-TOL = {"rtol": 1e-5, "atol": 1e-6}
 HEADER_LENGTH = "Inference-Header-Content-Length"
 URL = "/v2/models/lm/infer"
 
@@ -35,18 +33,6 @@ URL = "/v2/models/lm/infer"
 @pytest.fixture(scope="module")
 def lm_bytes():
     return testing.lstm_lm(hidden_size=H, num_layers=2).SerializeToString()
-
-
-class Offline:
-    """Whole token histories [B, T] in one plain InferenceSession run from zero state -> output [B, T, V]."""
-
-    def __init__(self, model: bytes) -> None:
-        self.session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-
-    def __call__(self, tokens) -> np.ndarray:
-        tokens = np.asarray(tokens, np.int64).reshape(1, -1)
-        zeros = np.zeros((2, 1, H), np.float32)
-        return self.session.run(["output"], {"input": tokens, "h0": zeros, "c0": zeros})[0]
 
 
 def step(token: int, sequence_id=None, **parameters) -> dict:
@@ -207,7 +193,7 @@ def test_the_sequence_refusals_left_alone_continues_exactly(in_process, lm_bytes
     reply = client.post(URL, json=step(5, "kept", sequence_end=True))
     assert reply.status_code == 200, reply.text
     got = np.array(reply.json()["outputs"][0]["data"], np.float32).reshape(V)
-    np.testing.assert_allclose(got, Offline(lm_bytes)([2, 5])[0, -1], **TOL)
+    np.testing.assert_allclose(got, offline(lm_bytes, [[2, 5]])[0, -1], **TOL)
     assert session.streams == []
 
 
@@ -261,14 +247,13 @@ def test_protocol_details(in_process):
 
 def test_uint64_and_string_ids_are_separate_sequences(in_process, lm_bytes):
     client, session, batcher = in_process
-    offline = Offline(lm_bytes)
     ids = {2**64 - 1: [1, 4], "18446744073709551615": [6, 0], 7: [8, 8], "7": [2, 3]}
     for sid, tokens in ids.items():
         assert client.post(URL, json=step(tokens[0], sid, sequence_start=True)).status_code == 200
     for sid, tokens in ids.items():
         reply = client.post(URL, json=step(tokens[1], sid, sequence_end=True))
         got = np.array(reply.json()["outputs"][0]["data"], np.float32)
-        np.testing.assert_allclose(got, offline(tokens)[0, -1], **TOL)
+        np.testing.assert_allclose(got, offline(lm_bytes, [tokens])[0, -1], **TOL)
     assert not set(ids) & set(session.streams) and not set(ids) & set(batcher.live)
 
 
@@ -285,7 +270,7 @@ async def _run_ops(batcher: SequenceBatcher, ops: list[tuple]) -> list:
 class Reference:
     """What a step must answer, in admission order: an end stops a sequence at once, a start begins afresh."""
 
-    def __init__(self, offline: Offline) -> None:
+    def __init__(self, offline: Callable[[list[int]], np.ndarray]) -> None:
         self.offline, self.history, self.ending = offline, {}, set()
 
     def __call__(self, sid, token, start, end):
@@ -312,7 +297,7 @@ def test_end_step_start_races_keep_one_truth(lm_bytes, seed, worker_thread):
     the live table equals the session's streams after each round."""
     rng = np.random.default_rng(seed)
     session = StreamingSession(lm_bytes)
-    reference = Reference(Offline(lm_bytes))
+    reference = Reference(lambda history: offline(lm_bytes, [history]))
     kinds = [(True, False), (False, False), (False, True), (True, True)]
 
     async def main():
@@ -354,7 +339,8 @@ def test_http_hammering_the_same_ids_leaves_no_orphan(lm_bytes):
     """Concurrent HTTP starts/steps/ends on 4 ids, through uvicorn: no 5xx, and no stream outlives its entry."""
     session = StreamingSession(lm_bytes)
     rng = np.random.default_rng(11)
-    with running(session, idle_timeout_s=60) as (base, app):
+    with running(session, idle_timeout_s=60) as served:
+        base, app = "http://" + served.http, served.app
 
         async def main():
             async with httpx.AsyncClient(base_url=base) as client:
@@ -456,7 +442,6 @@ def test_a_long_request_delays_short_steps_by_at_most_one_batch(lm_bytes):
     """Long requests run in batches of their own: short steps that arrive while one runs go next, before the
     long request queued ahead of them."""
     session = StreamingSession(lm_bytes)
-    offline = Offline(lm_bytes)
     gate, batches = threading.Event(), []
     step_many = session.step_many
 
@@ -490,16 +475,15 @@ def test_a_long_request_delays_short_steps_by_at_most_one_batch(lm_bytes):
 
     results = asyncio.run(main())
     assert batches == [["A"], ["s0", "s1", "s2"], ["B"]]
-    np.testing.assert_allclose(results[0]["output"][0], offline(long_tokens)[0], **TOL)
-    np.testing.assert_allclose(results[1]["output"][0], offline(long_tokens)[0], **TOL)
+    np.testing.assert_allclose(results[0]["output"][0], offline(lm_bytes, long_tokens)[0], **TOL)
+    np.testing.assert_allclose(results[1]["output"][0], offline(lm_bytes, long_tokens)[0], **TOL)
     for s in range(3):
-        np.testing.assert_allclose(results[2 + s]["output"][0, 0], offline([s])[0, 0], **TOL)
+        np.testing.assert_allclose(results[2 + s]["output"][0, 0], offline(lm_bytes, [[s]])[0, 0], **TOL)
 
 
 def test_a_long_request_runs_in_pieces_between_short_steps(lm_bytes):
     """Pieces of 16 steps: short steps queued behind two long requests run after the first piece."""
     session = StreamingSession(lm_bytes)
-    offline = Offline(lm_bytes)
     gate, batches = threading.Event(), []
     step_many = session.step_many
 
@@ -542,8 +526,8 @@ def test_a_long_request_runs_in_pieces_between_short_steps(lm_bytes):
         {"B": 16},
         {"B": 8},
     ]
-    np.testing.assert_allclose(results[0]["output"], offline(tokens[0]), **TOL)
-    np.testing.assert_allclose(results[1]["output"], offline(tokens[1]), **TOL)
+    np.testing.assert_allclose(results[0]["output"], offline(lm_bytes, tokens[:1]), **TOL)
+    np.testing.assert_allclose(results[1]["output"], offline(lm_bytes, tokens[1:]), **TOL)
 
 
 @pytest.mark.parametrize("start", [False, True], ids=["step", "restart"])
@@ -552,7 +536,6 @@ def test_a_failed_piece_restores_the_state_before_the_request(start):
     onnxruntime rejects it): the request fails and the sequence goes on from the state it had before."""
     model = testing.lstm_lm(hidden_size=H, num_layers=2, metadata=False).SerializeToString()
     session = StreamingSession(model, {"h0": "hn", "c0": "cn"})
-    offline = Offline(model)
     bad = np.arange(40).reshape(1, 40) % V
     bad[0, 35] = 99999
 
@@ -570,34 +553,10 @@ def test_a_failed_piece_restores_the_state_before_the_request(start):
         return after
 
     after = asyncio.run(main())
-    np.testing.assert_allclose(after["output"][0, 0], offline([3, 1, 4])[0, -1], **TOL)
+    np.testing.assert_allclose(after["output"][0, 0], offline(model, [[3, 1, 4]])[0, -1], **TOL)
 
 
 # --------------------------------------------------------------------------- slow clients
-@contextlib.contextmanager
-def running(session: StreamingSession, header_timeout_s=10.0, max_connections=64, **options):
-    """``session`` as model ``lm`` behind uvicorn with the guarded protocol, on a free loopback port."""
-    app = create_app(session, "lm", **options)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        app, log_level="error", lifespan="on", http=guarded_protocol(header_timeout_s, max_connections)
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 def _read_until_closed(sock: socket.socket) -> bytes:
     sock.settimeout(20)  # a bound on the test, not a measurement: the server answers well before
     data = b""
@@ -607,7 +566,8 @@ def _read_until_closed(sock: socket.socket) -> bytes:
 
 
 def test_stalled_headers_and_bodies_get_408_and_are_closed(lm_bytes):
-    with running(StreamingSession(lm_bytes), header_timeout_s=0.3, body_timeout_s=0.3) as (base, _):
+    with running(StreamingSession(lm_bytes), header_timeout_s=0.3, body_timeout_s=0.3) as served:
+        base, _ = "http://" + served.http, served.app
         port = int(base.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as headers_stall:
             headers_stall.sendall(b"POST /v2/models/lm/infer HTTP/1.1\r\nHost: x\r\n")
@@ -623,7 +583,8 @@ def test_stalled_headers_and_bodies_get_408_and_are_closed(lm_bytes):
 
 
 def test_connections_beyond_the_cap_get_503_and_health_recovers(lm_bytes):
-    with running(StreamingSession(lm_bytes), header_timeout_s=1.0, max_connections=3) as (base, _):
+    with running(StreamingSession(lm_bytes), header_timeout_s=1.0, max_connections=3) as served:
+        base, _ = "http://" + served.http, served.app
         port = int(base.rsplit(":", 1)[1])
         stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         try:
@@ -641,7 +602,8 @@ def test_connections_beyond_the_cap_get_503_and_health_recovers(lm_bytes):
 
 
 def test_a_client_that_disconnects_mid_body_logs_no_error(lm_bytes, caplog):
-    with running(StreamingSession(lm_bytes)) as (base, app):
+    with running(StreamingSession(lm_bytes)) as served:
+        base, app = "http://" + served.http, served.app
         port = int(base.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as gone:
             gone.sendall(b'POST /v2/models/lm/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"in')

@@ -21,13 +21,9 @@ import tritonclient.http as httpclient
 
 from rnndeploy.runtime import testing
 
+from ._support import free_port
+
 V = 9
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_serve(path, *options: str) -> tuple[subprocess.Popen, dict[str, str], list[str]]:

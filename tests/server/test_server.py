@@ -1,48 +1,23 @@
 """The KServe v2 server on loopback, driven by stock tritonclient.http and httpx, against offline runs."""
 
 import asyncio
-import contextlib
 import json
 import re
-import socket
-import threading
 import time
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.http as httpclient
-import uvicorn
 from onnx.reference import ReferenceEvaluator
 from tritonclient.utils import InferenceServerException
 
 from rnndeploy.runtime import StreamingSession, testing
-from rnndeploy.server import Limits, create_app
+from rnndeploy.server import Limits
 
-TOL = {"rtol": 1e-5, "atol": 1e-6}
+from ._support import TOL, offline, running
+
 V = 9
-
-
-@contextlib.contextmanager
-def running(session: StreamingSession, **options):
-    """Serve ``session`` as model ``lm`` on a free loopback port in a thread; yields (url, app)."""
-    app = create_app(session, "lm", **options)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"127.0.0.1:{sock.getsockname()[1]}", app
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +43,8 @@ def server(lm_bytes, request):
         max_queue_delay_us=2000,
         limits=Limits(max_body_bytes=2**18),
         worker_thread=request.param,
-    ) as (url, app):
-        yield url, app
-
-
-def offline(lm_bytes, tokens: np.ndarray) -> np.ndarray:
-    """Whole sequences [B, T] in one plain InferenceSession run from zero state -> output [B, T, V]."""
-    session = ort.InferenceSession(lm_bytes, providers=["CPUExecutionProvider"])
-    zeros = np.zeros((2, tokens.shape[0], 7), np.float32)
-    return session.run(["output"], {"input": tokens, "h0": zeros, "c0": zeros})[0]
+    ) as served:
+        yield served.http, served.app
 
 
 def token_input(value: np.ndarray, binary: bool = True) -> httpclient.InferInput:
@@ -255,7 +223,8 @@ def test_tritonclient_reports_errors(server):
 @pytest.mark.parametrize("worker_thread", [True, False])
 def test_idle_sequences_are_evicted(lm_bytes, worker_thread):
     session = StreamingSession(lm_bytes)
-    with running(session, idle_timeout_s=0.2, worker_thread=worker_thread) as (url, app):
+    with running(session, idle_timeout_s=0.2, worker_thread=worker_thread) as served:
+        url, app = served.http, served.app
         client = httpclient.InferenceServerClient(url)
         client.infer("lm", [token_input(np.array([[1]]))], sequence_id=5, sequence_start=True)
         assert 5 in app.state.batcher.live and 5 in session.streams
@@ -270,7 +239,8 @@ def test_idle_sequences_are_evicted(lm_bytes, worker_thread):
 
 
 def test_capacity_limit(lm_bytes):
-    with running(StreamingSession(lm_bytes), limits=Limits(max_sequences=2)) as (url, _):
+    with running(StreamingSession(lm_bytes), limits=Limits(max_sequences=2)) as served:
+        url, _ = served.http, served.app
         client = httpclient.InferenceServerClient(url)
         for seq in (1, 2):
             client.infer("lm", [token_input(np.array([[1]]))], sequence_id=seq, sequence_start=True)
@@ -305,7 +275,8 @@ def test_unusual_state_names_with_constant(mapping):
         None,
         {"x": x, state_names[0]: zeros, state_names[1]: zeros, "sample_rate": np.array([1.5], np.float32)},
     )[0]
-    with running(session) as (url, _):
+    with running(session) as served:
+        url, _ = served.http, served.app
         client = httpclient.InferenceServerClient(url)
         assert [i["name"] for i in client.get_model_metadata("lm")["inputs"]] == ["x"]
         got = []
@@ -329,7 +300,8 @@ def test_a_rejected_token_fails_only_its_request(lm_bytes, lm_raw_bytes, worker_
     tokens = np.random.default_rng(5).integers(0, V, (2, 3))
     session = StreamingSession(lm_raw_bytes)
     # A long queue delay and two live sequences: each round's two steps run as one batch.
-    with running(session, max_queue_delay_us=1e6, worker_thread=worker_thread) as (url, app):
+    with running(session, max_queue_delay_us=1e6, worker_thread=worker_thread) as served:
+        url, app = served.http, served.app
 
         async def round_(client, *bodies):
             replies = await asyncio.gather(
@@ -368,7 +340,8 @@ def test_a_rejected_token_fails_only_its_request(lm_bytes, lm_raw_bytes, worker_
 
 def test_failed_steps_leave_no_stream_behind(lm_raw_bytes):
     session = StreamingSession(lm_raw_bytes)
-    with running(session) as (url, app):
+    with running(session) as served:
+        url, app = served.http, served.app
         batcher = app.state.batcher
         assert _post(url, _step_body(1, "kept", sequence_start=True)).status_code == 200
         failing = [
