@@ -500,21 +500,22 @@ class StreamingSession:
     ) -> dict[str, np.ndarray]:
         """A step on the CPU with bound state buffers; creates the stream's slot for this signature."""
         key = _signature_key(x)
-        shapes = output_shapes(self, arrays)
-        if key is None or shapes is None:  # a one-off binding (outputs allocated by onnxruntime if unsized)
-            slot = CpuSlot(
-                self, entry.buffers, arrays, {n: a.shape for n, a in arrays.items()}, shapes, added
-            )
-            slot.run(arrays, entry.current)
-        else:
+        if key is None:  # not numpy arrays (lists, scalars): the slot takes the converted arrays
+            x, key = arrays, ("converted", added, _signature_key(arrays))
+        slot = entry.slots.get(key)
+        if slot is None:
+            shapes = output_shapes(self, arrays)
             given = {
                 n: a.shape for n, a in (x.items() if isinstance(x, Mapping) else [(next(iter(arrays)), x)])
             }
             slot = CpuSlot(self, entry.buffers, arrays, given, shapes, added)
-            if len(entry.slots) >= _MAX_SLOTS:
-                entry.slots.clear()
-            entry.slots[key] = slot
-            slot.run(x, entry.current)
+            if (
+                shapes is not None
+            ):  # outputs of unknown shape: onnxruntime allocates them, the slot is one-off
+                if len(entry.slots) >= _MAX_SLOTS:
+                    entry.slots.clear()
+                entry.slots[key] = slot
+        slot.run(x, entry.current)
         entry.current ^= 1
         entry.state = entry.buffers[entry.current]
         return slot.outputs()
