@@ -2,7 +2,8 @@
 
 A :class:`StreamingSession` keeps the state of each *stream* (one sequence being served), so a caller only
 passes the new input of each step. Steps of several streams run as one batched onnxruntime call
-(:meth:`StreamingSession.step_many`): state rows are gathered along the batch axis, run, and scattered back.
+(:meth:`StreamingSession.step_many`): state rows are gathered along the batch axis and run; each stream then
+holds its rows of the batch's state outputs (``_Rows``) until it steps alone or is compacted.
 
 How a step runs:
 - A step's input signature (names, dtypes, shapes) is validated once and cached; a later step with the same
@@ -58,8 +59,9 @@ class _Signature:
 
 
 class _Stream:
-    """One stream's state: host arrays (``state``: on the CPU, the current ping-pong buffer when bound),
-    or device OrtValues (``device_state``, on CUDA)."""
+    """One stream's state: its rows of a batch's outputs (``rows``, after :meth:`StreamingSession.step_many`),
+    else host arrays (``state``: on the CPU, the current ping-pong buffer when bound), or device OrtValues
+    (``device_state``, on CUDA)."""
 
     __slots__ = (
         "batch",
