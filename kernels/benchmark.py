@@ -29,7 +29,9 @@ QUANTILES = [0.5, 0.2, 0.8]
 
 
 @dataclass
-class Row:
+class Case:
+    """One point of the benchmark grid."""
+
     cell: str
     mode: str
     provider: str
@@ -37,6 +39,10 @@ class Row:
     batch: int
     hidden: int
     seq_len: int
+
+
+@dataclass
+class Row(Case):
     ms: float
     ms_p20: float
     ms_p80: float
@@ -120,16 +126,9 @@ def _peak_mib(fn: Callable[[], None]) -> float:
 
 
 @dataclass
-class Failure:
+class Failure(Case):
     """A case that raised instead of finishing: what it was and the error, so no other number is lost."""
 
-    cell: str
-    mode: str
-    provider: str
-    dtype: str
-    batch: int
-    hidden: int
-    seq_len: int
     error: str
 
 
