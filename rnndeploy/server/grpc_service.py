@@ -13,11 +13,14 @@ ModelStatistics, ModelInfer (typed ``contents`` or ``raw_input_contents``; outpu
 :class:`~rnndeploy.server.app.ModelServer` (rules, limits, batcher) as HTTP ones; a refusal is the gRPC status
 Triton uses (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, ...) and, inside a stream, an
 ``error_message`` response that leaves the stream open. A step in flight when its stream is cancelled
-still runs; the sequence stays live (a new stream may continue it) until it ends or idles out.
+still runs; the sequence stays live (a new stream may continue it) until it ends or idles out. Requests of
+a stream are admitted in the order they arrive and answered as they are ready, so one stream may carry many
+sequences (their steps batch together) and each sequence's answers keep its order.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -243,24 +246,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except RequestError as error:
             await self._abort(context, error)
 
+    async def _stream_response(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        try:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+        except RequestError as error:
+            message = str(error)
+        except Exception as error:  # noqa: BLE001 - a server bug must not end the client's stream
+            logger.exception("internal error in ModelStreamInfer")
+            message = f"internal server error: {type(error).__name__}"
+        return pb.ModelStreamInferResponse(
+            error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
+        )
+
     async def ModelStreamInfer(self, request_iterator, context):
-        """Requests of one stream run in order (one at a time); a refused one answers ``error_message``."""
-        async for request in request_iterator:
-            try:
-                response = await self._infer(request)
-            except RequestError as error:
-                yield pb.ModelStreamInferResponse(
-                    error_message=str(error), infer_response=pb.ModelInferResponse(id=request.id)
-                )
-                continue
-            except Exception as error:  # noqa: BLE001 - a server bug must not end the client's stream
-                logger.exception("internal error in ModelStreamInfer")
-                yield pb.ModelStreamInferResponse(
-                    error_message=f"internal server error: {type(error).__name__}",
-                    infer_response=pb.ModelInferResponse(id=request.id),
-                )
-                continue
-            yield pb.ModelStreamInferResponse(infer_response=response)
+        """Each request is admitted as it is read, so the requests of a stream keep their order per sequence,
+        and those of different sequences carried by one stream batch together; responses are written as
+        they are ready (a refused request answers ``error_message``; the stream stays open)."""
+        lock, tasks = asyncio.Lock(), set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            response = await self._stream_response(request)
+            async with lock:
+                await context.write(response)
+
+        try:
+            async for request in request_iterator:
+                task = asyncio.create_task(answer(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                await asyncio.sleep(0)  # the task runs up to its first wait: admitted in stream order
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
 
 
 async def start_grpc_server(core: ModelServer, host: str, port: int) -> tuple[grpc.aio.Server, int]:

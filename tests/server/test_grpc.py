@@ -372,3 +372,32 @@ def test_a_grpc_message_over_the_body_limit_is_resource_exhausted(lm_bytes):
         assert core.batcher.batches_run == 0
         small = typed_request({"int64_contents": [1, 2]})
         assert list(stub.ModelInfer(small).outputs[0].shape) == [1, 2, V]
+
+
+def test_one_stream_carries_many_sequences_in_order_and_batches_them(lm_bytes):
+    """8 sequences x 20 steps sent down one stream without waiting for replies: every answer equals the
+    offline run, each sequence's answers arrive in its order, and steps of different sequences share batches."""
+    S, T = 8, 20
+    tokens = np.random.default_rng(3).integers(0, V, (S, T))
+    with running(StreamingSession(lm_bytes), max_queue_delay_us=2000, grpc=True) as served:
+        client = grpcclient.InferenceServerClient(served.grpc)
+        replies: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: replies.put((result, error)))
+        for t in range(T):
+            for s in range(S):
+                flags = {"sequence_start": t == 0, "sequence_end": t == T - 1}
+                client.async_stream_infer(
+                    "lm", [token(int(tokens[s, t]))], request_id=f"{s}-{t}", sequence_id=s + 1, **flags
+                )
+        got, order = np.full((S, T, V), np.nan, np.float32), {s: [] for s in range(S)}
+        for _ in range(S * T):
+            result, error = replies.get(timeout=60)
+            assert error is None, error
+            s, t = map(int, result.get_response().id.split("-"))
+            got[s, t] = result.as_numpy("output")[0, 0]
+            order[s].append(t)
+        client.stop_stream()
+        assert all(order[s] == list(range(T)) for s in range(S)), order
+        assert max(served.core.batcher.batch_sizes) > 1, served.core.batcher.batch_sizes
+        assert served.core.batcher.live == {} and served.core.session.streams == []
+    np.testing.assert_allclose(got, offline(lm_bytes, tokens), **TOL)
