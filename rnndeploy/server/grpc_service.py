@@ -53,6 +53,9 @@ STATUS_CODES = {
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
 }
+STREAM_IN_FLIGHT = (
+    64  # requests of one stream being answered at once; the stream is read no further meanwhile
+)
 # InferTensorContents field of each datatype; FP16 has none (raw_input_contents only)
 CONTENTS = {
     "BOOL": "bool_contents",
@@ -262,15 +265,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Each request is admitted as it is read, so the requests of a stream keep their order per sequence,
         and those of different sequences carried by one stream batch together; responses are written as
         they are ready (a refused request answers ``error_message``; the stream stays open)."""
-        lock, tasks = asyncio.Lock(), set()
+        lock, tasks, in_flight = asyncio.Lock(), set(), asyncio.Semaphore(STREAM_IN_FLIGHT)
 
         async def answer(request: pb.ModelInferRequest) -> None:
-            response = await self._stream_response(request)
-            async with lock:
-                await context.write(response)
+            try:
+                response = await self._stream_response(request)
+                async with lock:
+                    await context.write(response)
+            finally:
+                in_flight.release()
 
         try:
             async for request in request_iterator:
+                await in_flight.acquire()  # a client that never waits for answers is slowed, not buffered
                 task = asyncio.create_task(answer(request))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)

@@ -401,3 +401,34 @@ def test_one_stream_carries_many_sequences_in_order_and_batches_them(lm_bytes):
         assert max(served.core.batcher.batch_sizes) > 1, served.core.batcher.batch_sizes
         assert served.core.batcher.live == {} and served.core.session.streams == []
     np.testing.assert_allclose(got, offline(lm_bytes, tokens), **TOL)
+
+
+def test_a_stream_that_never_waits_is_read_no_further_than_its_in_flight_cap(lm_bytes, monkeypatch):
+    from rnndeploy.server import grpc_service
+
+    monkeypatch.setattr(grpc_service, "STREAM_IN_FLIGHT", 4)
+    session = StreamingSession(lm_bytes)
+    queued_at_batches: list[int] = []
+    step_many = session.step_many
+    with running(session, grpc=True) as served:
+        batcher = served.core.batcher
+
+        def sampling(xs):
+            if not queued_at_batches:  # hold the first batch while the client floods the stream
+                deadline = time.monotonic() + 2  # bounded: with the cap the queue never reaches 10
+                while batcher.pending < 10 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            queued_at_batches.append(batcher.pending)
+            return step_many(xs)
+
+        session.step_many = sampling
+        client = grpcclient.InferenceServerClient(served.grpc)
+        replies: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: replies.put(error))
+        for s in range(40):
+            client.async_stream_infer(
+                "lm", [token(s % V)], sequence_id=s + 1, sequence_start=True, sequence_end=True
+            )
+        assert all(replies.get(timeout=60) is None for _ in range(40))
+        client.stop_stream()
+    assert max(queued_at_batches) <= 3, queued_at_batches  # 4 in flight: one running, three queued
