@@ -335,14 +335,16 @@ class StreamingSession:
 
     def _adopt(self, rows: _Rows, entries: list[_Stream]) -> None:
         """Point ``entries`` (the streams of ``rows.members``, in order) at their rows of ``rows``."""
-        previous = {}
+        previous: list[_Rows] = []
         for k, entry in enumerate(entries):
-            if entry.rows is not None:
-                previous[id(entry.rows)] = entry.rows
-                entry.rows.live -= 1
+            block = entry.rows
+            if block is not None:
+                block.live -= 1
+                if not previous or block is not previous[-1]:
+                    previous.append(block)
             entry.rows, entry.row = rows, k
         rows.entries, rows.live = entries, len(entries)
-        for block in previous.values():
+        for block in dict.fromkeys(previous):
             self._compact(block)
 
     def _drop_rows(self, entry: _Stream) -> None:
@@ -630,21 +632,19 @@ class StreamingSession:
         if first is None:
             return None
         shape, dtype, streams = first.shape, first.dtype, self._streams
-        entries = []
         for x in values:
-            if type(x) is not np.ndarray or x.shape != shape or x.dtype != dtype:
+            if type(x) is not np.ndarray or x.shape != shape or (x.dtype is not dtype and x.dtype != dtype):
                 return None
         key = _signature_key(first)
         signature = self._signatures.get(key)
         if signature is None:  # validated once (a server's event loop may validate others meanwhile)
             signature = self._remember(key, *self._check_input(first))
         batch = signature.batch
-        for stream in xs:
-            entry = streams.get(stream)
-            if entry is not None and entry.batch is not None and entry.batch != batch:
-                raise StepInputError(f"stream {stream!r} has batch size {entry.batch}, this step has {batch}")
-            entries.append(entry)
         members, batches = list(xs), [batch] * len(xs)
+        entries = [streams.get(stream) for stream in members]
+        for stream, entry in zip(members, entries, strict=True):
+            if entry is not None and entry.batch != batch and entry.batch is not None:
+                raise StepInputError(f"stream {stream!r} has batch size {entry.batch}, this step has {batch}")
         axis = self.inputs[name].batch_axis
         # Steps without their batch axis are stacked along it; steps with it are concatenated.
         if not signature.added:
@@ -670,11 +670,17 @@ class StreamingSession:
             for out_name, out in outputs.items()
         ]
         rows = _Rows({p.input: o for p, o in zip(self.states, outs[n_out:], strict=True)}, members, batches)
-        results = {}
-        for k, (stream, entry) in enumerate(zip(members, entries, strict=True)):
-            results[stream] = {out_name: parts[k] for out_name, parts in per_output}
+        if len(per_output) == 1:
+            ((out_name, parts),) = per_output
+            results = {stream: {out_name: part} for stream, part in zip(members, parts, strict=True)}
+        else:
+            results = {
+                stream: {out_name: parts[k] for out_name, parts in per_output}
+                for k, stream in enumerate(members)
+            }
+        for k, entry in enumerate(entries):
             if entry is None or entry.batch is None:
-                entries[k] = self._open(stream, batch)
+                entries[k] = self._open(members[k], batch)
         if self.io_binding and not self._cpu_bound:  # device state: copied back per stream
             for k, entry in enumerate(entries):
                 self._store(entry, rows.materialize(k, self.states))
@@ -689,11 +695,8 @@ class StreamingSession:
         state outputs when the same streams stepped together then, else their rows concatenated along each
         state's batch axis."""
         first = entries[0].rows if entries[0] is not None else None
-        if (
-            first is not None
-            and first.members == members
-            and all(e is not None and e.rows is first and e.row == k for k, e in enumerate(entries))
-        ):
+        # Every stream of that batch still holds its rows there (a stream leaving them lowers ``live``).
+        if first is not None and first.live == len(first.entries) and first.members == members:
             return dict(first.states)
         parts = [
             self._current_state(s, batch) if e is None or e.rows is None else e.rows.view(e.row, self.states)
