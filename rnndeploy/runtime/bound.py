@@ -120,7 +120,7 @@ class CpuSlot:
 
     def run(self, x: np.ndarray | Mapping[str, np.ndarray], parity: int) -> None:
         """Copy ``x`` (one array, or ``{name: array}``, in the ``given`` shapes) in and run binding ``parity``."""
-        if self._single is not None and not isinstance(x, Mapping):
+        if self._single is not None and type(x) is np.ndarray:
             _, view, normalize = self._single
             if normalize:
                 self._normalization.normalize(x, out=view)
