@@ -51,7 +51,7 @@ if [ -n "${SHIM:-}" ]; then  # set inside the braces above (they run in this she
 fi
 python -c "import numpy, torch, triton, rnndeploy.kernels.common as c; print('python', __import__('sys').version.split()[0],
 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, 'cuda', torch.version.cuda,
-torch.cuda.get_device_name(), 'kernels from', c.__file__)" >>"$OUT/env.txt" 2>&1
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO GPU', 'kernels from', c.__file__)" >>"$OUT/env.txt" 2>&1
 rc=$?
 note install "$rc" $(($(date +%s) - s)) "$(tail -n 1 "$OUT/env.txt")"
 if [ "$rc" != 0 ]; then

@@ -491,7 +491,7 @@ def _candidates(cell: str, B: int, H: int, strategy: str, backward: bool, cpu: b
                     if cpu:
                         # the interpreter runs both streamed products: split-K at B > 1, plain at B = 1
                         nks_options = [1] if strategy == "stream" and B == 1 else [2]
-                    elif strategy == "stream":
+                    elif strategy in ("stream", "resident"):  # resident: one product per gate, no slices
                         nks_options = [1]
                     elif strategy == "split-stream":
                         nks_options = [1] if wide else [num_warps]
