@@ -1,5 +1,7 @@
 """SequenceModel and ModelConfig: shapes, state carrying, config round trip, checkpoints."""
 
+import argparse
+
 import pytest
 import torch
 from torch import nn
@@ -91,8 +93,14 @@ def test_checkpoint_errors_name_the_file(tmp_path):
         rnndeploy.load_checkpoint(tmp_path / "missing.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(rnndeploy.CheckpointError, match="bad.pt is not a readable torch file"):
+    with pytest.raises(rnndeploy.CheckpointError, match="bad.pt is not a checkpoint: expected the .pt file"):
         rnndeploy.load_checkpoint(bad)
+    pickled = tmp_path / "pickled.pt"
+    torch.save(argparse.Namespace(code="would run on load"), pickled)
+    with pytest.raises(
+        rnndeploy.CheckpointError, match="pickled.pt is a torch file rnndeploy cannot load safely"
+    ):
+        rnndeploy.load_checkpoint(pickled)
     other = tmp_path / "other.pt"
     torch.save({"weights": 1}, other)
     with pytest.raises(rnndeploy.CheckpointError, match="not an rnndeploy checkpoint"):
