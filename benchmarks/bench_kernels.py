@@ -48,7 +48,7 @@ def static(grid: bool) -> None:
     if not grid:
         return
     keys = ("cell", "pass", "dtype", "precision", "B", "H", "strategy", "BB", "BH", "BK", "NKS", "NSPLIT",
-            "warps", "stages", "shared", "shared_model", "regs", "regs_model", "stack", "mma_static",
+            "warps", "stages", "shared", "shared_model", "regs", "regs_model", "stack", "loop_spills", "mma_static",
             "est_step_us")  # fmt: skip
     table = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     with open(RESULTS / "kernels-sm90-grid.jsonl", "w") as lines:

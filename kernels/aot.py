@@ -37,6 +37,7 @@ class Compiled:
     regs: int  # per thread (cuobjdump -res-usage)
     stack: int  # bytes per thread of local memory: spills
     spill_stores: int  # SASS STL instructions
+    loop_spills: int  # SASS STL/LDL inside a loop (the time loop and what it contains): paid every step
     ptx: str
     sass: str
 
@@ -93,7 +94,26 @@ def _compile(config, b16, h16, dtype, precision, lengths, reverse, bias, store_w
     kernel = triton.compile(source, target=TARGET, options=options)
     regs, stack, sass = _cubin_facts(kernel.asm["cubin"])
     return Compiled(fn.__name__, kernel.metadata.shared, regs, stack, len(re.findall(r"\bSTL\b", sass)),
-                    kernel.asm["ptx"], sass)  # fmt: skip
+                    _loop_spills(sass), kernel.asm["ptx"], sass)  # fmt: skip
+
+
+def _loop_spills(sass: str) -> int:
+    """Local-memory loads and stores inside a loop of the SASS (a backward branch spans a loop)."""
+    code = [
+        (int(m.group(1), 16), line)
+        for line in sass.splitlines()
+        if (m := re.match(r"\s*/\*([0-9a-f]{4,})\*/", line))
+    ]
+    loops = []
+    for addr, line in code:
+        m = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", line)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    return sum(
+        1
+        for addr, line in code
+        if re.search(r"\b(?:STL|LDL)\b", line) and any(a <= addr <= b for a, b in loops)
+    )
 
 
 def _tool(name: str) -> str:
@@ -153,7 +173,7 @@ class Pick:
             "B": self.B, "H": self.H, "strategy": c.strategy, "BB": c.BB, "BH": c.BH, "BK": f"{c.BK1}+{c.BK2}",
             "NKS": c.NKS, "NSPLIT": c.NSPLIT, "warps": c.num_warps, "stages": c.num_stages,
             "shared": k.shared, "shared_model": c.shared, "regs": k.regs, "regs_model": c.regs,
-            "stack": k.stack, "mma_static": mma, "est_step_us": round(c.step_us, 3),
+            "stack": k.stack, "loop_spills": k.loop_spills, "mma_static": mma, "est_step_us": round(c.step_us, 3),
         }  # fmt: skip
 
 
@@ -275,6 +295,7 @@ def step_costs(pick: Pick, gpu=None) -> dict:
         k_needed=K_logical,
         regs=pick.compiled.regs,
         stack=pick.compiled.stack,
+        loop_spills=pick.compiled.loop_spills,
         shared=pick.compiled.shared,
     )
     est = estimate(cfg, H, DTYPES[pick.dtype], pick.precision, gpu)
@@ -317,7 +338,8 @@ def static_report(cases=REPORT_CASES, gpu=None) -> tuple[list[dict], str]:
                          strategy=c.strategy, BB=c.BB, BH=c.BH, NSPLIT=c.NSPLIT, warps=c.num_warps,
                          **step_costs(pick, gpu)))  # fmt: skip
     head = ("| cell | pass | dtype | B | H | strategy | grid | warps | MMA/warp (shape) | min | dup | smem instr/warp "
-            "| global B/step | CTA bar | grid bar | regs | stack | shared B | K walked/needed | est us/step |")  # fmt: skip
+            "| global B/step | CTA bar | grid bar | regs | stack (in-loop spill instr) | shared B | K walked/needed "
+            "| est us/step |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
@@ -329,7 +351,8 @@ def static_report(cases=REPORT_CASES, gpu=None) -> tuple[list[dict], str]:
             f"| {r['cell']} | {r['pass_']} | {r['dtype']} | {r['B']} | {r['H']} | {r['strategy']} "
             f"| {triton.cdiv(r['B'], r['BB'])}x{r['NSPLIT']} | {r['warps']} | {r['mma_per_warp']} ({r['mma_shape']}) "
             f"| {r.get('mma_min_per_warp', 0):.0f} | {r.get('mma_duplication', 0):.2f} | {r['smem_instr_per_warp']} "
-            f"| {r['global_bytes_loaded']} | {r['cta_barriers']} | {r['grid_barriers']} | {r['regs']} | {r['stack']} "
+            f"| {r['global_bytes_loaded']} | {r['cta_barriers']} | {r['grid_barriers']} | {r['regs']} "
+            f"| {r['stack']} ({r['loop_spills']}) "
             f"| {r['shared']} | {r['k_walked']}/{r['k_needed']} | {r['est_step_us']:.2f} |"
         )  # fmt: skip
     rates = (

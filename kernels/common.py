@@ -134,9 +134,9 @@ def _hold_rows(p_w, o_row, m_row, H, SW, BK1: tl.constexpr, BK2: tl.constexpr, S
         w1 = tl.zeros([o_row.shape[0], 16], dtype=p_w.dtype.element_ty)
         w2 = w1
     else:
-        w1 = _load_rows(p_w, o_row, m_row, tl.arange(0, BK1), H, SW)
+        w1 = _load_rows(p_w, o_row, m_row, tl.arange(0, BK1), SW, SW)
         if BK2 > 0:
-            w2 = _load_rows(p_w, o_row, m_row, BK1 + tl.arange(0, BK2), H, SW)
+            w2 = _load_rows(p_w, o_row, m_row, BK1 + tl.arange(0, BK2), SW, SW)
         else:
             w2 = tl.zeros([o_row.shape[0], 16], dtype=p_w.dtype.element_ty)
     return w1, w2
@@ -156,12 +156,14 @@ def _fwd_product(p_w, p_scr, s, b_h, w1, w2, o_row, m_row, o_b, m_b, B, H, SW, S
         for k0 in range(0, H, BKC):
             o_k = k0 + tl.arange(0, BKC)
             acc += _dot(
-                _load_rows(p_w, o_row, m_row, o_k, H, SW), _load_op_t(p_prev, o_b, m_b, o_k, SP, H), PRECISION
+                _load_rows(p_w, o_row, m_row, o_k, SW, SW),
+                _load_op_t(p_prev, o_b, m_b, o_k, SP, SP),
+                PRECISION,
             )
     elif SCRATCH:
-        acc = _dot(w1, _load_op_t(p_prev, o_b, m_b, tl.arange(0, BK1), SP, H), PRECISION)
+        acc = _dot(w1, _load_op_t(p_prev, o_b, m_b, tl.arange(0, BK1), SP, SP), PRECISION)
         if BK2 > 0:
-            acc += _dot(w2, _load_op_t(p_prev, o_b, m_b, BK1 + tl.arange(0, BK2), SP, H), PRECISION)
+            acc += _dot(w2, _load_op_t(p_prev, o_b, m_b, BK1 + tl.arange(0, BK2), SP, SP), PRECISION)
     else:
         acc = _dot(w1, b_h.to(w1.dtype), PRECISION)
     return acc
@@ -176,14 +178,14 @@ def _slices(k0, NKS: tl.constexpr, KS: tl.constexpr):
 @triton.jit
 def _load_w_slices(p_w, o_k, o_h, K, H, SW):
     """``[NKS, KS, BH]``: ``W_hh[o_k, o_h]`` (rows ``o_k < K = G*H`` of stride ``SW``)."""
-    m = (o_k < K)[:, :, None] & (o_h < H)[None, None, :]
+    m = (o_k < K)[:, :, None] & (o_h < SW)[None, None, :]
     return tl.load(p_w + o_k[:, :, None].to(tl.int64) * SW + o_h[None, None, :], mask=m, other=0.0)
 
 
 @triton.jit
 def _load_g_slices(p, o_b, m_b, o_k, K, SP):
     """``[NKS, BB, KS]``: columns ``o_k < K`` of the gate-gradient scratch (rows of stride ``SP``), via L2."""
-    m = m_b[None, :, None] & (o_k < K)[:, None, :]
+    m = m_b[None, :, None] & (o_k < SP)[:, None, :]
     p = p + o_b[None, :, None].to(tl.int64) * SP + o_k[:, None, :]
     return tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
 
@@ -215,9 +217,9 @@ def _bwd_product(p_w, p_cur, w1, w2, o_b, m_b, o_h, K, H, SW, SP,
         acc2 = tl.zeros([o_b.shape[0], o_h.shape[0]], dtype=tl.float32)
         for k0 in range(0, K, BKC):
             o_k = k0 + tl.arange(0, BKC)
-            m_w = (o_k < K)[:, None] & (o_h < H)[None, :]
+            m_w = (o_k < K)[:, None] & (o_h < SW)[None, :]
             b_w = tl.load(p_w + o_k[:, None].to(tl.int64) * SW + o_h[None, :], mask=m_w, other=0.0)
-            m_g = m_b[:, None] & (o_k < K)[None, :]
+            m_g = m_b[:, None] & (o_k < SP)[None, :]
             p_g = p_cur + o_b[:, None].to(tl.int64) * SP + o_k[None, :]
             b_g = tl.load(p_g, mask=m_g, other=0.0, cache_modifier=".cg")
             acc2 += _dot(b_g.to(b_w.dtype), b_w, PRECISION)
@@ -340,7 +342,8 @@ def _pieces(K: int, unit: int) -> tuple[int, int]:
     bk1 = 1 << (k.bit_length() - 1)
     if bk1 == k:
         return bk1, 0
-    return bk1, max(unit, triton.next_power_of_2(k - bk1))
+    bk2 = max(unit, triton.next_power_of_2(k - bk1))
+    return (2 * bk1, 0) if bk2 == bk1 else (bk1, bk2)  # two equal halves walk what one piece does
 
 
 def _esize(dtype: torch.dtype) -> int:
@@ -471,7 +474,9 @@ def _candidates(cell: str, B: int, H: int, strategy: str, backward: bool, cpu: b
                 M = (4 if G > 1 else 1) * BH
                 # one warpgroup (wgmma over all rows, nothing repeated) unless the rows fill two; 8 warps
                 # over 64 rows split the columns instead and both warpgroups read all of the slice
-                warps_options = ([4, 8] if M < 128 else [8]) if not cpu else [4]
+                # NOTE: 8 warps over 64 rows with two K pieces spilled per step on sm_90 (RNN H=768, 1000)
+                warps_options = ([4, 8] if bk2 == 0 else [4]) if M < 128 else [8]
+                warps_options = warps_options if not cpu else [4]
                 nks = 1
             else:
                 # more split-K slices first: shorter MMA chains per warp, less staged per thread
@@ -661,8 +666,9 @@ def launch(
     device (tests).
     """
     ref = next(t for name, t in tensors.items() if t is not None and name != "p_len")
-    # NOTE: rows of W_hh and of the scratch start 16-element aligned, so every load of them vectorizes: with
-    # H % 16 != 0 they were scalar loads, an address register each, and the sm_90 code spilled
+    # NOTE: rows of W_hh and of the scratch are padded with zeros to 16 elements and loaded up to the padded
+    # width, so every load of them vectorizes: with H % 16 != 0 they were scalar loads, an address register
+    # each, and the sm_90 code spilled
     SW, SP = -(-H // 16) * 16, -(-scratch_gates * H // 16) * 16
     w = tensors["p_w"]
     if SW != H:
@@ -670,7 +676,8 @@ def launch(
     while True:
         scr = bar = None
         if config.SCRATCH:
-            scr = torch.empty(2, B, SP, dtype=ref.dtype, device=ref.device)
+            # zeros: the padding columns meet W_hh's zero padding in the product (empty could hold NaN)
+            scr = torch.zeros(2, B, SP, dtype=ref.dtype, device=ref.device)
             if first_operand is not None:
                 scr[1, :, :H].copy_(first_operand)
         if config.NSPLIT > 1:

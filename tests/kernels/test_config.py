@@ -60,7 +60,7 @@ def test_headline_picks_split_without_padding_the_k_loop():
 
 
 @pytest.mark.parametrize(
-    "K, unit, expected", [(768, 16, (512, 256)), (1000, 16, (512, 512)), (33, 16, (32, 16)), (64, 16, (64, 0)),
+    "K, unit, expected", [(768, 16, (512, 256)), (1000, 16, (1024, 0)), (33, 16, (32, 16)), (64, 16, (64, 0)),
                           (3072, 256, (2048, 1024)), (2304, 256, (2048, 256))],
 )  # fmt: skip
 def test_k_pieces(K, unit, expected):
