@@ -86,7 +86,7 @@ def table(results: Sequence[RunResult]) -> str:
     """The results as a fixed-width text table."""
     header = (
         f"{'task':6} {'T':>4} {'cell':4} {'backend':7} {'params':>6} {'solved after':>14} {'seen':>7} "
-        f"{'test error':>10} {'correct':>7} {'baseline':>8} {'b.corr':>6} {'s':>6}  paper (H&S 1997)"
+        f"{'test error':>10} {'correct':>7} {'baseline':>8} {'b.corr':>6} {'wall s':>6} {'cpu s':>6}  paper (H&S 1997)"
     )
     lines = [header]
     for r in results:
@@ -94,7 +94,7 @@ def table(results: Sequence[RunResult]) -> str:
         lines.append(
             f"{r.task:6} {r.T:>4} {r.cell:4} {r.backend:7} {r.parameters:>6} {solved:>14} {r.sequences:>7} "
             f"{r.test_error:>10.4f} {r.test_correct:>7.3f} {r.baseline_error:>8.4f} {r.baseline_correct:>6.3f} "
-            f"{r.seconds:>6.1f}  {paper_figure(r)}"
+            f"{r.seconds:>6.1f} {r.cpu_seconds:>6.1f}  {paper_figure(r)}"
         )
     return "\n".join(lines)
 
@@ -197,11 +197,17 @@ def main(
     settings = settings or {name: TrainSettings() for name in tasks}
     device = next(iter(settings.values())).device
     info = machine(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     results = run_benchmark(tasks, cells, lengths, settings, backends, progress=progress)
     info["seconds_total"] = round(time.perf_counter() - start, 1)
+    info["cpu_seconds_total"] = round(time.process_time() - cpu_start, 1)
+    info["load_average_at_end"] = os.getloadavg()
     echo(table(results))
-    echo(f"total {info['seconds_total']} s on {info['cpu']} ({info['device']}, torch {info['torch']})")
+    echo(
+        f"total {info['seconds_total']} s wall, {info['cpu_seconds_total']} s CPU on {info['cpu']} "
+        f"({info['device']}, {info['torch_threads']} torch thread(s), load average {info['load_average_at_start']}"
+        f" at start, {info['load_average_at_end']} at the end; torch {info['torch']})"
+    )
     doc = {
         "machine": info,
         "settings": {name: dataclasses.asdict(s) for name, s in settings.items()},
@@ -240,9 +246,10 @@ def main(
         write_json(initial + after, json_path, flow_title, stages)
         for flow in initial + after:
             stage = "initial" if flow in initial else "trained"
+            n = flow.h_norm[0]
             echo(
-                f"gradient flow {stage:7} {flow.label:28} ||dL/dh_0|| / ||dL/dh_T-1|| = "
-                f"{flow.h_norm[0][0] / flow.h_norm[0][-1]:.3g}  (per step {flow.decay_per_step():.3f})"
+                f"gradient flow {stage:7} {flow.label:28} ||dL/dh_t|| at t = T-1: {n[-1]:.3g}, T-2: {n[-2]:.3g}, "
+                f"T/2: {n[T // 2]:.3g}, 0: {n[0]:.3g}; per step over [0, T-2]: {flow.decay_per_step(last=T - 1):.3f}"
             )
         paths += [png, json_path]
     for path in paths:

@@ -262,6 +262,8 @@ class RunResult:
     ``solved_at`` is the number of training sequences after which the stop criterion first held, ``None``
     when it did not within the budget. ``test_*`` are measured on :data:`TEST_SEQUENCES` fresh sequences,
     ``baseline_*`` on the same ones. ``curve`` holds ``(sequences, window error, window fraction correct)``.
+    ``seconds`` is the wall time of training, ``cpu_seconds`` the CPU time this process spent on it (on a
+    shared machine the second is the one that does not depend on the other jobs).
     """
 
     task: str
@@ -277,6 +279,7 @@ class RunResult:
     baseline_error: float
     baseline_correct: float
     seconds: float
+    cpu_seconds: float
     settings: dict[str, Any]
     curve: list[tuple[int, float, float]] = field(default_factory=list)
     model: SequenceModel | None = field(default=None, repr=False)
@@ -322,7 +325,7 @@ def train_on_task(
     window_error: collections.deque[float] = collections.deque(maxlen=WINDOW)
     window_correct: collections.deque[bool] = collections.deque(maxlen=WINDOW)
     curve: list[tuple[int, float, float]] = []
-    seen, solved_at, start = 0, None, time.perf_counter()
+    seen, solved_at, start, cpu_start = 0, None, time.perf_counter(), time.process_time()
     while seen < settings.budget:
         batch = task.sample(settings.batch, data).to(device)
         prediction = task.predict(model, batch)
@@ -348,7 +351,7 @@ def train_on_task(
             if not curve or curve[-1][0] != seen:
                 curve.append((seen, mean_error, fraction))
             break
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     test_error, test_correct = evaluate_task(model, task, test)
     baseline_error, baseline_correct = task.baseline(test)
     return RunResult(
@@ -365,6 +368,7 @@ def train_on_task(
         baseline_error=baseline_error,
         baseline_correct=baseline_correct,
         seconds=seconds,
+        cpu_seconds=cpu_seconds,
         settings=dataclasses.asdict(settings),
         curve=curve,
         model=model,
