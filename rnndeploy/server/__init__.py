@@ -1,8 +1,9 @@
-"""The rnndeploy inference server: KServe v2 / Open Inference Protocol (as Triton speaks it) over HTTP.
+"""The rnndeploy inference server: KServe v2 / Open Inference Protocol (as Triton speaks it), HTTP and gRPC.
 
 :class:`ModelServer` holds the model, the :class:`Limits` and the :class:`SequenceBatcher` (per-sequence
-state, concurrent steps batched); :func:`create_app` builds the Starlette (ASGI) app around it; :func:`serve`
-runs it with uvicorn, with slow-client guards and a bounded graceful shutdown.
+state, concurrent steps batched); :func:`create_app` builds the Starlette (ASGI) app around it (with
+``/metrics``); :mod:`rnndeploy.server.grpc_service` is the gRPC service around the same ModelServer;
+:func:`serve` runs both on one event loop, with slow-client guards and a bounded graceful shutdown.
 """
 
 from rnndeploy.server.app import ModelServer, create_app
