@@ -24,9 +24,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from rnndeploy import __version__
-from rnndeploy.runtime import StepInputError, StreamingSession
+from rnndeploy.runtime import ModelError, StepInputError, StreamingSession
 from rnndeploy.server.batcher import SequenceBatcher
 from rnndeploy.server.metrics import CONTENT_TYPE, RequestStats, registry_for, render
+from rnndeploy.server.models import ConfiguredModel, ModelSet
 from rnndeploy.server.protocol import (
     TO_DATATYPE,
     Decoded,
@@ -44,6 +45,13 @@ from rnndeploy.server.protocol import (
     sequence_parameters,
     vocabulary_size,
 )
+from rnndeploy.server.repository import (
+    CONFIG_FILE,
+    DEFAULT_IDLE_US,
+    ModelEntry,
+    RepositoryError,
+    read_repository,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _DIGITS = re.compile(r"[0-9]{1,19}")
@@ -55,7 +63,9 @@ class ModelServer:
 
     :meth:`infer` takes a :class:`Decoded` request, checks it against the model and the limits, runs it
     through the batcher and returns the outputs; every refusal is a :class:`RequestError` raised before the
-    step, so a refused request changes no state.
+    step, so a refused request changes no state. ``config`` is the model's ``config.pbtxt`` when it comes from
+    a model repository: requests are then checked against its inputs, the metadata lists its inputs and
+    outputs, and the server fills the graph's sequence control inputs (:class:`ConfiguredModel`).
     """
 
     def __init__(
@@ -69,9 +79,13 @@ class ModelServer:
         max_queue_delay_us: float = 500.0,
         idle_timeout_s: float = 60.0,
         worker_thread: bool = True,
+        config: ConfiguredModel | None = None,
     ) -> None:
         self.session = session
         self.model_name, self.model_version = model_name, model_version
+        self.config = config
+        self.platform = "onnxruntime_onnx" if config is None else config.platform
+        self.output_names = list(session.outputs) if config is None else config.output_names
         self.limits = limits or Limits()
         self.vocab_size = vocabulary_size(session)
         self.stats = RequestStats()
@@ -86,15 +100,10 @@ class ModelServer:
             worker_thread=worker_thread,
         )
 
-    def check_model(self, name: str, version: str | None) -> None:
-        if name != self.model_name:
-            raise RequestError(f"unknown model {name!r}; this server serves {self.model_name!r}", 404)
-        if version not in (None, "", self.model_version):
-            raise RequestError(
-                f"unknown version {version!r} of model {name!r}; available: {self.model_version}", 404
-            )
-
     def tensor_metadata(self) -> tuple[list[dict], list[dict]]:
+        if self.config is not None:
+            return self.config.tensor_metadata()
+
         def describe(spec) -> dict:
             shape = [d if isinstance(d, int) else -1 for d in spec.shape]
             return {"name": spec.name, "datatype": TO_DATATYPE[spec.dtype], "shape": shape}
@@ -107,9 +116,13 @@ class ModelServer:
     async def infer(self, request: Decoded) -> dict:
         """Check ``request`` against the model and the limits, run it, return ``{output_name: array}``."""
         if request.outputs is None:
-            request.outputs = [(name, request.binary_outputs) for name in self.session.outputs]
-        check_outputs(request.outputs, self.session)
-        arrays, rows, steps = check_model_input(self.session, request.arrays, self.limits, self.vocab_size)
+            request.outputs = [(name, request.binary_outputs) for name in self.output_names]
+        check_outputs(request.outputs, self.output_names)
+        arrays = request.arrays
+        if self.config is not None:
+            self.config.check_request(arrays)
+            arrays = {**arrays, **self.config.control_arrays(arrays, request.sequence_id, request.end)}
+        arrays, rows, steps = check_model_input(self.session, arrays, self.limits, self.vocab_size)
         size = response_bytes(self.session, arrays, rows, request.outputs)
         if size > self.limits.max_response_bytes:
             raise RequestError(
@@ -126,8 +139,78 @@ class ModelServer:
             raise RequestError(str(error)) from None
 
 
+def open_repository(
+    root,
+    *,
+    limits: Limits | None = None,
+    providers: str | None = None,
+    threads: int = 1,
+    worker_thread: bool = True,
+) -> ModelSet:
+    """Every ready version of every model of a Triton-style model repository, each a :class:`ModelServer`.
+
+    Each model's ``config.pbtxt`` gives its name, inputs and outputs, ``max_batch_size`` (the most sequences
+    per batched step), and from ``sequence_batching`` the idle timeout, the queue delay and the state pairs
+    (else the graph's ``rnndeploy.states`` metadata). ``onnxruntime`` models run their model file, ``python``
+    models (``rnndeploy export --triton-backend python``) the ``model.onnx`` next to their ``model.py``.
+    ``limits`` apply to each model. Raises :class:`RepositoryError` naming the file and the problem.
+    """
+    repository = read_repository(root)
+    servers = []
+    for entry in repository.models.values():
+        for version in entry.ready_versions:
+            servers.append(_repository_model(entry, version, limits, providers, threads, worker_thread))
+    return ModelSet(servers)
+
+
+def _repository_model(
+    entry: ModelEntry,
+    version: int,
+    limits: Limits | None,
+    providers: str | None,
+    threads: int,
+    worker_thread: bool,
+) -> ModelServer:
+    kind = entry.backend or entry.platform
+    if kind in ("onnxruntime", "onnxruntime_onnx"):
+        path = entry.model_file(version)
+    elif kind == "python":
+        path = entry.model_file(version).with_name("model.onnx")
+    else:
+        raise RepositoryError(
+            f"{entry.folder / CONFIG_FILE}: rnndeploy serve runs onnxruntime and python models (those "
+            f"rnndeploy export writes), not {kind!r}"
+        )
+    if not path.is_file():
+        hint = " (rnndeploy serve runs the model.onnx next to model.py)" if kind == "python" else ""
+        raise RepositoryError(f"{path}: missing; model {entry.name!r} version {version} needs it{hint}")
+    seq = entry.sequence_batching
+    states = {s.input_name: s.output_name for s in seq.states} if seq is not None and seq.states else None
+    try:
+        session = StreamingSession(
+            path,
+            states,
+            batch_axes=dict.fromkeys(states or (), 0),  # Triton's implicit state is batch-first
+            providers=providers,
+            threads=threads,
+        )
+    except ModelError as error:
+        raise RepositoryError(f"{path}: {error}") from None
+    return ModelServer(
+        session,
+        entry.name,
+        str(version),
+        limits=limits,
+        max_batch_size=max(entry.max_batch_size, 1),
+        max_queue_delay_us=seq.max_queue_delay_us if seq is not None else 0.0,
+        idle_timeout_s=(seq.max_sequence_idle_us if seq is not None else DEFAULT_IDLE_US) * 1e-6,
+        worker_thread=worker_thread,
+        config=ConfiguredModel(entry, session, str(path)),
+    )
+
+
 def create_app(
-    session: StreamingSession,
+    session: StreamingSession | None,
     model_name: str = "model",
     model_version: str = "1",
     *,
@@ -138,6 +221,7 @@ def create_app(
     body_timeout_s: float = 30.0,
     worker_thread: bool = True,
     model_server: ModelServer | None = None,
+    models: ModelSet | None = None,
 ) -> Starlette:
     """A Starlette (ASGI) app serving ``session`` as model ``model_name`` (version ``model_version``).
 
@@ -146,26 +230,32 @@ def create_app(
     sequences may cost (:class:`Limits`; 413 / 429 beyond), ``body_timeout_s`` answers 408 to a body not
     received in time, ``worker_thread`` runs batches in a worker thread (``False``: on the event loop, see
     :class:`SequenceBatcher`). ``model_server`` shares an existing :class:`ModelServer` (with a gRPC front
-    end); then the other model options are its own. The app starts and stops the batcher in its lifespan.
-    Run it with uvicorn (:func:`serve`).
+    end); then the other model options are its own. ``models`` serves several models and versions instead
+    (:func:`open_repository`; ``session`` is then ``None``), with ``POST /v2/repository/index``. The app
+    starts and stops the batchers in its lifespan. Run it with uvicorn (:func:`serve`).
     """
-    core = model_server or ModelServer(
-        session,
-        model_name,
-        model_version,
-        limits=limits,
-        max_batch_size=max_batch_size,
-        max_queue_delay_us=max_queue_delay_us,
-        idle_timeout_s=idle_timeout_s,
-        worker_thread=worker_thread,
-    )
-    batcher = core.batcher
+    if models is None:
+        models = ModelSet(
+            [
+                model_server
+                or ModelServer(
+                    session,
+                    model_name,
+                    model_version,
+                    limits=limits,
+                    max_batch_size=max_batch_size,
+                    max_queue_delay_us=max_queue_delay_us,
+                    idle_timeout_s=idle_timeout_s,
+                    worker_thread=worker_thread,
+                )
+            ]
+        )
 
     @asynccontextmanager
     async def lifespan(_: Starlette):
-        await batcher.start()
+        await models.start()
         yield
-        await batcher.stop()
+        await models.stop()
 
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
         return JSONResponse({"error": str(error.detail)}, error.status_code, headers=error.headers)
@@ -178,49 +268,60 @@ def create_app(
         logger.exception("internal error answering %s %s", request.method, request.url.path)
         return JSONResponse({"error": f"internal server error: {type(error).__name__}"}, 500)
 
-    def check_model(request: Request) -> None:
-        core.check_model(request.path_params["name"], request.path_params.get("version"))
+    def model_of(request: Request) -> ModelServer:
+        return models.get(request.path_params["name"], request.path_params.get("version"))
 
     async def live(_: Request) -> JSONResponse:
         return JSONResponse({"live": True})
 
     async def ready(_: Request) -> JSONResponse:
-        return JSONResponse({"ready": batcher.running}, 200 if batcher.running else 503)
+        return JSONResponse({"ready": models.running}, 200 if models.running else 503)
 
     async def server_metadata(_: Request) -> JSONResponse:
         extensions = ["binary_tensor_data", "sequence"]
         return JSONResponse({"name": "rnndeploy", "version": __version__, "extensions": extensions})
 
     async def model_metadata(request: Request) -> JSONResponse:
-        check_model(request)
+        core = model_of(request)
         inputs, outputs = core.tensor_metadata()
         return JSONResponse(
             {
-                "name": model_name,
-                "versions": [model_version],
-                "platform": "onnxruntime_onnx",
+                "name": core.model_name,
+                "versions": models.versions(core.model_name, request.path_params.get("version")),
+                "platform": core.platform,
                 "inputs": inputs,
                 "outputs": outputs,
             }
         )
 
     async def model_ready(request: Request) -> JSONResponse:
-        check_model(request)
-        return JSONResponse({"name": model_name, "ready": batcher.running}, 200 if batcher.running else 503)
+        core = model_of(request)
+        running = core.batcher.running
+        return JSONResponse({"name": core.model_name, "ready": running}, 200 if running else 503)
 
     async def model_stats(request: Request) -> JSONResponse:
-        check_model(request)
+        core = model_of(request)
+        batcher = core.batcher
         stats = {
-            "name": model_name,
-            "version": model_version,
+            "name": core.model_name,
+            "version": core.model_version,
             "inference_count": batcher.steps_run,
             "execution_count": batcher.batches_run,
             "live_sequences": len(batcher.live),
         }
         return JSONResponse({"model_stats": [stats]})
 
+    async def repository_index(request: Request) -> JSONResponse:
+        body = await _read_body(request, 2**16, body_timeout_s)
+        if body.strip():
+            try:
+                _dict(orjson.loads(body), "the repository index request")
+            except orjson.JSONDecodeError as error:
+                raise RequestError(f"the repository index request is not valid JSON: {error}") from None
+        return JSONResponse(models.index())
+
     async def infer(request: Request) -> Response:
-        check_model(request)
+        core = model_of(request)
         began = time.perf_counter()
         try:
             body = await _read_body(request, core.limits.max_body_bytes, body_timeout_s)
@@ -242,7 +343,7 @@ def create_app(
         return response
 
     async def metrics(_: Request) -> Response:
-        return Response(render(core.registry), media_type=CONTENT_TYPE)
+        return Response(render(models.registry), media_type=CONTENT_TYPE)
 
     model, versioned = "/v2/models/{name}", "/v2/models/{name}/versions/{version}"
     routes = [Route(f"{prefix}/infer", infer, methods=["POST"]) for prefix in (model, versioned)]
@@ -253,15 +354,16 @@ def create_app(
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/v2/repository/index", repository_index, methods=["POST"]),
     ]
-    model_name, model_version = core.model_name, core.model_version
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, RequestError: request_error, Exception: server_error},
     )
-    app.state.batcher = batcher
-    app.state.model_server = core
+    app.state.models = models
+    app.state.model_server = models.servers[0]
+    app.state.batcher = models.servers[0].batcher
     return app
 
 

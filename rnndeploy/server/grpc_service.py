@@ -6,10 +6,10 @@ The messages and the service stub are the generated modules that ship with ``tri
 Triton's releases, and no ``.proto`` is copied into this project or compiled at build time.
 
 Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig,
-ModelStatistics, ModelInfer (typed ``contents`` or ``raw_input_contents``; outputs always as
+ModelStatistics, RepositoryIndex, ModelInfer (typed ``contents`` or ``raw_input_contents``; outputs always as
 ``raw_output_contents``) and the bidirectional ModelStreamInfer, each request carrying the
 ``sequence_id`` (int64, uint64 or string) / ``sequence_start`` / ``sequence_end`` parameters. Other methods
-(repository, shared memory, trace, log settings) answer UNIMPLEMENTED. Requests go through the same
+(loading and unloading models, shared memory, trace, log settings) answer UNIMPLEMENTED. Requests go through the same
 :class:`~rnndeploy.server.app.ModelServer` (rules, limits, batcher) as HTTP ones; a refusal is the gRPC status
 Triton uses (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, ...) and, inside a stream, an
 ``error_message`` response that leaves the stream open. A step in flight when its stream is cancelled
@@ -32,6 +32,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from rnndeploy import __version__
 from rnndeploy.server.app import ModelServer
+from rnndeploy.server.models import ModelSet
 from rnndeploy.server.protocol import (
     TO_DATATYPE,
     Decoded,
@@ -123,29 +124,32 @@ def encode_response(core: ModelServer, decoded: Decoded, outputs: dict) -> pb.Mo
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """The KServe v2 / Triton gRPC service around one :class:`ModelServer`."""
+    """The KServe v2 / Triton gRPC service around one :class:`ModelServer` or a :class:`ModelSet`."""
 
-    def __init__(self, core: ModelServer) -> None:
-        self.core = core
+    def __init__(self, models: ModelServer | ModelSet) -> None:
+        self.models = models if isinstance(models, ModelSet) else ModelSet([models])
 
     async def _abort(self, context: grpc.aio.ServicerContext, error: RequestError):
         await context.abort(STATUS_CODES.get(error.status, grpc.StatusCode.INVALID_ARGUMENT), str(error))
 
-    def _check_model(self, name: str, version: str) -> None:
-        self.core.check_model(name, version or None)
+    async def _model(self, request, context) -> ModelServer:
+        try:
+            return self.models.get(request.name, request.version or None)
+        except RequestError as error:
+            await self._abort(context, error)
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.core.batcher.running)
+        return pb.ServerReadyResponse(ready=self.models.running)
 
     async def ModelReady(self, request, context):
         try:
-            self._check_model(request.name, request.version)
+            core = self.models.get(request.name, request.version or None)
         except RequestError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self.core.batcher.running)
+        return pb.ModelReadyResponse(ready=core.batcher.running)
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(
@@ -153,79 +157,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelMetadata(self, request, context):
-        try:
-            self._check_model(request.name, request.version)
-        except RequestError as error:
-            await self._abort(context, error)
-        inputs, outputs = self.core.tensor_metadata()
+        core = await self._model(request, context)
+        inputs, outputs = core.tensor_metadata()
         return pb.ModelMetadataResponse(
-            name=self.core.model_name,
-            versions=[self.core.model_version],
-            platform="onnxruntime_onnx",
+            name=core.model_name,
+            versions=self.models.versions(core.model_name, request.version or None),
+            platform=core.platform,
             inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in inputs],
             outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in outputs],
         )
 
     async def ModelConfig(self, request, context):
-        try:
-            self._check_model(request.name, request.version)
-        except RequestError as error:
-            await self._abort(context, error)
-        inputs, outputs = self.core.tensor_metadata()
-        config = config_pb2.ModelConfig(
-            name=self.core.model_name,
-            platform="onnxruntime_onnx",
-            backend="onnxruntime",
-            max_batch_size=0,  # the batch axis is part of each tensor's dims (-1)
-            input=[
-                config_pb2.ModelInput(name=t["name"], data_type=f"TYPE_{t['datatype']}", dims=t["shape"])
-                for t in inputs
-            ],
-            output=[
-                config_pb2.ModelOutput(name=t["name"], data_type=f"TYPE_{t['datatype']}", dims=t["shape"])
-                for t in outputs
-            ],
-            sequence_batching=config_pb2.ModelSequenceBatching(
-                max_sequence_idle_microseconds=int(self.core.batcher.idle_timeout_s * 1e6)
-            ),
-        )
-        return pb.ModelConfigResponse(config=config)
+        core = await self._model(request, context)
+        return pb.ModelConfigResponse(config=model_config(core))
 
     async def ModelStatistics(self, request, context):
         if request.name:
-            try:
-                self._check_model(request.name, request.version)
-            except RequestError as error:
-                await self._abort(context, error)
-        core, batcher, stats = self.core, self.core.batcher, self.core.stats
+            core = await self._model(request, context)
+            if request.version:
+                servers = [core]
+            else:
+                servers = [s for s in self.models.servers if s.model_name == core.model_name]
+        else:
+            servers = self.models.servers
+        return pb.ModelStatisticsResponse(model_stats=[_statistics(core) for core in servers])
 
-        def duration(count: int, seconds: float) -> pb.StatisticDuration:
-            return pb.StatisticDuration(count=count, ns=int(seconds * 1e9))
-
-        inference = pb.InferStatistics(
-            success=duration(stats.success, stats.request_s),
-            fail=duration(stats.failure, 0.0),
-            queue=duration(batcher.steps_run, batcher.queue_s),
-            compute_input=duration(stats.success, stats.input_s),
-            compute_infer=duration(batcher.steps_run, batcher.compute_s),
-            compute_output=duration(stats.success, stats.output_s),
+    async def RepositoryIndex(self, request, context):
+        return pb.RepositoryIndexResponse(
+            models=[pb.RepositoryIndexResponse.ModelIndex(**m) for m in self.models.index()]
         )
-        model = pb.ModelStatistics(
-            name=core.model_name,
-            version=core.model_version,
-            inference_count=batcher.rows_run,
-            execution_count=batcher.batches_run,
-            inference_stats=inference,
-            batch_stats=[
-                pb.InferBatchStatistics(batch_size=size, compute_infer=pb.StatisticDuration(count=n))
-                for size, n in sorted(batcher.batch_sizes.items())
-            ],
-        )
-        return pb.ModelStatisticsResponse(model_stats=[model])
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        self._check_model(request.model_name, request.model_version)
-        core = self.core
+        core = self.models.get(request.model_name, request.model_version or None)
         began = time.perf_counter()
         try:
             decoded = decode_request(request)
@@ -289,16 +252,88 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
 
-async def start_grpc_server(core: ModelServer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+def model_config(core: ModelServer) -> config_pb2.ModelConfig:
+    """The ``ModelConfig`` of a model: its config.pbtxt's fields that rnndeploy reads, else the graph's."""
+    entry = None if core.config is None else core.config.entry
+    if entry is None:
+        inputs, outputs = core.tensor_metadata()
+        return config_pb2.ModelConfig(
+            name=core.model_name,
+            platform="onnxruntime_onnx",
+            backend="onnxruntime",
+            max_batch_size=0,  # the batch axis is part of each tensor's dims (-1)
+            input=[
+                config_pb2.ModelInput(name=t["name"], data_type=f"TYPE_{t['datatype']}", dims=t["shape"])
+                for t in inputs
+            ],
+            output=[
+                config_pb2.ModelOutput(name=t["name"], data_type=f"TYPE_{t['datatype']}", dims=t["shape"])
+                for t in outputs
+            ],
+            sequence_batching=config_pb2.ModelSequenceBatching(
+                max_sequence_idle_microseconds=int(core.batcher.idle_timeout_s * 1e6)
+            ),
+        )
+    config = config_pb2.ModelConfig(
+        name=entry.name,
+        platform=core.platform,
+        backend=entry.backend,
+        max_batch_size=entry.max_batch_size,
+        input=[config_pb2.ModelInput(name=t.name, data_type=t.data_type, dims=t.dims) for t in entry.inputs],
+        output=[
+            config_pb2.ModelOutput(name=t.name, data_type=t.data_type, dims=t.dims) for t in entry.outputs
+        ],
+    )
+    seq = entry.sequence_batching
+    if seq is not None:
+        config.sequence_batching.max_sequence_idle_microseconds = seq.max_sequence_idle_us
+        for s in seq.states:
+            config.sequence_batching.state.add(
+                input_name=s.input_name, output_name=s.output_name, data_type=s.data_type, dims=s.dims
+            )
+    return config
+
+
+def _statistics(core: ModelServer) -> pb.ModelStatistics:
+    batcher, stats = core.batcher, core.stats
+
+    def duration(count: int, seconds: float) -> pb.StatisticDuration:
+        return pb.StatisticDuration(count=count, ns=int(seconds * 1e9))
+
+    inference = pb.InferStatistics(
+        success=duration(stats.success, stats.request_s),
+        fail=duration(stats.failure, 0.0),
+        queue=duration(batcher.steps_run, batcher.queue_s),
+        compute_input=duration(stats.success, stats.input_s),
+        compute_infer=duration(batcher.steps_run, batcher.compute_s),
+        compute_output=duration(stats.success, stats.output_s),
+    )
+    return pb.ModelStatistics(
+        name=core.model_name,
+        version=core.model_version,
+        inference_count=batcher.rows_run,
+        execution_count=batcher.batches_run,
+        inference_stats=inference,
+        batch_stats=[
+            pb.InferBatchStatistics(batch_size=size, compute_infer=pb.StatisticDuration(count=n))
+            for size, n in sorted(batcher.batch_sizes.items())
+        ],
+    )
+
+
+async def start_grpc_server(
+    models: ModelServer | ModelSet, host: str, port: int
+) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC service on the running event loop; returns ``(server, bound port)``."""
-    limits = core.limits
+    servicer = InferenceServicer(models)
+    limits = servicer.models.limits
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", limits.max_body_bytes),
             ("grpc.max_send_message_length", limits.max_response_bytes + 2**20),
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     try:
         bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     except RuntimeError:  # grpcio's "Failed to bind to address"

@@ -44,74 +44,101 @@ class RequestStats:
             self.rejected[limit] = self.rejected.get(limit, 0) + 1
 
 
-def _counter(name: str, documentation: str, labels: dict, value: float) -> Metric:
+def _counter(name: str, documentation: str) -> Metric:
     """A counter sampled under its own name (Triton's style: no ``_total``)."""
-    family = Metric(name, documentation, "counter")
-    family.add_sample(name, labels, value)
-    return family
+    return Metric(name, documentation, "counter")
 
 
 class _Collector:
-    def __init__(self, server) -> None:
-        self.server = server
+    """The metrics of one or more servers (a model repository: one per model version), labelled by each."""
+
+    def __init__(self, servers) -> None:
+        self.servers = servers
 
     def collect(self):
-        server, batcher = self.server, self.server.batcher
-        stats: RequestStats = server.stats
-        labels = {"model": server.model_name, "version": server.model_version}
-        us = 1e6
-        yield _counter("nv_inference_request_success", "Successful inference requests", labels, stats.success)
-        yield _counter("nv_inference_request_failure", "Failed inference requests", labels, stats.failure)
-        yield _counter("nv_inference_count", "Inferences performed (batch rows)", labels, batcher.rows_run)
-        yield _counter("nv_inference_exec_count", "Model executions (batches)", labels, batcher.batches_run)
-        pending = GaugeMetricFamily(
-            "nv_inference_pending_request_count", "Requests queued, not executing yet", labels=list(labels)
-        )
-        pending.add_metric(list(labels.values()), batcher.pending)
-        yield pending
-        for name, documentation, seconds in (
-            ("request", "Cumulative duration of successful requests (us)", stats.request_s),
-            ("queue", "Cumulative time requests waited in the queue (us)", batcher.queue_s),
-            ("compute_input", "Cumulative input decoding and checking time (us)", stats.input_s),
-            ("compute_infer", "Cumulative model run time of each request's batch (us)", batcher.compute_s),
-            ("compute_output", "Cumulative output encoding time (us)", stats.output_s),
-        ):
-            yield _counter(f"nv_inference_{name}_duration_us", documentation, labels, int(seconds * us))
-        live = GaugeMetricFamily("rnndeploy_live_sequences", "Live sequences", labels=list(labels))
-        live.add_metric(list(labels.values()), len(batcher.live))
-        yield live
-        for what, value in (
-            ("started", batcher.started),
-            ("ended", batcher.ended),
-            ("evicted", batcher.evicted),
-        ):
-            family = CounterMetricFamily(
-                f"rnndeploy_sequences_{what}", f"Sequences {what}", labels=list(labels)
+        names = ["model", "version"]
+        counters = {
+            name: _counter(name, documentation)
+            for name, documentation in (
+                ("nv_inference_request_success", "Successful inference requests"),
+                ("nv_inference_request_failure", "Failed inference requests"),
+                ("nv_inference_count", "Inferences performed (batch rows)"),
+                ("nv_inference_exec_count", "Model executions (batches)"),
+                ("nv_inference_request_duration_us", "Cumulative duration of successful requests (us)"),
+                ("nv_inference_queue_duration_us", "Cumulative time requests waited in the queue (us)"),
+                (
+                    "nv_inference_compute_input_duration_us",
+                    "Cumulative input decoding and checking time (us)",
+                ),
+                (
+                    "nv_inference_compute_infer_duration_us",
+                    "Cumulative model run time of each request's batch (us)",
+                ),
+                ("nv_inference_compute_output_duration_us", "Cumulative output encoding time (us)"),
             )
-            family.add_metric(list(labels.values()), value)
-            yield family
-        buckets, total, count = [], 0, 0
-        for bound in BATCH_BUCKETS:
-            count = sum(n for size, n in batcher.batch_sizes.items() if size <= bound)
-            buckets.append((str(bound), count))
-        count = sum(batcher.batch_sizes.values())
-        total = sum(size * n for size, n in batcher.batch_sizes.items())
-        buckets.append(("+Inf", count))
-        histogram = HistogramMetricFamily("rnndeploy_batch_size", "Steps per batch", labels=list(labels))
-        histogram.add_metric(list(labels.values()), buckets, total)
-        yield histogram
-        rejected = CounterMetricFamily(
-            "rnndeploy_rejected_requests", "Requests refused by a limit", labels=[*labels, "limit"]
+        }
+        pending = GaugeMetricFamily(
+            "nv_inference_pending_request_count", "Requests queued, not executing yet", labels=names
         )
-        for limit, value in sorted(stats.rejected.items()):
-            rejected.add_metric([*labels.values(), limit], value)
+        live = GaugeMetricFamily("rnndeploy_live_sequences", "Live sequences", labels=names)
+        sequences = {
+            what: CounterMetricFamily(f"rnndeploy_sequences_{what}", f"Sequences {what}", labels=names)
+            for what in ("started", "ended", "evicted")
+        }
+        histogram = HistogramMetricFamily("rnndeploy_batch_size", "Steps per batch", labels=names)
+        rejected = CounterMetricFamily(
+            "rnndeploy_rejected_requests", "Requests refused by a limit", labels=[*names, "limit"]
+        )
+        us = 1e6
+        for server in self.servers:
+            batcher, stats = server.batcher, server.stats
+            values = [server.model_name, server.model_version]
+            labels = dict(zip(names, values))
+            for name, value in (
+                ("nv_inference_request_success", stats.success),
+                ("nv_inference_request_failure", stats.failure),
+                ("nv_inference_count", batcher.rows_run),
+                ("nv_inference_exec_count", batcher.batches_run),
+                ("nv_inference_request_duration_us", int(stats.request_s * us)),
+                ("nv_inference_queue_duration_us", int(batcher.queue_s * us)),
+                ("nv_inference_compute_input_duration_us", int(stats.input_s * us)),
+                ("nv_inference_compute_infer_duration_us", int(batcher.compute_s * us)),
+                ("nv_inference_compute_output_duration_us", int(stats.output_s * us)),
+            ):
+                counters[name].add_sample(name, labels, value)
+            pending.add_metric(values, batcher.pending)
+            live.add_metric(values, len(batcher.live))
+            for what, value in (
+                ("started", batcher.started),
+                ("ended", batcher.ended),
+                ("evicted", batcher.evicted),
+            ):
+                sequences[what].add_metric(values, value)
+            buckets = []
+            for bound in BATCH_BUCKETS:
+                buckets.append(
+                    (str(bound), sum(n for size, n in batcher.batch_sizes.items() if size <= bound))
+                )
+            buckets.append(("+Inf", sum(batcher.batch_sizes.values())))
+            total = sum(size * n for size, n in batcher.batch_sizes.items())
+            histogram.add_metric(values, buckets, total)
+            for limit, value in sorted(stats.rejected.items()):
+                rejected.add_metric([*values, limit], value)
+        order = ["nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
+                 "nv_inference_exec_count"]  # fmt: skip
+        yield from (counters[name] for name in order)
+        yield pending
+        yield from (counters[name] for name in counters if name not in order)
+        yield live
+        yield from sequences.values()
+        yield histogram
         yield rejected
 
 
-def registry_for(server) -> CollectorRegistry:
-    """A registry of its own (not prometheus_client's global one) holding ``server``'s metrics."""
+def registry_for(*servers) -> CollectorRegistry:
+    """A registry of its own (not prometheus_client's global one) holding the metrics of ``servers``."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(server))
+    registry.register(_Collector(servers))
     return registry
 
 

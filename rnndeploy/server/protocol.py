@@ -240,10 +240,11 @@ def sequence_parameters(parameters: Mapping) -> tuple[Hashable | None, bool, boo
     return sequence_id, start, end
 
 
-def check_outputs(requested: list[tuple[str, bool]], session: StreamingSession) -> None:
+def check_outputs(requested: list[tuple[str, bool]], outputs: list[str]) -> None:
+    """Every requested output is one of the model's ``outputs``."""
     for name, _ in requested:
-        if name not in session.outputs:
-            raise RequestError(f"unknown output {_short(name)}; outputs: {list(session.outputs)}")
+        if name not in outputs:
+            raise RequestError(f"unknown output {_short(name)}; outputs: {outputs}")
 
 
 def vocabulary_size(session: StreamingSession) -> int | None:

@@ -32,6 +32,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from rnndeploy.runtime import StreamingSession
 from rnndeploy.server.app import ModelServer, create_app
+from rnndeploy.server.models import ModelSet
 from rnndeploy.server.protocol import Limits
 
 
@@ -125,7 +126,7 @@ class _Server(uvicorn.Server):
 
 
 def serve(
-    session: StreamingSession,
+    session: StreamingSession | ModelSet,
     host: str = "127.0.0.1",
     port: int = 8000,
     model_name: str = "model",
@@ -145,17 +146,24 @@ def serve(
 ) -> None:
     """Serve ``session`` over HTTP until SIGINT/SIGTERM, then shut down within ``shutdown_timeout_s``.
 
+    ``session`` may be a :class:`ModelSet` instead (a model repository: :func:`open_repository`), whose
+    models carry their own options (``model_name``, ``limits`` and ``model_options`` are then not used).
+
     ``access_log`` logs every request (off by default: a log record per step costs CPU on every step).
     uvicorn uses httptools and uvloop (dependencies of rnndeploy). ``model_options`` go to
     :class:`ModelServer` (batching, eviction, worker thread); ``limits`` bound each request's cost; the slow-
     client guards are described in this module's docstring. ``grpc_port`` serves gRPC too (``None``: off;
     0: any free port), ``metrics_port`` serves ``/metrics`` on a port of its own as well (it is always on the
-    HTTP port). ``on_ready`` is called once the server accepts requests, with ``{"model", "version", "http":
-    "http://host:port", "grpc": "host:port" or None, "metrics": URL}`` (the ports actually bound, also for 0).
+    HTTP port). ``on_ready`` is called once the server accepts requests, with ``{"model", "version", "models":
+    {name: [versions]}, "http": "http://host:port", "grpc": "host:port" or None, "metrics": URL}`` (the ports
+    actually bound, also for 0; ``model`` and ``version`` are the first model's).
     Raises :class:`ServeError` when a port cannot be bound.
     """
-    core = ModelServer(session, model_name, limits=limits, **model_options)
-    app = create_app(session, model_server=core, body_timeout_s=body_timeout_s)
+    if isinstance(session, ModelSet):
+        models = session
+    else:
+        models = ModelSet([ModelServer(session, model_name, limits=limits, **model_options)])
+    app = create_app(None, models=models, body_timeout_s=body_timeout_s)
     config = uvicorn.Config(
         app,
         host=host,
@@ -182,7 +190,7 @@ def serve(
         from prometheus_client import start_http_server
 
         try:
-            metrics_server, _ = start_http_server(metrics_port, addr=host, registry=core.registry)
+            metrics_server, _ = start_http_server(metrics_port, addr=host, registry=models.registry)
         except OSError as error:
             sock.close()
             raise ServeError(
@@ -202,7 +210,7 @@ def serve(
             from rnndeploy.server.grpc_service import start_grpc_server
 
             try:
-                grpc_server, bound = await start_grpc_server(core, host, grpc_port)
+                grpc_server, bound = await start_grpc_server(models, host, grpc_port)
             except OSError as error:
                 server.should_exit = True
                 await task
@@ -212,8 +220,9 @@ def serve(
         if on_ready is not None:
             on_ready(
                 {
-                    "model": core.model_name,
-                    "version": core.model_version,
+                    "model": models.servers[0].model_name,
+                    "version": models.servers[0].model_version,
+                    "models": {name: list(versions) for name, versions in models.by_name.items()},
                     "http": f"http://{shown}:{bound_port}",
                     "grpc": grpc_address,
                     "metrics": metrics_url,

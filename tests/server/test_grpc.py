@@ -94,8 +94,10 @@ def test_every_grpc_method(lm_bytes):
             and "unknown sequence 5" in error.value.message()
         )
         stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
+        index = stub.RepositoryIndex(pb.RepositoryIndexRequest())
+        assert [(m.name, m.version, m.state) for m in index.models] == [("lm", "1", "READY")]
         with pytest.raises(grpc.RpcError) as error:
-            stub.RepositoryIndex(pb.RepositoryIndexRequest())
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="lm"))
         assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
