@@ -521,7 +521,7 @@ def info_command(model, states, constants, provider, threads) -> None:
 
 
 @main.command("serve")
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, help="HTTP port (0: any free port, printed).")
 @click.option("--grpc-port", default=8001, show_default=True, help="gRPC port (0: no gRPC).")
@@ -585,6 +585,12 @@ def serve_command(
 ) -> None:
     """Serve a model with the KServe v2 protocol of Triton Inference Server over HTTP and gRPC.
 
+    MODEL is an .onnx file, or a Triton-style model repository (a folder of <model>/config.pbtxt and
+    numbered version folders, as rnndeploy export --triton-repo writes): every ready version of every model
+    is served, each config.pbtxt giving the model's name, inputs and outputs, max_batch_size and, from
+    sequence_batching, its idle timeout, queue delay and state pairs (in place of --name, --state, --const,
+    --max-batch-size, --max-queue-delay-us and --idle-timeout).
+
     Stateful models keep one state per sequence (sequence_id / sequence_start / sequence_end request
     parameters; a gRPC stream per sequence with tritonclient.grpc); steps of concurrent sequences run as one
     batch, whichever protocol they came by. Prometheus metrics at /metrics. Prints the model and its URLs
@@ -605,12 +611,37 @@ def serve_command(
         )
     except ValueError as error:
         raise click.ClickException(str(error)) from error
-    session = _open_session(model, states, constants, provider, threads)
+    if model.is_dir():
+        from rnndeploy.runtime import ProviderError
+        from rnndeploy.server import open_repository
+        from rnndeploy.server.repository import RepositoryError
+
+        given = [o for o, v in (("--name", name), ("--state", states), ("--const", constants)) if v]
+        if given:
+            raise click.ClickException(
+                f"{', '.join(given)} apply to one .onnx file; {model} is a model repository, whose "
+                "config.pbtxt files name the models and their inputs"
+            )
+        try:
+            session = open_repository(
+                model, limits=limits, providers=provider, threads=threads, worker_thread=worker_thread
+            )
+        except (RepositoryError, ProviderError) as error:
+            raise click.ClickException(str(error)) from error
+    else:
+        session = _open_session(model, states, constants, provider, threads)
 
     def ready(where: dict) -> None:
         model_url = f"{where['http']}/v2/models/{where['model']}"
-        click.echo(f"Serving model '{where['model']}' (version {where['version']}) from {model}")
-        click.echo(f"  HTTP (KServe v2): {model_url}/infer   health: {where['http']}/v2/health/ready")
+        if model.is_dir():
+            click.echo(f"Serving the model repository {model}")
+            for served, versions in where["models"].items():
+                click.echo(f"  model '{served}' (versions {', '.join(versions)})")
+                click.echo(f"    HTTP (KServe v2): {where['http']}/v2/models/{served}/infer")
+            click.echo(f"  HTTP health: {where['http']}/v2/health/ready")
+        else:
+            click.echo(f"Serving model '{where['model']}' (version {where['version']}) from {model}")
+            click.echo(f"  HTTP (KServe v2): {model_url}/infer   health: {where['http']}/v2/health/ready")
         if where["grpc"] is not None:
             click.echo(f"  gRPC (KServe v2, streaming): {where['grpc']}")
         click.echo(f"  metrics (Prometheus): {where['metrics']}")

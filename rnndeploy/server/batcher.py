@@ -167,7 +167,8 @@ class SequenceBatcher:
     def unknown(self, sequence_id: Hashable) -> SequenceError:
         return SequenceError(
             f"unknown sequence {sequence_id!r} (evicted after {self.idle_timeout_s:g} s idle, ended, or started "
-            "before this server's restart): send its first step with sequence_start=true"
+            "before this server's restart): requests must specify the START flag on the first request of the "
+            "sequence (sequence_start=true)"
         )
 
     def _admit(self, sequence_id: Hashable, batch: int, start: bool, end: bool) -> None:

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import platform
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -26,12 +24,19 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
 from rnndeploy import ModelConfig, SequenceModel
-from rnndeploy.export import export_onnx, write_triton_repository
+from rnndeploy.export import write_triton_repository
+
+from ..tritonserver_helpers import (
+    Reference,
+    Request,
+    _free_port,
+    _server_files,
+    reference_outputs,
+)
 
 http = pytest.importorskip("tritonclient.http")
 grpc = pytest.importorskip("tritonclient.grpc")
@@ -45,61 +50,6 @@ STEPS = 8
 STARTUP_S = 120
 RESPONSE_S = 120
 TOL = dict(atol=1e-5, rtol=1e-4)
-
-
-def _server_files() -> Path:
-    """``pytriton/tritonserver`` of the installed wheel; skips only where the wheel cannot run."""
-    machine = f"{platform.system()} {platform.machine()}"
-    if machine != "Linux x86_64":
-        pytest.skip(f"nvidia-pytriton's tritonserver is built for Linux x86_64 only; this is {machine}")
-    libc, version = platform.libc_ver()
-    if libc != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
-        pytest.skip(f"nvidia-pytriton's wheel is manylinux_2_35 (glibc >= 2.35); this is {libc} {version}")
-    try:
-        dist = importlib.metadata.distribution("nvidia-pytriton")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.fail("nvidia-pytriton is not installed: install the [dev] extra (pip install -e '.[dev]')")
-    root = Path(dist.locate_file("pytriton/tritonserver"))
-    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    if not (root / "python_backend_stubs" / pyver / "triton_python_backend_stub").is_file():
-        pytest.skip(f"nvidia-pytriton {dist.version} has no Python-backend stub for Python {pyver}")
-    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
-        pytest.skip(f"the Python-backend stub links libpython{pyver}.so; this Python is built without it")
-    return root
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Reference:
-    """A model's plain exported graph (``h0``/``c0`` ``[L*D, batch, H]``), run offline by onnxruntime."""
-
-    session: ort.InferenceSession
-    state_names: list[str]
-    rows: int
-    hidden: int
-    features: int | None  # None: token ids
-
-    @classmethod
-    def export(cls, model: SequenceModel, path: Path) -> Reference:
-        export_onnx(model, path)
-        c = model.config
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        features = None if c.vocab_size is not None else c.input_size
-        return cls(session, list(c.state_names), c.num_layers * c.num_directions, c.hidden_size, features)
-
-    def encode(self, tokens: tuple[int, ...]) -> np.ndarray:
-        """``[1, T]`` int64 token ids, or ``[1, T, F]`` float32 features (a fixed row per token)."""
-        if self.features is None:
-            return np.array([tokens], np.int64)
-        return FEATURES[None, list(tokens), : self.features]
-
-
-FEATURES = np.random.default_rng(0).standard_normal((11, 4)).astype(np.float32)
 
 
 @dataclass
@@ -227,19 +177,6 @@ def server(tmp_path_factory) -> Server:
 # --- the streams: who sends what at which step ---
 
 
-@dataclass(frozen=True)
-class Request:
-    seq: int  # sequence id (never 0: not a valid id for a sequence model)
-    step: int
-    tokens: tuple[int, ...]
-    start: bool
-    end: bool
-
-    @property
-    def key(self) -> str:
-        return f"{self.seq}:{self.step}"
-
-
 def plan(base: int) -> tuple[list[list[Request]], int]:
     """16 concurrent sequences ``base+1 .. base+16`` over ``STEPS`` steps, and the one that idles out.
 
@@ -261,20 +198,6 @@ def plan(base: int) -> tuple[list[list[Request]], int]:
             batch.append(Request(base + s, t, tokens, start, end))
         steps.append(batch)
     return steps, base + 16
-
-
-def reference_outputs(ref: Reference, requests: list[Request]) -> dict[str, np.ndarray]:
-    """Each sequence alone through the plain graph, state fed back, zero state on START."""
-    out, state = {}, {}
-    names = ["output", *(f"{s}n" for s in ref.state_names)]
-    for r in sorted(requests, key=lambda r: (r.seq, r.step)):
-        if r.start:
-            state[r.seq] = [np.zeros((ref.rows, 1, ref.hidden), np.float32) for _ in ref.state_names]
-        feed = {"input": ref.encode(r.tokens)}
-        feed.update({f"{s}0": v for s, v in zip(ref.state_names, state[r.seq])})
-        y, *state[r.seq] = ref.session.run(names, feed)
-        out[r.key] = y
-    return out
 
 
 def assert_equal_outputs(
