@@ -163,7 +163,7 @@ def test_the_untrained_model_scores_near_the_baseline():
     assert error > baseline and 0 <= correct < 0.5
 
 
-def test_bench_memory_command(tmp_path):
+def test_bench_memory_command(tmp_path, one_thread):  # the command sets torch threads: restore them after
     args = ["bench", "memory", "--quick", "--budget", "256", "--cells", "rnn,lstm", "--device", "cpu",
             "--out", str(tmp_path)]  # fmt: skip
     result = CliRunner().invoke(main, args)
