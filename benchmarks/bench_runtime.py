@@ -261,7 +261,17 @@ def bench_server(model_path: Path, concurrency: list[int], steps: int, repeats: 
     try:
         for mode, flags in modes.items():
             ports[mode] = _free_port()
-            command = [sys.executable, "-m", "rnndeploy", "serve", str(model_path), "--name", "lm"]
+            command = [
+                sys.executable,
+                "-m",
+                "rnndeploy",
+                "serve",
+                str(model_path),
+                "--name",
+                "lm",
+                "--grpc-port",
+                "0",
+            ]
             servers[mode] = subprocess.Popen(
                 command + ["--port", str(ports[mode]), "--log-level", "warning", "--provider", "cpu", *flags],
                 stdout=subprocess.DEVNULL,

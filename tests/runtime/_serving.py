@@ -29,6 +29,8 @@ def serving(path, *options: str) -> Iterator[str]:
         "lm",
         "--port",
         str(port),
+        "--grpc-port",
+        "0",  # HTTP only: the default gRPC port (8001) may be taken by another server on this machine
         *options,
     ]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
