@@ -147,7 +147,7 @@ class ConfiguredModel:
                         f"model {self.entry.name!r} takes the sequence id as {control.data_type} "
                         f"(its CORRID control {control.name!r}): sequence_id must be an integer, got {value!r}"
                     )
-                if not np.can_cast(np.min_scalar_type(value), dtype):
+                if not np.iinfo(dtype).min <= value <= np.iinfo(dtype).max:
                     raise RequestError(
                         f"sequence_id {value} does not fit the {control.data_type} CORRID control "
                         f"{control.name!r} of model {self.entry.name!r}"
