@@ -260,4 +260,4 @@ def main(
 if __name__ == "__main__":
     from rnndeploy.cli import main as cli
 
-    cli(["bench", "memory", *sys.argv[1:]])
+    cli(["bench", "memory", *sys.argv[1:]], prog_name="rnndeploy")

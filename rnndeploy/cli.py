@@ -935,7 +935,12 @@ def bench_kernels(
 )
 @click.option("--default-init", is_flag=True, help="Keep torch's initialisation (no --gate-bias).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--grad-t", type=int, default=None, help="T of the gradient-flow picture [default: middle T].")
+@click.option(
+    "--grad-t",
+    type=click.IntRange(min=12),
+    default=None,
+    help="T of the gradient-flow picture [default: middle T].",
+)
 @click.option(
     "--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads."
 )
@@ -971,6 +976,12 @@ def bench_memory(tasks, cells, lengths, backends, device, budget, hidden, batch,
     torch.set_num_threads(threads)
     if quick:
         lengths, budget, grad_t = [20], budget or 2000, None
+    if not lengths or min(lengths) < (12 if "adding" in tasks else 1):
+        raise click.BadParameter(
+            f"give lengths >= 12 for the adding problem (ten candidates for its first marker), >= 1 for copy; "
+            f"got {lengths}",
+            param_hint="--lengths",
+        )
     from rnndeploy.longlag import TrainSettings
 
     defaults = {"adding": (100_000, 3e-3), "copy": (60_000, 1e-2)}

@@ -181,3 +181,8 @@ def test_bench_memory_command(tmp_path, one_thread):  # the command sets torch t
     ]
     for name in ("memory.csv", "memory.png", "memory-gradflow.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_bench_memory_refuses_short_adding_lengths():
+    result = CliRunner().invoke(main, ["bench", "memory", "--tasks", "adding", "--lengths", "8,50"])
+    assert result.exit_code == 2 and "lengths >= 12 for the adding problem" in result.output
