@@ -397,7 +397,7 @@ def model_regs(cfg: KernelConfig, H: int, dtype: torch.dtype) -> int:
         M = 4 * cfg.BH if G > 1 else cfg.BH
         held = 0 if cfg.STREAM_W else M * K * es
         operand = (M * cfg.BKC + cfg.BKC * cfg.BB) * es if cfg.STREAM_W else K * cfg.BB * es
-        live = (M * cfg.BB * 2 + 3 * cfg.BH * cfg.BB) * 4  # accumulator + gate tiles, state and outputs
+        live = (M * cfg.BB * 3 + 3 * cfg.BH * cfg.BB) * 4  # accumulator, its gate split, state and outputs
     else:
         if cfg.STREAM_W:
             held = 0
