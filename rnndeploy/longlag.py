@@ -69,7 +69,6 @@ class AddingProblem:
 
     T: int
     name: str = "adding"
-    metric: str = "squared error"
 
     def __post_init__(self) -> None:
         if self.T < 12:
@@ -152,7 +151,6 @@ class CopyTask:
     symbols: int = 5
     alphabet: int = 4
     name: str = "copy"
-    metric: str = "cross-entropy (nats/symbol)"
 
     def __post_init__(self) -> None:
         if self.T < 1 or self.symbols < 1 or self.alphabet < 2:
@@ -215,7 +213,7 @@ class TrainSettings:
         hidden: hidden units; batch: sequences per optimizer step; lr: Adam learning rate; clip: gradient-norm
             clipping (0: none); budget: most training sequences; seed: initialisation and data seed;
         backend: ``SequenceModel`` backend; device: where to train; curve_every: sequences between points of
-            the learning curve.
+            the learning curve; gate_bias: :func:`set_gate_bias` value for LSTM/GRU (``None``: torch's init).
     """
 
     hidden: int = 32
