@@ -677,7 +677,7 @@ def serve_command(
 
 @main.group()
 def bench() -> None:
-    """Benchmarks; each prints a table and writes JSON, CSV and a PNG under benchmarks/results/."""
+    """Benchmarks; each prints a table and writes JSON, CSV and a PNG under ./bench-results (or --out)."""
 
 
 @bench.command("runtime")
@@ -820,7 +820,7 @@ def write_kernel_results(
 @click.option(
     "--out",
     "out_dir",
-    default="benchmarks/results",
+    default=Path("bench-results"),
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
     help="Where the JSON, CSV and PNG go.",
@@ -945,7 +945,13 @@ def bench_kernels(
     "--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads."
 )
 @click.option("--quick", is_flag=True, help="T=20 and 2000 sequences per run (a smoke run).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Results folder.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("bench-results"),
+    show_default=True,
+    help="Results folder.",
+)
 def bench_memory(tasks, cells, lengths, backends, device, budget, hidden, batch, lr, gate_bias, default_init,
                  seed, grad_t, threads, quick, out) -> None:  # fmt: skip
     """Long time lags: Elman RNN, LSTM and GRU on the adding problem and the copy task (CPU: minutes).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,11 +164,16 @@ def test_the_untrained_model_scores_near_the_baseline():
     assert error > baseline and 0 <= correct < 0.5
 
 
-def test_bench_memory_command(tmp_path, one_thread):  # the command sets torch threads: restore them after
-    args = ["bench", "memory", "--quick", "--budget", "256", "--cells", "rnn,lstm", "--device", "cpu",
-            "--out", str(tmp_path)]  # fmt: skip
+def test_bench_memory_command(tmp_path, monkeypatch, one_thread):  # it sets torch threads: restored after
+    """Without --out a user's run writes under the current folder, never into the source tree."""
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "memory.json"
+    before = committed.stat().st_mtime_ns if committed.exists() else None
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "memory", "--quick", "--budget", "256", "--cells", "rnn,lstm", "--device", "cpu"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
+    assert (committed.stat().st_mtime_ns if committed.exists() else None) == before
+    tmp_path = tmp_path / "bench-results"
     assert "adding   20 lstm" in result.output and "copy     20 rnn" in result.output
     doc = json.loads((tmp_path / "memory.json").read_text())
     assert doc["machine"]["commit"] and doc["machine"]["torch"] == torch.__version__
