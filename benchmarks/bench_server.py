@@ -41,11 +41,11 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import onnx
+from kserve_load import HEADER_LENGTH, request_body  # this folder: python benchmarks/bench_server.py
 
 from rnndeploy.provenance import git_commit
 from rnndeploy.runtime import testing
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
 VOCAB = [chr(ord("0") + i) for i in range(64)]
 MAX_ROWS, MAX_STEPS = 1, 4096  # the longest request the default limits allow (max_steps = rows x steps)
 
@@ -92,22 +92,6 @@ class Server:
         return self.process.wait(60)
 
 
-def step_body(token: int, sequence_id: int, start: bool, end: bool) -> tuple[bytes, dict]:
-    header = {
-        "inputs": [
-            {"name": "input", "shape": [1, 1], "datatype": "INT64", "parameters": {"binary_data_size": 8}}
-        ],
-        "parameters": {
-            "sequence_id": sequence_id,
-            "sequence_start": start,
-            "sequence_end": end,
-            "binary_data_output": True,
-        },
-    }
-    text = json.dumps(header).encode()
-    return text + np.array([[token]], np.int64).tobytes(), {HEADER_LENGTH: str(len(text))}
-
-
 def maximal_body() -> tuple[bytes, dict]:
     header = {
         "inputs": [
@@ -135,7 +119,7 @@ async def stepping(
 ) -> None:
     t = 0
     while not stop.is_set():
-        body, headers = step_body((sequence_id + t) % len(VOCAB), sequence_id, t % 100 == 0, t % 100 == 99)
+        body, headers = request_body(sequence_id, (sequence_id + t) % len(VOCAB), t % 100 == 0, t % 100 == 99)
         began = time.perf_counter()
         async with client.post(url, data=body, headers=headers) as reply:
             await reply.read()
@@ -144,7 +128,7 @@ async def stepping(
         latencies.append(time.perf_counter() - began)
         t += 1
     if t % 100:  # end the open sequence
-        body, headers = step_body(0, sequence_id, False, True)
+        body, headers = request_body(sequence_id, 0, False, True)
         async with client.post(url, data=body, headers=headers) as reply:
             await reply.read()
 
@@ -205,7 +189,7 @@ async def one_step_latency(server: Server, steps: int, beside_maximal: int) -> d
                 await asyncio.sleep(0.1)
         t = 0
         while (len(big) < beside_maximal) if beside_maximal else (t < steps):
-            step, step_headers = step_body(t % len(VOCAB), 777, t == 0, False)
+            step, step_headers = request_body(777, t % len(VOCAB), t == 0, False)
             began = time.perf_counter()
             async with client.post(url, data=step, headers=step_headers) as reply:
                 await reply.read()
