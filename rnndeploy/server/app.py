@@ -1,8 +1,10 @@
 """KServe v2 / Open Inference Protocol over HTTP, as Triton Inference Server speaks it, on Starlette.
 
 Endpoints: ``/v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{name}[/versions/{v}]``,
-``.../ready``, ``.../stats`` (step and batch counts), ``.../infer`` and ``/metrics`` (Prometheus, Triton's
-names: :mod:`rnndeploy.server.metrics`). Tensors travel as JSON or with the
+``.../ready``, ``.../stats`` (step and batch counts), ``.../config`` (Triton's ModelConfig as JSON),
+``.../infer``, ``POST /v2/repository/index`` and ``/metrics`` (Prometheus, Triton's names:
+:mod:`rnndeploy.server.metrics`); several models and versions through a :class:`ModelSet` (a model
+repository: :func:`open_repository`). Tensors travel as JSON or with the
 binary tensor data extension (``Inference-Header-Content-Length``); stateful models are served per
 sequence (``sequence_id``, ``sequence_start``, ``sequence_end`` request parameters) through a
 :class:`SequenceBatcher`, so a stock ``tritonclient.http.InferenceServerClient`` works unchanged.
@@ -294,6 +296,16 @@ def create_app(
             }
         )
 
+    async def model_config(request: Request) -> JSONResponse:
+        # Triton's ModelConfig message (tritonclient's generated module), as the gRPC ModelConfig builds it
+        from google.protobuf.json_format import MessageToDict
+
+        from rnndeploy.server.grpc_service import model_config
+
+        config = MessageToDict(model_config(model_of(request)), preserving_proto_field_name=True)
+        config.setdefault("max_batch_size", 0)  # protobuf's JSON leaves zeros out; Triton writes this one
+        return JSONResponse(config)
+
     async def model_ready(request: Request) -> JSONResponse:
         core = model_of(request)
         running = core.batcher.running
@@ -347,7 +359,12 @@ def create_app(
 
     model, versioned = "/v2/models/{name}", "/v2/models/{name}/versions/{version}"
     routes = [Route(f"{prefix}/infer", infer, methods=["POST"]) for prefix in (model, versioned)]
-    for suffix, endpoint in (("", model_metadata), ("/ready", model_ready), ("/stats", model_stats)):
+    for suffix, endpoint in (
+        ("", model_metadata),
+        ("/ready", model_ready),
+        ("/stats", model_stats),
+        ("/config", model_config),
+    ):
         routes += [Route(prefix + suffix, endpoint, methods=["GET"]) for prefix in (model, versioned)]
     routes += [
         Route("/v2/health/live", live, methods=["GET"]),

@@ -162,6 +162,11 @@ def test_metadata_index_and_routing(client):
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 1]}],
         "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}],
     }
+    config = client.get("/v2/models/counter/versions/1/config").json()
+    assert (config["name"], config["backend"], config["max_batch_size"]) == ("counter", "onnxruntime", 4)
+    sequence = config["sequence_batching"]
+    assert sequence["max_sequence_idle_microseconds"] == "5000000"  # uint64: a string in protobuf's JSON
+    assert [(s["input_name"], s["output_name"]) for s in sequence["state"]] == [("total_in", "total_out")]
     assert client.post("/v2/repository/index").json() == [
         {"name": "counter", "version": "1", "state": "READY"},
         {"name": "lm", "version": "1", "state": "READY"},

@@ -168,9 +168,27 @@ def _reference(repo: Repository, model: str, version: str) -> Reference:
     return repo.references[(model, version or max(v for m, v in repo.references if m == model))]
 
 
+def config_fields(config: dict) -> dict:
+    """What a model config says of the fields rnndeploy serve reads (64-bit integers arrive as JSON strings)."""
+
+    def tensors(key: str) -> list:
+        return [(t["name"], t["data_type"], [int(d) for d in t["dims"]]) for t in config.get(key, [])]
+
+    seq = config.get("sequence_batching", {})
+    return {
+        "name": config["name"],
+        "backend": config["backend"],
+        "max_batch_size": config["max_batch_size"],
+        "input": tensors("input"),
+        "output": tensors("output"),
+        "idle_us": int(seq.get("max_sequence_idle_microseconds", 0)),
+    }
+
+
 @dataclass
 class Answers:
     metadata: dict  # (protocol, model, version) -> metadata
+    config: dict  # (protocol, model, version) -> the config fields rnndeploy reads
     index: dict  # protocol -> repository index
     outputs: dict  # (protocol, request key) -> (model_version answered, output)
     refusals: dict  # what -> error message
@@ -178,7 +196,7 @@ class Answers:
 
 def client_script(urls: Urls, repo: Repository) -> Answers:
     """What a Triton user's client does; it knows nothing of the server it talks to."""
-    answers = Answers({}, {}, {}, {})
+    answers = Answers({}, {}, {}, {}, {})
     client = http.InferenceServerClient(urls.http, concurrency=len(ROUTES))
     stream_client = grpc.InferenceServerClient(urls.grpc)
     responses: queue.Queue = queue.Queue()
@@ -187,6 +205,10 @@ def client_script(urls: Urls, repo: Repository) -> Answers:
             answers.metadata[("http", model, version)] = client.get_model_metadata(model, version)
             answers.metadata[("grpc", model, version)] = stream_client.get_model_metadata(
                 model, version, as_json=True
+            )
+            answers.config[("http", model, version)] = config_fields(client.get_model_config(model, version))
+            answers.config[("grpc", model, version)] = config_fields(
+                stream_client.get_model_config(model, version, as_json=True)["config"]
             )
         answers.index["http"] = client.get_model_repository_index()
         answers.index["grpc"] = stream_client.get_model_repository_index(as_json=True)
@@ -267,7 +289,7 @@ def answers(repository, rnndeploy_serve, tritonserver) -> dict[str, Answers]:
 # --- tests ---
 
 
-def test_metadata_and_repository_index_as_triton_answers(answers):
+def test_metadata_config_and_repository_index_as_triton_answers(answers):
     ours, triton = answers["rnndeploy serve"], answers["tritonserver"]
     for key, theirs in triton.metadata.items():
         assert ours.metadata[key] == theirs, f"model metadata {key}"
@@ -276,6 +298,8 @@ def test_metadata_and_repository_index_as_triton_answers(answers):
         {"name": "input", "datatype": "INT64", "shape": [-1, -1]}
     ]
     assert ours.index == triton.index
+    assert ours.config == triton.config
+    assert ours.config[("grpc", "gru", "")]["input"] == [("input", "TYPE_FP32", [-1, 4])]
     assert [(m["name"], m["version"], m["state"]) for m in ours.index["http"]] == [
         ("gru", "1", "READY"),
         ("lm", "1", "READY"),

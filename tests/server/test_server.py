@@ -63,6 +63,11 @@ def test_metadata_and_health(server):
     meta = client.get_model_metadata("lm", "1")
     assert meta["inputs"] == [{"name": "input", "datatype": "INT64", "shape": [-1, -1]}]
     assert meta["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, -1, V]}]
+    config = client.get_model_config("lm")  # an .onnx file: the graph's tensors, batch axis in the dims
+    assert (config["name"], config["max_batch_size"]) == ("lm", 0)
+    assert [(t["name"], t["data_type"], t["dims"]) for t in config["input"]] == [
+        ("input", "TYPE_INT64", ["-1", "-1"])
+    ]
 
 
 def test_httpx_json_sequences_interleaved(server, lm_bytes):
