@@ -17,6 +17,7 @@ import logging
 import re
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import orjson
 from starlette.applications import Starlette
@@ -120,11 +121,13 @@ class ModelServer:
         if request.outputs is None:
             request.outputs = [(name, request.binary_outputs) for name in self.output_names]
         check_outputs(request.outputs, self.output_names)
-        arrays = request.arrays
+        arrays, controls = request.arrays, {}
         if self.config is not None:
             self.config.check_request(arrays)
-            arrays = {**arrays, **self.config.control_arrays(arrays, request.sequence_id, request.end)}
-        arrays, rows, steps = check_model_input(self.session, arrays, self.limits, self.vocab_size)
+            controls = self.config.control_arrays(arrays, request.sequence_id, request.end)
+        arrays, rows, steps = check_model_input(
+            self.session, {**arrays, **controls}, self.limits, self.vocab_size, controls
+        )
         size = response_bytes(self.session, arrays, rows, request.outputs)
         if size > self.limits.max_response_bytes:
             raise RequestError(
@@ -142,7 +145,7 @@ class ModelServer:
 
 
 def open_repository(
-    root,
+    root: str | Path,
     *,
     limits: Limits | None = None,
     providers: str | None = None,

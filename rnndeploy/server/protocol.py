@@ -7,7 +7,7 @@ to a status code), naming the field, the expected and the actual value. Nothing 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Collection, Hashable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -256,9 +256,16 @@ def vocabulary_size(session: StreamingSession) -> int | None:
 
 
 def check_model_input(
-    session: StreamingSession, arrays: dict[str, np.ndarray], limits: Limits, vocab_size: int | None
+    session: StreamingSession,
+    arrays: dict[str, np.ndarray],
+    limits: Limits,
+    vocab_size: int | None,
+    controls: Collection[str] = (),
 ) -> tuple[dict[str, np.ndarray], int, int]:
-    """The session's check plus the limits and token range: ``(arrays with batch axis, rows, steps)``."""
+    """The session's check plus the limits and token range: ``(arrays with batch axis, rows, steps)``.
+
+    ``controls`` are inputs the server filled itself (sequence controls such as CORRID): not token ids.
+    """
     try:
         arrays, rows, _ = session.check_input(arrays)
     except StepInputError as error:
@@ -289,7 +296,12 @@ def check_model_input(
         )
     if vocab_size is not None:
         for name, array in arrays.items():
-            if array.dtype.kind in "iu" and array.size and (array.min() < 0 or array.max() >= vocab_size):
+            if (
+                name not in controls
+                and array.dtype.kind in "iu"
+                and array.size
+                and (array.min() < 0 or array.max() >= vocab_size)
+            ):
                 bad = array[(array < 0) | (array >= vocab_size)].flat[0]
                 raise RequestError(
                     f"input {name!r}: token id {bad} is outside the model's vocabulary [0, {vocab_size})"

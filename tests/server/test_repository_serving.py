@@ -52,7 +52,8 @@ SEQUENCE = 5_000_011  # a float32 holds it exactly
 
 
 def counter_graph() -> onnx.ModelProto:
-    """``total_out = total_in + x``; ``y = [END, CORRID, total_out]`` (floats), all ``[batch, ...]``."""
+    """``total_out = total_in + x``; ``y = [END, CORRID, total_out]`` (floats), all ``[batch, ...]``; its
+    metadata says it is a language model of 3 tokens."""
     batch = ["batch", 1]
     nodes = [
         helper.make_node("Add", ["total_in", "x"], ["total_out"]),
@@ -72,7 +73,10 @@ def counter_graph() -> onnx.ModelProto:
         helper.make_tensor_value_info("total_out", TensorProto.FLOAT, batch),
     ]
     graph = helper.make_graph(nodes, "counter", inputs, outputs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    # a vocabulary of 3 token ids: the server must not take the CORRID it fills in for a token id
+    helper.set_model_props(model, {"rnndeploy.task": "lm", "rnndeploy.vocab": '["a", "b", "c"]'})
+    return model
 
 
 @pytest.fixture(scope="module")
