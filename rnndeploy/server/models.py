@@ -16,7 +16,7 @@ import numpy as np
 
 from rnndeploy.runtime import StreamingSession
 from rnndeploy.server.metrics import registry_for
-from rnndeploy.server.protocol import TO_DATATYPE, RequestError
+from rnndeploy.server.protocol import TO_DATATYPE, Limits, RequestError
 from rnndeploy.server.repository import CONFIG_FILE, DATA_TYPES, ModelEntry, RepositoryError
 
 if TYPE_CHECKING:
@@ -181,7 +181,8 @@ class ModelSet:
         self.registry = servers[0].registry if len(servers) == 1 else registry_for(*self.servers)
 
     @property
-    def limits(self):
+    def limits(self) -> Limits:
+        """The limits of the first model (a repository's models share one :class:`Limits`)."""
         return self.servers[0].limits
 
     @property
