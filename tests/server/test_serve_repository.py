@@ -192,11 +192,12 @@ class Answers:
     index: dict  # protocol -> repository index
     outputs: dict  # (protocol, request key) -> (model_version answered, output)
     refusals: dict  # what -> error message
+    counts: dict  # (protocol, model, version) -> inference_count of the version's statistics
 
 
 def client_script(urls: Urls, repo: Repository) -> Answers:
     """What a Triton user's client does; it knows nothing of the server it talks to."""
-    answers = Answers({}, {}, {}, {}, {})
+    answers = Answers({}, {}, {}, {}, {}, {})
     client = http.InferenceServerClient(urls.http, concurrency=len(ROUTES))
     stream_client = grpc.InferenceServerClient(urls.grpc)
     responses: queue.Queue = queue.Queue()
@@ -271,6 +272,11 @@ def client_script(urls: Urls, repo: Repository) -> Answers:
         )
         result, error = responses.get(timeout=RESPONSE_S)
         answers.refusals["grpc idled out"] = None if error is None else error.message()
+        for model, version in (("lm", "1"), ("lm", "2"), ("gru", "1")):
+            stats = client.get_inference_statistics(model, version)["model_stats"]
+            answers.counts[("http", model, version)] = [int(m["inference_count"]) for m in stats]
+            stats = stream_client.get_inference_statistics(model, version, as_json=True)["model_stats"]
+            answers.counts[("grpc", model, version)] = [int(m.get("inference_count", 0)) for m in stats]
     finally:
         stream_client.stop_stream()
         stream_client.close()
@@ -348,3 +354,11 @@ def test_sequences_not_started_or_idled_out_are_refused_alike(answers):
         for what, message in got.refusals.items():
             assert message is not None, f"{server}: {what}: answered instead of refused"
             assert NOT_STARTED in message, f"{server}: {what}: {message}"
+
+
+def test_statistics_count_the_same_inferences(answers, repository):
+    ours, triton = answers["rnndeploy serve"], answers["tritonserver"]
+    assert ours.counts == triton.counts
+    per_route = {route: ROUTES.count(route) * STEPS * 2 for route in set(ROUTES)}  # HTTP and gRPC runs
+    lm2 = per_route[("lm", "")] + per_route[("lm", "2")] + 2  # and the two sequences that idled out
+    assert ours.counts[("http", "lm", "2")] == [lm2], ours.counts
