@@ -2,10 +2,11 @@
 
 The repository is what `rnndeploy export --triton-repo --triton-backend python` writes, with two models (an
 LSTM language model in versions 1 and 2, ``version_policy: all``, and a GRU regressor). The same function,
-stock tritonclient over HTTP and over one gRPC stream, runs against each server: model metadata, the
-repository index, concurrent sequences of every model and version (one restarted on its own id), a sequence
-that was never started and one that idles out. Both servers' answers must be equal, and every output must
-equal an offline onnxruntime run of the model's plain exported graph with the state fed back.
+stock tritonclient over HTTP and over one gRPC stream, runs against each server: model metadata and config,
+the repository index, concurrent sequences of every model and version (one restarted on its own id), a
+sequence that was never started and one that idles out, each version's statistics. Both servers' answers must
+be equal, and every output must equal an offline onnxruntime run of the model's plain exported graph with the
+state fed back.
 """
 
 from __future__ import annotations
