@@ -62,7 +62,7 @@ fi
 
 # 2. headline ----------------------------------------------------------------------------------------------
 s=$(date +%s)
-timeout 150 python -c "
+timeout 120 python -c "
 from rnndeploy.kernels.benchmark import headline
 headline(echo=lambda line: print(line, flush=True))
 " 2>&1 | tee "$OUT/headline.txt"
@@ -74,14 +74,14 @@ note headline "$rc" $(($(date +%s) - s)) \
 : >"$OUT/tests.txt"
 s=$(date +%s)
 echo "== every strategy's GPU test" | tee -a "$OUT/tests.txt"
-timeout 110 python -m pytest -q -rs -p no:cacheprovider tests/kernels/test_kernels_gpu.py -k strategy \
+timeout 150 python -m pytest -q -rs -p no:cacheprovider tests/kernels/test_kernels_gpu.py -k strategy \
     2>&1 | tee -a "$OUT/tests.txt"
 rc=${PIPESTATUS[0]}
 note strategies "$rc" $(($(date +%s) - s)) "$(tail -n 1 "$OUT/tests.txt")"
 s=$(date +%s)
 echo "== the rest of the GPU tests" | tee -a "$OUT/tests.txt"
 # the image lacks the server's packages: modules that cannot be imported are collection errors, the rest runs
-timeout 90 python -m pytest -q -rs -p no:cacheprovider -m gpu --continue-on-collection-errors tests \
+timeout 80 python -m pytest -q -rs -p no:cacheprovider -m gpu --continue-on-collection-errors tests \
     -k "not strategy and not headline" 2>&1 | tee -a "$OUT/tests.txt"
 rc=${PIPESTATUS[0]}
 note gpu-tests "$rc" $(($(date +%s) - s)) "$(tail -n 1 "$OUT/tests.txt")"

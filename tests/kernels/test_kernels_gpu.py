@@ -40,7 +40,7 @@ def _strategy_cases():
     cases = []
     for cell in ("rnn", "lstm", "gru"):
         for strategy in STRATEGIES:
-            for H in (1024, 768, 256, 128, 64):
+            for H in (1024, 768, 256, 128, 64, 32, 16):
                 try:
                     for backward in (False, True):
                         make_config(
