@@ -69,7 +69,9 @@ def test_corrupt_checkpoint(tmp_path):
     bad.write_bytes(b"\x00not a checkpoint at all")
     result = CliRunner().invoke(main, ["export", str(bad)])
     assert result.exit_code == 1
-    assert "bad.pt is not a checkpoint: expected the .pt file (a zip archive)" in " ".join(result.output.split())
+    assert "bad.pt is not a checkpoint: expected the .pt file (a zip archive)" in " ".join(
+        result.output.split()
+    )
     assert "Traceback" not in result.output
 
 
