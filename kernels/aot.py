@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .common import KernelConfig
+from .common import KernelConfig, h_divisor
 
 TARGET = GPUTarget("cuda", 90, 32)
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -65,16 +65,27 @@ def compile_config(
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels")
     return _compile(
-        config, B % 16 == 0, H % 16 == 0, dtype, precision, lengths, reverse, bias, store_ws, relu
+        config,
+        B % 16 == 0,
+        H % 16 == 0,
+        h_divisor(H),
+        dtype,
+        precision,
+        lengths,
+        reverse,
+        bias,
+        store_ws,
+        relu,
     )
 
 
 @functools.cache
-def _compile(config, b16, h16, dtype, precision, lengths, reverse, bias, store_ws, relu) -> Compiled:
+def _compile(config, b16, h16, hdiv, dtype, precision, lengths, reverse, bias, store_ws, relu) -> Compiled:
     fn = _kernel(config.cell, config.backward)
     consts = dict(BB=config.BB, BH=config.BH, BK1=config.BK1, BK2=config.BK2, BKC=config.BKC, NKS=config.NKS,
                   NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W, SCRATCH=config.SCRATCH, PRECISION=precision,
-                  REVERSE=reverse, HAS_LENGTHS=lengths, HAS_BIAS=bias, STORE_WS=store_ws, RELU=relu)  # fmt: skip
+                  REVERSE=reverse, HAS_LENGTHS=lengths, HAS_BIAS=bias, STORE_WS=store_ws, RELU=relu,
+                  HDIV=hdiv)  # fmt: skip
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     signature = {}
     for name in fn.arg_names:

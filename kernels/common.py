@@ -346,6 +346,13 @@ def _pieces(K: int, unit: int) -> tuple[int, int]:
     return (2 * bk1, 0) if bk2 == bk1 else (bk1, bk2)  # two equal halves walk what one piece does
 
 
+def h_divisor(H: int) -> int:
+    """The kernels' ``HDIV``: the power of two (2, 4 or 8) that ``H`` is a multiple of when triton's launch
+    specialization (``H % 16 == 0``) does not say it already; 1 otherwise (aligned or odd ``H``)."""
+    d = H & -H
+    return d if d < 16 else 1
+
+
 def _esize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -562,6 +569,11 @@ def make_config(
                 # product spills kilobytes per thread (sm_90 grid); the streamed chunks keep it small
                 if max(cfg.BK1, cfg.BK2) > 256:
                     why = "IEEE fp32 product over K > 256 in registers"
+            ieee = precision == "ieee" and dtype == torch.float32
+            if why is None and ieee and cfg.STREAM_W and not backward and cfg.BKC == 64:
+                # NOTE: the same outer product per streamed chunk: the forward's 64-wide chunks spilled per step
+                # (RNN B=256 H=768, 1024: BB=32 BH=64, 4 warps), 32-wide did not, at the same estimate
+                why = "IEEE fp32 streamed chunk of 64 in registers"
             if why:
                 reasons.append(f"{s} BB={cfg.BB} BH={cfg.BH} warps={cfg.num_warps}: {why}")
                 continue
@@ -670,6 +682,10 @@ def launch(
     # width, so every load of them vectorizes: with H % 16 != 0 they were scalar loads, an address register
     # each, and the sm_90 code spilled
     SW, SP = -(-H // 16) * 16, -(-scratch_gates * H // 16) * 16
+    # NOTE: the rows of the other H-strided tensors (inputs, outputs, workspace) cannot be padded without a
+    # copy; HDIV tells the compiler the power of two H is a multiple of (H=1000: 8), enough for vectorized
+    # loads and stores. Without it every element had an address of its own: 255 registers and spills per
+    # step at H=1000 where H=1024 took 128-250 (sm_90 grid)
     w = tensors["p_w"]
     if SW != H:
         tensors = {**tensors, "p_w": F.pad(w, (0, SW - H))}
@@ -692,7 +708,7 @@ def launch(
                 *pointers, T, B, H, SW, SP,
                 BB=config.BB, BH=config.BH, BK1=config.BK1, BK2=config.BK2, BKC=config.BKC, NKS=config.NKS,
                 NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W, SCRATCH=config.SCRATCH,
-                PRECISION=dot_precision(ref.dtype), **flags, **options,
+                PRECISION=dot_precision(ref.dtype), HDIV=h_divisor(H), **flags, **options,
             )  # fmt: skip
             return config
         except Exception as e:

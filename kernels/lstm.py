@@ -64,11 +64,14 @@ def lstm_fwd_kernel(
     STREAM_W: tl.constexpr,
     SCRATCH: tl.constexpr,
     PRECISION: tl.constexpr,
+    HDIV: tl.constexpr,  # a power of two H is a multiple of (1: nothing to add)
     REVERSE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     STORE_WS: tl.constexpr,
 ):
+    if HDIV > 1:
+        H = (H // HDIV) * HDIV  # states H's alignment for vectorized H-strided loads and stores
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     o_b = i_b * BB + tl.arange(0, BB)
     o_h = i_h * BH + tl.arange(0, BH)
@@ -167,9 +170,12 @@ def lstm_bwd_kernel(
     STREAM_W: tl.constexpr,
     SCRATCH: tl.constexpr,
     PRECISION: tl.constexpr,
+    HDIV: tl.constexpr,  # a power of two H is a multiple of (1: nothing to add)
     REVERSE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
 ):
+    if HDIV > 1:
+        H = (H // HDIV) * HDIV  # states H's alignment for vectorized H-strided loads and stores
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     o_b = i_b * BB + tl.arange(0, BB)
     o_h = i_h * BH + tl.arange(0, BH)

@@ -67,6 +67,17 @@ def test_k_pieces(K, unit, expected):
     assert common._pieces(K, unit) == expected
 
 
+@pytest.mark.parametrize("H, expected", [(1000, 8), (100, 4), (20, 4), (768, 1), (1024, 1), (33, 1), (1, 1)])
+def test_h_divisor_states_what_the_launch_specialization_does_not(H, expected):
+    assert common.h_divisor(H) == expected
+
+
+def test_ieee_streamed_forward_takes_chunks_that_did_not_spill():
+    for H in (768, 1024):
+        cfg = make_config("rnn", 256, H, torch.float32, CUDA, None, False, H100, "ieee")
+        assert cfg.strategy == "split-stream" and cfg.BKC <= 32, cfg
+
+
 def test_forced_strategy_that_cannot_fit_is_refused_by_name():
     """fp32 H=1024: a split slice of W_hh does not fit one block; 'split' must not become 'split-stream'."""
     with pytest.raises(
@@ -107,7 +118,7 @@ def test_barrier_launch_is_cooperative_and_gets_aligned_buffers():
     ran = common.launch(kernel, cfg, _tensors(100), 2, 16, 100, 1, torch.ones(16, 100))
     assert ran == cfg
     (grid, args, kwargs), = kernel.launches  # fmt: skip
-    assert grid == (1, cfg.NSPLIT) and kwargs["launch_cooperative_grid"] is True
+    assert grid == (1, cfg.NSPLIT) and kwargs["launch_cooperative_grid"] is True and kwargs["HDIV"] == 4
     w, scr, bar = args[1], args[2], args[3]
     assert w.shape == (400, 112) and scr.shape == (2, 16, 112) and bar.shape == (1,)
     assert args[-2:] == (112, 112) and torch.equal(scr[1, :, :100], torch.ones(16, 100))
