@@ -4,9 +4,10 @@ Like Triton Inference Server's sequence batcher: a request carries ``sequence_id
 ``sequence_end``; the state of a live sequence stays in the :class:`StreamingSession`; steps that are queued
 together (up to ``max_batch_size``, waiting at most ``max_queue_delay_s`` for more, but never for more than
 there are live sequences) run through one :meth:`StreamingSession.step_many` call, in one worker thread (the
-event loop keeps serving meanwhile) or, with ``worker_thread=False``, on the event loop itself. When a batched
-run fails, its steps run again one by one, so only the offending request fails; a failed step changes no
-sequence's state.
+event loop keeps serving meanwhile) or, with ``worker_thread=False``, on the event loop itself; a lone short step
+that such steps have shown to take under ``INLINE_MAX_S`` runs on the event loop even with the worker thread
+(when it is idle), which saves the thread hand-off at one sequence. When a batched run fails, its steps run
+again one by one, so only the offending request fails; a failed step changes no sequence's state.
 
 The batcher's live table and the session's streams are one truth: a sequence is admitted (and a
 ``sequence_end`` marks it ending) when its request arrives, on the event loop, so a step that arrives behind the
@@ -32,6 +33,8 @@ import numpy as np
 
 from rnndeploy.runtime import StepInputError, StreamingSession
 from rnndeploy.server.protocol import RequestError
+
+INLINE_MAX_S = 0.0005  # a lone step expected to run longer than this goes to the worker thread
 
 
 class SequenceError(RequestError):
@@ -80,7 +83,10 @@ class SequenceBatcher:
             while the model runs. ``False`` runs them on the event loop: no thread hand-off (and wait for the
             GIL) per batch, which raises unbatched throughput of a small CPU model (see
             benchmarks/results/runtime.json), but nothing else is served during a batch: use it for steps of
-            about a millisecond or less.
+            about a millisecond or less. With the thread, a batch of one short step still runs on the event
+            loop when the thread is idle and its time, estimated from the latest such batch's time per unit
+            of cost (rows x steps), is at most ``INLINE_MAX_S`` (the first one goes to the thread): a lone
+            sequence leaves the loop nothing to serve meanwhile, and the hand-off costs tens of microseconds.
     """
 
     def __init__(
@@ -137,6 +143,8 @@ class SequenceBatcher:
         self._executor = (
             ThreadPoolExecutor(1, thread_name_prefix="rnndeploy-batcher") if worker_thread else None
         )
+        self._thread_jobs = 0  # submitted to the worker thread and not finished
+        self._lone_cost_s = math.inf  # seconds per unit of cost of the latest batch of one short step
         self._tasks: list[asyncio.Task] = []
         self._wakeup: asyncio.Event | None = None
         self._full: asyncio.Event | None = None
@@ -316,12 +324,16 @@ class SequenceBatcher:
                 self._full.clear()
             if not batch:
                 continue
+            lone = len(batch) == 1 and batch[0].cost <= self.max_batch_size
+            inline = lone and self._thread_jobs == 0 and batch[0].cost * self._lone_cost_s <= INLINE_MAX_S
             began = time.perf_counter()
             try:
-                results = await self._run(self._execute, batch)
+                results = self._execute(batch) if inline else await self._run(self._execute, batch)
             except Exception as error:  # noqa: BLE001 - reported to every waiting request
                 results = [error] * len(batch)
             elapsed = time.perf_counter() - began
+            if lone:
+                self._lone_cost_s = elapsed / batch[0].cost
             self.queue_s += sum(began - r.queued for r in batch)
             self.compute_s += elapsed * len(batch)
             self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
@@ -340,14 +352,18 @@ class SequenceBatcher:
                 else:
                     self.rows_run += request.rows
                     request.future.set_result(result)
-            if self._executor is None:
+            if self._executor is None or inline:
                 await asyncio.sleep(0)  # let the loop send these replies and read new requests
 
     async def _run(self, function, *args):
         """``function(*args)`` in the worker thread, or right here on the event loop without one."""
         if self._executor is None:
             return function(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        self._thread_jobs += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        finally:
+            self._thread_jobs -= 1
 
     def _execute(self, batch: list[_Request]) -> list[dict[str, np.ndarray] | Exception]:
         """Worker thread: one batched step; when it fails, each step alone (only the bad ones fail).
