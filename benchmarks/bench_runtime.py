@@ -15,7 +15,10 @@ normalise either); one more row shows the cost of original units. The cases run 
 ``steps`` steps; a case's figure is the median of its block medians, so load from other processes hits all
 cases alike. torch eager runs the demo-size model. Streams: 64 streams in one ``step_many`` call against one
 bare ``run()`` on the stacked batch, and batched against one ``step`` call per stream. The server (demo-size
-model) is driven by two clients: tritonclient.http threads and benchmarks/kserve_load.py (asyncio).
+model) is driven by two clients: tritonclient.http threads and benchmarks/kserve_load.py (asyncio); and one
+server with its default batcher, HTTP and gRPC on, by the stock clients of each protocol (tritonclient.http,
+tritonclient.grpc unary ``infer``, tritonclient.grpc a stream per sequence), through the load code of
+benchmarks/bench_server.py: per-step latency at 1 sequence and steps per second at 16 and 64.
 Prints tables and writes runtime.json, runtime.csv and runtime.png into ``out`` (default: ./bench-results).
 
     python benchmarks/bench_runtime.py [--quick] [--out DIR]     or     rnndeploy bench runtime [--quick]
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -308,6 +312,46 @@ def bench_server(model_path: Path, concurrency: list[int], steps: int, repeats: 
     return rows
 
 
+PROTOCOL_CLIENTS = {
+    "tritonclient": "HTTP: tritonclient.http infer, a thread and a client per sequence",
+    "grpc-unary": "gRPC: tritonclient.grpc infer (unary), a thread and a client per sequence",
+    "grpc-stream": "gRPC: tritonclient.grpc start_stream / async_stream_infer, a stream per sequence",
+}
+
+
+def bench_protocols(model_path: Path, concurrency: list[int], steps: int, repeats: int) -> list[dict]:
+    """One `rnndeploy serve` (default batcher, worker thread) on HTTP and gRPC, driven by ``PROTOCOL_CLIENTS``.
+
+    Each load runs in a fresh client process (``bench_server.protocol_load``, benchmarks/kserve_load.py); the
+    clients take turns, ``repeats`` times per concurrency, and the run with the median steps/s is kept.
+    """
+    load = _benchmark_module("bench_server")
+    server = load.Server(model_path, "--grpc-port", str(_free_port()))
+    rows = []
+    try:
+        for client in PROTOCOL_CLIENTS:  # warm-up: first runs, connection set-up
+            load.protocol_load(server, client, 1, 20)
+        for n in concurrency:
+            runs: dict[str, list[dict]] = {client: [] for client in PROTOCOL_CLIENTS}
+            for _ in range(repeats):
+                for client in PROTOCOL_CLIENTS:
+                    runs[client].append(load.protocol_load(server, client, n, steps))
+            for measured in runs.values():
+                ranked = sorted(measured, key=lambda row: row["steps_per_s"])
+                rows.append({**ranked[len(ranked) // 2], "repeats": len(ranked)})
+    finally:
+        server.stop()
+    return rows
+
+
+def _benchmark_module(name: str):
+    """A sibling script of this folder as a module (its own ``from kserve_load import ...`` included)."""
+    folder = str(Path(__file__).resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
 def _client_load(client: str, port: int, sequences: int, steps: int) -> tuple[float, list[float]]:
     """Steps per second and step latencies (s) measured by benchmarks/kserve_load.py in a fresh process."""
     script = Path(__file__).resolve().parent / "kserve_load.py"
@@ -382,9 +426,12 @@ def add_ratios(latency: list[dict], step_many: list[dict]) -> None:
         r["vs_bare"] = r["us"] / stacked[r["model"]]
 
 
-def summarize(latency: list[dict], step_many: list[dict], streams: list[dict], server: list[dict]) -> dict:
+def summarize(
+    latency: list[dict], step_many: list[dict], streams: list[dict], server: list[dict], protocols: list[dict]
+) -> dict:
     """The ratios the README quotes. ``step_vs_bare_*``: StreamingSession.step (default) over the bare
-    loop; ``iobinding_vs_run_*``: the default (bound) step over the io_binding=False step."""
+    loop; ``iobinding_vs_run_*``: the default (bound) step over the io_binding=False step;
+    ``grpc_*_vs_http_*``: a gRPC client's p50 step latency (1 sequence) or steps/s over tritonclient.http's."""
     us = {(r["model"], r["precision"], r["threads"], r["case"]): r["us"] for r in latency}
     summary = {}
     for model, precision, threads, case in us:
@@ -419,18 +466,34 @@ def summarize(latency: list[dict], step_many: list[dict], streams: list[dict], s
                 summary[key] = (
                     serve[(client, n, "batched" + variant)] / serve[(client, n, "unbatched" + variant)]
                 )
+    by = {(r["client"], r["sequences"]): r for r in protocols}
+    for client in ("grpc-unary", "grpc-stream"):
+        for n in sorted({r["sequences"] for r in protocols}):
+            grpc, http = by[(client, n)], by[("tritonclient", n)]
+            tag = client.replace("-", "_")
+            if n == 1:
+                summary[f"{tag}_vs_http_p50_1_sequence"] = grpc["p50_us"] / http["p50_us"]
+            else:
+                summary[f"{tag}_vs_http_steps_per_s_{n}_sequences"] = (
+                    grpc["steps_per_s"] / http["steps_per_s"]
+                )
     return summary
 
 
 def plot(
-    path: Path, latency: list[dict], step_many: list[dict], streams: list[dict], server: list[dict]
+    path: Path,
+    latency: list[dict],
+    step_many: list[dict],
+    streams: list[dict],
+    server: list[dict],
+    protocols: list[dict],
 ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(16, 10))
+    fig, axes = plt.subplots(2, 3, figsize=(22, 10))
     axes = axes.ravel()
     groups = list(dict.fromkeys((r["model"], r["precision"], r["threads"]) for r in latency))
     cases = [c for c in dict.fromkeys(r["case"] for r in latency) if c.startswith("StreamingSession")]
@@ -453,7 +516,7 @@ def plot(
         xscale="log", yscale="log", xlabel="streams", ylabel="steps / s", title="Streams in one session"
     )
     axes[1].legend()
-    for ax, client in zip(axes[2:], CLIENTS, strict=True):
+    for ax, client in zip(axes[2:4], CLIENTS, strict=True):
         for mode in dict.fromkeys(r["mode"] for r in server):
             rows = [r for r in server if r["mode"] == mode and r["client"] == client]
             x, y = [r["sequences"] for r in rows], [r["steps_per_s"] for r in rows]
@@ -463,6 +526,19 @@ def plot(
         )
         if server:
             ax.legend()
+    for client in PROTOCOL_CLIENTS:
+        rows = [r for r in protocols if r["client"] == client]
+        axes[4].plot([r["sequences"] for r in rows], [r["steps_per_s"] for r in rows], "o-", label=client)
+    axes[4].set(xscale="log", xlabel="concurrent sequences", ylabel="steps / s", title="Server, HTTP vs gRPC")
+    ones = [r for r in protocols if r["sequences"] == 1]
+    x = np.arange(len(ones))
+    axes[5].bar(x - 0.2, [r["p50_us"] for r in ones], 0.4, label="p50")
+    axes[5].bar(x + 0.2, [r["p99_us"] for r in ones], 0.4, label="p99")
+    axes[5].set_xticks(x, [r["client"] for r in ones])
+    axes[5].set(yscale="log", ylabel="us per step", title="Server, 1 sequence, HTTP vs gRPC")
+    if protocols:
+        axes[4].legend()
+        axes[5].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
@@ -482,6 +558,7 @@ def write_csv(path: str, results: dict) -> None:
             ("step_many", "case"),
             ("streams", "mode"),
             ("server", "mode"),
+            ("protocols", "client"),
         ):
             for r in results[section]:
                 row = {
@@ -519,15 +596,17 @@ def main(quick: bool = False, out: Path | None = None, server: bool = True) -> d
         print_table(
             "Streams: batched vs one call per stream", streams, ["streams", "mode", "steps_per_s", "us"]
         )
-        serving = []
+        serving, protocols = [], []
         if server:
-            serving = bench_server(
-                demo, [1, 16] if quick else [1, 16, 64], 20 if quick else 50, 1 if quick else 5
-            )
+            concurrency = [1, 16] if quick else [1, 16, 64]
+            serving = bench_server(demo, concurrency, 20 if quick else 50, 1 if quick else 5)
             print_table("Server: steps/s and step latency", serving,
                         ["client", "mode", "sequences", "steps_per_s", "p50_us", "p99_us"])  # fmt: skip
+            protocols = bench_protocols(demo, concurrency, 20 if quick else 200, 1 if quick else 5)
+            print_table("Server, HTTP vs gRPC (stock clients): steps/s and step latency", protocols,
+                        ["client", "sequences", "steps_per_s", "p50_us", "p99_us"])  # fmt: skip
     info["load_average_at_end"] = os.getloadavg()
-    summary = summarize(latency, step_many, streams, serving)
+    summary = summarize(latency, step_many, streams, serving, protocols)
     print("\nSummary: " + json.dumps({k: round(v, 3) for k, v in summary.items()}, indent=1))
     results = {
         "machine": info,
@@ -537,12 +616,16 @@ def main(quick: bool = False, out: Path | None = None, server: bool = True) -> d
         "streams": streams,
         "server": serving,
         "server_clients": CLIENTS,
+        "protocols": protocols,
+        "protocol_clients": PROTOCOL_CLIENTS,
         "summary": summary,
     }
     results = json.loads(json.dumps(results, default=float))
     atomic_write(out / "runtime.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
     atomic_write(out / "runtime.csv", lambda tmp: write_csv(tmp, results))
-    atomic_write(out / "runtime.png", lambda tmp: plot(Path(tmp), latency, step_many, streams, serving))
+    atomic_write(
+        out / "runtime.png", lambda tmp: plot(Path(tmp), latency, step_many, streams, serving, protocols)
+    )
     print(f"\nwrote {out / 'runtime.json'}, runtime.csv, runtime.png")
     return results
 

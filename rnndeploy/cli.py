@@ -692,7 +692,8 @@ def bench() -> None:
 @click.option("--server/--no-server", default=True, show_default=True, help="Also benchmark `rnndeploy serve`.")
 def bench_runtime(quick, out, server) -> None:
     """Runtime and server: per-step latency against a bare onnxruntime loop (three model sizes, fp32 and int8,
-    1 and 2 threads), step_many against one run on the stacked batch, server throughput and latency."""
+    1 and 2 threads), step_many against one run on the stacked batch, server throughput and latency (batched
+    vs unbatched; HTTP vs gRPC unary and streamed)."""
     import importlib.util
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_runtime.py"
