@@ -570,10 +570,14 @@ def make_config(
                 if max(cfg.BK1, cfg.BK2) > 256:
                     why = "IEEE fp32 product over K > 256 in registers"
             ieee = precision == "ieee" and dtype == torch.float32
-            if why is None and ieee and cfg.STREAM_W and not backward and cfg.BKC == 64:
-                # NOTE: the same outer product per streamed chunk: the forward's 64-wide chunks spilled per step
-                # (RNN B=256 H=768, 1024: BB=32 BH=64, 4 warps), 32-wide did not, at the same estimate
+            if why is None and ieee and cfg.STREAM_W and not backward and GATES[cell] == 1 and cfg.BKC == 64:
+                # NOTE: the same outer product per streamed chunk: the RNN forward's 64-wide chunks spilled per
+                # step (B=256 H=768, 1024: BB=32 BH=64, 4 warps), 32-wide did not, at the same estimate (gated
+                # cells: the other way round at B <= 64, H >= 512)
                 why = "IEEE fp32 streamed chunk of 64 in registers"
+            if why is None and ieee and cfg.STREAM_W and backward and cfg.NKS == 8 and cfg.BB * cfg.BH >= 512:
+                # NOTE: eight FMA slice sums over a [32, 16] tile spilled per step (RNN B=64 H=1000), four did not
+                why = "IEEE fp32: eight slice sums over a 512-element tile"
             if why:
                 reasons.append(f"{s} BB={cfg.BB} BH={cfg.BH} warps={cfg.num_warps}: {why}")
                 continue
