@@ -136,7 +136,9 @@ def _training_errors():
     "--progress/--no-progress", default=True, help="Show a progress bar (without: a line per validation)."
 )
 @click.option(
-    "--overwrite", is_flag=True, help="Replace an existing --out checkpoint of another run (refused otherwise)."
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing --out checkpoint of another run (refused otherwise).",
 )
 @click.option(
     "--grad-report",
@@ -689,7 +691,9 @@ def bench() -> None:
     show_default=True,
     help="Results folder (runtime.json, runtime.csv, runtime.png).",
 )
-@click.option("--server/--no-server", default=True, show_default=True, help="Also benchmark `rnndeploy serve`.")
+@click.option(
+    "--server/--no-server", default=True, show_default=True, help="Also benchmark `rnndeploy serve`."
+)
 def bench_runtime(quick, out, server) -> None:
     """Runtime and server: per-step latency against a bare onnxruntime loop (three model sizes, fp32 and int8,
     1 and 2 threads), step_many against one run on the stacked batch, server throughput and latency (batched
