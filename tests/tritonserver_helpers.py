@@ -127,8 +127,13 @@ class Tritonserver:
 
 
 @contextlib.contextmanager
-def start_tritonserver(repo: Path, tmp: Path, ready_models: list[str]) -> Iterator[Tritonserver]:
+def start_tritonserver(
+    repo: Path, tmp: Path, ready_models: list[str], explicit: bool = False
+) -> Iterator[Tritonserver]:
     """``tritonserver --model-repository=repo`` (every model loaded) until ``ready_models`` are ready.
+
+    ``explicit``: load only ``ready_models`` at start (``--model-control-mode=explicit``), so that a test can
+    ask for the others through the repository API and see what happens.
 
     The Python backend runs the stub for this Python version from a backend folder under ``tmp``; the log is
     ``tmp/tritonserver.log``. On exit the server is terminated by its id, then its process group (the stubs).
@@ -158,6 +163,11 @@ def start_tritonserver(repo: Path, tmp: Path, ready_models: list[str]) -> Iterat
         str(root / "bin" / "tritonserver"),
         f"--model-repository={repo}",
         f"--backend-directory={backend.parent}",
+        *(
+            ["--model-control-mode=explicit", *(f"--load-model={m}" for m in ready_models)]
+            if explicit
+            else []
+        ),
         "--http-address=127.0.0.1",
         f"--http-port={http_port}",
         "--grpc-address=127.0.0.1",

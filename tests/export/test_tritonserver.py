@@ -10,14 +10,8 @@ checked against PyTorch elsewhere).
 
 from __future__ import annotations
 
-import importlib.metadata
-import os
 import queue
 import shutil
-import signal
-import subprocess
-import sys
-import sysconfig
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -33,9 +27,9 @@ from rnndeploy.export import write_triton_repository
 from ..tritonserver_helpers import (
     Reference,
     Request,
-    _free_port,
     _server_files,
     reference_outputs,
+    start_tritonserver,
 )
 
 http = pytest.importorskip("tritonclient.http")
@@ -47,7 +41,6 @@ GRU_MODEL = "gru_regression_py"  # float features in, a second model of the same
 MAX_BATCH = 16  # also the oldest strategy's candidate sequences: the 17th sequence waits for a free slot
 IDLE_S = 2.0
 STEPS = 8
-STARTUP_S = 120
 RESPONSE_S = 120
 TOL = dict(atol=1e-5, rtol=1e-4)
 
@@ -66,7 +59,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Server:
-    root = _server_files()
+    _server_files()  # skips (or fails, saying why) before anything is exported
     tmp = tmp_path_factory.mktemp("tritonserver")
     torch.manual_seed(0)
     model = SequenceModel(
@@ -103,75 +96,8 @@ def server(tmp_path_factory) -> Server:
         GRU_MODEL: Reference.export(gru, tmp / "gru.onnx"),
     }
 
-    # The Python backend runs the stub for this Python version from a backend folder of our own.
-    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    backend = tmp / "backends" / "python"
-    backend.mkdir(parents=True)
-    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        shutil.copy(root / "backends" / "python" / name, backend / name)
-    shutil.copy(root / "python_backend_stubs" / pyver / "triton_python_backend_stub", backend)
-    libs = Path(importlib.metadata.distribution("nvidia-pytriton").locate_file("nvidia_pytriton.libs"))
-    env = dict(os.environ)
-    # The stub embeds libpython and finds its prefix by looking up `python3` on PATH: this interpreter's
-    # folder first gives it this environment's site-packages (numpy, onnxruntime), a venv included.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(
-        [sysconfig.get_config_var("LIBDIR"), str(libs), env.get("LD_LIBRARY_PATH", "")]
-    )
-    http_port, grpc_port = _free_port(), _free_port()
-    log = tmp / "tritonserver.log"
-    shm_prefix = f"rnndeploy_test_{os.getpid()}_"  # the stubs' shared memory, removed after the server
-    command = [
-        str(root / "bin" / "tritonserver"),
-        f"--model-repository={repo}",
-        f"--backend-directory={backend.parent}",
-        "--model-control-mode=explicit",
-        f"--load-model={PY_MODEL}",
-        f"--load-model={GRU_MODEL}",
-        "--http-address=127.0.0.1",
-        f"--http-port={http_port}",
-        "--grpc-address=127.0.0.1",
-        f"--grpc-port={grpc_port}",
-        "--allow-metrics=false",
-        "--exit-timeout-secs=5",
-        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    srv = Server(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", repo, log, references)
-    try:
-        client = http.InferenceServerClient(srv.http_url)
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"tritonserver exited with {proc.returncode} while starting:\n{srv.log_tail()}")
-            try:
-                if client.is_server_ready() and all(client.is_model_ready(m) for m in references):
-                    break
-            except (InferenceServerException, ConnectionError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"tritonserver not ready with {list(references)} after {STARTUP_S} s:\n{srv.log_tail()}"
-                )
-            time.sleep(0.25)
-        client.close()
-        yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-        try:  # its backend stubs, should any outlive it (they share its process group)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for region in Path("/dev/shm").glob(f"{shm_prefix}*"):  # left behind by a stub that crashed
-            region.unlink(missing_ok=True)
+    with start_tritonserver(repo, tmp, [PY_MODEL, GRU_MODEL], explicit=True) as triton:
+        yield Server(triton.http_url, triton.grpc_url, repo, triton.log, references)
 
 
 # --- the streams: who sends what at which step ---
