@@ -13,7 +13,8 @@ default (state in bound ping-pong buffers on the CPU), and ``StreamingSession.st
 (one ``run()`` per step). The forecaster runs with ``normalize=False`` there (the bare loop does not
 normalise either); one more row shows the cost of original units. The cases run in alternating blocks of
 ``steps`` steps; a case's figure is the median of its block medians, so load from other processes hits all
-cases alike. torch eager runs the demo-size model. Streams: 64 streams in one ``step_many`` call against one
+cases alike. torch eager runs the demo-size model. Streams: 64 streams in one ``step_many`` call (and one
+``step_stacked`` call) against one
 bare ``run()`` on the stacked batch, and batched against one ``step`` call per stream. The server (demo-size
 model) is driven by two clients: tritonclient.http threads and benchmarks/kserve_load.py (asyncio); and one
 server with its default batcher, HTTP and gRPC on, by the stock clients of each protocol (tritonclient.http,
@@ -194,16 +195,21 @@ def bench_torch(steps: int, blocks: int) -> list[dict]:
 
 
 def bench_step_many(models: dict[str, dict[str, Path]], steps: int, blocks: int) -> list[dict]:
-    """``STREAMS`` streams in one ``step_many`` call (the same streams every call, as a busy server steps
-    them) against one bare ``run()`` on the stacked batch; fp32, 1 thread. ``us`` is per call."""
+    """``STREAMS`` streams in one ``step_many`` call (one array per stream) and in one ``step_stacked`` call
+    (their rows already stacked), the same streams every call as a busy server steps them, against one bare
+    ``run()`` on the stacked batch; fp32, 1 thread. ``us`` is per call."""
     rows = []
     for model, paths in models.items():
         session = StreamingSession(paths["fp32"], providers="cpu", normalize=False)
+        stacked = StreamingSession(paths["fp32"], providers="cpu", normalize=False)
         x = step_input(ort.InferenceSession(str(paths["fp32"]), providers=["CPUExecutionProvider"]))
         xs = {s: x.copy() for s in range(STREAMS)}
         cases = {
             f"bare run() on the stacked batch of {STREAMS}": bare_loop(paths["fp32"], 1, STREAMS),
             f"step_many, {STREAMS} streams": partial(session.step_many, xs),
+            f"step_stacked, {STREAMS} streams": partial(
+                stacked.step_stacked, list(xs), np.concatenate(list(xs.values()))
+            ),
         }
         for case, stats in alternate(cases, max(steps // 10, 20), blocks).items():
             rows.append({"model": model, "streams": STREAMS, "case": case, **stats})
@@ -452,7 +458,8 @@ def summarize(
                 summary[f"speedup_{precision}_vs_torch_eager_fp32_{suffix}"] = torch_us / step
     for r in step_many:
         if not r["case"].startswith("bare"):
-            summary[f"step_many_{STREAMS}_vs_stacked_run_{r['model']}"] = r["vs_bare"]
+            method = r["case"].split(",")[0]
+            summary[f"{method}_{STREAMS}_vs_stacked_run_{r['model']}"] = r["vs_bare"]
     rate = {(r["streams"], r["mode"]): r["steps_per_s"] for r in streams}
     for n in sorted({r["streams"] for r in streams}):
         summary[f"batched_speedup_{n}_streams"] = (

@@ -17,8 +17,9 @@ How a step runs:
 from __future__ import annotations
 
 import itertools
+import operator
 import os
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,9 @@ class _Signature:
         self.shapes, self.batch, self.added = shapes, batch, added
 
 
+_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
+
+
 class _Stream:
     """One stream's state: its rows of a batch's outputs (``rows``, after :meth:`StreamingSession.step_many`),
     else host arrays (``state``: on the CPU, the current ping-pong buffer when bound), or device OrtValues
@@ -92,13 +96,20 @@ class _Stream:
 class _Rows:
     """The stacked state outputs of one batched run and which streams' rows they hold, in order."""
 
-    __slots__ = ("states", "members", "batches", "starts", "entries", "live")
+    __slots__ = ("states", "members", "batches", "starts", "entries", "live", "uniform")
 
-    def __init__(self, states: dict[str, np.ndarray], members: list[Hashable], batches: list[int]) -> None:
+    def __init__(
+        self,
+        states: dict[str, np.ndarray],
+        members: list[Hashable],
+        batches: list[int],
+        uniform: int | None = None,
+    ) -> None:
         self.states, self.members, self.batches = states, members, batches
         self.starts = [0, *itertools.accumulate(batches)][:-1]
         self.entries: list[_Stream] = []  # the members' streams, in order
         self.live = 0  # how many of them still hold their state here
+        self.uniform = uniform  # every member's batch size, when one uniform step_many made these rows
 
     def view(self, k: int, pairs: tuple[StatePair, ...]) -> dict[str, np.ndarray]:
         """Member ``k``'s state rows as views."""
@@ -244,6 +255,7 @@ class StreamingSession:
             )
         self.io_binding = (self.device == "cuda" or fixed) if io_binding is None else io_binding
         self._cpu_bound = self.io_binding and self.device == "cpu"
+        self._host_state = self._cpu_bound or not self.io_binding  # stream states are host arrays
         self.cuda_graph = cuda_graph
         if cuda_graph and self.device != "cuda":
             raise ProviderError(
@@ -627,66 +639,140 @@ class StreamingSession:
         if len(self.inputs) != 1 or not self._fixed_states or self.cuda_graph or not xs:
             return None
         name = next(iter(self.inputs))
-        values = [x if type(x) is np.ndarray else _only(x, name) for x in xs.values()]
-        first = values[0]
-        if first is None:
-            return None
-        shape, dtype, streams = first.shape, first.dtype, self._streams
-        for x in values:
-            if type(x) is not np.ndarray or x.shape != shape or (x.dtype is not dtype and x.dtype != dtype):
+        values, n = list(xs.values()), len(xs)
+        # The checks run as C loops (map), not Python ones: at 64 streams of a small model they are a tenth of
+        # the step otherwise.
+        if list(map(type, values)) != [np.ndarray] * n:
+            values = [x if type(x) is np.ndarray else _only(x, name) for x in values]
+            if list(map(type, values)) != [np.ndarray] * n:
                 return None
+        first = values[0]
+        shape, dtype = first.shape, first.dtype
+        if list(map(_SHAPE, values)) != [shape] * n or list(map(_DTYPE, values)) != [dtype] * n:
+            return None
         key = _signature_key(first)
         signature = self._signatures.get(key)
         if signature is None:  # validated once (a server's event loop may validate others meanwhile)
             signature = self._remember(key, *self._check_input(first))
-        batch = signature.batch
-        members, batches = list(xs), [batch] * len(xs)
-        entries = [streams.get(stream) for stream in members]
-        for stream, entry in zip(members, entries, strict=True):
-            if entry is not None and entry.batch != batch and entry.batch is not None:
-                raise StepInputError(f"stream {stream!r} has batch size {entry.batch}, this step has {batch}")
-        axis = self.inputs[name].batch_axis
+        batch, members, axis = signature.batch, list(xs), self.inputs[name].batch_axis
         # Steps without their batch axis are stacked along it; steps with it are concatenated.
         if not signature.added:
             stacked = np.concatenate(values, axis)
         else:
             stacked = np.asarray(values) if axis == 0 else np.stack(values, axis)
-        feed = self._normalized({name: stacked})
-        feed.update(self._gather(members, entries, batches))
+
+        def given() -> dict[Hashable, dict[str, np.ndarray]]:
+            return {
+                s: {name: x.reshape(signature.shapes[name])} for s, x in zip(members, values, strict=True)
+            }
+
+        outputs = self._step_rows(members, {name: stacked}, batch, given)
+        per_output = [
+            (out_name, _split_rows(out, self.outputs[out_name].batch_axis, n, batch, signature.added))
+            for out_name, out in outputs.items()
+        ]
+        if len(per_output) == 1:
+            ((out_name, parts),) = per_output
+            return {stream: {out_name: part} for stream, part in zip(members, parts, strict=True)}
+        return {
+            stream: {out_name: parts[k] for out_name, parts in per_output} for k, stream in enumerate(members)
+        }
+
+    def step_stacked(
+        self, streams: Iterable[Hashable], x: np.ndarray | Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """One step of each of ``streams`` from inputs already stacked along their batch axis, as one call.
+
+        With ``n`` streams and ``N`` rows, stream ``k``'s step is rows ``k * N / n`` to ``(k + 1) * N / n``.
+        The result equals :meth:`step_many` with each stream's rows, stacked again; it skips the per-stream
+        arrays and dicts, which at many streams of a small model cost as much as the model (for a caller whose
+        steps arrive as one array: many sensors sampled together, a simulation's agents). When the same
+        streams step together again their state is already stacked.
+
+        Args:
+            streams: the streams, in the order of their rows (each at most once).
+            x: the stacked step inputs (with the batch axis), as for :meth:`step`.
+        Returns:
+            ``{output_name: array}``, the streams' rows in the same order.
+        Raises:
+            StepInputError: a bad input (as :meth:`step`), rows not a multiple of the streams, a stream whose
+                batch size differs, or a step onnxruntime rejects; nothing changes then.
+            ModelError: states that grow (use :meth:`step_many`), or ``cuda_graph`` (one graph per stream).
+        """
+        members = list(streams)
+        if not members:
+            raise StepInputError("step_stacked needs at least one stream; got none")
+        if len(set(members)) != len(members):
+            twice = sorted({repr(s) for s in members if members.count(s) > 1})
+            raise StepInputError(f"each stream steps at most once per call; {', '.join(twice)} appear twice")
+        if not self._fixed_states or self.cuda_graph:
+            why = "its states grow" if not self._fixed_states else "cuda_graph replays one graph per stream"
+            raise ModelError(f"step_stacked cannot batch this session ({why}); use step_many")
+        arrays, rows, added = self.check_input(x)
+        if added:
+            shapes = {n: list(a.shape) for n, a in arrays.items()}
+            raise StepInputError(
+                f"step_stacked needs the inputs with their batch axis (the streams' rows); got shapes "
+                f"{shapes} without it"
+            )
+        n = len(members)
+        if rows % n:
+            raise StepInputError(
+                f"the stacked inputs have {rows} rows along the batch axis, not a multiple of the {n} streams"
+            )
+        return self._step_rows(members, arrays, rows // n, lambda: {f"{n} streams, stacked": arrays})
+
+    def _step_rows(
+        self,
+        members: list[Hashable],
+        feed: dict[str, np.ndarray],
+        batch: int,
+        given: Callable[[], Mapping[Hashable, Mapping[str, np.ndarray]]],
+    ) -> dict[str, np.ndarray]:
+        """One run of ``members`` (in order, ``batch`` rows each) on the validated stacked inputs ``feed``;
+        returns the stacked outputs (de-normalised) and keeps the state outputs as the members' rows (fixed-size
+        states). ``given()``: the inputs per stream, for the message of a step onnxruntime rejects."""
+        streams = self._streams
+        first = streams.get(members[0])
+        again = first.rows if first is not None and self._host_state else None
+        if again is not None and not (
+            again.uniform == batch and again.live == len(again.entries) and again.members == members
+        ):
+            again = None
+        # ``again``: the same streams stepped together last time, each still holding its rows of that batch's
+        # state outputs (so each has this batch size): their state is already stacked, and after the run the
+        # block takes the new state outputs in place, with nothing to do per stream.
+        if again is None:
+            entries = [streams.get(stream) for stream in members]
+            for stream, entry in zip(members, entries, strict=True):
+                if entry is not None and entry.batch != batch and entry.batch is not None:
+                    raise StepInputError(
+                        f"stream {stream!r} has batch size {entry.batch}, this step has {batch}"
+                    )
+        feed = self._normalized(feed)
+        feed.update(
+            again.states if again is not None else self._gather(members, entries, [batch] * len(members))
+        )
         try:
             outs = self._session.run(self._output_names, {**feed, **self.constants})
         except ORT_RUN_ERRORS as error:
-            arrays = {
-                s: {name: x.reshape(signature.shapes[name])} for s, x in zip(members, values, strict=True)
-            }
-            raise step_error(error, arrays) from error
+            raise step_error(error, given()) from error
         n_out = len(self.outputs)
         outputs = self._denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
-        per_output = [
-            (
-                out_name,
-                _split_rows(out, self.outputs[out_name].batch_axis, len(members), batch, signature.added),
-            )
-            for out_name, out in outputs.items()
-        ]
-        rows = _Rows({p.input: o for p, o in zip(self.states, outs[n_out:], strict=True)}, members, batches)
-        if len(per_output) == 1:
-            ((out_name, parts),) = per_output
-            results = {stream: {out_name: part} for stream, part in zip(members, parts, strict=True)}
-        else:
-            results = {
-                stream: {out_name: parts[k] for out_name, parts in per_output}
-                for k, stream in enumerate(members)
-            }
+        new_states = {p.input: o for p, o in zip(self.states, outs[n_out:], strict=True)}
+        if again is not None:
+            again.states = new_states
+            return outputs
+        rows = _Rows(new_states, members, [batch] * len(members), uniform=batch)
         for k, entry in enumerate(entries):
             if entry is None or entry.batch is None:
                 entries[k] = self._open(members[k], batch)
-        if self.io_binding and not self._cpu_bound:  # device state: copied back per stream
+        if self._host_state:
+            self._adopt(rows, entries)
+        else:  # device state: copied back per stream
             for k, entry in enumerate(entries):
                 self._store(entry, rows.materialize(k, self.states))
-        else:
-            self._adopt(rows, entries)
-        return results
+        return outputs
 
     def _gather(
         self, members: list[Hashable], entries: list[_Stream | None], batches: list[int]

@@ -442,3 +442,87 @@ def test_idle_streams_do_not_keep_a_batchs_state_alive(lm_bytes):
         np.testing.assert_allclose(
             session.step(x, stream=s)["output"], separate.step(x, stream=s)["output"], **TOL
         )
+
+
+@pytest.mark.parametrize("io_binding", [False, True], ids=["run", "iobinding"])
+def test_step_stacked_equals_separate_steps(lm_bytes, io_binding):
+    """step_stacked on rows stacked along the batch axis equals one step per stream, round after round, also when
+    the streams change between calls (a stream joins, leaves, steps alone, comes in another order)."""
+    rng = np.random.default_rng(11)
+    stacked = StreamingSession(lm_bytes, io_binding=io_binding, providers="cpu")
+    separate = StreamingSession(lm_bytes, providers="cpu")
+    plan = [
+        ["a", "b", "c"],
+        ["a", "b", "c"],
+        ["c", "a", "b"],
+        ["a", "d"],
+        ["a", "b", "c", "d"],
+        ["a", "b", "c", "d"],
+    ]
+    for round_, members in enumerate(plan):
+        x = rng.integers(0, V, (2 * len(members), 1 + round_ % 2))  # 2 rows per stream, 1 or 2 steps
+        if round_ == 3:
+            lone = rng.integers(0, V, (2, 1))
+            np.testing.assert_allclose(
+                stacked.step(lone, stream="b")["output"], separate.step(lone, stream="b")["output"], **TOL
+            )
+        got = stacked.step_stacked(members, x)
+        want = np.concatenate(
+            [separate.step(x[2 * k : 2 * k + 2], stream=s)["output"] for k, s in enumerate(members)]
+        )
+        assert set(got) == {"output"}
+        np.testing.assert_allclose(got["output"], want, **TOL)
+    for s in "abcd":
+        for name, value in separate.get_state(s).items():
+            np.testing.assert_allclose(stacked.get_state(s)[name], value, **TOL)
+
+
+def test_step_stacked_bad_input_names_it_and_changes_no_state(lm_bytes):
+    session = StreamingSession(lm_bytes, providers="cpu")
+    session.step_stacked(["a", "b"], np.array([[1], [2]]))
+    before = {s: session.get_state(s) for s in "ab"}
+    cases = [
+        (
+            ["a", "b"],
+            np.array([[1], [2], [3]]),
+            "3 rows along the batch axis, not a multiple of the 2 streams",
+        ),
+        (["a", "b"], np.array([[1], [2], [3], [4]]), "stream 'a' has batch size 1, this step has 2"),
+        (["a", "b"], np.array([1, 2]), "needs the inputs with their batch axis"),
+        (["a", "a"], np.array([[1], [2]]), "'a' appear twice"),
+        ([], np.array([[1]]), "at least one stream"),
+        (["a", "b"], np.array([[0.5], [1.5]], np.float32), "input must have dtype int64"),
+        (["a", "b"], np.array([[1], [V + 50]]), "cannot run this step"),  # onnxruntime rejects the token id
+    ]
+    for streams, x, message in cases:
+        with pytest.raises(StepInputError, match=message):
+            session.step_stacked(streams, x)
+        for s in "ab":
+            for name, value in session.get_state(s).items():
+                np.testing.assert_array_equal(value, before[s][name])
+    assert sorted(session.streams) == ["a", "b"]
+
+
+def test_step_stacked_refuses_growing_states():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Concat", ["past_seq", "x"], ["present_seq"], axis=1),
+            helper.make_node("ReduceSum", ["present_seq"], ["y"], keepdims=1),
+        ],
+        "grow",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 1]),
+            helper.make_tensor_value_info("past_seq", TensorProto.FLOAT, ["B", "T"]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 1]),
+            helper.make_tensor_value_info("present_seq", TensorProto.FLOAT, ["B", "T1"]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    session = StreamingSession(model.SerializeToString(), providers="cpu", io_binding=False)
+    assert session.step(np.ones((1, 1), np.float32))["y"].item() == 1.0  # the model serves step by step
+    with pytest.raises(ModelError, match="its states grow.*use step_many"):
+        session.step_stacked(["a"], np.ones((1, 1), np.float32))
