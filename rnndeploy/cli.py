@@ -543,6 +543,12 @@ def info_command(model, states, constants, provider, threads) -> None:
 @click.option("--max-response-mb", default=64.0, show_default=True, help="Largest response (413 beyond).")
 @click.option("--max-body-mb", default=16.0, show_default=True, help="Largest request body (413 beyond).")
 @click.option("--max-connections", default=512, show_default=True, help="Open connections (503 beyond).")
+@click.option(
+    "--max-grpc-calls",
+    default=1024,
+    show_default=True,
+    help="gRPC calls open at once; a stream is one while open (RESOURCE_EXHAUSTED beyond).",
+)
 @click.option("--header-timeout", default=10.0, show_default=True, help="Request headers within (s; 408).")
 @click.option("--body-timeout", default=30.0, show_default=True, help="Request body within (s; 408).")
 @click.option(
@@ -574,6 +580,7 @@ def serve_command(
     max_response_mb,
     max_body_mb,
     max_connections,
+    max_grpc_calls,
     header_timeout,
     body_timeout,
     shutdown_timeout,
@@ -663,6 +670,7 @@ def serve_command(
             header_timeout_s=header_timeout,
             body_timeout_s=body_timeout,
             max_connections=max_connections,
+            max_grpc_calls=max_grpc_calls,
             shutdown_timeout_s=shutdown_timeout,
             on_ready=ready,
             max_batch_size=max_batch_size,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -337,24 +336,15 @@ def create_app(
 
     async def infer(request: Request) -> Response:
         core = model_of(request)
-        began = time.perf_counter()
-        try:
+        with core.stats.request() as timing:
             body = await _read_body(request, core.limits.max_body_bytes, body_timeout_s)
-            read = time.perf_counter()
+            timing.input()  # the body's arrival is not decoding
             header, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
             decoded = _decode_request(header, binary)
-            decoded_at = time.perf_counter()
+            timing.decoded()
             outputs = await core.infer(decoded)
-            inferred = time.perf_counter()
+            timing.inferred()
             response = _encode_outputs(decoded, outputs, core)
-        except RequestError as error:
-            core.stats.failed(error.limit)
-            raise
-        except Exception:
-            core.stats.failed()
-            raise
-        done = time.perf_counter()
-        core.stats.succeeded(done - began, decoded_at - read, done - inferred)
         return response
 
     async def metrics(_: Request) -> Response:

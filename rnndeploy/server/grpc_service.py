@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import grpc
 import numpy as np
@@ -189,22 +188,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         core = self.models.get(request.model_name, request.model_version or None)
-        began = time.perf_counter()
-        try:
+        with core.stats.request() as timing:
             decoded = decode_request(request)
-            decoded_at = time.perf_counter()
+            timing.decoded()
             outputs = await core.infer(decoded)
-            inferred = time.perf_counter()
-            response = encode_response(core, decoded, outputs)
-        except RequestError as error:
-            core.stats.failed(error.limit)
-            raise
-        except Exception:
-            core.stats.failed()
-            raise
-        done = time.perf_counter()
-        core.stats.succeeded(done - began, decoded_at - began, done - inferred)
-        return response
+            timing.inferred()
+            return encode_response(core, decoded, outputs)
 
     async def ModelInfer(self, request, context):
         try:
@@ -322,16 +311,22 @@ def _statistics(core: ModelServer) -> pb.ModelStatistics:
 
 
 async def start_grpc_server(
-    models: ModelServer | ModelSet, host: str, port: int
+    models: ModelServer | ModelSet, host: str, port: int, max_calls: int | None = 1024
 ) -> tuple[grpc.aio.Server, int]:
-    """Start the gRPC service on the running event loop; returns ``(server, bound port)``."""
+    """Start the gRPC service on the running event loop; returns ``(server, bound port)``.
+
+    ``max_calls`` caps the calls in progress at once, over all connections (a stream is one call for as long
+    as it is open; ``None``: no cap): one more is refused at once with RESOURCE_EXHAUSTED by grpcio, so
+    clients that open streams and never close them cannot take the server's memory, while the calls already
+    open go on."""
     servicer = InferenceServicer(models)
     limits = servicer.models.limits
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", limits.max_body_bytes),
             ("grpc.max_send_message_length", limits.max_response_bytes + 2**20),
-        ]
+        ],
+        maximum_concurrent_rpcs=max_calls,
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     try:

@@ -17,6 +17,8 @@ field). Values are read from the server's counters when the page is scraped.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
@@ -42,6 +44,54 @@ class RequestStats:
         self.failure += 1
         if limit is not None:
             self.rejected[limit] = self.rejected.get(limit, 0) + 1
+
+    def request(self) -> RequestTiming:
+        """Times one inference request of a front end (HTTP or gRPC) and counts it when it ends::
+
+            with core.stats.request() as timing:
+                ...read the request...
+                timing.input()  # decoding starts (optional: default, at arrival)
+                ...decode it...
+                timing.decoded()
+                outputs = await core.infer(decoded)
+                timing.inferred()
+                ...encode the response...
+
+        A :class:`~rnndeploy.server.protocol.RequestError` counts as a failure (and as a rejection by its
+        ``limit``), any other exception as a failure; both propagate. A cancelled request counts as
+        neither."""
+        return RequestTiming(self)
+
+
+class RequestTiming:
+    """The clock marks of one request (see :meth:`RequestStats.request`)."""
+
+    __slots__ = ("stats", "began", "input_began", "decoded_at", "inferred_at")
+
+    def __init__(self, stats: RequestStats) -> None:
+        self.stats = stats
+
+    def __enter__(self) -> RequestTiming:
+        self.began = self.input_began = time.perf_counter()
+        return self
+
+    def input(self) -> None:
+        self.input_began = time.perf_counter()
+
+    def decoded(self) -> None:
+        self.decoded_at = time.perf_counter()
+
+    def inferred(self) -> None:
+        self.inferred_at = time.perf_counter()
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            done = time.perf_counter()
+            self.stats.succeeded(
+                done - self.began, self.decoded_at - self.input_began, done - self.inferred_at
+            )
+        elif issubclass(kind, Exception):  # a cancelled request (the client went away) is neither
+            self.stats.failed(getattr(error, "limit", None))
 
 
 def _counter(name: str, documentation: str) -> Metric:

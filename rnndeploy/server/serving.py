@@ -11,6 +11,8 @@
 
 gRPC (:mod:`rnndeploy.server.grpc_service`) runs on the same event loop, around the same
 :class:`~rnndeploy.server.app.ModelServer`: one state table, one batcher, HTTP and gRPC steps batched together.
+Its guard: at most ``max_grpc_calls`` calls open at once (a stream counts while it is open); one more is refused
+with RESOURCE_EXHAUSTED (grpcio's ``maximum_concurrent_rpcs``) and the open ones go on.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ def serve(
     max_connections: int = 512,
     shutdown_timeout_s: float = 10.0,
     grpc_port: int | None = None,
+    max_grpc_calls: int = 1024,
     metrics_port: int | None = None,
     on_ready: Callable[[dict], None] | None = None,
     **model_options,
@@ -153,7 +156,8 @@ def serve(
     uvicorn uses httptools and uvloop (dependencies of rnndeploy). ``model_options`` go to
     :class:`ModelServer` (batching, eviction, worker thread); ``limits`` bound each request's cost; the slow-
     client guards are described in this module's docstring. ``grpc_port`` serves gRPC too (``None``: off;
-    0: any free port), ``metrics_port`` serves ``/metrics`` on a port of its own as well (it is always on the
+    0: any free port), with at most ``max_grpc_calls`` calls open at once (a stream is one call while open;
+    RESOURCE_EXHAUSTED beyond), ``metrics_port`` serves ``/metrics`` on a port of its own as well (it is always on the
     HTTP port). ``on_ready`` is called once the server accepts requests, with ``{"model", "version", "models":
     {name: [versions]}, "http": "http://host:port", "grpc": "host:port" or None, "metrics": URL}`` (the ports
     actually bound, also for 0; ``model`` and ``version`` are the first model's).
@@ -210,7 +214,7 @@ def serve(
             from rnndeploy.server.grpc_service import start_grpc_server
 
             try:
-                grpc_server, bound = await start_grpc_server(models, host, grpc_port)
+                grpc_server, bound = await start_grpc_server(models, host, grpc_port, max_grpc_calls)
             except OSError as error:
                 server.should_exit = True
                 await task

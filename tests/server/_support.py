@@ -57,6 +57,7 @@ def running(
     header_timeout_s: float | None = None,
     max_connections: int = 64,
     body_timeout_s: float = 30.0,
+    max_grpc_calls: int | None = 1024,
     **options,
 ) -> Iterator[Served]:
     """``session`` as model ``lm`` behind uvicorn (and gRPC) on one event loop in a thread, on free ports.
@@ -80,7 +81,7 @@ def running(
             await asyncio.sleep(0.01)
         grpc_server = None
         if grpc:
-            grpc_server, box["port"] = await start_grpc_server(core, "127.0.0.1", 0)
+            grpc_server, box["port"] = await start_grpc_server(core, "127.0.0.1", 0, max_grpc_calls)
         ready.set()
         await task
         if grpc_server is not None:

@@ -434,3 +434,45 @@ def test_a_stream_that_never_waits_is_read_no_further_than_its_in_flight_cap(lm_
         assert all(replies.get(timeout=60) is None for _ in range(40))
         client.stop_stream()
     assert max(queued_at_batches) <= 3, queued_at_batches  # 4 in flight: one running, three queued
+
+
+def test_calls_beyond_the_cap_are_resource_exhausted_and_the_open_streams_go_on(lm_bytes):
+    """With max_grpc_calls=2, two open streams hold both calls: a third stream and a unary call are refused with
+    RESOURCE_EXHAUSTED at once; the two streams keep answering exactly; once one closes, a new call is served."""
+    session = StreamingSession(lm_bytes)
+    with running(session, grpc=True, max_grpc_calls=2) as served:
+        streams = [Stream(served.grpc) for _ in range(2)]
+        tokens = {0: [1, 2, 3], 1: [4, 5, 6]}
+        got = {k: [] for k in tokens}
+        for k, stream in enumerate(streams):  # both streams open and answering
+            result, error = stream.send(tokens[k][0], sequence_id=10 + k, sequence_start=True)
+            assert error is None, error
+            got[k].append(result.as_numpy("output"))
+        stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(served.grpc))
+        refused = typed_request({"int64_contents": [1, 2]})
+        with pytest.raises(grpc.RpcError) as error:
+            list(stub.ModelStreamInfer(iter([refused]), timeout=30))
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.value
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(refused, timeout=30)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.value
+        for k, stream in enumerate(streams):  # the open streams go on
+            for value in tokens[k][1:]:
+                result, error = stream.send(value, sequence_id=10 + k)
+                assert error is None, error
+                got[k].append(result.as_numpy("output"))
+        for k in tokens:
+            want = offline(lm_bytes, np.array([tokens[k]]))
+            np.testing.assert_allclose(np.concatenate(got[k], axis=1), want, **TOL)
+        streams[0].close()
+        deadline = time.monotonic() + 30
+        while True:  # the closed stream's call ends on the server shortly after the client stops it
+            try:
+                reply = stub.ModelInfer(refused, timeout=30)
+                break
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+                assert time.monotonic() < deadline, "the closed stream's call was never released"
+                time.sleep(0.05)
+        assert list(reply.outputs[0].shape) == [1, 2, V]
+        streams[1].close()
