@@ -385,4 +385,13 @@ def static_report(cases=REPORT_CASES, gpu=None) -> tuple[list[dict], str]:
                 f"terms (clk): MMA {r['est_mma_clk']:.0f}, shared {r['est_smem_clk']:.0f}, L2 {r['est_l2_clk']:.0f}, "
                 f"barrier {r['est_barrier_clk']}"
             )  # fmt: skip
-    return rows, "\n".join([*lines, "", rates, "", *verdict])
+    floor_clk = gpu.barrier_clk + gpu.l2_latency_clk
+    floor = (
+        f"Floor under these rates of any design that exchanges h through L2 behind one grid barrier per step "
+        f"(publish, barrier, read: no MMA, no bytes): barrier {gpu.barrier_clk} + L2 latency {gpu.l2_latency_clk} "
+        f"= {floor_clk} clk = {floor_clk / (gpu.clock_ghz * 1e3):.2f} us per step, against the forward target of "
+        f"{TARGET_US['fwd']} us. Meeting it takes a cheaper step-to-step hand-off than a grid barrier (per-producer "
+        f"flags polled by the readers, or clusters exchanging h through distributed shared memory); the "
+        f"barrier's cost is the estimate's least certain rate and the first thing a GPU run measures."
+    )  # fmt: skip
+    return rows, "\n".join([*lines, "", rates, "", *verdict, "", floor])
