@@ -1,0 +1,152 @@
+"""Where the CPU goes at 64 concurrent sequences: client process vs server process, per protocol and client.
+
+`rnndeploy serve` (HTTP and gRPC on, one intra-op thread) runs the demo-size LM (a char LSTM 2x256, vocabulary
+103, exported from ``SequenceModel``); benchmarks/kserve_load.py drives it with each client in turn, in a
+process of its own: ``tritonclient`` (tritonclient.http, a thread per sequence), ``grpc-stream``
+(tritonclient.grpc, a thread and a stream per sequence), ``aiohttp`` and ``grpc-aio-stream`` (all sequences on
+one event loop). For each: steps per second, and the CPU seconds per step the client process and the server
+process spent (getrusage of the finished client; /proc/<pid>/stat of the server). On a 2-core machine client
+and server share the cores, so a client that spends more CPU per step leaves the server less.
+
+Numbers only: prints a table and writes protocol-cpu.json (machine, versions, commit) into ``--out``.
+
+    python benchmarks/bench_protocol_cpu.py [--sequences 64] [--steps 100] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import onnxruntime
+
+from rnndeploy.provenance import git_commit
+
+HERE = Path(__file__).resolve().parent
+CLIENTS = ("tritonclient", "grpc-stream", "aiohttp", "grpc-aio-stream")
+VOCAB = [chr(32 + i) for i in range(103)]
+
+
+def export_lm(path: Path) -> None:
+    import torch
+
+    from rnndeploy.export import export_onnx
+    from rnndeploy.models import ModelConfig, SequenceModel
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        task="lm", cell="lstm", vocab_size=len(VOCAB), embed_dim=64, hidden_size=256, num_layers=2
+    )
+    export_onnx(SequenceModel(config).eval(), path, vocab=VOCAB)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a running process."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sequences", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "lm.onnx"
+        export_lm(model)
+        command = [sys.executable, "-m", "rnndeploy", "serve", str(model), "--port", "0"]
+        command += ["--grpc-port", str(free_port())]  # 0 would turn gRPC off
+        command += ["--name", "lm", "--threads", "1"]
+        server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        ports = {}
+        try:
+            for line in server.stdout:
+                if "HTTP health:" in line or "health:" in line:
+                    ports["http"] = line.split("http://")[-1].split("/")[0].rsplit(":", 1)[1]
+                if "gRPC" in line:
+                    ports["grpc"] = line.strip().rsplit(":", 1)[1]
+                if "Stop with" in line:
+                    break
+            if set(ports) != {"http", "grpc"}:
+                raise RuntimeError(f"server did not print its ports (exit {server.poll()})")
+            rows = []
+            for client in CLIENTS:
+                port = ports["grpc" if client.startswith("grpc") else "http"]
+                load = [sys.executable, str(HERE / "kserve_load.py"), "--client", client, "--port", port]
+                load += ["--model", "lm", "--sequences", str(args.sequences), "--steps", str(args.steps)]
+                load += ["--vocab", str(len(VOCAB))]
+                client0, server0, began = children_cpu_s(), cpu_s(server.pid), time.perf_counter()
+                result = json.loads(subprocess.run(load, capture_output=True, text=True, check=True).stdout)
+                wall = time.perf_counter() - began
+                steps = args.sequences * args.steps
+                rows.append(
+                    {
+                        "client": client,
+                        "steps_per_s": result["steps_per_s"],
+                        "client_cpu_us_per_step": (children_cpu_s() - client0) / steps * 1e6,
+                        "server_cpu_us_per_step": (cpu_s(server.pid) - server0) / steps * 1e6,
+                        "wall_s": wall,
+                    }
+                )
+                print(f"  {client} done", file=sys.stderr, flush=True)
+        finally:
+            server.terminate()
+            server.wait(30)
+    print(
+        f"\n{args.sequences} sequences x {args.steps} steps, CPU per step (client process, server process):"
+    )
+    print(f"{'client':18s} {'steps/s':>8s} {'client us':>10s} {'server us':>10s} {'both us':>8s}")
+    for r in rows:
+        both = r["client_cpu_us_per_step"] + r["server_cpu_us_per_step"]
+        print(
+            f"{r['client']:18s} {r['steps_per_s']:8.0f} {r['client_cpu_us_per_step']:10.0f} "
+            f"{r['server_cpu_us_per_step']:10.0f} {both:8.0f}"
+        )
+    with open("/proc/loadavg") as loadavg:
+        load = loadavg.read().split()[:3]
+    result = {
+        "rows": rows,
+        "sequences": args.sequences,
+        "steps": args.steps,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "load_avg": load},
+        "versions": {
+            **{n: version(n) for n in ("grpcio", "tritonclient", "uvicorn", "aiohttp")},
+            "onnxruntime": onnxruntime.__version__,
+        },
+        "commit": git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "protocol-cpu.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
