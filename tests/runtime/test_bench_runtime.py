@@ -22,3 +22,28 @@ def test_bench_runtime_writes_under_the_current_directory(tmp_path, monkeypatch)
     assert {"lstm-2x256", "gru-1x64", "lstm-2x512"} == {r["model"] for r in written["latency"]}
     assert (tmp_path / "bench-results" / "runtime.png").stat().st_size > 0
     assert {p.name: p.stat().st_mtime_ns for p in RESULTS.glob("runtime.*")} == committed
+
+
+@pytest.mark.slow
+def test_protocol_floor_benchmark_measures_every_client(tmp_path):
+    """benchmarks/bench_protocol_floor.py starts both echo servers, times every client and writes its JSON."""
+    import subprocess
+    import sys
+
+    script = RESULTS.parent / "bench_protocol_floor.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--steps", "30", "--repeats", "1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads((tmp_path / "protocol-floor.json").read_text())["rows"]
+    assert [r["client"] for r in rows] == [
+        "HTTP: tritonclient.http infer",
+        "gRPC: tritonclient.grpc infer (unary)",
+        "gRPC: tritonclient.grpc stream",
+        "gRPC: grpc.aio stream",
+    ]
+    assert all(r["p50_us"] > 0 and r["p99_us"] >= r["p50_us"] for r in rows)
+    assert rows[0]["vs_http_p50"] == 1.0
