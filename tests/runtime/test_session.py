@@ -526,3 +526,21 @@ def test_step_stacked_refuses_growing_states():
     assert session.step(np.ones((1, 1), np.float32))["y"].item() == 1.0  # the model serves step by step
     with pytest.raises(ModelError, match="its states grow.*use step_many"):
         session.step_stacked(["a"], np.ones((1, 1), np.float32))
+
+
+@pytest.mark.parametrize("with_batch_axis", [True, False], ids=["batch-axis", "no-batch-axis"])
+def test_step_many_takes_views_that_are_not_contiguous(lm_bytes, with_batch_axis):
+    """Steps given as strided views (no plain buffer to join) are stacked as well as contiguous ones."""
+    rng = np.random.default_rng(12)
+    batched = StreamingSession(lm_bytes, providers="cpu")
+    separate = StreamingSession(lm_bytes, providers="cpu")
+    for round_ in range(3):
+        grid = rng.integers(0, V, (6, 4, 2))
+        # 4 time steps each, every other element of the grid: [1, 4] or [4] views with a stride of 2
+        xs = {s: grid[s : s + 1, :, 0] if with_batch_axis else grid[s, :, 0] for s in range(6)}
+        if round_ == 1:
+            xs = {s: np.ascontiguousarray(x) for s, x in xs.items()}  # contiguous in between
+        assert all(x.flags.c_contiguous == (round_ == 1) for x in xs.values())
+        got = batched.step_many(xs)
+        for s, x in xs.items():
+            np.testing.assert_allclose(got[s]["output"], separate.step(x, stream=s)["output"], **TOL)
