@@ -701,7 +701,9 @@ class StreamingSession:
         members = list(streams)
         if not members:
             raise StepInputError("step_stacked needs at least one stream; got none")
-        if len(set(members)) != len(members):
+        first = self._streams.get(members[0])
+        same = first is not None and first.rows is not None and first.rows.members == members
+        if not same and len(set(members)) != len(members):  # the streams of the last batch were distinct
             twice = sorted({repr(s) for s in members if members.count(s) > 1})
             raise StepInputError(f"each stream steps at most once per call; {', '.join(twice)} appear twice")
         if not self._fixed_states or self.cuda_graph:
@@ -748,12 +750,11 @@ class StreamingSession:
                     raise StepInputError(
                         f"stream {stream!r} has batch size {entry.batch}, this step has {batch}"
                     )
-        feed = self._normalized(feed)
-        feed.update(
-            again.states if again is not None else self._gather(members, entries, [batch] * len(members))
-        )
+        states = again.states if again is not None else self._gather(members, entries, [batch] * len(members))
         try:
-            outs = self._session.run(self._output_names, {**feed, **self.constants})
+            outs = self._session.run(
+                self._output_names, {**self._normalized(feed), **states, **self.constants}
+            )
         except ORT_RUN_ERRORS as error:
             raise step_error(error, given()) from error
         n_out = len(self.outputs)

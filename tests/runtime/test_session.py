@@ -495,8 +495,9 @@ def test_step_stacked_bad_input_names_it_and_changes_no_state(lm_bytes):
         (["a", "b"], np.array([[1], [V + 50]]), "cannot run this step"),  # onnxruntime rejects the token id
     ]
     for streams, x, message in cases:
-        with pytest.raises(StepInputError, match=message):
+        with pytest.raises(StepInputError, match=message) as error:
             session.step_stacked(streams, x)
+        assert "h0" not in str(error.value), error.value  # names the step's inputs, not the states fed
         for s in "ab":
             for name, value in session.get_state(s).items():
                 np.testing.assert_array_equal(value, before[s][name])
