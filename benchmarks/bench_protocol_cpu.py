@@ -18,20 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
-from importlib.metadata import version
 from pathlib import Path
 
 import onnxruntime
-
-from rnndeploy.provenance import git_commit
+from bench_protocol_floor import free_port, write_result  # this folder: python benchmarks/...
 
 HERE = Path(__file__).resolve().parent
 CLIENTS = ("tritonclient", "grpc-stream", "aiohttp", "grpc-aio-stream")
@@ -49,12 +44,6 @@ def export_lm(path: Path) -> None:
         task="lm", cell="lstm", vocab_size=len(VOCAB), embed_dim=64, hidden_size=256, num_layers=2
     )
     export_onnx(SequenceModel(config).eval(), path, vocab=VOCAB)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cpu_s(pid: int) -> float:
@@ -126,26 +115,10 @@ def main() -> None:
             f"{r['client']:18s} {r['steps_per_s']:8.0f} {r['client_cpu_us_per_step']:10.0f} "
             f"{r['server_cpu_us_per_step']:10.0f} {both:8.0f}"
         )
-    with open("/proc/loadavg") as loadavg:
-        load = loadavg.read().split()[:3]
-    result = {
-        "rows": rows,
-        "sequences": args.sequences,
-        "steps": args.steps,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "load_avg": load},
-        "versions": {
-            **{n: version(n) for n in ("grpcio", "tritonclient", "uvicorn", "aiohttp")},
-            "onnxruntime": onnxruntime.__version__,
-        },
-        "commit": git_commit(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "protocol-cpu.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
-    print(f"wrote {path}")
+    fields = {"rows": rows, "sequences": args.sequences, "steps": args.steps}
+    packages = ("grpcio", "tritonclient", "uvicorn", "aiohttp")
+    runtime = {"onnxruntime": onnxruntime.__version__}  # the package is onnxruntime or onnxruntime-gpu
+    print(f"wrote {write_result(args.out / 'protocol-cpu.json', fields, packages, runtime)}")
 
 
 if __name__ == "__main__":

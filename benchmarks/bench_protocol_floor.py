@@ -240,27 +240,31 @@ def main() -> None:
     for row in rows:
         row["vs_http_p50"] = row["p50_us"] / http_p50
         print(f"{row['client']:40s} {row['p50_us']:8.0f} {row['p99_us']:8.0f} {row['vs_http_p50']:10.2f}x")
+    fields = {"rows": rows, "steps": args.steps, "repeats": args.repeats}
+    print(
+        f"wrote {write_result(args.out / 'protocol-floor.json', fields, ('grpcio', 'tritonclient', 'uvicorn'))}"
+    )
+
+
+def write_result(path: Path, fields: dict, packages: tuple[str, ...], versions: dict | None = None) -> Path:
+    """``fields`` with the machine, the versions of ``packages`` (and ``versions``), the commit and the date,
+    written atomically as JSON to ``path``."""
     from importlib.metadata import version
 
+    from rnndeploy.checkpoint import atomic_write
     from rnndeploy.provenance import git_commit
 
     with open("/proc/loadavg") as loadavg:
         load = loadavg.read().split()[:3]
     result = {
-        "rows": rows,
-        "steps": args.steps,
-        "repeats": args.repeats,
+        **fields,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "load_avg": load},
-        "versions": {name: version(name) for name in ("grpcio", "tritonclient", "uvicorn", "starlette")},
+        "versions": {**{name: version(name) for name in packages}, **(versions or {})},
         "commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "protocol-floor.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
-    print(f"wrote {path}")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    return path
 
 
 if __name__ == "__main__":
