@@ -29,7 +29,6 @@ import os
 import platform
 import queue
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,19 +40,14 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import onnx
-from kserve_load import HEADER_LENGTH, request_body  # this folder: python benchmarks/bench_server.py
+from bench_protocol_floor import free_port  # this folder: python benchmarks/bench_server.py
+from kserve_load import HEADER_LENGTH, request_body
 
 from rnndeploy.provenance import git_commit
 from rnndeploy.runtime import testing
 
 VOCAB = [chr(ord("0") + i) for i in range(64)]
 MAX_ROWS, MAX_STEPS = 1, 4096  # the longest request the default limits allow (max_steps = rows x steps)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:

@@ -55,7 +55,7 @@ def _server_files() -> Path:
     return root
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -156,7 +156,7 @@ def start_tritonserver(
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         [sysconfig.get_config_var("LIBDIR"), str(libs), env.get("LD_LIBRARY_PATH", "")]
     )
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     log = tmp / "tritonserver.log"
     shm_prefix = f"rnndeploy_test_{os.getpid()}_{http_port}_"  # the stubs' shared memory, removed afterwards
     command = [

@@ -35,12 +35,6 @@ def offline(model: bytes, tokens) -> np.ndarray:
     return session.run(["output"], {"input": tokens, **zeros})[0]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class Served:
     http: str  # "127.0.0.1:port"

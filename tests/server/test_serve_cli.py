@@ -21,7 +21,7 @@ import tritonclient.http as httpclient
 
 from rnndeploy.runtime import testing
 
-from ._support import free_port
+from ..tritonserver_helpers import free_port
 
 V = 9
 

@@ -31,7 +31,7 @@ from rnndeploy.export import write_triton_repository
 from ..tritonserver_helpers import (
     Reference,
     Request,
-    _free_port,
+    free_port,
     reference_outputs,
     start_tritonserver,
 )
@@ -105,7 +105,7 @@ class Urls:
 def rnndeploy_serve(repository) -> Urls:
     """``rnndeploy serve DIR`` in a subprocess, ended by its id."""
     command = [sys.executable, "-m", "rnndeploy", "serve", str(repository.path), "--port", "0"]
-    command += ["--grpc-port", str(_free_port()), "--log-level", "warning"]
+    command += ["--grpc-port", str(free_port()), "--log-level", "warning"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
