@@ -379,7 +379,7 @@ class StreamingSession:
     def _load(self, entry: _Stream) -> dict[str, np.ndarray]:
         if entry.rows is not None:  # its state is still rows of a batched run's outputs: take them over
             self._store(entry, entry.rows.materialize(entry.row, self.states))
-        if self.io_binding and not self._cpu_bound:
+        if not self._host_state:
             return {k: v.numpy() for k, v in entry.device_state.items()}
         return entry.state
 
@@ -623,7 +623,7 @@ class StreamingSession:
             stored.append((members, rows))
         for members, rows in stored:
             entries = [self._open(stream, batch) for stream, batch in zip(members, rows.batches, strict=True)]
-            if self.io_binding and not self._cpu_bound:  # device state: copied back per stream
+            if not self._host_state:  # device state: copied back per stream
                 for k, entry in enumerate(entries):
                     self._store(entry, rows.materialize(k, self.states))
             else:
@@ -701,11 +701,6 @@ class StreamingSession:
         members = list(streams)
         if not members:
             raise StepInputError("step_stacked needs at least one stream; got none")
-        first = self._streams.get(members[0])
-        same = first is not None and first.rows is not None and first.rows.members == members
-        if not same and len(set(members)) != len(members):  # the streams of the last batch were distinct
-            twice = sorted({repr(s) for s in members if members.count(s) > 1})
-            raise StepInputError(f"each stream steps at most once per call; {', '.join(twice)} appear twice")
         if not self._fixed_states or self.cuda_graph:
             why = "its states grow" if not self._fixed_states else "cuda_graph replays one graph per stream"
             raise ModelError(f"step_stacked cannot batch this session ({why}); use step_many")
@@ -721,7 +716,8 @@ class StreamingSession:
             raise StepInputError(
                 f"the stacked inputs have {rows} rows along the batch axis, not a multiple of the {n} streams"
             )
-        return self._step_rows(members, arrays, rows // n, lambda: {f"{n} streams, stacked": arrays})
+        stacked = {f"{n} streams, stacked": arrays}
+        return self._step_rows(members, arrays, rows // n, lambda: stacked, distinct=False)
 
     def _step_rows(
         self,
@@ -729,10 +725,12 @@ class StreamingSession:
         feed: dict[str, np.ndarray],
         batch: int,
         given: Callable[[], Mapping[Hashable, Mapping[str, np.ndarray]]],
+        distinct: bool = True,
     ) -> dict[str, np.ndarray]:
         """One run of ``members`` (in order, ``batch`` rows each) on the validated stacked inputs ``feed``;
         returns the stacked outputs (de-normalised) and keeps the state outputs as the members' rows (fixed-size
-        states). ``given()``: the inputs per stream, for the message of a step onnxruntime rejects."""
+        states). ``given()``: the inputs per stream, for the message of a step onnxruntime rejects.
+        ``distinct=False``: ``members`` may repeat a stream (refused), unless they are the last batch's."""
         streams = self._streams
         first = streams.get(members[0])
         again = first.rows if first is not None and self._host_state else None
@@ -744,6 +742,11 @@ class StreamingSession:
         # state outputs (so each has this batch size): their state is already stacked, and after the run the
         # block takes the new state outputs in place, with nothing to do per stream.
         if again is None:
+            if not distinct and len(set(members)) != len(members):
+                twice = sorted({repr(s) for s in members if members.count(s) > 1})
+                raise StepInputError(
+                    f"each stream steps at most once per call; {', '.join(twice)} appear twice"
+                )
             entries = [streams.get(stream) for stream in members]
             for stream, entry in zip(members, entries, strict=True):
                 if entry is not None and entry.batch != batch and entry.batch is not None:
