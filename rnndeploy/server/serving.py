@@ -3,6 +3,10 @@
 - A connection must send its request headers within ``header_timeout_s`` (from connecting, or from the first
   byte of a later request on a kept-alive connection): else 408 and the connection is closed.
 - Bodies must arrive within the app's ``body_timeout_s`` (408).
+- A connection closed while its request body is still arriving (a 413 for a body over ``max_body_bytes``,
+  refused before it is read) is half-closed: the response goes out, the rest of the body is read and dropped
+  for up to ``LINGER_S`` (or ``LINGER_BYTES``), then the socket closes, so the kernel does not reset the
+  connection under the unread response.
 - At most ``max_connections`` connections at once; one more is answered 503 and closed, so stalled clients
   cannot take the process's file descriptors and the health endpoints keep answering the others.
 - SIGTERM / SIGINT: stop accepting, finish open requests for up to ``shutdown_timeout_s`` (gRPC first, then
@@ -49,8 +53,55 @@ def _response(status: bytes, message: bytes) -> bytes:
     )
 
 
+LINGER_S = 2.0  # a refused body is read and dropped for at most this long before the connection closes
+LINGER_BYTES = 64 * 2**20  # ... and at most this much of it
+
+
+class _LingeringTransport:
+    """A transport whose ``close()``, while the request body is still arriving, half-closes instead: what is
+    buffered (the response) is sent, the write side shut, and the rest of the body read and dropped until the
+    client closes, ``LINGER_S`` pass or ``LINGER_BYTES`` arrive. Closing a socket with unread input makes the
+    kernel reset the connection, and the reset can discard the response the client has not read yet: a
+    client sending a body the server refused (413 before reading it) would get a reset instead of the 413."""
+
+    def __init__(self, transport: asyncio.Transport, body_unread: Callable[[], bool]) -> None:
+        self._transport, self._body_unread = transport, body_unread
+        self.lingering = False
+        self.dropped = 0
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        transport = self._transport
+        if self.lingering or transport.is_closing():
+            return
+        if not (self._body_unread() and transport.can_write_eof()):
+            transport.close()
+            return
+        self.lingering = True
+        transport.write_eof()  # after the buffered response
+        transport.resume_reading()
+        self._deadline = asyncio.get_running_loop().call_later(LINGER_S, transport.close)
+
+    def drop(self, data: bytes) -> None:
+        """Input that arrives while lingering."""
+        self.dropped += len(data)
+        if self.dropped > LINGER_BYTES:
+            self._transport.close()
+
+    def closed(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+
+
 def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with a header deadline and a cap on concurrent connections."""
+    """uvicorn's httptools protocol with a header deadline, a cap on concurrent connections and a lingering
+    close (:class:`_LingeringTransport`) for connections closed while their request body is still arriving."""
     timeout = _response(b"408 Request Timeout", b'{"error": "request headers not received in time"}')
     busy = _response(b"503 Service Unavailable", b'{"error": "too many connections; retry later"}')
 
@@ -58,7 +109,7 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[Http
         _header_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+            super().connection_made(_LingeringTransport(transport, self._body_unread))
             if len(self.connections) > max_connections:
                 transport.write(busy)
                 transport.close()
@@ -88,8 +139,18 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[Http
             self._disarm()
             super().on_headers_complete()
 
+        def _body_unread(self) -> bool:
+            return self.cycle is not None and self.cycle.more_body
+
+        def data_received(self, data: bytes) -> None:
+            if self.transport.lingering:
+                self.transport.drop(data)
+            else:
+                super().data_received(data)
+
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            self.transport.closed()
             super().connection_lost(exc)
 
     return GuardedHttpProtocol

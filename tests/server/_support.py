@@ -56,8 +56,8 @@ def running(
 ) -> Iterator[Served]:
     """``session`` as model ``lm`` behind uvicorn (and gRPC) on one event loop in a thread, on free ports.
 
-    ``header_timeout_s`` turns on the slow-client guards :func:`rnndeploy.server.serve` uses; ``options`` go to
-    :class:`ModelServer`.
+    HTTP runs on the protocol :func:`rnndeploy.server.serve` uses (its slow-client guards, ``header_timeout_s``
+    default 10 s as there); ``options`` go to :class:`ModelServer`.
     """
     from rnndeploy.server.grpc_service import start_grpc_server
 
@@ -65,8 +65,8 @@ def running(
     app = create_app(session, model_server=core, body_timeout_s=body_timeout_s)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    guards = {} if header_timeout_s is None else {"http": guarded_protocol(header_timeout_s, max_connections)}
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on", **guards))
+    protocol = guarded_protocol(10.0 if header_timeout_s is None else header_timeout_s, max_connections)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on", http=protocol))
     ready, box = threading.Event(), {"port": None}
 
     async def main():

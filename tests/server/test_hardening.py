@@ -615,3 +615,27 @@ def test_a_client_that_disconnects_mid_body_logs_no_error(lm_bytes, caplog):
         assert httpx.get(f"{base}/v2/health/live").status_code == 200
     errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert errors == [], [r.getMessage() for r in errors]
+
+
+def test_a_refused_body_still_gets_its_413_and_a_stalled_one_is_closed(lm_bytes):
+    """A body over max_body_bytes is refused before it is read; closing the socket with the body still
+    arriving would make the kernel reset the connection, and the reset can discard the 413 (it did, about 1 in
+    100 here). The server half-closes and drops the rest instead: 200 refusals in a row all arrive. A client
+    that declares a large body and then stalls is closed after the linger deadline, not kept."""
+    from rnndeploy.server.serving import LINGER_S
+
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "INT64", "shape": [1, 300_000],
+                                   "data": [1] * 300_000}]}).encode()  # fmt: skip
+    with running(StreamingSession(lm_bytes), limits=Limits(max_body_bytes=2**18)) as served:
+        for _ in range(200):
+            reply = httpx.post(f"http://{served.http}/v2/models/lm/infer", content=body)
+            assert reply.status_code == 413 and "max_body_bytes" in reply.json()["error"], reply.text
+        host, port = served.http.split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            head = f"POST /v2/models/lm/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+            sock.sendall(head.encode() + body[:1000])  # then nothing more
+            began, received = time.monotonic(), b""
+            while chunk := sock.recv(65536):  # the 413, then the close
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 413"), received[:200]
+            assert time.monotonic() - began < LINGER_S + 5
