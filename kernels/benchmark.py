@@ -5,7 +5,9 @@ Measurement only (torch and triton); ``rnndeploy bench kernels`` prints the tabl
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import platform
 import subprocess
 import time
@@ -216,6 +218,20 @@ def _outputs_and_grads(layer, x: Tensor, state: tuple[Tensor, ...], params, prob
     ]
 
 
+@contextlib.contextmanager
+def _handoff(value: str):
+    """``RNNDEPLOY_HANDOFF`` set to ``value`` inside (see :func:`~rnndeploy.kernels.common.make_config`)."""
+    saved = os.environ.get("RNNDEPLOY_HANDOFF")
+    os.environ["RNNDEPLOY_HANDOFF"] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["RNNDEPLOY_HANDOFF"]
+        else:
+            os.environ["RNNDEPLOY_HANDOFF"] = saved
+
+
 def headline(
     cells: Iterable[str] = ("lstm", "gru", "rnn"),
     B: int = 16,
@@ -282,6 +298,16 @@ def headline(
                 emit({"time": cell, "mode": mode, "dtype": dtype_name, "B": B, "H": H, "T": T,
                       "triton_ms": ms["triton"], "cudnn_ms": ms["cudnn"],
                       "speedup": ms["cudnn"] / ms["triton"], "strategy": strategy})  # fmt: skip
+                # the two hand-offs of a split grid, each forced (the estimate's least certain terms)
+                for handoff in ("barrier", "tagged"):
+                    with _handoff(handoff):
+                        plan = plan_layer(cell, B, H, dtype, torch.device(device))
+                        step = _case(cell, "triton", B, H, T, dtype, mode == "full")
+                        step()
+                        t_ms = do_bench(step, quantiles=QUANTILES, rep=rep_ms)[0]
+                    tagged = f"{plan.forward.tagged}/{plan.backward.tagged}"
+                    emit({"handoff": handoff, "cell": cell, "mode": mode, "triton_ms": t_ms,
+                          "cudnn_ms": ms["cudnn"], "tagged": tagged})  # fmt: skip
         except Exception as e:  # one cell failing leaves the others' lines
             emit({"check": cell, "result": "ERROR", "error": f"{type(e).__name__}: {e}"[:500]})
         finally:

@@ -26,6 +26,12 @@ backward) rounded up to 16 (``NKS*16``): H=768 walks 512 + 256, not a padded 102
   with the matching chunk of the operand from the scratch (for slices too large for one SM).
 - ``resident-scratch``: ``resident`` through the scratch exchange, for the tests: the interpreter runs the
   exchange code of ``split`` (all but the barrier, which would deadlock there: programs run one after another).
+- ``resident-tagged``: the same through tagged words (below), for the tests.
+
+The hand-off between steps of a split grid is one of two, whichever :func:`estimate` finds cheaper: a grid
+barrier after the stores, or tagged words (each value stored with the step that wrote it, its readers poll
+until every word they need carries the right tag: no barrier round, the data is its own flag; twice the
+bytes through L2). Both launch cooperatively: every program must be resident for either to finish.
 """
 
 from __future__ import annotations
@@ -85,12 +91,51 @@ def _grid_barrier(p_bar, target):
 
 
 @triton.jit
-def _exchange(p_s, p_bar, i_b, s, NSPLIT: tl.constexpr):
-    """Ends step ``s`` after this program stored its slice at ``p_s``: everyone's slice is visible after it."""
-    if NSPLIT > 1:
-        _grid_barrier(p_bar + i_b, (s + 1) * NSPLIT)
+def _exchange(p_s, p_bar, i_b, s, NSPLIT: tl.constexpr, TAGGED: tl.constexpr):
+    """Ends step ``s`` after this program stored its slice at ``p_s``: everyone's slice is visible after it
+    (tagged words need nothing here: their readers wait for the tag, see :func:`_poll`)."""
+    if not TAGGED:
+        if NSPLIT > 1:
+            _grid_barrier(p_bar + i_b, (s + 1) * NSPLIT)
+        else:
+            tl.debug_barrier()
+
+
+# The tagged hand-off: every exchanged value travels in one word with the step that wrote it, value in the low
+# half, tag (the step, mod 2**16) above it: int32 words for bf16/fp16 operands, int64 for fp32. A single aligned
+# store is seen whole or not at all, so a reader that finds the tag it waits for has the value too: no flag,
+# no fence, no barrier between the writer's store and the reader's load. The double buffer keeps it safe: a
+# writer cannot store step s+2 into a buffer before every reader has read step s from it (it needs their h_{s+1}).
+
+
+@triton.jit
+def _put(ptrs, v, mask, tag, TAGGED: tl.constexpr, DT: tl.constexpr):
+    """Stores the fp32 tile ``v`` into the scratch at ``ptrs``: in ``DT`` or, ``TAGGED``, as tagged words."""
+    if TAGGED:
+        if DT == tl.float32:
+            word = v.to(tl.uint32, bitcast=True).to(tl.int64) | (tl.cast(tag & 0xFFFF, tl.int64) << 32)
+        else:
+            word = v.to(DT).to(tl.uint16, bitcast=True).to(tl.int32) | ((tag & 0xFFFF) << 16)
+        tl.store(ptrs, word, mask=mask)
     else:
-        tl.debug_barrier()
+        tl.store(ptrs, v.to(DT), mask=mask)
+
+
+@triton.jit
+def _poll(ptrs, mask, tag, DT: tl.constexpr):
+    """The tagged words at ``ptrs`` once every one under ``mask`` carries ``tag``, as values in ``DT``
+    (0 where masked). Spins on loads that bypass L1 (GPU: another program's store lands in L2)."""
+    SHIFT: tl.constexpr = 32 if DT == tl.float32 else 16
+    w = tl.load(ptrs, mask=mask, other=0, volatile=True)
+    want = tag & 0xFFFF
+    while tl.sum(tl.where(mask & (((w >> SHIFT) & 0xFFFF) != want), 1, 0)) > 0:
+        w = tl.load(ptrs, mask=mask, other=0, volatile=True)
+    # NOTE: if/else, not an early return: triton compiles the code after a constexpr-true return as well
+    if DT == tl.float32:
+        v = w.to(tl.uint32).to(tl.float32, bitcast=True)
+    else:
+        v = (w & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
+    return v
 
 
 @triton.jit
@@ -109,12 +154,15 @@ def _load_rows(p_w, o_row, m_row, o_k, H, SW):
 
 
 @triton.jit
-def _load_op_t(p, o_b, m_b, o_k, stride, K):
-    """``[len(o_k), BB]``: columns ``o_k < K`` of a ``[B, stride]`` buffer, transposed, read through L2."""
-    m = (o_k < K)[:, None] & m_b[None, :]
-    return tl.load(
-        p + o_b[None, :].to(tl.int64) * stride + o_k[:, None], mask=m, other=0.0, cache_modifier=".cg"
-    )
+def _load_op_t(p, o_b, m_b, o_k, stride, K, H, tag, TAGGED: tl.constexpr, DT: tl.constexpr):
+    """``[len(o_k), BB]``: columns ``o_k < K`` of a ``[B, stride]`` buffer, transposed, read through L2;
+    ``TAGGED``: the columns ``o_k < H`` of step ``tag`` (the rest 0), waited for."""
+    ptrs = p + o_b[None, :].to(tl.int64) * stride + o_k[:, None]
+    if TAGGED:
+        v = _poll(ptrs, (o_k < H)[:, None] & m_b[None, :], tag, DT)
+    else:
+        v = tl.load(ptrs, mask=(o_k < K)[:, None] & m_b[None, :], other=0.0, cache_modifier=".cg")
+    return v
 
 
 @triton.jit
@@ -145,10 +193,13 @@ def _hold_rows(p_w, o_row, m_row, H, SW, BK1: tl.constexpr, BK2: tl.constexpr, S
 @triton.jit
 def _fwd_product(p_w, p_scr, s, b_h, w1, w2, o_row, m_row, o_b, m_b, B, H, SW, SP,
                  BB: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr, BKC: tl.constexpr,
-                 STREAM_W: tl.constexpr, SCRATCH: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+                 STREAM_W: tl.constexpr, SCRATCH: tl.constexpr, PRECISION: tl.constexpr,
+                 TAGGED: tl.constexpr):  # fmt: skip
     """``W_rows @ h_{t-1}^T`` at step ``s``: ``[M, BB]`` fp32. ``h_{t-1}`` comes from the scratch, where the
     previous step (``h_0``: the launcher) put it, or is ``b_h [BH, BB]``, the own state, when nothing is
-    exchanged."""
+    exchanged. Tagged, each piece (or streamed chunk) of ``K`` is waited for on its own: the product of the
+    first runs while the rest is still arriving."""
+    DT: tl.constexpr = p_w.dtype.element_ty
     if SCRATCH:
         p_prev = p_scr + ((s + 1) % 2) * B * SP
     if STREAM_W:
@@ -157,13 +208,14 @@ def _fwd_product(p_w, p_scr, s, b_h, w1, w2, o_row, m_row, o_b, m_b, B, H, SW, S
             o_k = k0 + tl.arange(0, BKC)
             acc += _dot(
                 _load_rows(p_w, o_row, m_row, o_k, SW, SW),
-                _load_op_t(p_prev, o_b, m_b, o_k, SP, SP),
+                _load_op_t(p_prev, o_b, m_b, o_k, SP, SP, H, s, TAGGED, DT),
                 PRECISION,
             )
     elif SCRATCH:
-        acc = _dot(w1, _load_op_t(p_prev, o_b, m_b, tl.arange(0, BK1), SP, SP), PRECISION)
+        acc = _dot(w1, _load_op_t(p_prev, o_b, m_b, tl.arange(0, BK1), SP, SP, H, s, TAGGED, DT), PRECISION)
         if BK2 > 0:
-            acc += _dot(w2, _load_op_t(p_prev, o_b, m_b, BK1 + tl.arange(0, BK2), SP, SP), PRECISION)
+            o_k = BK1 + tl.arange(0, BK2)
+            acc += _dot(w2, _load_op_t(p_prev, o_b, m_b, o_k, SP, SP, H, s, TAGGED, DT), PRECISION)
     else:
         acc = _dot(w1, b_h.to(w1.dtype), PRECISION)
     return acc
@@ -183,11 +235,15 @@ def _load_w_slices(p_w, o_k, o_h, K, H, SW):
 
 
 @triton.jit
-def _load_g_slices(p, o_b, m_b, o_k, K, SP):
-    """``[NKS, BB, KS]``: columns ``o_k < K`` of the gate-gradient scratch (rows of stride ``SP``), via L2."""
-    m = m_b[None, :, None] & (o_k < SP)[:, None, :]
+def _load_g_slices(p, o_b, m_b, o_k, K, SP, tag, TAGGED: tl.constexpr, DT: tl.constexpr):
+    """``[NKS, BB, KS]``: columns ``o_k < K`` of the gate-gradient scratch (rows of stride ``SP``), via L2;
+    ``TAGGED``: those of step ``tag``, waited for."""
     p = p + o_b[None, :, None].to(tl.int64) * SP + o_k[:, None, :]
-    return tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
+    if TAGGED:
+        v = _poll(p, m_b[None, :, None] & (o_k < K)[:, None, :], tag, DT)
+    else:
+        v = tl.load(p, mask=m_b[None, :, None] & (o_k < SP)[:, None, :], other=0.0, cache_modifier=".cg")
+    return v
 
 
 @triton.jit
@@ -207,11 +263,13 @@ def _hold_cols(p_w, o_h, K, H, SW, NKS: tl.constexpr, BK1: tl.constexpr, BK2: tl
 
 
 @triton.jit
-def _bwd_product(p_w, p_cur, w1, w2, o_b, m_b, o_h, K, H, SW, SP,
+def _bwd_product(p_w, p_cur, w1, w2, o_b, m_b, o_h, K, H, SW, SP, tag,
                  NKS: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr, BKC: tl.constexpr,
-                 STREAM_W: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+                 STREAM_W: tl.constexpr, PRECISION: tl.constexpr, TAGGED: tl.constexpr):  # fmt: skip
     """``dg @ W_hh[:, units]``: ``[BB, BH]`` fp32 from the gate gradients of this step in the scratch at
-    ``p_cur`` (``[B, K]``, ``K = G*H``), split over ``K`` into ``NKS`` slices summed at the end."""
+    ``p_cur`` (``[B, K]``, ``K = G*H``; tagged: words of step ``tag``), split over ``K`` into ``NKS`` slices
+    summed at the end."""
+    DT: tl.constexpr = p_w.dtype.element_ty
     if STREAM_W and NKS == 1:
         # wide tiles: the plain product has work for every warp, and a slice sum would replicate its result
         acc2 = tl.zeros([o_b.shape[0], o_h.shape[0]], dtype=tl.float32)
@@ -219,9 +277,11 @@ def _bwd_product(p_w, p_cur, w1, w2, o_b, m_b, o_h, K, H, SW, SP,
             o_k = k0 + tl.arange(0, BKC)
             m_w = (o_k < K)[:, None] & (o_h < SW)[None, :]
             b_w = tl.load(p_w + o_k[:, None].to(tl.int64) * SW + o_h[None, :], mask=m_w, other=0.0)
-            m_g = m_b[:, None] & (o_k < SP)[None, :]
             p_g = p_cur + o_b[:, None].to(tl.int64) * SP + o_k[None, :]
-            b_g = tl.load(p_g, mask=m_g, other=0.0, cache_modifier=".cg")
+            if TAGGED:
+                b_g = _poll(p_g, m_b[:, None] & (o_k < K)[None, :], tag, DT)
+            else:
+                b_g = tl.load(p_g, mask=m_b[:, None] & (o_k < SP)[None, :], other=0.0, cache_modifier=".cg")
             acc2 += _dot(b_g.to(b_w.dtype), b_w, PRECISION)
         return acc2
     if STREAM_W:
@@ -229,11 +289,14 @@ def _bwd_product(p_w, p_cur, w1, w2, o_b, m_b, o_h, K, H, SW, SP,
         for k0 in range(0, K, BKC):
             o_k = _slices(k0, NKS, BKC // NKS)
             b_w = _load_w_slices(p_w, o_k, o_h, K, H, SW)
-            acc += _dot(_load_g_slices(p_cur, o_b, m_b, o_k, K, SP).to(b_w.dtype), b_w, PRECISION)
+            b_g = _load_g_slices(p_cur, o_b, m_b, o_k, K, SP, tag, TAGGED, DT)
+            acc += _dot(b_g.to(b_w.dtype), b_w, PRECISION)
     else:
-        acc = _dot(_load_g_slices(p_cur, o_b, m_b, _slices(0, NKS, BK1 // NKS), K, SP), w1, PRECISION)
+        o_k = _slices(0, NKS, BK1 // NKS)
+        acc = _dot(_load_g_slices(p_cur, o_b, m_b, o_k, K, SP, tag, TAGGED, DT), w1, PRECISION)
         if BK2 > 0:
-            acc += _dot(_load_g_slices(p_cur, o_b, m_b, _slices(BK1, NKS, BK2 // NKS), K, SP), w2, PRECISION)
+            o_k = _slices(BK1, NKS, BK2 // NKS)
+            acc += _dot(_load_g_slices(p_cur, o_b, m_b, o_k, K, SP, tag, TAGGED, DT), w2, PRECISION)
     return tl.sum(acc, axis=0)
 
 
@@ -283,14 +346,17 @@ H100 = GPUSpec(
     mma_flop_per_clk={"bf16": 4096, "fp16": 4096, "tf32": 2048, "ieee": 256},
 )
 
-STRATEGIES = ("resident", "resident-scratch", "stream", "split", "split-stream")
+STRATEGIES = ("resident", "resident-scratch", "resident-tagged", "stream", "split", "split-stream")
 _BARRIER = ("split", "split-stream")
+_HANDOFFS = ("auto", "barrier", "tagged")
+_ONE_PROGRAM = ("resident", "resident-scratch", "resident-tagged", "stream")
 # the order a failed launch falls back along (each also tried with smaller blocks by make_config)
 _FALLBACK = {
     "resident": "stream",
     "split": "split-stream",
     "split-stream": "stream",
     "resident-scratch": "stream",
+    "resident-tagged": "stream",
 }
 
 
@@ -318,6 +384,7 @@ class KernelConfig:
     shared: int = 0
     regs: int = 0
     step_us: float = 0.0
+    tagged: bool = False  # the exchange's hand-off: tagged words (no grid barrier) instead of a barrier
 
     @property
     def STREAM_W(self) -> bool:
@@ -326,6 +393,10 @@ class KernelConfig:
     @property
     def SCRATCH(self) -> bool:
         return self.strategy != "resident"
+
+    @property
+    def TAGGED(self) -> bool:
+        return self.tagged or self.strategy == "resident-tagged"
 
     def grid(self, B: int) -> tuple[int, int]:
         return triton.cdiv(B, self.BB), self.NSPLIT
@@ -398,19 +469,24 @@ def model_regs(cfg: KernelConfig, H: int, dtype: torch.dtype) -> int:
     the elementwise code (no warp holds another's part). Plus a fixed cost for addresses and masks."""
     G = GATES[cfg.cell]
     es = _esize(dtype)
+    ws = 2 * es if cfg.TAGGED else es  # the exchanged operand arrives as tagged words, unpacked in registers
     threads = 32 * cfg.num_warps
     K = cfg.BK1 + cfg.BK2
+    # NOTE: tagged, each K piece is polled to completion before the next is loaded (a spin loop, nothing in
+    # flight across it): one piece in registers at a time. LSTM B=16 H=768 BH=16 forward: 235 registers, no
+    # spills, where a whole-K operand would have predicted > 255
+    held_k = max(cfg.BK1, cfg.BK2) if cfg.TAGGED else K
     if not cfg.backward:
         M = 4 * cfg.BH if G > 1 else cfg.BH
         held = 0 if cfg.STREAM_W else M * K * es
-        operand = (M * cfg.BKC + cfg.BKC * cfg.BB) * es if cfg.STREAM_W else K * cfg.BB * es
+        operand = (M * cfg.BKC * es + cfg.BKC * cfg.BB * ws) if cfg.STREAM_W else held_k * cfg.BB * ws
         live = (M * cfg.BB * 3 + 3 * cfg.BH * cfg.BB) * 4  # accumulator, its gate split, state and outputs
     else:
         if cfg.STREAM_W:
             held = 0
         else:
             held = K * cfg.BH * es if cfg.SCRATCH else G * cfg.BK1 * cfg.BH * es
-        operand = (cfg.BKC * cfg.BH + cfg.BB * cfg.BKC) * es if cfg.STREAM_W else cfg.BB * K * es
+        operand = (cfg.BKC * cfg.BH * es + cfg.BB * cfg.BKC * ws) if cfg.STREAM_W else cfg.BB * held_k * ws
         live = ((cfg.NKS if cfg.SCRATCH else 1) + G + 3) * cfg.BB * cfg.BH * 4
     # NOTE: x2 on what is staged every step: the compiler keeps loads in flight ahead of their stores. Calibrated on
     # the sm_90 grid (benchmarks/results/kernels-sm90-grid.md): below this, barrier paths spilled.
@@ -425,6 +501,8 @@ def estimate(
     Terms (clocks): the product, paced by the slower of its MMA work / tensor rate and its operands' shared
     memory traffic / bandwidth; the operand exchanged through L2 (bytes / bandwidth + one latency) and
     W_hh where it is streamed; one grid barrier where there is one. These are added: the step is a chain.
+    Tagged (no barrier): the operand's bytes count twice (value and tag), and a reader's poll is in flight
+    when the data lands, half a round trip late on average.
     """
     G = GATES[cfg.cell]
     es = _esize(dtype)
@@ -444,9 +522,12 @@ def estimate(
     # forward: warpgroups beyond the 64-row blocks of the slice split the columns and each re-reads the rows
     reads = 1 if cfg.backward else max(1, (cfg.num_warps // 4) // max(1, rows // 64))
     smem_clk = (w_bytes * reads + op_bytes) / gpu.smem_bytes_per_clk
-    l2_bytes = (op_bytes if cfg.SCRATCH else 0) + (w_bytes if cfg.STREAM_W else 0)
+    exchanged = (2 * op_bytes if cfg.TAGGED else op_bytes) if cfg.SCRATCH else 0
+    l2_bytes = exchanged + (w_bytes if cfg.STREAM_W else 0)
     l2_clk = l2_bytes / gpu.l2_bytes_per_clk + (gpu.l2_latency_clk if l2_bytes else 0)
-    barrier_clk = gpu.barrier_clk if cfg.NSPLIT > 1 else 0
+    if cfg.TAGGED and cfg.NSPLIT > 1:
+        l2_clk += gpu.l2_latency_clk / 2
+    barrier_clk = gpu.barrier_clk if cfg.NSPLIT > 1 and not cfg.TAGGED else 0
     # the tensor cores read their operands from shared memory: the slower of the two paces the product
     total = max(mma_clk, smem_clk) + l2_clk + barrier_clk
     return {
@@ -463,7 +544,7 @@ def _candidates(cell: str, B: int, H: int, strategy: str, backward: bool, cpu: b
     G = GATES[cell]
     bb_max = _pow2(min(B, 16)) if cpu else _pow2(min(B, 256))
     bbs = [bb_max] if cpu else [bb for bb in (16, 32, 64, 128, 256) if bb <= bb_max]
-    if strategy in ("resident", "resident-scratch", "stream"):
+    if strategy in _ONE_PROGRAM:
         bhs = [_pow2(H)]
     else:
         # forward RNN rows are units only: 64 of them fill one warpgroup's wgmma
@@ -472,7 +553,7 @@ def _candidates(cell: str, B: int, H: int, strategy: str, backward: bool, cpu: b
     for BB in bbs:
         for BH in bhs:
             stream = strategy in ("stream", "split-stream")
-            nsplit = 1 if strategy in ("resident", "resident-scratch", "stream") else triton.cdiv(H, BH)
+            nsplit = 1 if strategy in _ONE_PROGRAM else triton.cdiv(H, BH)
             if not backward:
                 if strategy == "resident":
                     bk1, bk2 = BH, 0
@@ -515,8 +596,11 @@ def _candidates(cell: str, B: int, H: int, strategy: str, backward: bool, cpu: b
                         bkc = 16 * nks if nks > 1 else (16 if strategy == "stream" or cpu else 64)
                     # streamed forward: the first chunk width (64, 32, 16) whose buffers fit
                     for chunk in (64, 32, 16) if stream and not backward and not cpu else (bkc,):
-                        yield KernelConfig(cell, backward, strategy, BB, BH, bk1, bk2, chunk, nks, nsplit,
+                        cfg = KernelConfig(cell, backward, strategy, BB, BH, bk1, bk2, chunk, nks, nsplit,
                                            num_warps, 2 if stream else 1)  # fmt: skip
+                        yield cfg
+                        if strategy in _BARRIER:
+                            yield replace(cfg, tagged=True)
 
 
 _FAILED: set[tuple] = set()  # (cell, backward, B, H, dtype, strategy) that failed to launch here
@@ -542,7 +626,9 @@ def make_config(
     checks the model against the compiler. ``gpu`` defaults to the current device (H100 rates, its SM count
     and shared memory) and lets a CPU machine plan for a GPU it does not have (``device`` of type cuda).
 
-    The interpreter (CPU tensors) runs ``resident``, ``resident-scratch`` and ``stream`` only.
+    The interpreter (CPU tensors) runs ``resident``, ``resident-scratch``, ``resident-tagged`` and ``stream``
+    only. The environment variable ``RNNDEPLOY_HANDOFF`` (``barrier`` or ``tagged``; default: whichever the
+    estimate prefers) fixes the hand-off of split grids, to measure one against the other.
     """
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -551,11 +637,14 @@ def make_config(
         if strategy in _BARRIER:
             raise ValueError(
                 f"strategy {strategy!r} needs a CUDA GPU (grid barrier); the interpreter runs "
-                "'resident', 'resident-scratch' or 'stream'"
+                "'resident', 'resident-scratch', 'resident-tagged' or 'stream'"
             )
         return next(_candidates(cell, B, H, strategy or "resident", backward, cpu=True))
     if gpu is None:
         gpu = _device_spec(torch.device(device))
+    handoff = os.environ.get("RNNDEPLOY_HANDOFF", "auto")
+    if handoff not in _HANDOFFS:
+        raise ValueError(f"RNNDEPLOY_HANDOFF must be one of {_HANDOFFS}, got {handoff!r}")
     tried = [strategy] if strategy is not None else ["resident", "split", "split-stream", "stream"]
     best, best_key, reasons = None, None, []
     for s in tried:
@@ -563,6 +652,8 @@ def make_config(
             reasons.append(f"{s}: failed to launch on this GPU before")
             continue
         for cfg in _candidates(cell, B, H, s, backward, cpu=False):
+            if cfg.NSPLIT > 1 and handoff != "auto" and cfg.tagged != (handoff == "tagged"):
+                continue
             why = _does_not_fit(cfg, B, H, dtype, gpu)
             if why is None and precision == "ieee" and dtype == torch.float32 and s == "split":
                 # NOTE: without tensor cores tl.dot is an outer product held in registers: K > 256 in one
@@ -696,10 +787,12 @@ def launch(
     while True:
         scr = bar = None
         if config.SCRATCH:
-            # zeros: the padding columns meet W_hh's zero padding in the product (empty could hold NaN)
-            scr = torch.zeros(2, B, SP, dtype=ref.dtype, device=ref.device)
+            # zeros: the padding columns meet W_hh's zero padding in the product (empty could hold NaN);
+            # tagged: tag 0 (h_0's, written here), which no kernel step writes into buffer 0 first
+            word = _tag_word(ref.dtype) if config.TAGGED else ref.dtype
+            scr = torch.zeros(2, B, SP, dtype=word, device=ref.device)
             if first_operand is not None:
-                scr[1, :, :H].copy_(first_operand)
+                scr[1, :, :H].copy_(_tagged(first_operand, ref.dtype) if config.TAGGED else first_operand)
         if config.NSPLIT > 1:
             bar = torch.zeros(triton.cdiv(B, config.BB), dtype=torch.int32, device=ref.device)
         args = {**tensors, "p_scr": scr, "p_bar": bar}
@@ -712,7 +805,7 @@ def launch(
                 *pointers, T, B, H, SW, SP,
                 BB=config.BB, BH=config.BH, BK1=config.BK1, BK2=config.BK2, BKC=config.BKC, NKS=config.NKS,
                 NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W, SCRATCH=config.SCRATCH,
-                PRECISION=dot_precision(ref.dtype), HDIV=h_divisor(H), **flags, **options,
+                PRECISION=dot_precision(ref.dtype), HDIV=h_divisor(H), TAGGED=config.TAGGED, **flags, **options,
             )  # fmt: skip
             return config
         except Exception as e:
@@ -751,6 +844,19 @@ def _fall_back(
             stacklevel=4,
         )
     return new
+
+
+def _tag_word(dtype: torch.dtype) -> torch.dtype:
+    """The scratch's element of the tagged hand-off: value and tag in one word."""
+    return torch.int64 if dtype == torch.float32 else torch.int32
+
+
+def _tagged(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """``values`` in ``dtype`` as tagged words of tag 0 (what :func:`_put` stores at step -1)."""
+    v = values.to(dtype).contiguous()
+    if dtype == torch.float32:
+        return v.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return v.view(torch.int16).to(torch.int32) & 0xFFFF
 
 
 def previous_states(y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool) -> Tensor:

@@ -22,6 +22,7 @@ from .common import (
     _hold_cols,
     _hold_rows,
     _load_w_t,
+    _put,
     _sigmoid,
     _split4,
     _tanh,
@@ -62,6 +63,7 @@ def gru_fwd_kernel(
     STREAM_W: tl.constexpr,
     SCRATCH: tl.constexpr,
     PRECISION: tl.constexpr,
+    TAGGED: tl.constexpr,  # exchange through tagged words, no grid barrier (common._poll)
     HDIV: tl.constexpr,  # a power of two H is a multiple of (1: nothing to add)
     REVERSE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -95,7 +97,7 @@ def gru_fwd_kernel(
         t = T - 1 - s if REVERSE else s
         b_a = _fwd_product(p_w, p_scr, s, b_h, b_w1, b_w2, o_row, m_row, o_b, m_b, B, H, SW, SP, BB,
                            BK1, BK2, BKC,
-                           STREAM_W, SCRATCH, PRECISION)  # fmt: skip
+                           STREAM_W, SCRATCH, PRECISION, TAGGED)  # fmt: skip
         b_ar, b_az, b_hn, _ = _split4(b_a, BH, BB)
         p_gt = p_gx + t.to(tl.int64) * B * 3 * H + o_gb
         b_ar += tl.load(p_gt, mask=m_hb, other=0.0).to(tl.float32)
@@ -125,8 +127,8 @@ def gru_fwd_kernel(
         tl.store(p_y + t.to(tl.int64) * B * H + o_hb, b_out.to(p_y.dtype.element_ty), mask=m_hb)
         if SCRATCH:
             p_s = p_scr + (s % 2) * B * SP
-            tl.store(p_s + o_sb, b_h.to(p_scr.dtype.element_ty), mask=m_hb)
-            _exchange(p_s, p_bar, i_b, s, NSPLIT)
+            _put(p_s + o_sb, b_h, m_hb, s + 1, TAGGED, p_w.dtype.element_ty)
+            _exchange(p_s, p_bar, i_b, s, NSPLIT, TAGGED)
     tl.store(p_hT + o_hb, b_h.to(p_hT.dtype.element_ty), mask=m_hb)
 
 
@@ -157,6 +159,7 @@ def gru_bwd_kernel(
     STREAM_W: tl.constexpr,
     SCRATCH: tl.constexpr,
     PRECISION: tl.constexpr,
+    TAGGED: tl.constexpr,  # exchange through tagged words, no grid barrier (common._poll)
     HDIV: tl.constexpr,  # a power of two H is a multiple of (1: nothing to add)
     REVERSE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
@@ -210,12 +213,12 @@ def gru_bwd_kernel(
         tl.store(p_gt + 3 * H, b_dan.to(p_dg.dtype.element_ty), mask=m_bh)
         if SCRATCH:
             p_s = p_scr + (s % 2) * B * SP
-            tl.store(p_s + o_bs, b_dar.to(p_scr.dtype.element_ty), mask=m_bh)
-            tl.store(p_s + H + o_bs, b_daz.to(p_scr.dtype.element_ty), mask=m_bh)
-            tl.store(p_s + 2 * H + o_bs, b_dhn.to(p_scr.dtype.element_ty), mask=m_bh)
-            _exchange(p_s, p_bar, i_b, s, NSPLIT)
-            b_dhp = b_direct + _bwd_product(p_w, p_s, b_w1, b_w2, o_b, m_b, o_h, 3 * H, H, SW, SP, NKS, BK1, BK2, BKC,
-                                            STREAM_W, PRECISION)  # fmt: skip
+            _put(p_s + o_bs, b_dar, m_bh, s + 1, TAGGED, p_w.dtype.element_ty)
+            _put(p_s + H + o_bs, b_daz, m_bh, s + 1, TAGGED, p_w.dtype.element_ty)
+            _put(p_s + 2 * H + o_bs, b_dhn, m_bh, s + 1, TAGGED, p_w.dtype.element_ty)
+            _exchange(p_s, p_bar, i_b, s, NSPLIT, TAGGED)
+            b_dhp = b_direct + _bwd_product(p_w, p_s, b_w1, b_w2, o_b, m_b, o_h, 3 * H, H, SW, SP, s + 1, NKS, BK1, BK2, BKC,
+                                            STREAM_W, PRECISION, TAGGED)  # fmt: skip
         else:
             b_dhp = b_direct + _dot(b_dar.to(b_wr.dtype), b_wr, PRECISION)
             b_dhp += _dot(b_daz.to(b_wr.dtype), b_wz, PRECISION)

@@ -21,6 +21,7 @@ from .common import (
     _hold_cols,
     _hold_rows,
     _load_w_t,
+    _put,
     _sigmoid,
     _split4,
     _tanh,
@@ -64,6 +65,7 @@ def lstm_fwd_kernel(
     STREAM_W: tl.constexpr,
     SCRATCH: tl.constexpr,
     PRECISION: tl.constexpr,
+    TAGGED: tl.constexpr,  # exchange through tagged words, no grid barrier (common._poll)
     HDIV: tl.constexpr,  # a power of two H is a multiple of (1: nothing to add)
     REVERSE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -99,7 +101,7 @@ def lstm_fwd_kernel(
         t = T - 1 - s if REVERSE else s
         b_a = _fwd_product(p_w, p_scr, s, b_h, b_w1, b_w2, o_row, m_row, o_b, m_b, B, H, SW, SP, BB,
                            BK1, BK2, BKC,
-                           STREAM_W, SCRATCH, PRECISION)  # fmt: skip
+                           STREAM_W, SCRATCH, PRECISION, TAGGED)  # fmt: skip
         b_ai, b_af, b_ag, b_ao = _split4(b_a, BH, BB)
         p_gt = p_gx + t.to(tl.int64) * B * 4 * H + o_gb
         b_ai += tl.load(p_gt, mask=m_hb, other=0.0).to(tl.float32)
@@ -136,8 +138,8 @@ def lstm_fwd_kernel(
         tl.store(p_y + t.to(tl.int64) * B * H + o_hb, b_out.to(p_y.dtype.element_ty), mask=m_hb)
         if SCRATCH:
             p_s = p_scr + (s % 2) * B * SP
-            tl.store(p_s + o_sb, b_h.to(p_scr.dtype.element_ty), mask=m_hb)
-            _exchange(p_s, p_bar, i_b, s, NSPLIT)
+            _put(p_s + o_sb, b_h, m_hb, s + 1, TAGGED, p_w.dtype.element_ty)
+            _exchange(p_s, p_bar, i_b, s, NSPLIT, TAGGED)
     tl.store(p_hT + o_hb, b_h.to(p_hT.dtype.element_ty), mask=m_hb)
     tl.store(p_cT + o_hb, b_c.to(p_cT.dtype.element_ty), mask=m_hb)
 
@@ -170,6 +172,7 @@ def lstm_bwd_kernel(
     STREAM_W: tl.constexpr,
     SCRATCH: tl.constexpr,
     PRECISION: tl.constexpr,
+    TAGGED: tl.constexpr,  # exchange through tagged words, no grid barrier (common._poll)
     HDIV: tl.constexpr,  # a power of two H is a multiple of (1: nothing to add)
     REVERSE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
@@ -231,13 +234,13 @@ def lstm_bwd_kernel(
         tl.store(p_gt + 3 * H, b_do.to(p_dg.dtype.element_ty), mask=m_bh)
         if SCRATCH:
             p_s = p_scr + (s % 2) * B * SP
-            tl.store(p_s + o_bs, b_di.to(p_scr.dtype.element_ty), mask=m_bh)
-            tl.store(p_s + H + o_bs, b_df.to(p_scr.dtype.element_ty), mask=m_bh)
-            tl.store(p_s + 2 * H + o_bs, b_dg.to(p_scr.dtype.element_ty), mask=m_bh)
-            tl.store(p_s + 3 * H + o_bs, b_do.to(p_scr.dtype.element_ty), mask=m_bh)
-            _exchange(p_s, p_bar, i_b, s, NSPLIT)
-            b_dhp = _bwd_product(p_w, p_s, b_w1, b_w2, o_b, m_b, o_h, 4 * H, H, SW, SP, NKS, BK1, BK2, BKC, STREAM_W,
-                                 PRECISION)  # fmt: skip
+            _put(p_s + o_bs, b_di, m_bh, s + 1, TAGGED, p_w.dtype.element_ty)
+            _put(p_s + H + o_bs, b_df, m_bh, s + 1, TAGGED, p_w.dtype.element_ty)
+            _put(p_s + 2 * H + o_bs, b_dg, m_bh, s + 1, TAGGED, p_w.dtype.element_ty)
+            _put(p_s + 3 * H + o_bs, b_do, m_bh, s + 1, TAGGED, p_w.dtype.element_ty)
+            _exchange(p_s, p_bar, i_b, s, NSPLIT, TAGGED)
+            b_dhp = _bwd_product(p_w, p_s, b_w1, b_w2, o_b, m_b, o_h, 4 * H, H, SW, SP, s + 1, NKS, BK1, BK2, BKC, STREAM_W,
+                                 PRECISION, TAGGED)  # fmt: skip
         else:
             b_dhp = _dot(b_di.to(b_wi.dtype), b_wi, PRECISION)
             b_dhp += _dot(b_df.to(b_wi.dtype), b_wf, PRECISION)

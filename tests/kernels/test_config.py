@@ -112,16 +112,27 @@ def _tensors(H, dtype=torch.bfloat16):
     return {"p_x": torch.zeros(2, 16, 4 * H, dtype=dtype), "p_w": torch.zeros(4 * H, H, dtype=dtype)}
 
 
-def test_barrier_launch_is_cooperative_and_gets_aligned_buffers():
+@pytest.mark.parametrize("handoff", ["barrier", "tagged"])
+def test_split_launch_is_cooperative_and_gets_aligned_buffers(monkeypatch, handoff):
+    monkeypatch.setenv("RNNDEPLOY_HANDOFF", handoff)
     cfg = make_config("lstm", 16, 100, torch.bfloat16, CUDA, "split", False, H100)
+    assert cfg.TAGGED == (handoff == "tagged")
     kernel = FakeKernel()
-    ran = common.launch(kernel, cfg, _tensors(100), 2, 16, 100, 1, torch.ones(16, 100))
+    h0 = torch.randn(16, 100)
+    ran = common.launch(kernel, cfg, _tensors(100), 2, 16, 100, 1, h0)
     assert ran == cfg
     (grid, args, kwargs), = kernel.launches  # fmt: skip
     assert grid == (1, cfg.NSPLIT) and kwargs["launch_cooperative_grid"] is True and kwargs["HDIV"] == 4
+    assert kwargs["TAGGED"] == cfg.TAGGED
     w, scr, bar = args[1], args[2], args[3]
     assert w.shape == (400, 112) and scr.shape == (2, 16, 112) and bar.shape == (1,)
-    assert args[-2:] == (112, 112) and torch.equal(scr[1, :, :100], torch.ones(16, 100))
+    assert args[-2:] == (112, 112)
+    if handoff == "barrier":
+        assert scr.dtype == torch.bfloat16 and torch.equal(scr[1, :, :100], h0.bfloat16())
+    else:  # h_0 as tagged words of step 0: bf16 bits in the low half, tag 0 above; buffer 0 all tag 0
+        assert scr.dtype == torch.int32 and not (scr >> 16).any()
+        bits = scr[1, :, :100].to(torch.int16).view(torch.bfloat16)
+        assert torch.equal(bits, h0.bfloat16())
     resident = make_config("lstm", 16, 64, torch.bfloat16, CUDA, "resident", False, H100)
     kernel = FakeKernel()
     common.launch(kernel, resident, _tensors(64), 2, 16, 64, 1)

@@ -142,6 +142,7 @@ VARIANTS = [
     (True, False, True, "resident"),
     (False, True, True, "resident"),
     (True, True, False, "stream"),
+    (True, True, True, "resident-tagged"),
 ]
 
 
@@ -158,6 +159,7 @@ def _layer_cases():
             cases.extend((cell, nl, B, T, H, torch.float32, *variant) for variant in VARIANTS)
         for dtype in (torch.float16, torch.bfloat16):
             cases.append((cell, nl, 3, 7, 33, dtype, False, True, True, "resident"))
+            cases.append((cell, nl, 3, 7, 33, dtype, True, True, True, "resident-tagged"))  # int32 words
     return [pytest.param(*case, id=_case_id(*case)) for case in cases]
 
 
