@@ -5,9 +5,7 @@ Measurement only (torch and triton); ``rnndeploy bench kernels`` prints the tabl
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
 import platform
 import subprocess
 import time
@@ -218,20 +216,6 @@ def _outputs_and_grads(layer, x: Tensor, state: tuple[Tensor, ...], params, prob
     ]
 
 
-@contextlib.contextmanager
-def _handoff(value: str):
-    """``RNNDEPLOY_HANDOFF`` set to ``value`` inside (see :func:`~rnndeploy.kernels.common.make_config`)."""
-    saved = os.environ.get("RNNDEPLOY_HANDOFF")
-    os.environ["RNNDEPLOY_HANDOFF"] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["RNNDEPLOY_HANDOFF"]
-        else:
-            os.environ["RNNDEPLOY_HANDOFF"] = saved
-
-
 def headline(
     cells: Iterable[str] = ("lstm", "gru", "rnn"),
     B: int = 16,
@@ -286,7 +270,7 @@ def headline(
                 emit({"check": cell, "tensor": name, "triton_err": err_t, "cudnn_err": err_c,
                       "result": "ok" if ok else "FAIL"})  # fmt: skip
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-            from .common import plan_layer
+            from .common import forced_handoff, plan_layer
 
             strategy = plan_layer(cell, B, H, dtype, torch.device(device)).strategy
             for mode in MODES if device == "cuda" and timings else ():
@@ -300,7 +284,7 @@ def headline(
                       "speedup": ms["cudnn"] / ms["triton"], "strategy": strategy})  # fmt: skip
                 # the two hand-offs of a split grid, each forced (the estimate's least certain terms)
                 for handoff in ("barrier", "tagged"):
-                    with _handoff(handoff):
+                    with forced_handoff(handoff):
                         plan = plan_layer(cell, B, H, dtype, torch.device(device))
                         step = _case(cell, "triton", B, H, T, dtype, mode == "full")
                         step()

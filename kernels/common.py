@@ -36,6 +36,7 @@ bytes through L2). Both launch cooperatively: every program must be resident for
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
@@ -122,11 +123,16 @@ def _put(ptrs, v, mask, tag, TAGGED: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _poll(ptrs, mask, tag, DT: tl.constexpr):
-    """The tagged words at ``ptrs`` once every one under ``mask`` carries ``tag``, as values in ``DT``
-    (0 where masked). Spins on loads that bypass L1 (GPU: another program's store lands in L2)."""
+def _first(ptrs, mask):
+    """The first read of tagged words (loads that bypass L1: another program's store lands in L2)."""
+    return tl.load(ptrs, mask=mask, other=0, volatile=True)
+
+
+@triton.jit
+def _poll(w, ptrs, mask, tag, DT: tl.constexpr):
+    """The tagged words at ``ptrs`` (``w``: their :func:`_first` read) once every one under ``mask`` carries
+    ``tag``, as values in ``DT`` (0 where masked); re-read while any does not."""
     SHIFT: tl.constexpr = 32 if DT == tl.float32 else 16
-    w = tl.load(ptrs, mask=mask, other=0, volatile=True)
     want = tag & 0xFFFF
     while tl.sum(tl.where(mask & (((w >> SHIFT) & 0xFFFF) != want), 1, 0)) > 0:
         w = tl.load(ptrs, mask=mask, other=0, volatile=True)
@@ -159,7 +165,8 @@ def _load_op_t(p, o_b, m_b, o_k, stride, K, H, tag, TAGGED: tl.constexpr, DT: tl
     ``TAGGED``: the columns ``o_k < H`` of step ``tag`` (the rest 0), waited for."""
     ptrs = p + o_b[None, :].to(tl.int64) * stride + o_k[:, None]
     if TAGGED:
-        v = _poll(ptrs, (o_k < H)[:, None] & m_b[None, :], tag, DT)
+        m = (o_k < H)[:, None] & m_b[None, :]
+        v = _poll(_first(ptrs, m), ptrs, m, tag, DT)
     else:
         v = tl.load(ptrs, mask=(o_k < K)[:, None] & m_b[None, :], other=0.0, cache_modifier=".cg")
     return v
@@ -211,6 +218,19 @@ def _fwd_product(p_w, p_scr, s, b_h, w1, w2, o_row, m_row, o_b, m_b, B, H, SW, S
                 _load_op_t(p_prev, o_b, m_b, o_k, SP, SP, H, s, TAGGED, DT),
                 PRECISION,
             )
+    elif SCRATCH and TAGGED and BK2 > 0:
+        # the second piece's first read is in flight while the first piece's product runs: one L2 latency
+        # per step, not one per piece (the poll's loads are volatile: issued where they are written)
+        o_k1 = tl.arange(0, BK1)
+        o_k2 = BK1 + tl.arange(0, BK2)
+        p1 = p_prev + o_b[None, :].to(tl.int64) * SP + o_k1[:, None]
+        p2 = p_prev + o_b[None, :].to(tl.int64) * SP + o_k2[:, None]
+        m1 = (o_k1 < H)[:, None] & m_b[None, :]
+        m2 = (o_k2 < H)[:, None] & m_b[None, :]
+        op1 = _poll(_first(p1, m1), p1, m1, s, DT)
+        first2 = _first(p2, m2)
+        acc = _dot(w1, op1, PRECISION)
+        acc += _dot(w2, _poll(first2, p2, m2, s, DT), PRECISION)
     elif SCRATCH:
         acc = _dot(w1, _load_op_t(p_prev, o_b, m_b, tl.arange(0, BK1), SP, SP, H, s, TAGGED, DT), PRECISION)
         if BK2 > 0:
@@ -240,7 +260,8 @@ def _load_g_slices(p, o_b, m_b, o_k, K, SP, tag, TAGGED: tl.constexpr, DT: tl.co
     ``TAGGED``: those of step ``tag``, waited for."""
     p = p + o_b[None, :, None].to(tl.int64) * SP + o_k[:, None, :]
     if TAGGED:
-        v = _poll(p, m_b[None, :, None] & (o_k < K)[:, None, :], tag, DT)
+        m = m_b[None, :, None] & (o_k < K)[:, None, :]
+        v = _poll(_first(p, m), p, m, tag, DT)
     else:
         v = tl.load(p, mask=m_b[None, :, None] & (o_k < SP)[:, None, :], other=0.0, cache_modifier=".cg")
     return v
@@ -279,7 +300,8 @@ def _bwd_product(p_w, p_cur, w1, w2, o_b, m_b, o_h, K, H, SW, SP, tag,
             b_w = tl.load(p_w + o_k[:, None].to(tl.int64) * SW + o_h[None, :], mask=m_w, other=0.0)
             p_g = p_cur + o_b[:, None].to(tl.int64) * SP + o_k[None, :]
             if TAGGED:
-                b_g = _poll(p_g, m_b[:, None] & (o_k < K)[None, :], tag, DT)
+                m_g = m_b[:, None] & (o_k < K)[None, :]
+                b_g = _poll(_first(p_g, m_g), p_g, m_g, tag, DT)
             else:
                 b_g = tl.load(p_g, mask=m_b[:, None] & (o_k < SP)[None, :], other=0.0, cache_modifier=".cg")
             acc2 += _dot(b_g.to(b_w.dtype), b_w, PRECISION)
@@ -726,6 +748,21 @@ def _does_not_fit(cfg: KernelConfig, B: int, H: int, dtype: torch.dtype, gpu: GP
     if cfg.NSPLIT == 1 and cfg.strategy in _BARRIER:
         return "one program: no split"
     return None
+
+
+@contextlib.contextmanager
+def forced_handoff(value: str):
+    """Inside, split grids take the hand-off ``value`` (``barrier``, ``tagged`` or ``auto``): sets
+    ``RNNDEPLOY_HANDOFF``, which :func:`make_config` reads, and restores it after."""
+    saved = os.environ.get("RNNDEPLOY_HANDOFF")
+    os.environ["RNNDEPLOY_HANDOFF"] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["RNNDEPLOY_HANDOFF"]
+        else:
+            os.environ["RNNDEPLOY_HANDOFF"] = saved
 
 
 def _device_spec(device: torch.device) -> GPUSpec:

@@ -7,6 +7,7 @@ resources falls back to the next strategy with one warning.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -159,3 +160,45 @@ def test_other_launch_errors_are_not_swallowed():
     cfg = make_config("lstm", 16, 768, torch.bfloat16, CUDA, None, False, H100)
     with pytest.raises(TypeError, match="bad argument"):
         common.launch(FakeKernel([TypeError("bad argument")]), cfg, _tensors(768), 2, 16, 768, 1, gpu=H100)
+
+
+def test_the_estimate_chooses_each_pass_its_hand_off(monkeypatch):
+    """Headline LSTM: the forward's operand is small, tagged words (twice its bytes, no barrier round) win;
+    the backward exchanges 4x as much, the barrier wins. Forcing either plans that hand-off and costs what
+    the estimate says; the chosen one is never the dearer."""
+    plans = {}
+    for handoff in ("auto", "barrier", "tagged"):
+        monkeypatch.setenv("RNNDEPLOY_HANDOFF", handoff)
+        plans[handoff] = plan_layer("lstm", 16, 768, torch.bfloat16, CUDA, gpu=H100)
+    auto, barrier, tagged = plans["auto"], plans["barrier"], plans["tagged"]
+    assert auto.forward.TAGGED and not auto.backward.TAGGED, auto
+    assert not barrier.forward.TAGGED and not barrier.backward.TAGGED
+    assert tagged.forward.TAGGED and tagged.backward.TAGGED
+    for p in ("forward", "backward"):
+        chosen = getattr(auto, p).step_us
+        assert chosen <= min(getattr(barrier, p).step_us, getattr(tagged, p).step_us) + 1e-9, p
+    est_b = common.estimate(barrier.forward, 768, torch.bfloat16)
+    est_t = common.estimate(auto.forward, 768, torch.bfloat16)
+    assert est_b["barrier_clk"] == H100.barrier_clk and est_t["barrier_clk"] == 0
+    # tagged: value and tag per element of the [BB, H] operand, bf16 -> 4 bytes
+    assert est_t["l2_bytes"] == 16 * 768 * 4 and est_b["l2_bytes"] == 16 * 768 * 2
+    # one-program strategies have no hand-off to choose: the switch leaves them alone
+    resident = make_config("lstm", 16, 64, torch.bfloat16, CUDA, "resident", False, H100)
+    assert not resident.TAGGED
+
+
+def test_a_bad_hand_off_setting_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("RNNDEPLOY_HANDOFF", "flags")
+    with pytest.raises(ValueError, match=r"RNNDEPLOY_HANDOFF must be one of .*'flags'"):
+        make_config("lstm", 16, 768, torch.bfloat16, CUDA, None, False, H100)
+
+
+def test_forced_handoff_restores_the_environment(monkeypatch):
+    monkeypatch.delenv("RNNDEPLOY_HANDOFF", raising=False)
+    with common.forced_handoff("tagged"):
+        assert make_config("lstm", 16, 768, torch.bfloat16, CUDA, None, True, H100).TAGGED
+    assert "RNNDEPLOY_HANDOFF" not in os.environ
+    monkeypatch.setenv("RNNDEPLOY_HANDOFF", "barrier")
+    with common.forced_handoff("tagged"):
+        pass
+    assert os.environ["RNNDEPLOY_HANDOFF"] == "barrier"

@@ -6,16 +6,19 @@ the same thing.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from rnndeploy import kernels
 from rnndeploy.kernels.benchmark import headline
-from rnndeploy.kernels.common import H100, STRATEGIES, make_config, plan_layer
+from rnndeploy.kernels.common import H100, STRATEGIES, forced_handoff, make_config, plan_layer
 
 from .test_kernels import TOL, assert_matches_reference, make_layer
 
 pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
 GPU_TOL = {**TOL, torch.float32: (1e-4, 1e-3)}  # longer sequences than the CPU cases accumulate more rounding
 
 
@@ -36,26 +39,31 @@ def test_low_precision_matches_reference(cell, dtype, B, T, H):
 
 def _strategy_cases():
     # each strategy at the largest H (of these) it holds for fp32 without TF32 (what these tests compare), as
-    # make_config plans it for an H100/H200; T=1024 everywhere
+    # make_config plans it for an H100/H200, split grids with each hand-off; T=1024 everywhere
     cases = []
     for cell in ("rnn", "lstm", "gru"):
         for strategy in STRATEGIES:
+            handoffs = ("barrier", "tagged") if strategy in ("split", "split-stream") else ("auto",)
             for H in (1024, 768, 256, 128, 64, 32, 16):
                 try:
-                    for backward in (False, True):
-                        make_config(
-                            cell, 16, H, torch.float32, torch.device("cuda"), strategy, backward, H100, "ieee"
-                        )
+                    for handoff, backward in itertools.product(handoffs, (False, True)):
+                        with forced_handoff(handoff):
+                            make_config(cell, 16, H, torch.float32, CUDA, strategy, backward, H100, "ieee")
                 except ValueError:
                     continue
-                cases.append(pytest.param(cell, strategy, H, id=f"{cell}-B16-T1024-H{H}-fp32-{strategy}"))
+                for handoff in handoffs:
+                    name = f"{cell}-B16-T1024-H{H}-fp32-{strategy}" + (
+                        "" if handoff == "auto" else f"-{handoff}"
+                    )
+                    cases.append(pytest.param(cell, strategy, H, handoff, id=name))
                 break
     return cases
 
 
-@pytest.mark.parametrize("cell, strategy, H", _strategy_cases())
-def test_large_shapes_every_strategy_match_cudnn(cell, strategy, H):
+@pytest.mark.parametrize("cell, strategy, H, handoff", _strategy_cases())
+def test_large_shapes_every_strategy_match_cudnn(monkeypatch, cell, strategy, H, handoff):
     """Forward and every gradient against torch.nn (cuDNN) on the same weights, one layer, fp32."""
+    monkeypatch.setenv("RNNDEPLOY_HANDOFF", handoff)
     T, B = 1024, 16
     x, state, weights, _ = make_layer(cell, B, T, H, device="cuda")
     module = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](4, H).cuda()
@@ -64,6 +72,8 @@ def test_large_shapes_every_strategy_match_cudnn(cell, strategy, H):
             p.copy_(w)
     plan = plan_layer(cell, B, H, torch.float32, torch.device("cuda"), strategy)
     assert plan.strategy == strategy, f"forced {strategy!r}, planned {plan}"
+    if handoff != "auto":
+        assert plan.forward.TAGGED == plan.backward.TAGGED == (handoff == "tagged"), plan
     y, final = kernels.triton_layer(cell, x, state, weights, strategy=strategy)
     hx = tuple(s[None] for s in state)
     y_ref, final_ref = module(x, hx if cell == "lstm" else hx[0])
