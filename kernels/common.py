@@ -313,6 +313,18 @@ def _bwd_product(p_w, p_cur, w1, w2, o_b, m_b, o_h, K, H, SW, SP, tag,
             b_w = _load_w_slices(p_w, o_k, o_h, K, H, SW)
             b_g = _load_g_slices(p_cur, o_b, m_b, o_k, K, SP, tag, TAGGED, DT)
             acc += _dot(b_g.to(b_w.dtype), b_w, PRECISION)
+    elif TAGGED and BK2 > 0:
+        # as the forward: the second piece's first read in flight while the first piece's product runs
+        o_k1 = _slices(0, NKS, BK1 // NKS)
+        o_k2 = _slices(BK1, NKS, BK2 // NKS)
+        p1 = p_cur + o_b[None, :, None].to(tl.int64) * SP + o_k1[:, None, :]
+        p2 = p_cur + o_b[None, :, None].to(tl.int64) * SP + o_k2[:, None, :]
+        m1 = m_b[None, :, None] & (o_k1 < K)[:, None, :]
+        m2 = m_b[None, :, None] & (o_k2 < K)[:, None, :]
+        g1 = _poll(_first(p1, m1), p1, m1, tag, DT)
+        first2 = _first(p2, m2)
+        acc = _dot(g1, w1, PRECISION)
+        acc += _dot(_poll(first2, p2, m2, tag, DT), w2, PRECISION)
     else:
         o_k = _slices(0, NKS, BK1 // NKS)
         acc = _dot(_load_g_slices(p_cur, o_b, m_b, o_k, K, SP, tag, TAGGED, DT), w1, PRECISION)

@@ -63,6 +63,8 @@ def test_representative_picks_compile_and_fit(tmp_path):
     assert not problems, "\n".join(problems)
     strategies = {r["strategy"] for r in rows}
     assert {"resident", "split", "split-stream", "stream"} <= strategies, f"strategies covered: {strategies}"
+    handoffs = {r["tagged"] for r in rows if r["NSPLIT"] > 1}
+    assert handoffs == {False, True}, f"split grids' hand-offs covered (tagged?): {handoffs}"
     headline = [r for r in rows if (r["B"], r["H"], r["dtype"]) == (16, 768, "bf16")]
     assert len(headline) == 6
     for r in headline:
