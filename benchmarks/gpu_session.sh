@@ -7,8 +7,10 @@
 # machine), each line printed and flushed as it exists:
 #   1. install (pip editable, offline; without setuptools the tree itself is imported through a shim)
 #   2. headline: LSTM, GRU, RNN bf16 B=16 T=1024 H=768, outputs and every gradient against cuDNN, then
-#      forward and forward+backward timings against cuDNN
-#   3. every launch strategy's GPU test      4. the rest of the GPU tests
+#      forward and forward+backward timings against cuDNN; once with every split grid on the grid barrier,
+#      once on tagged words (RNNDEPLOY_HANDOFF), each in its own process and timeout: a hand-off that hangs
+#      costs its own stage only
+#   3. every launch strategy's GPU test (barrier, then tagged)      4. the rest of the GPU tests
 #   5. the benchmark grid while time lasts (one JSON line per case as it finishes)
 # A summary table prints last. Files, flat in $OUT (8): env.txt headline.txt tests.txt bench.txt
 # kernels.jsonl kernels.json kernels.csv kernels.png (the last two need matplotlib and click).
@@ -25,7 +27,7 @@ export PYTHONUNBUFFERED=1
 declare -a SUMMARY=()
 
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
-note() { SUMMARY+=("$(printf '%-12s rc=%-4s %5ss  %s' "$1" "$2" "$3" "$4")"); }
+note() { SUMMARY+=("$(printf '%-16s rc=%-4s %5ss  %s' "$1" "$2" "$3" "$4")"); }
 
 # 1. install -----------------------------------------------------------------------------------------------
 s=$(date +%s)
@@ -60,28 +62,40 @@ if [ "$rc" != 0 ]; then
     exit 1
 fi
 
-# 2. headline ----------------------------------------------------------------------------------------------
-s=$(date +%s)
-timeout 120 python -c "
+# 2. headline, each hand-off -------------------------------------------------------------------------------
+: >"$OUT/headline.txt"
+for handoff in barrier tagged; do
+    s=$(date +%s)
+    echo "== headline, RNNDEPLOY_HANDOFF=$handoff" | tee -a "$OUT/headline.txt"
+    RNNDEPLOY_HANDOFF=$handoff timeout $([ "$handoff" = barrier ] && echo 100 || echo 90) python -c "
 from rnndeploy.kernels.benchmark import headline
 headline(echo=lambda line: print(line, flush=True))
-" 2>&1 | tee "$OUT/headline.txt"
-rc=${PIPESTATUS[0]}
-note headline "$rc" $(($(date +%s) - s)) \
-    "$(grep -c 'result=ok' "$OUT/headline.txt") ok, $(grep -c 'result=FAIL\|result=ERROR' "$OUT/headline.txt") failed, $(grep -c '^time=' "$OUT/headline.txt") timings"
+" 2>&1 | tee "$OUT/headline.$handoff.tmp"
+    rc=${PIPESTATUS[0]}
+    cat "$OUT/headline.$handoff.tmp" >>"$OUT/headline.txt" && rm -f "$OUT/headline.$handoff.tmp"
+    part=$(sed -n "/RNNDEPLOY_HANDOFF=$handoff\$/,\$p" "$OUT/headline.txt")
+    note "headline-$handoff" "$rc" $(($(date +%s) - s)) \
+        "$(grep -c 'result=ok' <<<"$part") ok, $(grep -c 'result=FAIL\|result=ERROR' <<<"$part") failed, $(grep -c '^time=' <<<"$part") timings"
+done
 
 # 3-4. GPU tests -------------------------------------------------------------------------------------------
 : >"$OUT/tests.txt"
 s=$(date +%s)
-echo "== every strategy's GPU test" | tee -a "$OUT/tests.txt"
-timeout 150 python -m pytest -q -rs -p no:cacheprovider tests/kernels/test_kernels_gpu.py -k strategy \
-    2>&1 | tee -a "$OUT/tests.txt"
+echo "== every strategy's GPU test (grid barrier and one-program strategies)" | tee -a "$OUT/tests.txt"
+timeout 100 python -m pytest -q -rs -p no:cacheprovider tests/kernels/test_kernels_gpu.py \
+    -k "strategy and not tagged" 2>&1 | tee -a "$OUT/tests.txt"
 rc=${PIPESTATUS[0]}
 note strategies "$rc" $(($(date +%s) - s)) "$(tail -n 1 "$OUT/tests.txt")"
 s=$(date +%s)
+echo "== every strategy's GPU test (tagged hand-off)" | tee -a "$OUT/tests.txt"
+timeout 70 python -m pytest -q -rs -p no:cacheprovider tests/kernels/test_kernels_gpu.py \
+    -k "strategy and tagged" 2>&1 | tee -a "$OUT/tests.txt"
+rc=${PIPESTATUS[0]}
+note tagged "$rc" $(($(date +%s) - s)) "$(tail -n 1 "$OUT/tests.txt")"
+s=$(date +%s)
 echo "== the rest of the GPU tests" | tee -a "$OUT/tests.txt"
 # the image lacks the server's packages: modules that cannot be imported are collection errors, the rest runs
-timeout 80 python -m pytest -q -rs -p no:cacheprovider -m gpu --continue-on-collection-errors tests \
+timeout 60 python -m pytest -q -rs -p no:cacheprovider -m gpu --continue-on-collection-errors tests \
     -k "not strategy and not headline" 2>&1 | tee -a "$OUT/tests.txt"
 rc=${PIPESTATUS[0]}
 note gpu-tests "$rc" $(($(date +%s) - s)) "$(tail -n 1 "$OUT/tests.txt")"

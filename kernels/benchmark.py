@@ -21,6 +21,7 @@ from triton.testing import do_bench
 from rnndeploy.provenance import git_commit
 
 from . import reference_layer, triton_layer
+from .common import plan_layer
 
 PROVIDERS = ("triton", "cudnn", "reference")
 MODES = ("forward", "full")  # full = forward + backward
@@ -154,7 +155,6 @@ def run_benchmark(
     ``seq_len <= reference_max_t`` (its Python time loop is slow). Once ``time_budget_s`` has passed, the
     remaining cases are skipped (reported through ``progress``).
     """
-    from .common import plan_layer
 
     rows: list[Row] = []
     failures: list[Failure] = []
@@ -216,6 +216,10 @@ def _outputs_and_grads(layer, x: Tensor, state: tuple[Tensor, ...], params, prob
     ]
 
 
+def _handoff_name(cfg) -> str:
+    return "-" if cfg.NSPLIT == 1 else ("tagged" if cfg.TAGGED else "barrier")
+
+
 def headline(
     cells: Iterable[str] = ("lstm", "gru", "rnn"),
     B: int = 16,
@@ -245,6 +249,9 @@ def headline(
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     for cell in cells:
         try:
+            # the kernels' plan (RNNDEPLOY_HANDOFF fixes the hand-off of split grids: every line says it)
+            plan = plan_layer(cell, B, H, dtype, torch.device(device))
+            handoff = "/".join(_handoff_name(c) for c in (plan.forward, plan.backward))
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
             module_cls = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
             ref_module = module_cls(H, H).to(device)
@@ -268,11 +275,8 @@ def headline(
                 err_t = (o - r).abs().max().item() / scale
                 ok = bool(torch.isfinite(o).all()) and err_t <= 2 * err_c + 1e-2
                 emit({"check": cell, "tensor": name, "triton_err": err_t, "cudnn_err": err_c,
-                      "result": "ok" if ok else "FAIL"})  # fmt: skip
+                      "result": "ok" if ok else "FAIL", "handoff": handoff})  # fmt: skip
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-            from .common import forced_handoff, plan_layer
-
-            strategy = plan_layer(cell, B, H, dtype, torch.device(device)).strategy
             for mode in MODES if device == "cuda" and timings else ():
                 ms = {}
                 for provider in ("triton", "cudnn"):
@@ -281,17 +285,8 @@ def headline(
                     ms[provider] = do_bench(step, quantiles=QUANTILES, rep=rep_ms)[0]
                 emit({"time": cell, "mode": mode, "dtype": dtype_name, "B": B, "H": H, "T": T,
                       "triton_ms": ms["triton"], "cudnn_ms": ms["cudnn"],
-                      "speedup": ms["cudnn"] / ms["triton"], "strategy": strategy})  # fmt: skip
-                # the two hand-offs of a split grid, each forced (the estimate's least certain terms)
-                for handoff in ("barrier", "tagged"):
-                    with forced_handoff(handoff):
-                        plan = plan_layer(cell, B, H, dtype, torch.device(device))
-                        step = _case(cell, "triton", B, H, T, dtype, mode == "full")
-                        step()
-                        t_ms = do_bench(step, quantiles=QUANTILES, rep=rep_ms)[0]
-                    tagged = f"{plan.forward.tagged}/{plan.backward.tagged}"
-                    emit({"handoff": handoff, "cell": cell, "mode": mode, "triton_ms": t_ms,
-                          "cudnn_ms": ms["cudnn"], "tagged": tagged})  # fmt: skip
+                      "speedup": ms["cudnn"] / ms["triton"], "strategy": plan.strategy,
+                      "handoff": handoff})  # fmt: skip
         except Exception as e:  # one cell failing leaves the others' lines
             emit({"check": cell, "result": "ERROR", "error": f"{type(e).__name__}: {e}"[:500]})
         finally:
