@@ -117,7 +117,9 @@ def _put(ptrs, v, mask, tag, TAGGED: tl.constexpr, DT: tl.constexpr):
             word = v.to(tl.uint32, bitcast=True).to(tl.int64) | (tl.cast(tag & 0xFFFF, tl.int64) << 32)
         else:
             word = v.to(DT).to(tl.uint16, bitcast=True).to(tl.int32) | ((tag & 0xFFFF) << 16)
-        tl.store(ptrs, word, mask=mask)
+        # NOTE: a relaxed atomic, not a plain store: the readers' polls race with it, and the PTX memory model
+        # defines a race only between strong operations (a weak store may be split, merged or delayed)
+        tl.atomic_xchg(ptrs, word, mask=mask, sem="relaxed", scope="gpu")
     else:
         tl.store(ptrs, v.to(DT), mask=mask)
 
