@@ -85,7 +85,7 @@ def _compile(config, b16, h16, hdiv, dtype, precision, lengths, reverse, bias, s
     consts = dict(BB=config.BB, BH=config.BH, BK1=config.BK1, BK2=config.BK2, BKC=config.BKC, NKS=config.NKS,
                   NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W, SCRATCH=config.SCRATCH, PRECISION=precision,
                   REVERSE=reverse, HAS_LENGTHS=lengths, HAS_BIAS=bias, STORE_WS=store_ws, RELU=relu,
-                  HDIV=hdiv, TAGGED=config.TAGGED)  # fmt: skip
+                  HDIV=hdiv, TAGGED=config.TAGGED, PARTIAL=config.PARTIAL, NJ1=config.NJ[0], NJ2=config.NJ[1])  # fmt: skip
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     signature = {}
     for name in fn.arg_names:
@@ -93,7 +93,9 @@ def _compile(config, b16, h16, hdiv, dtype, precision, lengths, reverse, bias, s
             signature[name] = "constexpr"
         elif name.startswith("p_"):
             signature[name] = _POINTER.get(name, f"*{_TRITON_DTYPE[dtype]}")
-            if name == "p_scr" and config.TAGGED:  # value and tag in one word (common._put)
+            if name == "p_scr" and config.PARTIAL:  # fp32 partial sums, tagged in their lowest bit
+                signature[name] = "*i32" if config.TAGGED else "*fp32"
+            elif name == "p_scr" and config.TAGGED:  # value and tag in one word (common._put)
                 signature[name] = "*i64" if dtype == torch.float32 else "*i32"
         else:
             signature[name] = "i32"
@@ -272,7 +274,7 @@ def step_costs(pick: Pick, gpu=None) -> dict:
     cfg, H = pick.config, pick.H
     G = GATES[pick.cell]
     blocks = _loop_blocks(pick.compiled.ptx)
-    K_logical = G * H if cfg.backward else H
+    K_logical = G * H if cfg.backward and not cfg.PARTIAL else H
     trips = triton.cdiv(K_logical, cfg.BKC) if cfg.STREAM_W else 1
     mma = smem = bars = 0
     ld_bytes = 0
@@ -295,7 +297,7 @@ def step_costs(pick: Pick, gpu=None) -> dict:
                 ld_bytes += n * int(vec or 1) * int(bits) // 8
             ld_bytes += n * sum(int(size) for size in _CP_ASYNC.findall(text))
     threads = 32 * cfg.num_warps
-    rows = cfg.BH if cfg.backward else (4 if G > 1 else 1) * cfg.BH
+    rows = cfg.BH if cfg.backward and not cfg.PARTIAL else (4 if G > 1 else 1) * cfg.BH
     if cfg.STREAM_W:
         K = trips * cfg.BKC
     elif cfg.backward and not cfg.SCRATCH:

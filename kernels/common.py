@@ -146,6 +146,97 @@ def _poll(w, ptrs, mask, tag, DT: tl.constexpr):
     return v
 
 
+# The partial backward's tagged words: fp32 partial sums, the tag in the lowest mantissa bit (an error of at most
+# one ulp, far below the sum's own rounding): bit (s // 2) % 2 for step s. One bit is enough because a reader
+# reads the same words every step: having seen step s-2 in a word it cannot see anything older there again
+# (coherence), and no writer can be at step s+2 before it (it needs this reader's step s+1). Both buffers start
+# at bit 1 (the launcher), which steps 0 and 1 do not write.
+
+
+@triton.jit
+def _put_lsb(ptrs, v, mask, s):
+    """Stores the fp32 tile ``v`` at ``ptrs`` as words tagged for step ``s`` (relaxed atomics, see :func:`_put`)."""
+    word = (v.to(tl.int32, bitcast=True) & -2) | ((s // 2) % 2)
+    tl.atomic_xchg(ptrs, word, mask=mask, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _poll_lsb(w, ptrs, mask, s):
+    """The fp32 words at ``ptrs`` (``w``: their :func:`_first` read) once every one under ``mask`` carries step
+    ``s``'s bit (0 where masked)."""
+    want = (s // 2) % 2
+    while tl.sum(tl.where(mask & ((w & 1) != want), 1, 0)) > 0:
+        w = tl.load(ptrs, mask=mask, other=0, volatile=True)
+    return w.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _join_gates(a0, a1, a2, a3, G: tl.constexpr):
+    """``[BB, GP*BH]`` gate-major from per-gate ``[BB, BH]`` tiles (the inverse of :func:`_split4`'s layout;
+    ``G == 1``: ``a0`` alone)."""
+    if G == 1:
+        out = a0
+    else:
+        even = tl.join(a0, a2)  # [BB, BH, 2]: gates 0, 2
+        odd = tl.join(a1, a3)
+        a = tl.permute(tl.join(even, odd), (0, 2, 3, 1))  # [BB, g // 2, g % 2, BH]
+        out = tl.reshape(a, [a0.shape[0], 4 * a0.shape[1]])
+    return out
+
+
+@triton.jit
+def _bwd_partial(dg, w1, w2, p_scr, p_bar, s, i_b, i_h, o_b, m_b, o_h, B, H, SP,
+                 NSPLIT: tl.constexpr, NJ1: tl.constexpr, NJ2: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
+                 TAGGED: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """``dh_{t-1}`` of this program's units, ``[BB, BH]`` fp32, by partial sums: the program multiplies its own
+    gate gradients ``dg [BB, GP*BH]`` by the ``W_hh`` rows of its units (held as the forward holds them,
+    ``[GP*BH, BK1]`` and ``[GP*BH, BK2]``), publishes that partial ``dh`` over all ``H`` columns in fp32, and sums
+    its own columns of everyone's partial. Exchanged: ``B*H`` values, where the gate gradients are ``B*G*H``."""
+    p_s = p_scr + (s % 2) * NSPLIT * B * SP + i_h * B * SP
+    m_p = m_b[:, None]
+    DT: tl.constexpr = w1.dtype
+    b_g = dg.to(DT)
+    o_k1 = tl.arange(0, BK1)
+    ptr1 = p_s + o_b[:, None].to(tl.int64) * SP + o_k1[None, :]
+    part1 = _dot(b_g, w1, PRECISION)
+    if TAGGED:
+        _put_lsb(ptr1, part1, m_p & (o_k1 < H)[None, :], s)
+    else:
+        tl.store(ptr1, part1, mask=m_p & (o_k1 < H)[None, :])
+    if BK2 > 0:
+        o_k2 = BK1 + tl.arange(0, BK2)
+        ptr2 = p_s + o_b[:, None].to(tl.int64) * SP + o_k2[None, :]
+        part2 = _dot(b_g, w2, PRECISION)
+        if TAGGED:
+            _put_lsb(ptr2, part2, m_p & (o_k2 < H)[None, :], s)
+        else:
+            tl.store(ptr2, part2, mask=m_p & (o_k2 < H)[None, :])
+    _exchange(p_s, p_bar, i_b, s, NSPLIT, TAGGED)
+    # everyone's partial of the own columns, programs [0, NJ1) and [NJ1, NJ1 + NJ2): both pieces' first
+    # reads in flight before either is waited for
+    p_buf = p_scr + (s % 2) * NSPLIT * B * SP + o_b[None, :, None].to(tl.int64) * SP + o_h[None, None, :]
+    m_bh = m_b[None, :, None] & (o_h < H)[None, None, :]
+    o_j1 = tl.arange(0, NJ1)
+    p1 = p_buf + o_j1[:, None, None].to(tl.int64) * B * SP
+    m1 = (o_j1 < NSPLIT)[:, None, None] & m_bh
+    if NJ2 > 0:
+        o_j2 = NJ1 + tl.arange(0, NJ2)
+        p2 = p_buf + o_j2[:, None, None].to(tl.int64) * B * SP
+        m2 = (o_j2 < NSPLIT)[:, None, None] & m_bh
+    if TAGGED:
+        w1 = _first(p1, m1)
+        if NJ2 > 0:
+            w2 = _first(p2, m2)
+        acc = tl.sum(_poll_lsb(w1, p1, m1, s), axis=0)
+        if NJ2 > 0:
+            acc += tl.sum(_poll_lsb(w2, p2, m2, s), axis=0)
+    else:
+        acc = tl.sum(tl.load(p1, mask=m1, other=0.0, cache_modifier=".cg"), axis=0)
+        if NJ2 > 0:
+            acc += tl.sum(tl.load(p2, mask=m2, other=0.0, cache_modifier=".cg"), axis=0)
+    return acc
+
+
 @triton.jit
 def _gate_rows(i_h, H, G: tl.constexpr, GP: tl.constexpr, BH: tl.constexpr):
     """Rows of ``W_hh [G*H, H]`` a forward program holds, gate-major: ``[GP*BH]`` row ids and their mask."""
@@ -382,10 +473,12 @@ H100 = GPUSpec(
     mma_flop_per_clk={"bf16": 4096, "fp16": 4096, "tf32": 2048, "ieee": 256},
 )
 
-STRATEGIES = ("resident", "resident-scratch", "resident-tagged", "stream", "split", "split-stream")
+STRATEGIES = ("resident", "resident-scratch", "resident-tagged", "resident-partial", "resident-partial-tagged",
+              "stream", "split", "split-stream")  # fmt: skip
 _BARRIER = ("split", "split-stream")
 _HANDOFFS = ("auto", "barrier", "tagged")
-_ONE_PROGRAM = ("resident", "resident-scratch", "resident-tagged", "stream")
+_ONE_PROGRAM = ("resident", "resident-scratch", "resident-tagged", "resident-partial", "resident-partial-tagged",
+                "stream")  # fmt: skip
 # the order a failed launch falls back along (each also tried with smaller blocks by make_config)
 _FALLBACK = {
     "resident": "stream",
@@ -393,6 +486,8 @@ _FALLBACK = {
     "split-stream": "stream",
     "resident-scratch": "stream",
     "resident-tagged": "stream",
+    "resident-partial": "stream",
+    "resident-partial-tagged": "stream",
 }
 
 
@@ -421,6 +516,9 @@ class KernelConfig:
     regs: int = 0
     step_us: float = 0.0
     tagged: bool = False  # the exchange's hand-off: tagged words (no grid barrier) instead of a barrier
+    partial: bool = (
+        False  # backward by partial sums of dh (W_hh rows held as forward) instead of dg exchanged
+    )
 
     @property
     def STREAM_W(self) -> bool:
@@ -432,7 +530,17 @@ class KernelConfig:
 
     @property
     def TAGGED(self) -> bool:
-        return self.tagged or self.strategy == "resident-tagged"
+        return self.tagged or self.strategy in ("resident-tagged", "resident-partial-tagged")
+
+    @property
+    def PARTIAL(self) -> bool:
+        return self.backward and (self.partial or self.strategy.startswith("resident-partial"))
+
+    @property
+    def NJ(self) -> tuple[int, int]:
+        """``NSPLIT`` as at most two powers of two: the partial backward reads everyone's partials in these two
+        pieces (48: 32 + 16), no register spent on programs that do not exist."""
+        return _pieces(self.NSPLIT, 1)
 
     def grid(self, B: int) -> tuple[int, int]:
         return triton.cdiv(B, self.BB), self.NSPLIT
@@ -480,6 +588,14 @@ def model_shared(cfg: KernelConfig, H: int, dtype: torch.dtype) -> int:
     G = GATES[cfg.cell]
     es = _esize(dtype)
     buffers = cfg.num_stages  # a streamed loop: triton 3.8 keeps num_stages chunks of each operand
+    if cfg.PARTIAL:
+        # the held rows; then one buffer at a time: a partial product's re-layout for its stores, or the gate
+        # gradients' operand and the cross-warp sum of everyone's partials (sm_90: LSTM H=768 131,072 B)
+        M = (4 if G > 1 else 1) * cfg.BH
+        staged = max(
+            cfg.BB * max(cfg.BK1, cfg.BK2) * 4, cfg.BB * M * es + cfg.num_warps * cfg.BB * cfg.BH * 4
+        )
+        return M * (cfg.BK1 + cfg.BK2) * es + staged
     if not cfg.backward:
         M = 4 * cfg.BH if G > 1 else cfg.BH
         if cfg.STREAM_W:
@@ -512,6 +628,15 @@ def model_regs(cfg: KernelConfig, H: int, dtype: torch.dtype) -> int:
     # flight across it): one piece in registers at a time. LSTM B=16 H=768 BH=16 forward: 235 registers, no
     # spills, where a whole-K operand would have predicted > 255
     held_k = max(cfg.BK1, cfg.BK2) if cfg.TAGGED else K
+    if cfg.PARTIAL:
+        # the held rows pass through once; per step: the partial products' fp32 results and everyone's partials
+        # of the own columns, each element stored or polled on its own (an address each: x2), next to the
+        # gate gradients and the cell's tiles
+        # NOTE: calibrated on sm_90 compiles (8 warps): 96 such values per thread fit (LSTM B=16 H=768), 128
+        # spilled per step (GRU B=16 H=1024)
+        M = (4 if G > 1 else 1) * cfg.BH
+        step = 2 * (cfg.BB * K + sum(cfg.NJ) * cfg.BB * cfg.BH) * 4 + (G + 6) * cfg.BB * cfg.BH * 4
+        return 40 + -(-max(M * K * es, step) // (4 * threads))
     if not cfg.backward:
         M = 4 * cfg.BH if G > 1 else cfg.BH
         held = 0 if cfg.STREAM_W else M * K * es
@@ -542,6 +667,8 @@ def estimate(
     """
     G = GATES[cfg.cell]
     es = _esize(dtype)
+    if cfg.PARTIAL:
+        return _estimate_partial(cfg, H, dtype, precision, gpu)
     K_logical = G * H if cfg.backward else H
     rows = cfg.BH if cfg.backward else (4 if G > 1 else 1) * cfg.BH
     cols = cfg.BB
@@ -576,6 +703,32 @@ def estimate(
     }
 
 
+def _estimate_partial(cfg: KernelConfig, H: int, dtype: torch.dtype, precision: str, gpu: GPUSpec) -> dict:
+    """:func:`estimate` of the backward by partial sums: the product ``dg [BB, GP*BH] @ W_rows [GP*BH, K]`` paced
+    by its MMA work or by reading the held rows from shared memory; then the program's partial (``BB*K`` fp32)
+    written and its columns of everyone's (``NSPLIT*BB*BH`` fp32) read through L2, one latency; the hand-off."""
+    G = GATES[cfg.cell]
+    es = _esize(dtype)
+    rows = (4 if G > 1 else 1) * cfg.BH
+    K = cfg.BK1 + cfg.BK2
+    mma_clk = 2 * rows * cfg.BB * K / gpu.mma_flop_per_clk[dtype_key(dtype, precision)]
+    smem_clk = (rows * K + cfg.BB * rows) * es / gpu.smem_bytes_per_clk
+    l2_bytes = (cfg.BB * K + cfg.NSPLIT * cfg.BB * cfg.BH) * 4  # tagged: the tag rides in the lowest bit
+    l2_clk = l2_bytes / gpu.l2_bytes_per_clk + gpu.l2_latency_clk
+    if cfg.TAGGED and cfg.NSPLIT > 1:
+        l2_clk += gpu.l2_latency_clk / 2
+    barrier_clk = gpu.barrier_clk if cfg.NSPLIT > 1 and not cfg.TAGGED else 0
+    total = max(mma_clk, smem_clk) + l2_clk + barrier_clk
+    return {
+        "mma_clk": mma_clk,
+        "smem_clk": smem_clk,
+        "l2_clk": l2_clk,
+        "barrier_clk": barrier_clk,
+        "l2_bytes": l2_bytes,
+        "step_us": total / (gpu.clock_ghz * 1e3),
+    }
+
+
 def _candidates(cell: str, B: int, H: int, strategy: str, backward: bool, cpu: bool):
     G = GATES[cell]
     bb_max = _pow2(min(B, 16)) if cpu else _pow2(min(B, 256))
@@ -586,6 +739,21 @@ def _candidates(cell: str, B: int, H: int, strategy: str, backward: bool, cpu: b
         # forward RNN rows are units only: 64 of them fill one warpgroup's wgmma
         low = 64 if cell == "rnn" and not backward else 16
         bhs = [bh for bh in (16, 32, 64, 128, 256) if low <= bh < _pow2(H)]
+    partial = strategy.startswith("resident-partial")
+    if backward and (partial or strategy == "split"):
+        # the backward by partial sums: W_hh rows held as the forward holds them, K pieces over H
+        for BB in bbs:
+            for BH in bhs:
+                nsplit = 1 if strategy in _ONE_PROGRAM else triton.cdiv(H, BH)
+                bk1, bk2 = _pieces(H, 16)
+                for num_warps in [8, 4] if not cpu else [2]:
+                    cfg = KernelConfig(cell, True, strategy, BB, BH, bk1, bk2, 64, 1, nsplit, num_warps, 1,
+                                       partial=True)  # fmt: skip
+                    yield cfg
+                    if strategy in _BARRIER:
+                        yield replace(cfg, tagged=True)
+        if partial:
+            return
     for BB in bbs:
         for BH in bhs:
             stream = strategy in ("stream", "split-stream")
@@ -814,7 +982,9 @@ def launch(
     **flags,
 ) -> KernelConfig:
     """Launches one pass: allocates the exchange scratch ``[2, B, scratch_gates*H]`` (compute dtype, rows
-    padded to 16 elements, as are ``W_hh``'s when ``H % 16 != 0``) and the barrier counters, passes every ``p_*`` argument by name from ``tensors``, the block sizes of ``config``
+    padded to 16 elements, as are ``W_hh``'s when ``H % 16 != 0``; the partial backward's ``[2, NSPLIT, B, H]``
+    fp32) and the barrier counters, passes every ``p_*`` argument by name from ``tensors``, the block sizes of
+    ``config``
     and ``flags`` (the kernel's other constexprs). ``first_operand`` is what the first step reads from the
     scratch (``h_0`` forward). Barrier grids launch cooperatively.
 
@@ -827,7 +997,8 @@ def launch(
     # NOTE: rows of W_hh and of the scratch are padded with zeros to 16 elements and loaded up to the padded
     # width, so every load of them vectorizes: with H % 16 != 0 they were scalar loads, an address register
     # each, and the sm_90 code spilled
-    SW, SP = -(-H // 16) * 16, -(-scratch_gates * H // 16) * 16
+    SW = -(-H // 16) * 16
+    SP = SW if config.PARTIAL else -(-scratch_gates * H // 16) * 16
     # NOTE: the rows of the other H-strided tensors (inputs, outputs, workspace) cannot be padded without a
     # copy; HDIV tells the compiler the power of two H is a multiple of (H=1000: 8), enough for vectorized
     # loads and stores. Without it every element had an address of its own: 255 registers and spills per
@@ -837,7 +1008,15 @@ def launch(
         tensors = {**tensors, "p_w": F.pad(w, (0, SW - H))}
     while True:
         scr = bar = None
-        if config.SCRATCH:
+        if config.PARTIAL:
+            # everyone's fp32 partial dh, double-buffered; tagged: every word at bit 1, which steps 0 and 1
+            # do not write (common._put_lsb)
+            shape = (2, config.NSPLIT, B, SP)
+            if config.TAGGED:
+                scr = torch.ones(shape, dtype=torch.int32, device=ref.device)
+            else:
+                scr = torch.zeros(shape, dtype=torch.float32, device=ref.device)
+        elif config.SCRATCH:
             # zeros: the padding columns meet W_hh's zero padding in the product (empty could hold NaN);
             # tagged: tag 0 (h_0's, written here), which no kernel step writes into buffer 0 first
             word = _tag_word(ref.dtype) if config.TAGGED else ref.dtype
@@ -851,12 +1030,16 @@ def launch(
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         if config.NSPLIT > 1:
             options["launch_cooperative_grid"] = True
+        # the backward kernels' partial-sum constexprs (the forward kernels have none)
+        pieces = (("PARTIAL", config.PARTIAL), ("NJ1", config.NJ[0]), ("NJ2", config.NJ[1]))
+        extra = {k: v for k, v in pieces if k in kernel.arg_names}
         try:
             kernel[config.grid(B)](
                 *pointers, T, B, H, SW, SP,
                 BB=config.BB, BH=config.BH, BK1=config.BK1, BK2=config.BK2, BKC=config.BKC, NKS=config.NKS,
                 NSPLIT=config.NSPLIT, STREAM_W=config.STREAM_W, SCRATCH=config.SCRATCH,
-                PRECISION=dot_precision(ref.dtype), HDIV=h_divisor(H), TAGGED=config.TAGGED, **flags, **options,
+                PRECISION=dot_precision(ref.dtype), HDIV=h_divisor(H), TAGGED=config.TAGGED, **extra, **flags,
+                **options,
             )  # fmt: skip
             return config
         except Exception as e:

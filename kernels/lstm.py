@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .common import (
     KernelConfig,
+    _bwd_partial,
     _bwd_product,
     _dot,
     _exchange,
@@ -20,6 +21,7 @@ from .common import (
     _gate_rows,
     _hold_cols,
     _hold_rows,
+    _join_gates,
     _load_w_t,
     _put,
     _sigmoid,
@@ -173,6 +175,9 @@ def lstm_bwd_kernel(
     SCRATCH: tl.constexpr,
     PRECISION: tl.constexpr,
     TAGGED: tl.constexpr,  # exchange through tagged words, no grid barrier (common._poll)
+    PARTIAL: tl.constexpr,  # by partial sums of dh (common._bwd_partial): W_hh rows held as forward
+    NJ1: tl.constexpr,  # NSPLIT as two powers of two (common.KernelConfig.NJ)
+    NJ2: tl.constexpr,
     HDIV: tl.constexpr,  # a power of two H is a multiple of (1: nothing to add)
     REVERSE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
@@ -192,7 +197,11 @@ def lstm_bwd_kernel(
 
     b_dh = tl.load(p_dhT + o_bh, mask=m_bh, other=0.0).to(tl.float32)  # [BB, BH] dL/dh of the carried state
     b_dc = tl.load(p_dcT + o_bh, mask=m_bh, other=0.0).to(tl.float32)
-    b_w1, b_w2 = _hold_cols(p_w, o_h, 4 * H, H, SW, NKS, BK1, BK2, STREAM_W, SCRATCH)  # [NKS, BK/NKS, BH]
+    if PARTIAL:
+        o_row, m_row = _gate_rows(i_h, H, 4, 4, BH)  # [GP*BH] rows of W_hh, gate-major
+        b_w1, b_w2 = _hold_rows(p_w, o_row, m_row, H, SW, BK1, BK2, False)  # [GP*BH, BK1], [GP*BH, BK2]
+    else:
+        b_w1, b_w2 = _hold_cols(p_w, o_h, 4 * H, H, SW, NKS, BK1, BK2, STREAM_W, SCRATCH)  # [NKS, BK/NKS, BH]
     if not SCRATCH:
         o_k = tl.arange(0, BK1)
         b_wi = _load_w_t(p_w, o_k, o_h, H, SW)  # [BK, BH] W_i[j, k]: gate unit j -> state unit k
@@ -233,14 +242,19 @@ def lstm_bwd_kernel(
         tl.store(p_gt + 2 * H, b_dg.to(p_dg.dtype.element_ty), mask=m_bh)
         tl.store(p_gt + 3 * H, b_do.to(p_dg.dtype.element_ty), mask=m_bh)
         if SCRATCH:
-            p_s = p_scr + (s % 2) * B * SP
-            _put(p_s + o_bs, b_di, m_bh, s + 1, TAGGED, p_w.dtype.element_ty)
-            _put(p_s + H + o_bs, b_df, m_bh, s + 1, TAGGED, p_w.dtype.element_ty)
-            _put(p_s + 2 * H + o_bs, b_dg, m_bh, s + 1, TAGGED, p_w.dtype.element_ty)
-            _put(p_s + 3 * H + o_bs, b_do, m_bh, s + 1, TAGGED, p_w.dtype.element_ty)
-            _exchange(p_s, p_bar, i_b, s, NSPLIT, TAGGED)
-            b_dhp = _bwd_product(p_w, p_s, b_w1, b_w2, o_b, m_b, o_h, 4 * H, H, SW, SP, s + 1, NKS, BK1, BK2, BKC, STREAM_W,
-                                 PRECISION, TAGGED)  # fmt: skip
+            if PARTIAL:
+                b_dg_all = _join_gates(b_di, b_df, b_dg, b_do, 4)  # [BB, GP*BH]
+                b_dhp = _bwd_partial(b_dg_all, b_w1, b_w2, p_scr, p_bar, s, i_b, i_h, o_b, m_b, o_h, B, H, SP,
+                                      NSPLIT, NJ1, NJ2, BK1, BK2, TAGGED, PRECISION)  # fmt: skip
+            else:
+                p_s = p_scr + (s % 2) * B * SP
+                _put(p_s + o_bs, b_di, m_bh, s + 1, TAGGED, p_w.dtype.element_ty)
+                _put(p_s + H + o_bs, b_df, m_bh, s + 1, TAGGED, p_w.dtype.element_ty)
+                _put(p_s + 2 * H + o_bs, b_dg, m_bh, s + 1, TAGGED, p_w.dtype.element_ty)
+                _put(p_s + 3 * H + o_bs, b_do, m_bh, s + 1, TAGGED, p_w.dtype.element_ty)
+                _exchange(p_s, p_bar, i_b, s, NSPLIT, TAGGED)
+                b_dhp = _bwd_product(p_w, p_s, b_w1, b_w2, o_b, m_b, o_h, 4 * H, H, SW, SP, s + 1, NKS, BK1, BK2, BKC, STREAM_W,
+                                     PRECISION, TAGGED)  # fmt: skip
         else:
             b_dhp = _dot(b_di.to(b_wi.dtype), b_wi, PRECISION)
             b_dhp += _dot(b_df.to(b_wi.dtype), b_wf, PRECISION)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .common import (
     KernelConfig,
+    _bwd_partial,
     _bwd_product,
     _dot,
     _exchange,
@@ -20,6 +21,7 @@ from .common import (
     _gate_rows,
     _hold_cols,
     _hold_rows,
+    _join_gates,
     _load_w_t,
     _put,
     _tanh,
@@ -134,6 +136,9 @@ def rnn_bwd_kernel(
     SCRATCH: tl.constexpr,
     PRECISION: tl.constexpr,
     TAGGED: tl.constexpr,  # exchange through tagged words, no grid barrier (common._poll)
+    PARTIAL: tl.constexpr,  # by partial sums of dh (common._bwd_partial): W_hh rows held as forward
+    NJ1: tl.constexpr,  # NSPLIT as two powers of two (common.KernelConfig.NJ)
+    NJ2: tl.constexpr,
     HDIV: tl.constexpr,  # a power of two H is a multiple of (1: nothing to add)
     REVERSE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
@@ -150,7 +155,11 @@ def rnn_bwd_kernel(
     o_bs = o_b[:, None].to(tl.int64) * SP + o_h[None, :]  # into the scratch
 
     b_dh = tl.load(p_dhT + o_bh, mask=m_bh, other=0.0).to(tl.float32)  # [BB, BH]
-    b_w1, b_w2 = _hold_cols(p_w, o_h, H, H, SW, NKS, BK1, BK2, STREAM_W, SCRATCH)  # [NKS, BK/NKS, BH]
+    if PARTIAL:
+        o_row, m_row = _gate_rows(i_h, H, 1, 1, BH)  # [GP*BH] rows of W_hh, gate-major
+        b_w1, b_w2 = _hold_rows(p_w, o_row, m_row, H, SW, BK1, BK2, False)  # [GP*BH, BK1], [GP*BH, BK2]
+    else:
+        b_w1, b_w2 = _hold_cols(p_w, o_h, H, H, SW, NKS, BK1, BK2, STREAM_W, SCRATCH)  # [NKS, BK/NKS, BH]
     if not SCRATCH:
         b_w = _load_w_t(p_w, tl.arange(0, BK1), o_h, H, SW)  # [BK, BH] W[j, k]
     if HAS_LENGTHS:
@@ -170,11 +179,16 @@ def rnn_bwd_kernel(
             b_da = tl.where(m_t, b_da, 0.0)
         tl.store(p_dg + o_t, b_da.to(p_dg.dtype.element_ty), mask=m_bh)
         if SCRATCH:
-            p_s = p_scr + (s % 2) * B * SP
-            _put(p_s + o_bs, b_da, m_bh, s + 1, TAGGED, p_w.dtype.element_ty)
-            _exchange(p_s, p_bar, i_b, s, NSPLIT, TAGGED)
-            b_dhp = _bwd_product(p_w, p_s, b_w1, b_w2, o_b, m_b, o_h, H, H, SW, SP, s + 1, NKS, BK1, BK2, BKC, STREAM_W,
-                                 PRECISION, TAGGED)  # fmt: skip
+            if PARTIAL:
+                b_dg_all = _join_gates(b_da, b_da, b_da, b_da, 1)  # [BB, GP*BH]
+                b_dhp = _bwd_partial(b_dg_all, b_w1, b_w2, p_scr, p_bar, s, i_b, i_h, o_b, m_b, o_h, B, H, SP,
+                                      NSPLIT, NJ1, NJ2, BK1, BK2, TAGGED, PRECISION)  # fmt: skip
+            else:
+                p_s = p_scr + (s % 2) * B * SP
+                _put(p_s + o_bs, b_da, m_bh, s + 1, TAGGED, p_w.dtype.element_ty)
+                _exchange(p_s, p_bar, i_b, s, NSPLIT, TAGGED)
+                b_dhp = _bwd_product(p_w, p_s, b_w1, b_w2, o_b, m_b, o_h, H, H, SW, SP, s + 1, NKS, BK1, BK2, BKC, STREAM_W,
+                                     PRECISION, TAGGED)  # fmt: skip
         else:
             b_dhp = _dot(b_da.to(b_w.dtype), b_w, PRECISION)
         if HAS_LENGTHS:

@@ -46,18 +46,22 @@ def test_every_grid_pick_fits_the_model():
                         if (
                             not cfg.STREAM_W
                         ):  # the held K pieces cover the product's K, per gate when resident
-                            per_gate = cfg.strategy == "resident" or not backward
+                            per_gate = cfg.strategy == "resident" or not backward or cfg.PARTIAL
                             assert cfg.BK1 + cfg.BK2 >= (H if per_gate else common.GATES[cell] * H), name
     assert picked > 0.9 * (picked + refused), f"{refused} of {picked + refused} shapes have no configuration"
 
 
-def test_headline_picks_split_without_padding_the_k_loop():
+def test_headline_picks_split_without_padding_the_k_loop(monkeypatch):
     plan = plan_layer("lstm", 16, 768, torch.bfloat16, CUDA, gpu=H100)
     fwd, bwd = plan.forward, plan.backward
     assert plan.strategy == "split", plan
     assert (fwd.BK1, fwd.BK2) == (512, 256), f"forward K must stop at H=768, walks {fwd.BK1}+{fwd.BK2}"
-    assert (bwd.BK1, bwd.BK2) == (2048, 1024), f"backward K must stop at 4H=3072, walks {bwd.BK1}+{bwd.BK2}"
+    # the backward by partial sums walks H (its partial's columns) as the forward does
+    assert bwd.PARTIAL and (bwd.BK1, bwd.BK2) == (512, 256), bwd
     assert fwd.NSPLIT * triton.cdiv(16, fwd.BB) <= H100.sms
+    # where the gate gradients are exchanged instead (GRU H=1024: its partial would spill), K stops at 3H
+    gru = make_config("gru", 16, 1024, torch.bfloat16, CUDA, None, True, H100)
+    assert gru.strategy == "split" and not gru.PARTIAL and (gru.BK1, gru.BK2) == (2048, 1024), gru
 
 
 @pytest.mark.parametrize(
@@ -164,14 +168,14 @@ def test_other_launch_errors_are_not_swallowed():
 
 def test_the_estimate_chooses_each_pass_its_hand_off(monkeypatch):
     """Headline LSTM: the forward's operand is small, tagged words (twice its bytes, no barrier round) win;
-    the backward exchanges 4x as much, the barrier wins. Forcing either plans that hand-off and costs what
-    the estimate says; the chosen one is never the dearer."""
+    the backward's partial sums carry their tag in the lowest bit (no extra bytes), tagged wins too. Forcing
+    either plans that hand-off and costs what the estimate says; the chosen one is never the dearer."""
     plans = {}
     for handoff in ("auto", "barrier", "tagged"):
         monkeypatch.setenv("RNNDEPLOY_HANDOFF", handoff)
         plans[handoff] = plan_layer("lstm", 16, 768, torch.bfloat16, CUDA, gpu=H100)
     auto, barrier, tagged = plans["auto"], plans["barrier"], plans["tagged"]
-    assert auto.forward.TAGGED and not auto.backward.TAGGED, auto
+    assert auto.forward.TAGGED and auto.backward.TAGGED and auto.backward.PARTIAL, auto
     assert not barrier.forward.TAGGED and not barrier.backward.TAGGED
     assert tagged.forward.TAGGED and tagged.backward.TAGGED
     for p in ("forward", "backward"):
@@ -182,6 +186,12 @@ def test_the_estimate_chooses_each_pass_its_hand_off(monkeypatch):
     assert est_b["barrier_clk"] == H100.barrier_clk and est_t["barrier_clk"] == 0
     # tagged: value and tag per element of the [BB, H] operand, bf16 -> 4 bytes
     assert est_t["l2_bytes"] == 16 * 768 * 4 and est_b["l2_bytes"] == 16 * 768 * 2
+    # the partial backward: its [BB, H] partial written, its [BB, BH] columns of all 48 read, fp32 either way
+    for plan in (auto, barrier):
+        assert common.estimate(plan.backward, 768, torch.bfloat16)["l2_bytes"] == (16 * 768 + 48 * 16 * 16) * 4
+    # exchanged gate gradients would read [BB, 4H]: the partial sums move half the bytes (a quarter the values)
+    dg = make_config("lstm", 16, 768, torch.bfloat16, CUDA, "split-stream", True, H100)
+    assert not dg.PARTIAL and common.estimate(dg, 768, torch.bfloat16)["l2_bytes"] >= 16 * 3072 * 2
     # one-program strategies have no hand-off to choose: the switch leaves them alone
     resident = make_config("lstm", 16, 64, torch.bfloat16, CUDA, "resident", False, H100)
     assert not resident.TAGGED

@@ -143,6 +143,8 @@ VARIANTS = [
     (False, True, True, "resident"),
     (True, True, False, "stream"),
     (True, True, True, "resident-tagged"),
+    (False, True, True, "resident-partial"),
+    (True, True, True, "resident-partial-tagged"),
 ]
 
 
@@ -160,6 +162,7 @@ def _layer_cases():
         for dtype in (torch.float16, torch.bfloat16):
             cases.append((cell, nl, 3, 7, 33, dtype, False, True, True, "resident"))
             cases.append((cell, nl, 3, 7, 33, dtype, True, True, True, "resident-tagged"))  # int32 words
+            cases.append((cell, nl, 3, 7, 33, dtype, True, True, True, "resident-partial-tagged"))
     return [pytest.param(*case, id=_case_id(*case)) for case in cases]
 
 
