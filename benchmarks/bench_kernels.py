@@ -47,8 +47,8 @@ def static(grid: bool) -> None:
     print(f"wrote {RESULTS / 'kernels-static.md'} and .json", flush=True)
     if not grid:
         return
-    keys = ("cell", "pass", "dtype", "precision", "B", "H", "strategy", "BB", "BH", "BK", "NKS", "NSPLIT",
-            "warps", "stages", "shared", "shared_model", "regs", "regs_model", "stack", "loop_spills", "mma_static",
+    keys = ("cell", "pass", "dtype", "precision", "B", "H", "strategy", "tagged", "partial", "BB", "BH", "BK", "NKS",
+            "NSPLIT", "warps", "stages", "shared", "shared_model", "regs", "regs_model", "stack", "loop_spills", "mma_static",
             "est_step_us")  # fmt: skip
     table = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     with open(RESULTS / "kernels-sm90-grid.jsonl", "w") as lines:

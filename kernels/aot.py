@@ -186,7 +186,7 @@ class Pick:
         return {
             "cell": self.cell, "pass": self.direction, "dtype": self.dtype, "precision": self.precision,
             "B": self.B, "H": self.H, "strategy": c.strategy, "BB": c.BB, "BH": c.BH, "BK": f"{c.BK1}+{c.BK2}",
-            "NKS": c.NKS, "NSPLIT": c.NSPLIT, "tagged": c.TAGGED, "warps": c.num_warps, "stages": c.num_stages,
+            "NKS": c.NKS, "NSPLIT": c.NSPLIT, "tagged": c.TAGGED, "partial": c.PARTIAL, "warps": c.num_warps, "stages": c.num_stages,
             "shared": k.shared, "shared_model": c.shared, "regs": k.regs, "regs_model": c.regs,
             "stack": k.stack, "loop_spills": k.loop_spills, "mma_static": mma, "est_step_us": round(c.step_us, 3),
         }  # fmt: skip
