@@ -873,6 +873,37 @@ def make_config(
             if why is None and ieee and cfg.STREAM_W and backward and cfg.NKS == 8 and cfg.BB * cfg.BH >= 512:
                 # NOTE: eight FMA slice sums over a [32, 16] tile spilled per step (RNN B=64 H=1000), four did not
                 why = "IEEE fp32: eight slice sums over a 512-element tile"
+            if why is None and ieee and cfg.TAGGED and cfg.NSPLIT > 1:
+                # NOTE: the FMA outer product in registers and the poll's words beside it: tagged IEEE fp32 picks
+                # spilled per step on sm_90, up to kilobytes (LSTM H=64..1024 forward and backward, RNN backward)
+                why = "IEEE fp32 with tagged words in registers"
+            if (
+                why is None
+                and cfg.TAGGED
+                and cfg.NSPLIT > 1
+                and not backward
+                and dtype == torch.float16
+                and B % 16
+            ):
+                # NOTE: fp16 tagged forward with masked batch rows spilled 23-56 instructions per step on sm_90 at
+                # 255 registers (every cell, B=1 and 3, H=512..1024, 4 and 8 warps), where bf16 and B=16 did not
+                why = "fp16 tagged words with masked batch rows"
+            if (
+                why is None
+                and cfg.TAGGED
+                and backward
+                and cfg.STREAM_W
+                and not cfg.PARTIAL
+                and cfg.BB * cfg.BH > 512
+            ):
+                # NOTE: a streamed backward polling wide gate-gradient tiles spilled per step on sm_90 (RNN B=128,
+                # [32, 32] tiles, bf16 H=1000 and fp16 H=768/1024, capped at 64 registers)
+                why = "tagged streamed gate gradients over a wide tile"
+            if (why is None and cfg.PARTIAL and cfg.TAGGED and cell == "gru" and dtype == torch.float32 and B % 16
+                    and cfg.BK1 + cfg.BK2 == 512):  # fmt: skip
+                # NOTE: GRU fp32 partial sums with masked batch rows at H=512 spilled 4 per step on sm_90 (capped at
+                # 128 registers; H=256 and 768 did not)
+                why = "GRU fp32 tagged partial sums at K=512 with masked batch rows"
             if why:
                 reasons.append(f"{s} BB={cfg.BB} BH={cfg.BH} warps={cfg.num_warps}: {why}")
                 continue

@@ -188,7 +188,9 @@ def test_the_estimate_chooses_each_pass_its_hand_off(monkeypatch):
     assert est_t["l2_bytes"] == 16 * 768 * 4 and est_b["l2_bytes"] == 16 * 768 * 2
     # the partial backward: its [BB, H] partial written, its [BB, BH] columns of all 48 read, fp32 either way
     for plan in (auto, barrier):
-        assert common.estimate(plan.backward, 768, torch.bfloat16)["l2_bytes"] == (16 * 768 + 48 * 16 * 16) * 4
+        assert (
+            common.estimate(plan.backward, 768, torch.bfloat16)["l2_bytes"] == (16 * 768 + 48 * 16 * 16) * 4
+        )
     # exchanged gate gradients would read [BB, 4H]: the partial sums move half the bytes (a quarter the values)
     dg = make_config("lstm", 16, 768, torch.bfloat16, CUDA, "split-stream", True, H100)
     assert not dg.PARTIAL and common.estimate(dg, 768, torch.bfloat16)["l2_bytes"] >= 16 * 3072 * 2

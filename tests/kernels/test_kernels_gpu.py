@@ -6,8 +6,6 @@ the same thing.
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
@@ -39,25 +37,53 @@ def test_low_precision_matches_reference(cell, dtype, B, T, H):
 
 def _strategy_cases():
     # each strategy at the largest H (of these) it holds for fp32 without TF32 (what these tests compare), as
-    # make_config plans it for an H100/H200, split grids with each hand-off; T=1024 everywhere
+    # make_config plans it for an H100/H200, split grids behind the grid barrier (IEEE fp32 takes no tagged
+    # words: test_split_grids_each_hand_off covers those); T=1024 everywhere
     cases = []
     for cell in ("rnn", "lstm", "gru"):
         for strategy in STRATEGIES:
-            handoffs = ("barrier", "tagged") if strategy in ("split", "split-stream") else ("auto",)
+            handoff = "barrier" if strategy in ("split", "split-stream") else "auto"
             for H in (1024, 768, 256, 128, 64, 32, 16):
                 try:
-                    for handoff, backward in itertools.product(handoffs, (False, True)):
-                        with forced_handoff(handoff):
+                    with forced_handoff(handoff):
+                        for backward in (False, True):
                             make_config(cell, 16, H, torch.float32, CUDA, strategy, backward, H100, "ieee")
                 except ValueError:
                     continue
-                for handoff in handoffs:
-                    name = f"{cell}-B16-T1024-H{H}-fp32-{strategy}" + (
-                        "" if handoff == "auto" else f"-{handoff}"
-                    )
-                    cases.append(pytest.param(cell, strategy, H, handoff, id=name))
+                name = f"{cell}-B16-T1024-H{H}-fp32-{strategy}" + ("" if handoff == "auto" else f"-{handoff}")
+                cases.append(pytest.param(cell, strategy, H, handoff, id=name))
                 break
     return cases
+
+
+def _handoff_cases():
+    # split grids in bf16 (tensor cores) with each hand-off forced, at the largest H (of these) both passes
+    # plan for, T=64: the forward's tagged words, the backward's partial sums or exchanged gate gradients
+    cases = []
+    for cell in ("rnn", "lstm", "gru"):
+        for strategy in ("split", "split-stream"):
+            for handoff in ("barrier", "tagged"):
+                for H in (768, 512, 256, 128):
+                    try:
+                        with forced_handoff(handoff):
+                            for backward in (False, True):
+                                make_config(cell, 16, H, torch.bfloat16, CUDA, strategy, backward, H100)
+                    except ValueError:
+                        continue
+                    cases.append(pytest.param(cell, strategy, H, handoff, id=f"{cell}-B16-T64-H{H}-bf16-{strategy}-"
+                                              f"{handoff}"))  # fmt: skip
+                    break
+    return cases
+
+
+@pytest.mark.parametrize("cell, strategy, H, handoff", _handoff_cases())
+def test_split_grids_each_hand_off_match_reference(monkeypatch, cell, strategy, H, handoff):
+    """Outputs, final states and every gradient against the fp32 reference, bf16, each hand-off forced."""
+    monkeypatch.setenv("RNNDEPLOY_HANDOFF", handoff)
+    plan = plan_layer(cell, 16, H, torch.bfloat16, CUDA, strategy)
+    assert plan.forward.TAGGED == (handoff == "tagged") or plan.forward.NSPLIT == 1, plan
+    assert_matches_reference(cell, "tanh", 16, 64, H, torch.bfloat16, True, True, True, strategy=strategy,
+                             device="cuda")  # fmt: skip
 
 
 @pytest.mark.parametrize("cell, strategy, H, handoff", _strategy_cases())
