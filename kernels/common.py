@@ -873,6 +873,10 @@ def make_config(
             if why is None and ieee and cfg.STREAM_W and backward and cfg.NKS == 8 and cfg.BB * cfg.BH >= 512:
                 # NOTE: eight FMA slice sums over a [32, 16] tile spilled per step (RNN B=64 H=1000), four did not
                 why = "IEEE fp32: eight slice sums over a 512-element tile"
+            if why is None and ieee and cfg.PARTIAL and cfg.BK1 + cfg.BK2 > 128:
+                # NOTE: the partial product [BB, G*BH] x [G*BH, K] as an FMA outer product: K=256 spilled ~1700
+                # instructions per step on sm_90 (LSTM, GRU; 32 registers, 3.5 KB of stack), K=128 did not
+                why = "IEEE fp32 partial product over K > 128 in registers"
             if why is None and ieee and cfg.TAGGED and cfg.NSPLIT > 1:
                 # NOTE: the FMA outer product in registers and the poll's words beside it: tagged IEEE fp32 picks
                 # spilled per step on sm_90, up to kilobytes (LSTM H=64..1024 forward and backward, RNN backward)
