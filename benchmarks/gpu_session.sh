@@ -80,25 +80,23 @@ done
 
 # 3-4. GPU tests -------------------------------------------------------------------------------------------
 : >"$OUT/tests.txt"
-s=$(date +%s)
-echo "== every strategy's GPU test (grid barrier and one-program strategies)" | tee -a "$OUT/tests.txt"
-timeout 100 python -m pytest -q -rs -p no:cacheprovider tests/kernels/test_kernels_gpu.py \
-    -k "(strategy or hand_off) and not tagged" 2>&1 | tee -a "$OUT/tests.txt"
-rc=${PIPESTATUS[0]}
-note strategies "$rc" $(($(date +%s) - s)) "$(tail -n 1 "$OUT/tests.txt")"
-s=$(date +%s)
-echo "== every strategy's GPU test (tagged hand-off)" | tee -a "$OUT/tests.txt"
-timeout 70 python -m pytest -q -rs -p no:cacheprovider tests/kernels/test_kernels_gpu.py \
-    -k "(strategy or hand_off) and tagged" 2>&1 | tee -a "$OUT/tests.txt"
-rc=${PIPESTATUS[0]}
-note tagged "$rc" $(($(date +%s) - s)) "$(tail -n 1 "$OUT/tests.txt")"
-s=$(date +%s)
-echo "== the rest of the GPU tests" | tee -a "$OUT/tests.txt"
+# gpu_tests NAME TIMEOUT TITLE PYTEST-ARGS...: one stage of GPU tests, appended to tests.txt, noted as NAME
+gpu_tests() {
+    local name=$1 limit=$2 title=$3
+    shift 3
+    s=$(date +%s)
+    echo "== $title" | tee -a "$OUT/tests.txt"
+    timeout "$limit" python -m pytest -q -rs -p no:cacheprovider "$@" 2>&1 | tee -a "$OUT/tests.txt"
+    rc=${PIPESTATUS[0]}
+    note "$name" "$rc" $(($(date +%s) - s)) "$(tail -n 1 "$OUT/tests.txt")"
+}
+gpu_tests strategies 100 "every strategy's GPU test (grid barrier and one-program strategies)" \
+    tests/kernels/test_kernels_gpu.py -k "(strategy or hand_off) and not tagged"
+gpu_tests tagged 70 "every strategy's GPU test (tagged hand-off)" \
+    tests/kernels/test_kernels_gpu.py -k "(strategy or hand_off) and tagged"
 # the image lacks the server's packages: modules that cannot be imported are collection errors, the rest runs
-timeout 60 python -m pytest -q -rs -p no:cacheprovider -m gpu --continue-on-collection-errors tests \
-    -k "not strategy and not hand_off and not headline" 2>&1 | tee -a "$OUT/tests.txt"
-rc=${PIPESTATUS[0]}
-note gpu-tests "$rc" $(($(date +%s) - s)) "$(tail -n 1 "$OUT/tests.txt")"
+gpu_tests gpu-tests 60 "the rest of the GPU tests" -m gpu --continue-on-collection-errors tests \
+    -k "not strategy and not hand_off and not headline"
 
 # 5. benchmark grid while time lasts -----------------------------------------------------------------------
 s=$(date +%s)

@@ -686,12 +686,17 @@ def estimate(
     reads = 1 if cfg.backward else max(1, (cfg.num_warps // 4) // max(1, rows // 64))
     smem_clk = (w_bytes * reads + op_bytes) / gpu.smem_bytes_per_clk
     exchanged = (2 * op_bytes if cfg.TAGGED else op_bytes) if cfg.SCRATCH else 0
-    l2_bytes = exchanged + (w_bytes if cfg.STREAM_W else 0)
+    return _chain(cfg, gpu, mma_clk, smem_clk, exchanged + (w_bytes if cfg.STREAM_W else 0))
+
+
+def _chain(cfg: KernelConfig, gpu: GPUSpec, mma_clk: float, smem_clk: float, l2_bytes: int) -> dict:
+    """The step as :func:`estimate` adds it up: the product (the slower of its MMA work and its operands'
+    shared-memory traffic: the tensor cores read them there), what goes through L2 (bytes and one latency;
+    tagged, half a latency more), the grid barrier where there is one."""
     l2_clk = l2_bytes / gpu.l2_bytes_per_clk + (gpu.l2_latency_clk if l2_bytes else 0)
     if cfg.TAGGED and cfg.NSPLIT > 1:
         l2_clk += gpu.l2_latency_clk / 2
     barrier_clk = gpu.barrier_clk if cfg.NSPLIT > 1 and not cfg.TAGGED else 0
-    # the tensor cores read their operands from shared memory: the slower of the two paces the product
     total = max(mma_clk, smem_clk) + l2_clk + barrier_clk
     return {
         "mma_clk": mma_clk,
@@ -714,19 +719,7 @@ def _estimate_partial(cfg: KernelConfig, H: int, dtype: torch.dtype, precision: 
     mma_clk = 2 * rows * cfg.BB * K / gpu.mma_flop_per_clk[dtype_key(dtype, precision)]
     smem_clk = (rows * K + cfg.BB * rows) * es / gpu.smem_bytes_per_clk
     l2_bytes = (cfg.BB * K + cfg.NSPLIT * cfg.BB * cfg.BH) * 4  # tagged: the tag rides in the lowest bit
-    l2_clk = l2_bytes / gpu.l2_bytes_per_clk + gpu.l2_latency_clk
-    if cfg.TAGGED and cfg.NSPLIT > 1:
-        l2_clk += gpu.l2_latency_clk / 2
-    barrier_clk = gpu.barrier_clk if cfg.NSPLIT > 1 and not cfg.TAGGED else 0
-    total = max(mma_clk, smem_clk) + l2_clk + barrier_clk
-    return {
-        "mma_clk": mma_clk,
-        "smem_clk": smem_clk,
-        "l2_clk": l2_clk,
-        "barrier_clk": barrier_clk,
-        "l2_bytes": l2_bytes,
-        "step_us": total / (gpu.clock_ghz * 1e3),
-    }
+    return _chain(cfg, gpu, mma_clk, smem_clk, l2_bytes)
 
 
 def _candidates(cell: str, B: int, H: int, strategy: str, backward: bool, cpu: bool):
