@@ -116,7 +116,7 @@ def _put(ptrs, v, mask, tag, TAGGED: tl.constexpr, DT: tl.constexpr):
         if DT == tl.float32:
             word = v.to(tl.uint32, bitcast=True).to(tl.int64) | (tl.cast(tag & 0xFFFF, tl.int64) << 32)
         else:
-            word = v.to(DT).to(tl.uint16, bitcast=True).to(tl.int32) | ((tag & 0xFFFF) << 16)
+            word = v.to(DT).to(tl.uint16, bitcast=True).to(tl.int32) | (tl.cast(tag & 0xFFFF, tl.int32) << 16)
         # NOTE: a relaxed atomic, not a plain store: the readers' polls race with it, and the PTX memory model
         # defines a race only between strong operations (a weak store may be split, merged or delayed)
         tl.atomic_xchg(ptrs, word, mask=mask, sem="relaxed", scope="gpu")
