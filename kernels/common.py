@@ -185,6 +185,20 @@ def _join_gates(a0, a1, a2, a3, G: tl.constexpr):
 
 
 @triton.jit
+def _put_partial(p_s, o_b, m_b, b_g, w, k0, BK: tl.constexpr, H, SP, s, TAGGED: tl.constexpr,
+                 PRECISION: tl.constexpr):  # fmt: skip
+    """Publishes columns ``[k0, k0 + BK)`` of this program's partial ``b_g @ w`` (fp32) at ``p_s``."""
+    o_k = k0 + tl.arange(0, BK)
+    ptrs = p_s + o_b[:, None].to(tl.int64) * SP + o_k[None, :]
+    part = _dot(b_g, w, PRECISION)
+    m = m_b[:, None] & (o_k < H)[None, :]
+    if TAGGED:
+        _put_lsb(ptrs, part, m, s)
+    else:
+        tl.store(ptrs, part, mask=m)
+
+
+@triton.jit
 def _bwd_partial(dg, w1, w2, p_scr, p_bar, s, i_b, i_h, o_b, m_b, o_h, B, H, SP,
                  NSPLIT: tl.constexpr, NJ1: tl.constexpr, NJ2: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
                  TAGGED: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
@@ -193,24 +207,11 @@ def _bwd_partial(dg, w1, w2, p_scr, p_bar, s, i_b, i_h, o_b, m_b, o_h, B, H, SP,
     ``[GP*BH, BK1]`` and ``[GP*BH, BK2]``), publishes that partial ``dh`` over all ``H`` columns in fp32, and sums
     its own columns of everyone's partial. Exchanged: ``B*H`` values, where the gate gradients are ``B*G*H``."""
     p_s = p_scr + (s % 2) * NSPLIT * B * SP + i_h * B * SP
-    m_p = m_b[:, None]
     DT: tl.constexpr = w1.dtype
     b_g = dg.to(DT)
-    o_k1 = tl.arange(0, BK1)
-    ptr1 = p_s + o_b[:, None].to(tl.int64) * SP + o_k1[None, :]
-    part1 = _dot(b_g, w1, PRECISION)
-    if TAGGED:
-        _put_lsb(ptr1, part1, m_p & (o_k1 < H)[None, :], s)
-    else:
-        tl.store(ptr1, part1, mask=m_p & (o_k1 < H)[None, :])
+    _put_partial(p_s, o_b, m_b, b_g, w1, 0, BK1, H, SP, s, TAGGED, PRECISION)
     if BK2 > 0:
-        o_k2 = BK1 + tl.arange(0, BK2)
-        ptr2 = p_s + o_b[:, None].to(tl.int64) * SP + o_k2[None, :]
-        part2 = _dot(b_g, w2, PRECISION)
-        if TAGGED:
-            _put_lsb(ptr2, part2, m_p & (o_k2 < H)[None, :], s)
-        else:
-            tl.store(ptr2, part2, mask=m_p & (o_k2 < H)[None, :])
+        _put_partial(p_s, o_b, m_b, b_g, w2, BK1, BK2, H, SP, s, TAGGED, PRECISION)
     _exchange(p_s, p_bar, i_b, s, NSPLIT, TAGGED)
     # everyone's partial of the own columns, programs [0, NJ1) and [NJ1, NJ1 + NJ2): both pieces' first
     # reads in flight before either is waited for
