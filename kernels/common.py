@@ -10,7 +10,10 @@ the gate count padded to a power of two, GRU's fourth block is zero) against ``h
 one warpgroup of ``wgmma`` over distinct rows: no two warps issue the same MMA. Elementwise work runs on
 ``[BH, BB]`` tiles (units x batch).
 
-Backward, per step: ``dh_{t-1} [BB, BH] = dg [BB, G*H] @ W_hh[:, units] [G*H, BH]``, split over ``K`` into
+Backward, per step, one of two forms (the estimate picks): by partial sums (split grids, :func:`_bwd_partial`):
+``dg [BB, GP*BH]`` of the program's own units times the same ``W_hh`` rows the forward holds, a partial ``dh``
+over all ``H`` columns published in fp32 and the own columns of everyone's partials summed; or with the gate
+gradients exchanged: ``dh_{t-1} [BB, BH] = dg [BB, G*H] @ W_hh[:, units] [G*H, BH]``, split over ``K`` into
 ``NKS`` slices, one warp each (a batched ``tl.dot`` summed over the slices): the output is too small for
 every warp to own part of it, so the warps own parts of ``K`` instead.
 
@@ -19,19 +22,21 @@ backward) rounded up to 16 (``NKS*16``): H=768 walks 512 + 256, not a padded 102
 
 - ``resident``: ``NSPLIT == 1``, ``BH >= H``; the recurrent operand stays in registers.
 - ``split`` (GPU only): ``NSPLIT > 1`` co-resident programs; after each step a program writes its slice of
-  the recurrent operand (``h`` forward, gate gradients backward) in the compute dtype to a double-buffered
-  scratch and waits at a grid barrier (cooperative launch, so an impossible grid is a launch error, not a
+  the recurrent operand (``h`` forward; gate gradients or its partial ``dh`` backward) to a double-buffered
+  scratch and hands it over (below; cooperative launch, so an impossible grid is a launch error, not a
   hang); the next step reads the operand back through L2.
 - ``stream`` / ``split-stream``: ``W_hh`` is re-read from L2 every step, ``BKC`` rows of ``K`` at a time,
   with the matching chunk of the operand from the scratch (for slices too large for one SM).
 - ``resident-scratch``: ``resident`` through the scratch exchange, for the tests: the interpreter runs the
   exchange code of ``split`` (all but the barrier, which would deadlock there: programs run one after another).
-- ``resident-tagged``: the same through tagged words (below), for the tests.
+- ``resident-tagged``: the same through tagged words (below), for the tests; ``resident-partial`` and
+  ``resident-partial-tagged``: the backward by partial sums in one program, plain and tagged.
 
 The hand-off between steps of a split grid is one of two, whichever :func:`estimate` finds cheaper: a grid
 barrier after the stores, or tagged words (each value stored with the step that wrote it, its readers poll
 until every word they need carries the right tag: no barrier round, the data is its own flag; twice the
-bytes through L2). Both launch cooperatively: every program must be resident for either to finish.
+bytes through L2, except the partial sums, whose tag is their lowest bit). Both launch cooperatively: every
+program must be resident for either to finish.
 """
 
 from __future__ import annotations
@@ -213,8 +218,15 @@ def _bwd_partial(dg, w1, w2, p_scr, p_bar, s, i_b, i_h, o_b, m_b, o_h, B, H, SP,
     if BK2 > 0:
         _put_partial(p_s, o_b, m_b, b_g, w2, BK1, BK2, H, SP, s, TAGGED, PRECISION)
     _exchange(p_s, p_bar, i_b, s, NSPLIT, TAGGED)
-    # everyone's partial of the own columns, programs [0, NJ1) and [NJ1, NJ1 + NJ2): both pieces' first
-    # reads in flight before either is waited for
+    return _sum_partials(p_scr, s, o_b, m_b, o_h, B, H, SP, NSPLIT, NJ1, NJ2, TAGGED)
+
+
+@triton.jit
+def _sum_partials(p_scr, s, o_b, m_b, o_h, B, H, SP, NSPLIT: tl.constexpr, NJ1: tl.constexpr, NJ2: tl.constexpr,
+                  TAGGED: tl.constexpr):  # fmt: skip
+    """The sum of everyone's step-``s`` partial over the columns ``o_h`` and rows ``o_b``, ``[BB, BH]`` fp32:
+    programs ``[0, NJ1)`` and ``[NJ1, NJ1 + NJ2)`` in two pieces, both first reads in flight before either is
+    waited for."""
     p_buf = p_scr + (s % 2) * NSPLIT * B * SP + o_b[None, :, None].to(tl.int64) * SP + o_h[None, None, :]
     m_bh = m_b[None, :, None] & (o_h < H)[None, None, :]
     o_j1 = tl.arange(0, NJ1)

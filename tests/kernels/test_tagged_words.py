@@ -12,7 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
-from rnndeploy.kernels.common import _first, _poll, _poll_lsb, _put, _put_lsb, _tag_word
+from rnndeploy.kernels.common import (
+    _first,
+    _pieces,
+    _poll,
+    _poll_lsb,
+    _put,
+    _put_lsb,
+    _sum_partials,
+    _tag_word,
+)
 
 from .test_kernels import DEVICE
 
@@ -65,3 +74,39 @@ def test_parity_tagged_partials_lose_at_most_their_lowest_bit(step):
     assert ((bits_in ^ bits_out) & ~1).eq(0).all()  # nothing but the lowest bit differs
     assert (bits_out & 1).eq((step // 2) % 2).all()  # which is the step's parity tag
     assert out[N - 5 :].eq(0).all()
+
+
+@triton.jit
+def _sum_kernel(p_scr, p_out, s, B, H, SP, BB: tl.constexpr, BH: tl.constexpr, NSPLIT: tl.constexpr,
+                NJ1: tl.constexpr, NJ2: tl.constexpr, TAGGED: tl.constexpr):  # fmt: skip
+    i_b, i_h = tl.program_id(0), tl.program_id(1)
+    o_b = i_b * BB + tl.arange(0, BB)
+    o_h = i_h * BH + tl.arange(0, BH)
+    m_b = o_b < B
+    acc = _sum_partials(p_scr, s, o_b, m_b, o_h, B, H, SP, NSPLIT, NJ1, NJ2, TAGGED)
+    m = m_b[:, None] & (o_h < H)[None, :]
+    tl.store(p_out + o_b[:, None] * H + o_h[None, :], acc, mask=m)
+
+
+@pytest.mark.parametrize("tagged", [False, True], ids=["barrier", "tagged"])
+@pytest.mark.parametrize("B, H, BH, step", [(3, 100, 16, 6), (16, 768, 16, 65537), (5, 33, 16, 1)])
+def test_each_program_sums_its_columns_of_everyones_partials(tagged, B, H, BH, step):
+    """The partial backward's reduction over a whole split grid (48 programs at H=768: two pieces, 32 + 16),
+    from partials already published for this step; the other buffer holds garbage of the wrong tag."""
+    nsplit = -(-H // BH)
+    nj1, nj2 = _pieces(nsplit, 1)
+    SP = -(-H // 16) * 16
+    part = torch.randn(2, nsplit, B, SP, device=DEVICE) * 10
+    want = part[step % 2, :, :, :H].sum(0)
+    if tagged:  # step's parity in the lowest bit of this buffer, the other parity in the other one
+        words = part.view(torch.int32) & -2
+        words[step % 2] |= (step // 2) % 2
+        words[1 - step % 2] |= 1 - (step // 2) % 2
+        scr = words
+        want = words[step % 2, :, :, :H].view(torch.float32).sum(0)
+    else:
+        scr = part
+    out = torch.full((B, H), float("nan"), device=DEVICE)
+    _sum_kernel[(triton.cdiv(B, 16), nsplit)](scr, out, step, B, H, SP, BB=16, BH=BH, NSPLIT=nsplit, NJ1=nj1,
+                                              NJ2=nj2, TAGGED=tagged)  # fmt: skip
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-5)
