@@ -266,12 +266,17 @@ def _load_rows(p_w, o_row, m_row, o_k, H, SW):
 
 
 @triton.jit
+def _op_t_words(p, o_b, m_b, o_k, stride, H):
+    """Addresses and mask of the tagged words :func:`_load_op_t` waits for: columns ``o_k < H``, transposed."""
+    return p + o_b[None, :].to(tl.int64) * stride + o_k[:, None], (o_k < H)[:, None] & m_b[None, :]
+
+
+@triton.jit
 def _load_op_t(p, o_b, m_b, o_k, stride, K, H, tag, TAGGED: tl.constexpr, DT: tl.constexpr):
     """``[len(o_k), BB]``: columns ``o_k < K`` of a ``[B, stride]`` buffer, transposed, read through L2;
     ``TAGGED``: the columns ``o_k < H`` of step ``tag`` (the rest 0), waited for."""
-    ptrs = p + o_b[None, :].to(tl.int64) * stride + o_k[:, None]
+    ptrs, m = _op_t_words(p, o_b, m_b, o_k, stride, H)
     if TAGGED:
-        m = (o_k < H)[:, None] & m_b[None, :]
         v = _poll(_first(ptrs, m), ptrs, m, tag, DT)
     else:
         v = tl.load(ptrs, mask=(o_k < K)[:, None] & m_b[None, :], other=0.0, cache_modifier=".cg")
@@ -327,12 +332,8 @@ def _fwd_product(p_w, p_scr, s, b_h, w1, w2, o_row, m_row, o_b, m_b, B, H, SW, S
     elif SCRATCH and TAGGED and BK2 > 0:
         # the second piece's first read is in flight while the first piece's product runs: one L2 latency
         # per step, not one per piece (the poll's loads are volatile: issued where they are written)
-        o_k1 = tl.arange(0, BK1)
-        o_k2 = BK1 + tl.arange(0, BK2)
-        p1 = p_prev + o_b[None, :].to(tl.int64) * SP + o_k1[:, None]
-        p2 = p_prev + o_b[None, :].to(tl.int64) * SP + o_k2[:, None]
-        m1 = (o_k1 < H)[:, None] & m_b[None, :]
-        m2 = (o_k2 < H)[:, None] & m_b[None, :]
+        p1, m1 = _op_t_words(p_prev, o_b, m_b, tl.arange(0, BK1), SP, H)
+        p2, m2 = _op_t_words(p_prev, o_b, m_b, BK1 + tl.arange(0, BK2), SP, H)
         op1 = _poll(_first(p1, m1), p1, m1, s, DT)
         first2 = _first(p2, m2)
         acc = _dot(w1, op1, PRECISION)
@@ -361,12 +362,19 @@ def _load_w_slices(p_w, o_k, o_h, K, H, SW):
 
 
 @triton.jit
+def _g_slices_words(p, o_b, m_b, o_k, K, SP):
+    """Addresses and mask of the tagged words :func:`_load_g_slices` waits for: ``[NKS, BB, KS]``, ``o_k < K``."""
+    return p + o_b[None, :, None].to(tl.int64) * SP + o_k[:, None, :], m_b[None, :, None] & (o_k < K)[
+        :, None, :
+    ]
+
+
+@triton.jit
 def _load_g_slices(p, o_b, m_b, o_k, K, SP, tag, TAGGED: tl.constexpr, DT: tl.constexpr):
     """``[NKS, BB, KS]``: columns ``o_k < K`` of the gate-gradient scratch (rows of stride ``SP``), via L2;
     ``TAGGED``: those of step ``tag``, waited for."""
-    p = p + o_b[None, :, None].to(tl.int64) * SP + o_k[:, None, :]
+    p, m = _g_slices_words(p, o_b, m_b, o_k, K, SP)
     if TAGGED:
-        m = m_b[None, :, None] & (o_k < K)[:, None, :]
         v = _poll(_first(p, m), p, m, tag, DT)
     else:
         v = tl.load(p, mask=m_b[None, :, None] & (o_k < SP)[:, None, :], other=0.0, cache_modifier=".cg")
@@ -421,12 +429,8 @@ def _bwd_product(p_w, p_cur, w1, w2, o_b, m_b, o_h, K, H, SW, SP, tag,
             acc += _dot(b_g.to(b_w.dtype), b_w, PRECISION)
     elif TAGGED and BK2 > 0:
         # as the forward: the second piece's first read in flight while the first piece's product runs
-        o_k1 = _slices(0, NKS, BK1 // NKS)
-        o_k2 = _slices(BK1, NKS, BK2 // NKS)
-        p1 = p_cur + o_b[None, :, None].to(tl.int64) * SP + o_k1[:, None, :]
-        p2 = p_cur + o_b[None, :, None].to(tl.int64) * SP + o_k2[:, None, :]
-        m1 = m_b[None, :, None] & (o_k1 < K)[:, None, :]
-        m2 = m_b[None, :, None] & (o_k2 < K)[:, None, :]
+        p1, m1 = _g_slices_words(p_cur, o_b, m_b, _slices(0, NKS, BK1 // NKS), K, SP)
+        p2, m2 = _g_slices_words(p_cur, o_b, m_b, _slices(BK1, NKS, BK2 // NKS), K, SP)
         g1 = _poll(_first(p1, m1), p1, m1, tag, DT)
         first2 = _first(p2, m2)
         acc = _dot(g1, w1, PRECISION)
