@@ -83,9 +83,19 @@ def probe(S: int, M: int = 64, K: int = 1024, N: int = 16, warps: int = 4) -> di
 
 
 def main() -> None:
+    import platform
+    from pathlib import Path
+
+    import torch
+
+    from rnndeploy.provenance import git_commit
+
+    commit = git_commit(Path(__file__).resolve().parent)
     print(
-        f"triton {triton.__version__}, sm_90, held operand [64, 1024] bf16 (131072 B) x [1024, 16] per step"
+        f"sm_90, compiled ahead of time without a GPU on {platform.node()} ({platform.machine()}); triton "
+        f"{triton.__version__}, torch {torch.__version__}, python {platform.python_version()}, commit {commit}"
     )
+    print("held operand [64, 1024] bf16 (131072 B) x [1024, 16] per step")
     for S, warps in ((1, 4), (2, 8), (4, 8), (8, 8)):
         r = probe(S, warps=warps)
         print(
