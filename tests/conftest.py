@@ -10,13 +10,30 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def _interpreter_unavailable() -> str | None:
+    """Why the Triton kernels cannot run on CPU tensors here (no triton, or an interpreter too old), else None."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    from rnndeploy.kernels import triton_unavailable_reason
+
+    return triton_unavailable_reason(torch.device("cpu"))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    interpreter_reason = None
+    if any("interpreter" in item.keywords for item in items):
+        interpreter_reason = _interpreter_unavailable()
+    skip_interpreter = pytest.mark.skip(reason=f"runs kernels in Triton's interpreter: {interpreter_reason}")
     for item in items:
         if "gpu" in item.keywords:
-            item.add_marker(skip)
+            item.add_marker(skip_gpu)
+        elif interpreter_reason and "interpreter" in item.keywords:
+            item.add_marker(skip_interpreter)
 
 
 @pytest.fixture(autouse=True)

@@ -59,6 +59,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _ready(http_port: int, grpc_port: int) -> bool:
+    import tritonclient.grpc as grpcclient
+
+    try:
+        if httpx.get(f"http://127.0.0.1:{http_port}/v2/health/ready").status_code != 200:
+            return False
+        return grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}").is_server_ready()
+    except (httpx.TransportError, grpcclient.InferenceServerException):
+        return False
+
+
 @contextlib.contextmanager
 def serving(model: Path, name: str) -> Iterator[tuple[int, int]]:
     """``rnndeploy serve MODEL --name NAME`` on free HTTP and gRPC ports until the block has run."""
@@ -70,9 +81,8 @@ def serving(model: Path, name: str) -> Iterator[tuple[int, int]]:
         deadline = time.monotonic() + 120
         while True:
             assert server.poll() is None, f"serve exited {server.returncode}: {server.stderr.read()[-2000:]}"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"http://127.0.0.1:{http_port}/v2/health/ready").status_code == 200:
-                    break
+            if _ready(http_port, grpc_port):
+                break
             assert time.monotonic() < deadline, "rnndeploy serve was not ready within 120 s"
             time.sleep(0.2)
         yield http_port, grpc_port
