@@ -195,9 +195,10 @@ class _Launch:
         if self.abort is not None:
             raise _Aborted
         stalled = False
+        if kind in ("poll", "atomic"):
+            self.where[me] = _kernel_line()
         if kind == "poll":
             self.stats.polls += 1
-            self.where[me] = _kernel_line()
             stalled = self.last_poll[me].get(key) == seen
             self.last_poll[me][key] = seen
             self.idle[me] = self.idle[me] + 1 if stalled else 0
@@ -334,7 +335,9 @@ def _launch_concurrently(interp, executor, schedule, idle_polls, timeout_s, stat
         grid = executor.grid
         if callable(grid):
             args = inspect.getcallargs(executor.fn, *args_hst, **kwargs_hst)
-            grid = grid({n: a if n in executor.constexprs else interp._implicit_cvt(a) for n, a in args.items()})
+            grid = grid(
+                {n: a if n in executor.constexprs else interp._implicit_cvt(a) for n, a in args.items()}
+            )
         grid = tuple(grid) + (1,) * (3 - len(grid))
         interp.interpreter_builder.set_grid_dim(*grid)
         names = [(x, y, z) for x in range(grid[0]) for y in range(grid[1]) for z in range(grid[2])]
@@ -353,7 +356,7 @@ def _launch_concurrently(interp, executor, schedule, idle_polls, timeout_s, stat
         if any(t.is_alive() for t in threads):
             launch.fail(LaunchTimeout(launch.report(
                 f"launch of {executor.fn.__name__} ran past {timeout_s} s (schedule {schedule}); where each "
-                "program last polled:"
+                "program last was at an atomic or a volatile load:"
             )))  # fmt: skip
             for t in threads:
                 t.join(10.0)

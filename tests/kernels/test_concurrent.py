@@ -10,18 +10,23 @@ checks outputs, final states and every gradient against the fp32 reference and a
 from __future__ import annotations
 
 import contextlib
-import importlib
+import functools
+import importlib.util
+import inspect
+import shutil
+import sys
 from dataclasses import replace
 from types import ModuleType
 
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from rnndeploy import kernels as product_kernels
 
-from .concurrent import Deadlock, Schedule, Stats, concurrent_programs, unsupported_reason
-from .test_kernels import DTYPE_NAME, TOL, assert_near, make_layer, run_with_grads
+from .concurrent import Deadlock, LaunchTimeout, Schedule, Stats, concurrent_programs, unsupported_reason
+from .test_kernels import DTYPE_NAME, assert_near, make_layer, run_with_grads
 
 _REASON = unsupported_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
@@ -38,10 +43,15 @@ def split_plan(mod: ModuleType, cell: str, B: int, H: int, strategy: str, tagged
     common = mod.common
 
     def pick(backward: bool):
-        for cfg in common._candidates(cell, B, H, strategy, backward, cpu=True):
+        # NOTE: the RNN forward's candidates start at 64 units per program (one warpgroup's rows on sm_90), none
+        # below H=65; its forward fields are the gated cells' (K pieces over H, the same chunk and warps)
+        source = "gru" if cell == "rnn" and not backward and H <= 64 else cell
+        for cfg in common._candidates(source, B, H, strategy, backward, cpu=True):
             if cfg.tagged == tagged and cfg.PARTIAL == (backward and partial):
-                return replace(cfg, BH=BH, NSPLIT=triton.cdiv(H, BH))
-        raise AssertionError(f"no {strategy} candidate of {cell} B={B} H={H} tagged={tagged} partial={partial}")
+                return replace(cfg, cell=cell, BH=BH, NSPLIT=triton.cdiv(H, BH))
+        raise AssertionError(
+            f"no {strategy} candidate of {cell} B={B} H={H} tagged={tagged} partial={partial}"
+        )
 
     return common.LayerPlan(pick(False), pick(True))
 
@@ -66,17 +76,27 @@ def run_layer(mod, cell, nl, x, state, weights, plan, probes=None):
         return run_with_grads(fn, cell, x, state, weights, None, False, nl, probes)
 
 
-def check_split(mod, cell, nl, B, T, H, dtype, strategy, tagged, partial, schedule, BH=16,
-                plan=None) -> Stats:  # fmt: skip
+def check_split(mod, cell, nl, B, T, H, dtype, strategy, tagged, partial, schedule, BH=16, plan=None,
+                split_forward=True) -> Stats:  # fmt: skip
     """Runs the split plan concurrently under ``schedule`` and checks it against the reference and against
-    ``resident``; returns what the launches did."""
+    ``resident``; returns what the launches did. ``split_forward=False``: the forward runs ``resident`` (the
+    backward's hand-off alone is exercised)."""
     x, state, weights, _ = make_layer(cell, B, T, H, dtype)
     plan = plan or split_plan(mod, cell, B, H, strategy, tagged, partial, BH)
+    if not split_forward:
+        plan = replace(plan, forward=mod.common.plan_layer(cell, B, H, dtype, x.device, "resident").forward)
     with concurrent_programs(schedule) as stats:
         outs, grads, probes = run_layer(mod, cell, nl, x, state, weights, plan)
     # one program: the interpreter's own sequential launch
     res_outs, res_grads, _ = run_layer(
-        mod, cell, nl, x, state, weights, mod.common.plan_layer(cell, B, H, dtype, x.device, "resident"), probes
+        mod,
+        cell,
+        nl,
+        x,
+        state,
+        weights,
+        mod.common.plan_layer(cell, B, H, dtype, x.device, "resident"),
+        probes,
     )
     f32 = [None if t is None else t.detach().float().requires_grad_() for t in (x, *state, *weights)]
     n = len(state)
@@ -101,6 +121,217 @@ def _id(cell, nl, B, T, H, dtype, strategy, tagged, partial, schedule, BH=16):
 
 
 def test_lstm_split_forward_and_backward_run_concurrently():
-    stats = check_split(product_kernels, "lstm", "tanh", 3, 4, 40, torch.float32, "split", False, True, GREEDY)
+    stats = check_split(
+        product_kernels, "lstm", "tanh", 3, 4, 40, torch.float32, "split", False, True, GREEDY
+    )
     assert stats.programs == [3, 3], stats.programs  # forward and backward: three programs each
     assert stats.switches > 0
+
+
+CELLS = [("rnn", "tanh"), ("rnn", "relu"), ("lstm", "tanh"), ("gru", "tanh")]
+# (strategy, tagged, partial): the backward by partial sums exists for `split` only
+FORMS = [
+    ("split", False, True),
+    ("split", False, False),
+    ("split", True, True),
+    ("split", True, False),
+    ("split-stream", False, False),
+    ("split-stream", True, False),
+]
+# (B, T, H) at BH=16: 2 programs (H not a multiple of 16, one K piece), 3 (two K pieces: 32 + 16), 6 (64 + 32),
+# two batch blocks of 16 rows (a barrier counter each), a single step
+SHAPES = [(3, 5, 20), (3, 4, 40), (3, 3, 96), (20, 3, 40), (3, 1, 40)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _matrix():
+    return [
+        (cell, nl, *shape, dtype, *form)
+        for cell, nl in CELLS
+        for form in FORMS
+        for shape in SHAPES
+        for dtype in DTYPES
+    ]
+
+
+def _fast_subset():
+    """Every cell x hand-off x backward form once, the shapes, dtypes and schedules rotating across them."""
+    cases = []
+    for i, ((cell, nl), form) in enumerate((c, f) for c in CELLS for f in FORMS):
+        schedule = RANDOM if i % 3 == 0 else GREEDY
+        cases.append((cell, nl, *SHAPES[i % len(SHAPES)], DTYPES[i % 2], *form, schedule))
+    return cases
+
+
+def _params(cases, marks=()):
+    return [pytest.param(*c, id=_id(*c), marks=marks) for c in cases]
+
+
+_FAST = _fast_subset()
+_SLOW = [(*c, s) for c in _matrix() for s in (GREEDY, RANDOM, Schedule("random", seed=2))]
+_SLOW = [c for c in _SLOW if c not in _FAST]
+
+_ARGS = "cell, nl, B, T, H, dtype, strategy, tagged, partial, schedule"
+
+
+@pytest.mark.parametrize(_ARGS, _params(_FAST) + _params(_SLOW, pytest.mark.slow))
+def test_split_grid_matches_reference_and_resident(
+    cell, nl, B, T, H, dtype, strategy, tagged, partial, schedule
+):
+    stats = check_split(product_kernels, cell, nl, B, T, H, dtype, strategy, tagged, partial, schedule)
+    programs = triton.cdiv(B, 16) * triton.cdiv(H, 16)
+    assert stats.programs == [programs, programs]
+    assert stats.switches > 0
+
+
+# The hand-off bugs planted one at a time in a copy of the kernels: (file, text, replacement), each text present
+MUTANTS = {
+    # the barrier lets a program through one arrival before everyone has stored its slice
+    "barrier-one-short": [
+        (
+            "common.py",
+            "_grid_barrier(p_bar + i_b, (s + 1) * NSPLIT)",
+            "_grid_barrier(p_bar + i_b, (s + 1) * NSPLIT - 1)",
+        )
+    ],
+    # one exchange buffer where the hand-off needs two: a fast writer overwrites what a slow reader still needs
+    "single-buffer": [
+        *[(f, "(s % 2) *", "0 *") for f in ("common.py", "rnn.py", "lstm.py", "gru.py")],
+        ("common.py", "((s + 1) % 2) *", "0 *"),
+        ("common.py", "scr[1, :, :H]", "scr[0, :, :H]"),  # h_0 where step 0 now reads it
+    ],
+    # readers wait for the wrong tag: one step ahead in the tagged words, the other parity in the partial sums
+    "wrong-tag": [
+        ("common.py", "want = tag & 0xFFFF", "want = (tag + 1) & 0xFFFF"),
+        ("common.py", "want = (s // 2) % 2", "want = (s // 2 + 1) % 2"),
+    ],
+}
+# the cases each mutant must fail at LSTM B=3 T=4 H=40 (3 programs, two K pieces): the forms whose hand-off it
+# breaks, with the split forward and with the backward alone (a resident forward)
+_BARRIER_FORMS = [f for f in FORMS if not f[1]]
+_TAGGED_FORMS = [f for f in FORMS if f[1]]
+MUTANT_CASES = {
+    "barrier-one-short": [(*f, fwd) for f in _BARRIER_FORMS for fwd in (True, False)],
+    "single-buffer": [(*f, fwd) for f in FORMS for fwd in (True, False)],
+    "wrong-tag": [(*f, fwd) for f in _TAGGED_FORMS for fwd in (True, False)],
+}
+
+
+def kernels_copy(tmp_path, name: str, edits) -> ModuleType:
+    """The kernels package copied under ``tmp_path`` with ``edits`` applied, imported under its own name."""
+    src = product_kernels.__path__[0]
+    pkg = tmp_path / name
+    shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    for file, old, new in edits:
+        text = (pkg / file).read_text()
+        assert old in text, f"{file} no longer contains {old!r}: update the mutant"
+        (pkg / file).write_text(text.replace(old, new))
+    module_name = f"_rnndeploy_kernels_{name.replace('-', '_')}"
+    spec = importlib.util.spec_from_file_location(module_name, pkg / "__init__.py",
+                                                  submodule_search_locations=[str(pkg)])  # fmt: skip
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    module.common = importlib.import_module(f"{module_name}.common")
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", [GREEDY, RANDOM], ids=str)
+@pytest.mark.parametrize("mutant", [None, *MUTANTS], ids=lambda m: m or "unmodified")
+def test_planted_handoff_bugs_are_caught(tmp_path, monkeypatch, mutant, schedule):
+    """Each planted hand-off bug fails every case it affects (wrong values or a reported deadlock); the
+    unmodified copy passes them all."""
+    name = mutant or "unmodified"
+    mod = kernels_copy(tmp_path, name, MUTANTS.get(mutant, []))
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    cases = MUTANT_CASES[mutant] if mutant else [(*f, fwd) for f in FORMS for fwd in (True, False)]
+    for strategy, tagged, partial, split_forward in cases:
+        run = functools.partial(check_split, mod, "lstm", "tanh", 3, 4, 40, torch.float32, strategy, tagged,
+                                partial, schedule, split_forward=split_forward)  # fmt: skip
+        if mutant is None:
+            run()
+        else:
+            with pytest.raises(AssertionError) as caught:
+                run()
+            if isinstance(caught.value, Deadlock):
+                assert "in _poll" in str(caught.value), caught.value  # the report names the waiting line
+
+
+@triton.jit
+def _wait_for_each_other(p_flag, p_out, STEPS: tl.constexpr):
+    """Program ``i`` raises its flag ``STEPS`` times, each time waiting for the other program's flag to catch up
+    (a two-program barrier); ``STEPS == 0``: each waits for a flag nobody raises."""
+    i = tl.program_id(0)
+    if STEPS == 0:
+        while tl.atomic_add(p_flag + 1 - i, 0) < 1:
+            pass
+    for s in range(STEPS):
+        tl.atomic_add(p_flag + i, 1)
+        while tl.atomic_add(p_flag + 1 - i, 0) < s + 1:
+            pass
+        # the order the programs got here in: a ticket each
+        tl.store(p_out + i * STEPS + s, tl.atomic_add(p_flag + 2, 1))
+
+
+@triton.jit
+def _spin_forever(p_flag):
+    """Writes on every poll (no deadlock to detect) and never finishes."""
+    while tl.atomic_add(p_flag, 1) >= 0:
+        pass
+
+
+def _tickets(schedule: Schedule) -> tuple[list[int], Stats]:
+    flag = torch.zeros(3, dtype=torch.int32)
+    out = torch.full((2, 6), -1, dtype=torch.int32)
+    with concurrent_programs(schedule) as stats:
+        _wait_for_each_other[(2,)](flag, out, STEPS=6)
+    assert flag.tolist() == [6, 6, 12]  # results come back from the programs' threads
+    return out.flatten().tolist(), stats
+
+
+@pytest.mark.parametrize(
+    "schedule", [Schedule("round-robin"), GREEDY, RANDOM, Schedule("random", 7)], ids=str
+)
+def test_programs_hand_off_through_atomics_reproducibly(schedule):
+    tickets, stats = _tickets(schedule)
+    assert sorted(tickets) == list(range(12))  # every step of both programs, each ticket once
+    assert stats.programs == [2] and stats.switches > 0
+    assert _tickets(schedule)[0] == tickets  # the same schedule, the same interleaving
+
+
+def test_schedules_interleave_differently():
+    orders = {
+        str(s): _tickets(s)[0] for s in (Schedule("round-robin"), GREEDY, RANDOM, Schedule("random", 7))
+    }
+    assert len({tuple(o) for o in orders.values()}) > 1, orders
+
+
+def test_deadlock_is_reported_with_each_programs_kernel_line():
+    flag = torch.zeros(3, dtype=torch.int32)
+    out = torch.zeros(2, dtype=torch.int32)
+    with pytest.raises(Deadlock) as caught, concurrent_programs(GREEDY, idle_polls=20):
+        _wait_for_each_other[(2,)](flag, out, STEPS=0)
+    lines, first = inspect.getsourcelines(_wait_for_each_other.fn)
+    line = first + next(i for i, text in enumerate(lines) if "< 1:" in text)  # the loop of STEPS == 0
+    message = str(caught.value)
+    for program in ("(0, 0, 0)", "(1, 0, 0)"):
+        assert (
+            f"program {program}: tests/kernels/test_concurrent.py:{line} in _wait_for_each_other" in message
+        )
+
+
+def test_a_launch_past_its_wall_clock_limit_is_aborted():
+    flag = torch.zeros(1, dtype=torch.int32)
+    with (
+        pytest.raises(LaunchTimeout, match="_spin_forever ran past 0.5 s") as caught,
+        concurrent_programs(GREEDY, timeout_s=0.5),
+    ):
+        _spin_forever[(2,)](flag)
+    assert "in _spin_forever" in str(caught.value)
+
+
+def test_unsupported_triton_versions_are_skipped_with_the_reason(monkeypatch):
+    monkeypatch.setattr(triton, "__version__", "3.7.1")
+    reason = unsupported_reason()
+    assert reason is not None and "3.7.1" in reason and "3.8" in reason
