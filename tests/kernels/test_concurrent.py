@@ -191,7 +191,7 @@ def test_split_grid_matches_reference_and_resident(
     stats = check_split(product_kernels, cell, nl, B, T, H, dtype, strategy, tagged, partial, schedule)
     programs = triton.cdiv(B, 16) * triton.cdiv(H, 16)
     assert stats.programs == [programs, programs]
-    assert stats.switches > 0
+    assert stats.switches > 0 and stats.polls > 0  # the hand-offs polled: barrier counters or tagged words
 
 
 # The hand-off bugs planted one at a time in a copy of the kernels: (file, text, replacement), each text present
@@ -215,57 +215,74 @@ MUTANTS = {
         ("common.py", "want = tag & 0xFFFF", "want = (tag + 1) & 0xFFFF"),
         ("common.py", "want = (s // 2) % 2", "want = (s // 2 + 1) % 2"),
     ],
+    # both batch blocks count arrivals at one barrier counter: half the arrivals of a step let everyone through
+    "one-barrier-counter": [("common.py", "_grid_barrier(p_bar + i_b,", "_grid_barrier(p_bar,")],
 }
-# the cases each mutant must fail at LSTM B=3 T=4 H=40 (3 programs, two K pieces): the forms whose hand-off it
-# breaks, with the split forward and with the backward alone (a resident forward)
+# the cases each mutant must fail, at LSTM T=4 H=40 (3 programs per batch block, two K pieces): (B, strategy,
+# tagged, partial, split forward) for the forms whose hand-off it breaks, with the split forward and with the
+# backward alone (a resident forward); B=20: two batch blocks
 _BARRIER_FORMS = [f for f in FORMS if not f[1]]
 _TAGGED_FORMS = [f for f in FORMS if f[1]]
 MUTANT_CASES = {
-    "barrier-one-short": [(*f, fwd) for f in _BARRIER_FORMS for fwd in (True, False)],
-    "single-buffer": [(*f, fwd) for f in FORMS for fwd in (True, False)],
-    "wrong-tag": [(*f, fwd) for f in _TAGGED_FORMS for fwd in (True, False)],
+    "barrier-one-short": [(3, *f, fwd) for f in _BARRIER_FORMS for fwd in (True, False)],
+    "single-buffer": [(3, *f, fwd) for f in FORMS for fwd in (True, False)],
+    "wrong-tag": [(3, *f, fwd) for f in _TAGGED_FORMS for fwd in (True, False)],
+    "one-barrier-counter": [(20, *f, fwd) for f in _BARRIER_FORMS for fwd in (True, False)],
 }
+UNMODIFIED_CASES = [(B, *f, fwd) for B in (3, 20) for f in FORMS for fwd in (True, False)]
 
 
-def kernels_copy(tmp_path, name: str, edits) -> ModuleType:
-    """The kernels package copied under ``tmp_path`` with ``edits`` applied, imported under its own name."""
-    src = product_kernels.__path__[0]
-    pkg = tmp_path / name
-    shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    for file, old, new in edits:
-        text = (pkg / file).read_text()
-        assert old in text, f"{file} no longer contains {old!r}: update the mutant"
-        (pkg / file).write_text(text.replace(old, new))
-    module_name = f"_rnndeploy_kernels_{name.replace('-', '_')}"
-    spec = importlib.util.spec_from_file_location(module_name, pkg / "__init__.py",
-                                                  submodule_search_locations=[str(pkg)])  # fmt: skip
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    module.common = importlib.import_module(f"{module_name}.common")
-    return module
+@pytest.fixture
+def kernels_copy(tmp_path):
+    """Makes copies of the kernels package under ``tmp_path`` with edits applied, each imported under its own
+    name (removed from ``sys.modules`` after the test)."""
+    names = []
+
+    def make(name: str, edits) -> ModuleType:
+        src = product_kernels.__path__[0]
+        pkg = tmp_path / name
+        shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        for file, old, new in edits:
+            text = (pkg / file).read_text()
+            assert old in text, f"{file} no longer contains {old!r}: update the mutant"
+            (pkg / file).write_text(text.replace(old, new))
+        module_name = f"_rnndeploy_kernels_{name.replace('-', '_')}"
+        names.append(module_name)
+        spec = importlib.util.spec_from_file_location(module_name, pkg / "__init__.py",
+                                                      submodule_search_locations=[str(pkg)])  # fmt: skip
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+        module.common = importlib.import_module(f"{module_name}.common")
+        return module
+
+    yield make
+    for key in [k for k in sys.modules if k.split(".")[0] in names]:
+        del sys.modules[key]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", [GREEDY, RANDOM], ids=str)
 @pytest.mark.parametrize("mutant", [None, *MUTANTS], ids=lambda m: m or "unmodified")
-def test_planted_handoff_bugs_are_caught(tmp_path, monkeypatch, mutant, schedule):
+def test_planted_handoff_bugs_are_caught(kernels_copy, mutant, schedule):
     """Each planted hand-off bug fails every case it affects (wrong values or a reported deadlock); the
     unmodified copy passes them all."""
-    name = mutant or "unmodified"
-    mod = kernels_copy(tmp_path, name, MUTANTS.get(mutant, []))
-    monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    cases = MUTANT_CASES[mutant] if mutant else [(*f, fwd) for f in FORMS for fwd in (True, False)]
-    for strategy, tagged, partial, split_forward in cases:
-        run = functools.partial(check_split, mod, "lstm", "tanh", 3, 4, 40, torch.float32, strategy, tagged,
+    mod = kernels_copy(mutant or "unmodified", MUTANTS.get(mutant, []))
+    for B, strategy, tagged, partial, split_forward in MUTANT_CASES[mutant] if mutant else UNMODIFIED_CASES:
+        run = functools.partial(check_split, mod, "lstm", "tanh", B, 4, 40, torch.float32, strategy, tagged,
                                 partial, schedule, split_forward=split_forward)  # fmt: skip
+        case = f"B={B} {strategy} tagged={tagged} partial={partial} split forward={split_forward}"
         if mutant is None:
             run()
+            continue
+        try:
+            run()
+        except Deadlock as e:
+            assert "in _poll" in str(e), e  # the report names the line each program waits at
+        except AssertionError:
+            pass
         else:
-            with pytest.raises(AssertionError) as caught:
-                run()
-            if isinstance(caught.value, Deadlock):
-                assert "in _poll" in str(caught.value), caught.value  # the report names the waiting line
+            pytest.fail(f"{mutant} not caught by {case} under {schedule}")
 
 
 @triton.jit
@@ -320,7 +337,7 @@ def test_schedules_interleave_differently():
 def test_deadlock_is_reported_with_each_programs_kernel_line():
     flag = torch.zeros(3, dtype=torch.int32)
     out = torch.zeros(2, dtype=torch.int32)
-    with pytest.raises(Deadlock) as caught, concurrent_programs(GREEDY, idle_polls=20):
+    with pytest.raises(Deadlock) as caught, concurrent_programs(GREEDY, idle_polls=20, timeout_s=60):
         _wait_for_each_other[(2,)](flag, out, STEPS=0)
     lines, first = inspect.getsourcelines(_wait_for_each_other.fn)
     line = first + next(i for i, text in enumerate(lines) if "< 1:" in text)  # the loop of STEPS == 0
