@@ -487,18 +487,23 @@ def _json_step(line: str, inputs: dict) -> dict:
 )
 @click.option("--top-k", type=int, default=None, help="Sample among the k most likely characters.")
 @click.option("--seed", type=int, default=None, help="Random seed for reproducible samples.")
+@click.option(
+    "--continuation-only", is_flag=True, help="Print only the sampled text, not the prompt before it."
+)
 @_provider_options
-def generate_command(model, prompt, length, temperature, top_k, seed, provider, threads) -> None:
-    """Sample text from a character language model, printing characters as they are drawn."""
-    import sys
-
+def generate_command(
+    model, prompt, length, temperature, top_k, seed, continuation_only, provider, threads
+) -> None:
+    """Sample text from a character language model: print the prompt, then characters as they are drawn."""
     from rnndeploy.runtime import GenerateError, generate
 
     session = _open_session(model, (), (), provider, threads)
+    chars = generate(session, prompt, length, temperature=temperature, top_k=top_k, seed=seed)
     try:
-        for char in generate(session, prompt, length, temperature=temperature, top_k=top_k, seed=seed):
-            click.echo(char, nl=False)
-            sys.stdout.flush()
+        first = next(chars, "")  # checks the prompt and the settings before anything is printed
+        _write_now(first if continuation_only else prompt + first)
+        for char in chars:
+            _write_now(char)
     except GenerateError as error:
         raise click.ClickException(str(error)) from error
     click.echo()
