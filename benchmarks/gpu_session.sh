@@ -13,7 +13,7 @@
 #   3. every launch strategy's GPU test (barrier, then tagged)      4. the rest of the GPU tests
 #   5. the benchmark grid while time lasts (one JSON line per case as it finishes)
 # A summary table prints last. Files, flat in $OUT (8): env.txt headline.txt tests.txt bench.txt
-# kernels.jsonl kernels.json kernels.csv kernels.png (the last two need matplotlib and click).
+# kernels.jsonl kernels.json kernels.csv kernels.png (the last two need matplotlib).
 # Works with Python 3.12, torch 2.11, triton 3.6, no network, possibly no setuptools.
 set -uo pipefail
 
