@@ -1,6 +1,5 @@
-"""Kernel benchmark script.
+"""Static cost report of the kernels (GPU timings: `rnndeploy bench kernels`, rnndeploy.bench.kernels).
 
-    python benchmarks/bench_kernels.py [options]      # = `rnndeploy bench kernels` (GPU timings)
     python benchmarks/bench_kernels.py static         # static cost report: sm_90 compiles, no GPU needed
     python benchmarks/bench_kernels.py static --grid  # + every dispatcher pick of the issue's grid (slow)
 
@@ -79,9 +78,6 @@ def static(grid: bool) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["static"]:
-        static("--grid" in sys.argv[2:])
-    else:
-        from rnndeploy.cli import main
-
-        main(["bench", "kernels", *sys.argv[1:]], prog_name="bench_kernels.py")
+    if sys.argv[1:2] != ["static"]:
+        sys.exit(f"usage: python {sys.argv[0]} static [--grid]; GPU timings: rnndeploy bench kernels --help")
+    static("--grid" in sys.argv[2:])

@@ -1,7 +1,7 @@
 """Where the CPU goes at 64 concurrent sequences: client process vs server process, per protocol and client.
 
 `rnndeploy serve` (HTTP and gRPC on, one intra-op thread) runs the demo-size LM (a char LSTM 2x256, vocabulary
-103, exported from ``SequenceModel``); benchmarks/kserve_load.py drives it with each client in turn, in a
+103, exported from ``SequenceModel``); rnndeploy.bench.load drives it with each client in turn, in a
 process of its own: ``tritonclient`` (tritonclient.http, a thread per sequence), ``grpc-stream``
 (tritonclient.grpc, a thread and a stream per sequence), ``aiohttp`` and ``grpc-aio-stream`` (all sequences on
 one event loop). For each: steps per second, and the CPU seconds per step the client process and the server
@@ -26,10 +26,11 @@ import time
 from pathlib import Path
 
 import onnxruntime
-from bench_protocol_floor import free_port, write_result  # this folder: python benchmarks/...
-from bench_runtime import VOCAB  # the runtime benchmark's demo-size LM
+from bench_protocol_floor import write_result  # this folder: python benchmarks/...
 
-HERE = Path(__file__).resolve().parent
+from rnndeploy.bench.runtime import VOCAB  # the runtime benchmark's demo-size LM
+from rnndeploy.bench.serving import free_port, load_command
+
 CLIENTS = ("tritonclient", "grpc-stream", "aiohttp", "grpc-aio-stream")
 
 
@@ -85,9 +86,7 @@ def main() -> None:
             rows = []
             for client in CLIENTS:
                 port = ports["grpc" if client.startswith("grpc") else "http"]
-                load = [sys.executable, str(HERE / "kserve_load.py"), "--client", client, "--port", port]
-                load += ["--model", "lm", "--sequences", str(args.sequences), "--steps", str(args.steps)]
-                load += ["--vocab", str(len(VOCAB))]
+                load = load_command(client, port, args.sequences, args.steps, len(VOCAB))
                 client0, server0, began = children_cpu_s(), cpu_s(server.pid), time.perf_counter()
                 result = json.loads(subprocess.run(load, capture_output=True, text=True, check=True).stdout)
                 wall = time.perf_counter() - began

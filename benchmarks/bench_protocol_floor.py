@@ -36,13 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from rnndeploy.bench.serving import free_port
+
 LOGITS = 103
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve_http(port: int) -> None:

@@ -12,7 +12,7 @@ clients run here on one asyncio loop (aiohttp), so on a 2-core machine client an
 - protocols: per-step latency at 1 sequence and throughput at 16 and 64 sequences for HTTP
   (tritonclient.http), gRPC unary (tritonclient.grpc ``infer``) and gRPC streamed (a stream per sequence),
   one thread per sequence; and with the light asyncio clients, HTTP (aiohttp) and gRPC streamed (grpc.aio),
-  all sequences on one loop. Each load runs in a fresh client process (benchmarks/kserve_load.py); the
+  all sequences on one loop. Each load runs in a fresh client process (rnndeploy.bench.load); the
   clients take turns, ``--repeats`` times, and the run with the median steps/s is kept.
 
 Numbers only (no pass/fail): prints a table and writes JSON with machine, versions and commit.
@@ -27,12 +27,7 @@ import asyncio
 import json
 import os
 import platform
-import queue
-import re
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,50 +35,14 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import onnx
-from bench_protocol_floor import free_port  # this folder: python benchmarks/bench_server.py
-from kserve_load import HEADER_LENGTH, request_body
 
+from rnndeploy.bench.load import HEADER_LENGTH, request_body
+from rnndeploy.bench.serving import Server, free_port, protocol_load, quantiles
 from rnndeploy.provenance import git_commit
 from rnndeploy.runtime import testing
 
 VOCAB = [chr(ord("0") + i) for i in range(64)]
 MAX_ROWS, MAX_STEPS = 1, 4096  # the longest request the default limits allow (max_steps = rows x steps)
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-class Server:
-    """`rnndeploy serve` on a free port; ``urls`` are the ones it printed when ready."""
-
-    def __init__(self, model: Path, *options: str) -> None:
-        command = [sys.executable, "-m", "rnndeploy", "serve", str(model), "--name", "lm", "--port", "0"]
-        command += ["--provider", "cpu", "--log-level", "warning", *options]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in self.process.stdout], daemon=True).start()
-        self.urls: dict[str, str] = {}
-        deadline = time.monotonic() + 120
-        while True:
-            line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
-            match = re.search(r"(HTTP|gRPC)\b.*?((?:http://)?[\w.]+:\d+)", line)
-            if match:
-                self.urls.setdefault(match.group(1).lower(), match.group(2))
-            if line.startswith("Stop with"):
-                break
-        self.http = self.urls["http"]
-
-    def rss(self) -> float:
-        return rss_mb(self.process.pid)
-
-    def stop(self) -> int:
-        self.process.terminate()
-        return self.process.wait(60)
 
 
 def maximal_body() -> tuple[bytes, dict]:
@@ -101,11 +60,6 @@ def maximal_body() -> tuple[bytes, dict]:
     text = json.dumps(header).encode()
     tokens = np.random.default_rng(0).integers(0, len(VOCAB), (MAX_ROWS, MAX_STEPS))
     return text + tokens.astype(np.int64).tobytes(), {HEADER_LENGTH: str(len(text))}
-
-
-def quantiles(samples: list[float]) -> dict:
-    us = np.array(samples) * 1e6
-    return {"p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99)), "n": len(samples)}
 
 
 async def stepping(
@@ -202,21 +156,6 @@ async def one_step_latency(server: Server, steps: int, beside_maximal: int) -> d
         "maximal_request_s_median": float(np.median(big)) if big else None,
         "rss_peak_mb": peak,
         **quantiles(latencies),
-    }
-
-
-def protocol_load(server: Server, client: str, sequences: int, steps: int) -> dict:
-    """benchmarks/kserve_load.py in a fresh process: steps/s and per-step latency quantiles."""
-    script = Path(__file__).resolve().parent / "kserve_load.py"
-    address = server.urls["grpc"] if client.startswith("grpc") else server.http.removeprefix("http://")
-    command = [sys.executable, str(script), "--client", client, "--port", address.rsplit(":", 1)[1]]
-    command += ["--sequences", str(sequences), "--steps", str(steps), "--vocab", str(len(VOCAB))]
-    result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
-    return {
-        "client": client,
-        "sequences": sequences,
-        "steps_per_s": result["steps_per_s"],
-        **quantiles([x * 1e-6 for x in result["latencies_us"]]),
     }
 
 

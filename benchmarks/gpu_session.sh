@@ -13,7 +13,7 @@
 #   3. every launch strategy's GPU test (barrier, then tagged)      4. the rest of the GPU tests
 #   5. the benchmark grid while time lasts (one JSON line per case as it finishes)
 # A summary table prints last. Files, flat in $OUT (8): env.txt headline.txt tests.txt bench.txt
-# kernels.jsonl kernels.json kernels.csv kernels.png (the last two need matplotlib and click).
+# kernels.jsonl kernels.json kernels.csv kernels.png (the last two need matplotlib).
 # Works with Python 3.12, torch 2.11, triton 3.6, no network, possibly no setuptools.
 set -uo pipefail
 
@@ -68,7 +68,7 @@ for handoff in barrier tagged; do
     s=$(date +%s)
     echo "== headline, RNNDEPLOY_HANDOFF=$handoff" | tee -a "$OUT/headline.txt"
     RNNDEPLOY_HANDOFF=$handoff timeout $([ "$handoff" = barrier ] && echo 100 || echo 90) python -c "
-from rnndeploy.kernels.benchmark import headline
+from rnndeploy.bench.kernels import headline
 headline(echo=lambda line: print(line, flush=True))
 " 2>&1 | tee "$OUT/headline.$handoff.tmp"
     rc=${PIPESTATUS[0]}
@@ -103,39 +103,20 @@ s=$(date +%s)
 budget=$(($(left) - 25))
 if [ "$budget" -gt 20 ]; then
     timeout $((budget + 15)) python - "$OUT" "$budget" <<'EOF' 2>&1 | tee "$OUT/bench.txt"
-import dataclasses, json, sys
+import sys
 from pathlib import Path
 
-from rnndeploy.kernels.benchmark import Row, environment, run_benchmark, speedups
+from rnndeploy.bench.kernels import environment, run_logged, table, write_results
 
 out, budget = Path(sys.argv[1]), float(sys.argv[2])
 env = environment()
-rows, failures = [], []
-with open(out / "kernels.jsonl", "a") as lines:
-    lines.write(json.dumps({"environment": env}) + "\n")
-
-    def record(r):
-        (rows if isinstance(r, Row) else failures).append(r)
-        lines.write(json.dumps({"row" if isinstance(r, Row) else "failure": dataclasses.asdict(r)}) + "\n")
-        lines.flush()
-        print(r, flush=True)
-
-    try:  # the headline shape first, then the grid that decides the dispatch table
-        run_benchmark(["lstm", "gru", "rnn"], ["full", "forward"], ["triton", "cudnn"], ["bf16", "fp32"],
-                      [16, 1, 64, 256], [768, 256, 1024], [1024], rep_ms=50, time_budget_s=budget,
-                      progress=lambda s: print(" ", s, flush=True), on_result=record)
-    except KeyboardInterrupt:
-        pass
-options = {"session": "benchmarks/gpu_session.sh", "time_budget_s": budget}
-try:
-    from rnndeploy.cli import write_kernel_results  # click + matplotlib: JSON, CSV and PNG
-
-    write_kernel_results(rows, env, options, out, failures)
-except ImportError as e:
-    print(f"no CSV/PNG ({e}): kernels.json only", flush=True)
-    doc = {"environment": env, "options": options, "rows": [dataclasses.asdict(r) for r in rows],
-           "speedups": speedups(rows), "failures": [dataclasses.asdict(f) for f in failures]}
-    (out / "kernels.json").write_text(json.dumps(doc, indent=1))
+# the headline shape first, then the grid that decides the dispatch table
+rows, failures, _ = run_logged(out / "kernels.jsonl", env, ["lstm", "gru", "rnn"], ["full", "forward"],
+                               ["triton", "cudnn"], ["bf16", "fp32"], [16, 1, 64, 256], [768, 256, 1024], [1024],
+                               rep_ms=50, time_budget_s=budget, progress=lambda s: print(" ", s, flush=True))
+if rows:
+    print(table(rows), flush=True)
+    write_results(rows, env, {"session": "benchmarks/gpu_session.sh", "time_budget_s": budget}, out, failures)
 print(f"{len(rows)} rows, {len(failures)} failures", flush=True)
 EOF
     rc=${PIPESTATUS[0]}

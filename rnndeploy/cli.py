@@ -487,18 +487,23 @@ def _json_step(line: str, inputs: dict) -> dict:
 )
 @click.option("--top-k", type=int, default=None, help="Sample among the k most likely characters.")
 @click.option("--seed", type=int, default=None, help="Random seed for reproducible samples.")
+@click.option(
+    "--continuation-only", is_flag=True, help="Print only the sampled text, not the prompt before it."
+)
 @_provider_options
-def generate_command(model, prompt, length, temperature, top_k, seed, provider, threads) -> None:
-    """Sample text from a character language model, printing characters as they are drawn."""
-    import sys
-
+def generate_command(
+    model, prompt, length, temperature, top_k, seed, continuation_only, provider, threads
+) -> None:
+    """Sample text from a character language model: print the prompt, then characters as they are drawn."""
     from rnndeploy.runtime import GenerateError, generate
 
     session = _open_session(model, (), (), provider, threads)
+    chars = generate(session, prompt, length, temperature=temperature, top_k=top_k, seed=seed)
     try:
-        for char in generate(session, prompt, length, temperature=temperature, top_k=top_k, seed=seed):
-            click.echo(char, nl=False)
-            sys.stdout.flush()
+        first = next(chars, "")  # checks the prompt and the settings before anything is printed
+        _write_now(first if continuation_only else prompt + first)
+        for char in chars:
+            _write_now(char)
     except GenerateError as error:
         raise click.ClickException(str(error)) from error
     click.echo()
@@ -706,15 +711,9 @@ def bench_runtime(quick, out, server) -> None:
     """Runtime and server: per-step latency against a bare onnxruntime loop (three model sizes, fp32 and int8,
     1 and 2 threads), step_many against one run on the stacked batch, server throughput and latency (batched
     vs unbatched; HTTP vs gRPC unary and streamed)."""
-    import importlib.util
+    from rnndeploy.bench.runtime import main as run_benchmarks
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_runtime.py"
-    if not script.is_file():
-        raise click.ClickException(f"{script} not found: run the benchmarks from a source checkout")
-    spec = importlib.util.spec_from_file_location("bench_runtime", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(quick=quick, out=out, server=server)
+    run_benchmarks(quick=quick, out=out, server=server)
 
 
 def _csv_list(convert):
@@ -734,64 +733,6 @@ def _choices(allowed: tuple[str, ...]):
         return v
 
     return check
-
-
-def write_kernel_results(
-    rows: list, env: dict, options: dict, out_dir: Path, failures: list | None = None
-) -> list[Path]:
-    """Writes ``kernels.json`` (environment, options, rows, speedups, failures), ``kernels.csv``, ``kernels.png``."""
-    import csv
-    import dataclasses
-    import json
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from rnndeploy.checkpoint import atomic_write
-    from rnndeploy.kernels.benchmark import speedups
-
-    records = [dataclasses.asdict(r) for r in rows]
-    faster = speedups(rows)
-    doc = {"environment": env, "options": options, "rows": records, "speedups": faster,
-           "failures": [dataclasses.asdict(f) for f in failures or []]}  # fmt: skip
-    paths = [out_dir / "kernels.json", out_dir / "kernels.csv", out_dir / "kernels.png"]
-    atomic_write(paths[0], lambda p: Path(p).write_text(json.dumps(doc, indent=1)))
-
-    def write_csv(p: str) -> None:
-        with open(p, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*records[0], *env])
-            writer.writeheader()
-            writer.writerows({**r, **env} for r in records)
-
-    atomic_write(paths[1], write_csv)
-
-    cells = sorted({r.cell for r in rows})
-    modes = sorted({r.mode for r in rows})
-    size = (6 * len(modes), 3.5 * len(cells))
-    fig, axes = plt.subplots(len(cells), len(modes), figsize=size, squeeze=False)
-    for (i, cell), (j, mode) in ((a, b) for a in enumerate(cells) for b in enumerate(modes)):
-        ax = axes[i][j]
-        series: dict[tuple, list] = {}
-        for s in faster:
-            if s["cell"] == cell and s["mode"] == mode:
-                line = series.setdefault((s["dtype"], s["seq_len"], s["hidden"]), [])
-                line.append((s["batch"], s["speedup"]))
-        for (dtype, T, H), pts in sorted(series.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{dtype} T={T} H={H}")
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{cell} {mode}: cuDNN ms / Triton ms")
-        ax.set_xlabel("batch")
-        if series:
-            ax.legend(fontsize=6)
-    fig.suptitle(f"{env.get('device', '?')} (commit {env.get('commit', '?')[:10]})")
-    fig.tight_layout()
-    atomic_write(paths[2], lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
-    return paths
 
 
 @bench.command("kernels")
@@ -853,37 +794,17 @@ def bench_kernels(
             "`rnndeploy bench kernels` needs a CUDA GPU and torch.cuda.is_available() is False here. "
             "The kernels' correctness runs on CPU: `python -m pytest tests/kernels` (Triton's interpreter)."
         )
-    import dataclasses
-    import json
-    import signal
-
-    from rnndeploy.kernels.benchmark import Row, environment, run_benchmark
+    from rnndeploy.bench import kernels as bench
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = environment()
+    env = bench.environment()
     lines_path = out_dir / "kernels.jsonl"
-    rows, failures = [], []
-
-    def stop(signum, frame):  # `timeout` sends SIGTERM: end like Ctrl-C, keep what finished
-        raise KeyboardInterrupt
-
-    def record(result) -> None:
-        (rows if isinstance(result, Row) else failures).append(result)
-        kind = "row" if isinstance(result, Row) else "failure"
-        lines.write(json.dumps({kind: dataclasses.asdict(result), "commit": env["commit"]}) + "\n")
-        lines.flush()
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    with open(lines_path, "a") as lines:
-        lines.write(json.dumps({"environment": env}) + "\n")
-        try:
-            run_benchmark(cells, modes, providers, dtypes, batch, hidden, seq_len, reference_max_t, rep_ms,
-                          time_budget_s, progress=lambda s: click.echo(f"  {s}", err=True),
-                          on_result=record)  # fmt: skip
-        except KeyboardInterrupt:
-            click.echo(f"interrupted: the table holds the {len(rows)} case(s) that finished", err=True)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+    rows, failures, interrupted = bench.run_logged(
+        lines_path, env, cells, modes, providers, dtypes, batch, hidden, seq_len, reference_max_t, rep_ms,
+        time_budget_s, progress=lambda s: click.echo(f"  {s}", err=True),
+    )  # fmt: skip
+    if interrupted:
+        click.echo(f"interrupted: the table holds the {len(rows)} case(s) that finished", err=True)
     click.echo(f"wrote {lines_path} (one JSON line per case as it finished)")
     for f in failures:
         click.echo(f"FAILED {f.cell} {f.mode} {f.provider} {f.dtype} B={f.batch} H={f.hidden} T={f.seq_len}: "
@@ -893,19 +814,11 @@ def bench_kernels(
             f"nothing was measured: {len(failures)} case(s) failed, the others were filtered out "
             "(--reference-max-t) or not reached"
         )
-    header = f"{'cell':5} {'mode':8} {'provider':9} {'dtype':5} {'B':>4} {'H':>5} {'T':>5} " + (
-        f"{'ms':>9} {'p20':>9} {'p80':>9} {'peak MiB':>9}  strategy"
-    )
-    click.echo(header)
-    for r in rows:
-        click.echo(
-            f"{r.cell:5} {r.mode:8} {r.provider:9} {r.dtype:5} {r.batch:>4} {r.hidden:>5} {r.seq_len:>5} "
-            f"{r.ms:9.3f} {r.ms_p20:9.3f} {r.ms_p80:9.3f} {r.peak_mib:9.1f}  {r.strategy}"
-        )
+    click.echo(bench.table(rows))
     options = dict(cells=cells, modes=modes, providers=providers, dtypes=dtypes, batch=batch, hidden=hidden,
                    seq_len=seq_len, reference_max_t=reference_max_t, rep_ms=rep_ms,
                    time_budget_s=time_budget_s)  # fmt: skip
-    for path in write_kernel_results(rows, env, options, out_dir, failures):
+    for path in bench.write_results(rows, env, options, out_dir, failures):
         click.echo(f"wrote {path}")
 
 
@@ -975,15 +888,12 @@ def bench_memory(tasks, cells, lengths, backends, device, budget, hidden, batch,
     its interpreter).
     """
     import dataclasses
-    import importlib.util
 
     import torch
 
+    from rnndeploy.bench import memory
     from rnndeploy.train import TrainError, resolve_device
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
-    if not script.is_file():
-        raise click.ClickException(f"{script} not found: run the benchmarks from a source checkout")
     try:
         where = str(resolve_device(device))
     except TrainError as exc:
@@ -994,33 +904,18 @@ def bench_memory(tasks, cells, lengths, backends, device, budget, hidden, batch,
         )
     torch.set_num_threads(threads)
     if quick:
-        lengths, budget, grad_t = [20], budget or 2000, None
+        lengths, budget, grad_t = memory.QUICK_LENGTHS, budget or memory.QUICK_BUDGET, None
     if not lengths or min(lengths) < (12 if "adding" in tasks else 1):
         raise click.BadParameter(
             f"give lengths >= 12 for the adding problem (ten candidates for its first marker), >= 1 for copy; "
             f"got {lengths}",
             param_hint="--lengths",
         )
-    from rnndeploy.longlag import TrainSettings
-
-    defaults = {"adding": (100_000, 3e-3), "copy": (60_000, 1e-2)}
-    settings = {
-        name: TrainSettings(
-            hidden=hidden,
-            batch=batch,
-            lr=lr or defaults[name][1],
-            budget=budget or defaults[name][0],
-            seed=seed,
-            device=where,
-            gate_bias=None if default_init else gate_bias,
-        )
-        for name in tasks
-    }
-    spec = importlib.util.spec_from_file_location("bench_memory", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    settings = memory.task_settings(
+        tasks, hidden, batch, lr, budget, seed, where, None if default_init else gate_bias
+    )
     click.echo(
         "settings: " + "; ".join(f"{k}: {dataclasses.asdict(s)}" for k, s in settings.items()), err=True
     )
-    module.main(tasks, cells, lengths, backends, settings, grad_t, out, echo=click.echo,
+    memory.main(tasks, cells, lengths, backends, settings, grad_t, out, echo=click.echo,
                 progress=lambda s: click.echo(f"  {s}", err=True))  # fmt: skip

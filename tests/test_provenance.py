@@ -27,10 +27,10 @@ def test_commit_of_this_checkout_from_anywhere(monkeypatch, tmp_path):
 
 
 def test_bench_runtime_records_unknown_outside_a_checkout(monkeypatch, tmp_path):
-    """A copy of benchmarks/bench_runtime.py outside any git checkout records commit "unknown", not ""."""
+    """A copy of rnndeploy/bench/runtime.py outside any git checkout records commit "unknown", not ""."""
     monkeypatch.delenv("RNNDEPLOY_COMMIT", raising=False)
     copy = tmp_path / "bench_runtime.py"
-    shutil.copy(ROOT / "benchmarks" / "bench_runtime.py", copy)
+    shutil.copy(ROOT / "rnndeploy" / "bench" / "runtime.py", copy)
     spec = importlib.util.spec_from_file_location("bench_runtime_copy", copy)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rnndeploy import kernels
-from rnndeploy.kernels.benchmark import headline
+from rnndeploy.bench.kernels import headline
 from rnndeploy.kernels.common import H100, STRATEGIES, forced_handoff, make_config, plan_layer
 
 from .test_kernels import TOL, assert_matches_reference, make_layer

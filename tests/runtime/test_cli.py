@@ -107,9 +107,9 @@ def test_run_bad_line_names_the_step(lm_path):
 
 
 def test_generate_greedy_matches_whole_sequence_argmax(lm_path):
-    result = CliRunner().invoke(
-        main, ["generate", str(lm_path), "--prompt", "abc", "--length", "8", "--temperature", "0"]
-    )
+    """The prompt, then the continuation (only the continuation with --continuation-only)."""
+    args = ["generate", str(lm_path), "--prompt", "abc", "--length", "8", "--temperature", "0"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     session = ort.InferenceSession(str(lm_path), providers=["CPUExecutionProvider"])
     text = "abc"
@@ -118,14 +118,18 @@ def test_generate_greedy_matches_whole_sequence_argmax(lm_path):
         zeros = np.zeros((2, 1, 7), np.float32)
         scores = session.run(["output"], {"input": ids, "h0": zeros, "c0": zeros})[0][0, -1]
         text += VOCAB[int(np.argmax(scores))]
-    assert result.output == text[3:] + "\n"
+    assert result.output == text + "\n"
+    result = CliRunner().invoke(main, [*args, "--continuation-only"])
+    assert result.exit_code == 0 and result.output == text[3:] + "\n", result.output
+    result = CliRunner().invoke(main, [*args[:-4], "--length", "0"])
+    assert result.exit_code == 0 and result.output == "abc\n", result.output
 
 
 def test_generate_sampling_is_seeded(lm_path):
     args = ["generate", str(lm_path), "--prompt", "ab", "--length", "40", "--top-k", "3"]
     first = CliRunner().invoke(main, [*args, "--seed", "1"]).output
     assert first == CliRunner().invoke(main, [*args, "--seed", "1"]).output
-    assert len(first) == 41 and set(first[:-1]) <= set(VOCAB)
+    assert len(first) == 43 and first.startswith("ab") and set(first[:-1]) <= set(VOCAB)
     assert first != CliRunner().invoke(main, [*args, "--seed", "2"]).output
 
 
@@ -136,6 +140,7 @@ def test_generate_errors(lm_path, odd_path, tmp_path):
     assert (
         result.exit_code == 1 and "prompt characters ['z'] are not in the model's vocabulary" in result.output
     )
+    assert result.output.startswith("Error:"), "a refused prompt is not printed"
     args = ["generate", str(odd_path), "--prompt", "a"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and "no state pairs found" in result.output

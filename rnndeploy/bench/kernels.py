@@ -1,12 +1,16 @@
 """Timing the persistent kernels against torch.nn (cuDNN) and the plain reference, and the headline check (GPU only).
 
-Measurement only (torch and triton); ``rnndeploy bench kernels`` prints the table and writes the files.
+``run_benchmark`` measures, ``run_logged`` also keeps a JSON line per finished case, ``write_results`` writes
+the JSON, CSV and PNG; ``rnndeploy bench kernels`` and benchmarks/gpu_session.sh call them.
 """
 
 from __future__ import annotations
 
+import csv
 import itertools
+import json
 import platform
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterable
@@ -18,10 +22,10 @@ import triton
 from torch import Tensor
 from triton.testing import do_bench
 
+from rnndeploy.checkpoint import atomic_write
+from rnndeploy.kernels import reference_layer, triton_layer
+from rnndeploy.kernels.common import plan_layer
 from rnndeploy.provenance import git_commit
-
-from . import reference_layer, triton_layer
-from .common import plan_layer
 
 PROVIDERS = ("triton", "cudnn", "reference")
 MODES = ("forward", "full")  # full = forward + backward
@@ -150,7 +154,7 @@ def run_benchmark(
     """Times every combination with ``triton.testing.do_bench`` (median and 0.2/0.8 quantiles, ms).
 
     Each case runs in its own ``try``: one that raises becomes a :class:`Failure` and the grid goes on.
-    ``on_result`` sees every row and failure as soon as it exists (the CLI writes it as a JSON line then), so
+    ``on_result`` sees every row and failure as soon as it exists (``run_logged`` writes it as a JSON line then), so
     a later error or a timeout loses nothing that finished. The reference runs only where
     ``seq_len <= reference_max_t`` (its Python time loop is slow). Once ``time_budget_s`` has passed, the
     remaining cases are skipped (reported through ``progress``).
@@ -203,6 +207,104 @@ def speedups(rows: list[Row]) -> list[dict]:
             c = cudnn[key(r)]
             out.append({**asdict(r), "cudnn_ms": c.ms, "speedup": c.ms / r.ms, "cudnn_peak_mib": c.peak_mib})
     return out
+
+
+def run_logged(
+    lines_path: Path, env: dict, *grid, progress: Callable[[str], None] | None = None, **options
+) -> tuple[list[Row], list[Failure], bool]:
+    """:func:`run_benchmark` appending one JSON line per finished case to ``lines_path`` as it finishes.
+
+    ``grid`` and ``options`` are :func:`run_benchmark`'s. Ctrl-C and SIGTERM (what ``timeout`` sends) end the
+    run early and keep what finished. Returns the rows, the failures and whether the run was interrupted.
+    """
+    rows: list[Row] = []
+    failures: list[Failure] = []
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    def record(result: Row | Failure) -> None:
+        (rows if isinstance(result, Row) else failures).append(result)
+        kind = "row" if isinstance(result, Row) else "failure"
+        lines.write(json.dumps({kind: asdict(result), "commit": env["commit"]}) + "\n")
+        lines.flush()
+
+    interrupted = False
+    previous = signal.signal(signal.SIGTERM, stop)
+    with open(lines_path, "a") as lines:
+        lines.write(json.dumps({"environment": env}) + "\n")
+        try:
+            run_benchmark(*grid, progress=progress, on_result=record, **options)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return rows, failures, interrupted
+
+
+def table(rows: list[Row]) -> str:
+    """The rows as a fixed-width text table."""
+    lines = [
+        f"{'cell':5} {'mode':8} {'provider':9} {'dtype':5} {'B':>4} {'H':>5} {'T':>5} "
+        f"{'ms':>9} {'p20':>9} {'p80':>9} {'peak MiB':>9}  strategy"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.cell:5} {r.mode:8} {r.provider:9} {r.dtype:5} {r.batch:>4} {r.hidden:>5} {r.seq_len:>5} "
+            f"{r.ms:9.3f} {r.ms_p20:9.3f} {r.ms_p80:9.3f} {r.peak_mib:9.1f}  {r.strategy}"
+        )
+    return "\n".join(lines)
+
+
+def write_results(
+    rows: list[Row], env: dict, options: dict, out_dir: Path, failures: list[Failure] | None = None
+) -> list[Path]:
+    """Writes ``kernels.json`` (environment, options, rows, speedups, failures), ``kernels.csv``, ``kernels.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [asdict(r) for r in rows]
+    faster = speedups(rows)
+    doc = {"environment": env, "options": options, "rows": records, "speedups": faster,
+           "failures": [asdict(f) for f in failures or []]}  # fmt: skip
+    paths = [out_dir / "kernels.json", out_dir / "kernels.csv", out_dir / "kernels.png"]
+    atomic_write(paths[0], lambda p: Path(p).write_text(json.dumps(doc, indent=1)))
+
+    def write_csv(p: str) -> None:
+        with open(p, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[*records[0], *env])
+            writer.writeheader()
+            writer.writerows({**r, **env} for r in records)
+
+    atomic_write(paths[1], write_csv)
+
+    cells = sorted({r.cell for r in rows})
+    modes = sorted({r.mode for r in rows})
+    size = (6 * len(modes), 3.5 * len(cells))
+    fig, axes = plt.subplots(len(cells), len(modes), figsize=size, squeeze=False)
+    for (i, cell), (j, mode) in ((a, b) for a in enumerate(cells) for b in enumerate(modes)):
+        ax = axes[i][j]
+        series: dict[tuple, list] = {}
+        for s in faster:
+            if s["cell"] == cell and s["mode"] == mode:
+                line = series.setdefault((s["dtype"], s["seq_len"], s["hidden"]), [])
+                line.append((s["batch"], s["speedup"]))
+        for (dtype, T, H), pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{dtype} T={T} H={H}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{cell} {mode}: cuDNN ms / Triton ms")
+        ax.set_xlabel("batch")
+        if series:
+            ax.legend(fontsize=6)
+    fig.suptitle(f"{env.get('device', '?')} (commit {env.get('commit', '?')[:10]})")
+    fig.tight_layout()
+    atomic_write(paths[2], lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+    return paths
 
 
 def _outputs_and_grads(layer, x: Tensor, state: tuple[Tensor, ...], params, probes):

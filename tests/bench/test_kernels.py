@@ -9,8 +9,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from rnndeploy.cli import main, write_kernel_results
-from rnndeploy.kernels.benchmark import Row
+pytest.importorskip("triton", reason="rnndeploy.bench.kernels times Triton kernels")
+
+from rnndeploy.bench import kernels as benchmark  # noqa: E402
+from rnndeploy.bench.kernels import Row, write_results  # noqa: E402
+from rnndeploy.cli import main  # noqa: E402
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -36,7 +39,7 @@ def test_results_files(tmp_path):
         Row("lstm", "full", "reference", "bf16", 16, 768, 256, 90.0, 89.0, 91.0, 300.0, ""),
     ]
     env = {"device": "FakeGPU", "commit": "abc"}
-    paths = write_kernel_results(rows, env, {"batch": [16]}, tmp_path)
+    paths = write_results(rows, env, {"batch": [16]}, tmp_path)
     doc = json.loads(paths[0].read_text())
     assert doc["environment"]["device"] == "FakeGPU" and len(doc["rows"]) == 3
     (s,) = doc["speedups"]
@@ -50,7 +53,6 @@ def test_results_files(tmp_path):
 
 def test_a_failing_case_loses_no_other_number(monkeypatch):
     """One case raising is recorded as a Failure; the cases before and after it are still timed and reported."""
-    from rnndeploy.kernels import benchmark
 
     def fake_case(cell, provider, B, H, T, dtype, training):
         if B == 2:
@@ -71,8 +73,6 @@ def test_a_failing_case_loses_no_other_number(monkeypatch):
 
 
 def test_cli_writes_a_line_per_case_and_keeps_them_when_interrupted(monkeypatch, tmp_path):
-    from rnndeploy.kernels import benchmark
-
     def fake_run(*args, on_result, **kwargs):
         on_result(Row("lstm", "full", "triton", "bf16", 16, 768, 1024, 2.0, 1.9, 2.1, 100.0, "split"))
         on_result(benchmark.Failure("lstm", "full", "cudnn", "bf16", 16, 768, 1024, "RuntimeError: boom"))
@@ -93,10 +93,8 @@ def test_cli_writes_a_line_per_case_and_keeps_them_when_interrupted(monkeypatch,
 
 def test_headline_check_compares_every_tensor_on_cpu():
     """The GPU session's first stage, at an interpreter-sized shape: every output and gradient is checked."""
-    from rnndeploy.kernels.benchmark import headline
-
     lines = []
-    results = headline(
+    results = benchmark.headline(
         cells=("lstm", "gru"), B=3, T=5, H=8, dtype_name="bf16", echo=lines.append, device="cpu"
     )
     lstm = [r["tensor"] for r in results if r["check"] == "lstm"]
