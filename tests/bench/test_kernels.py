@@ -91,6 +91,7 @@ def test_cli_writes_a_line_per_case_and_keeps_them_when_interrupted(monkeypatch,
     assert len(doc["rows"]) == 1 and doc["failures"][0]["provider"] == "cudnn"
 
 
+@pytest.mark.interpreter
 def test_headline_check_compares_every_tensor_on_cpu():
     """The GPU session's first stage, at an interpreter-sized shape: every output and gradient is checked."""
     lines = []
