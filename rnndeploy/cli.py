@@ -713,7 +713,23 @@ def bench_runtime(quick, out, server) -> None:
     vs unbatched; HTTP vs gRPC unary and streamed)."""
     from rnndeploy.bench.runtime import main as run_benchmarks
 
+    if server:
+        missing = [m for m in ("aiohttp", "httpx", "tritonclient.http") if not _module_available(m)]
+        if missing:
+            raise click.ClickException(
+                f"the server part of `bench runtime` needs {', '.join(missing)}: "
+                "pip install 'rnndeploy[bench]', or run with --no-server"
+            )
     run_benchmarks(quick=quick, out=out, server=server)
+
+
+def _module_available(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a missing parent package (tritonclient for tritonclient.http)
+        return False
 
 
 def _csv_list(convert):
