@@ -1,4 +1,4 @@
-"""``torch.nn``-compatible recurrent layers with a choice of backend.
+"""``torch.nn``-compatible recurrent layers with a choice of backend, and their cells.
 
 :class:`RNN`, :class:`LSTM` and :class:`GRU` subclass their ``torch.nn`` namesakes: the constructor arguments,
 parameter names and shapes, ``state_dict`` keys, forward signature and outputs are torch's, so checkpoints move
@@ -8,6 +8,8 @@ both ways and ``isinstance(m, torch.nn.LSTM)`` holds. The one addition is ``back
 - ``"torch"``: torch's own fused path (cuDNN on GPU);
 - ``"triton"``: the persistent Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``);
 - ``"reference"``: the plain-torch time loop from ``rnndeploy.kernels.reference`` (slow; the test oracle).
+
+:class:`RNNCell`, :class:`LSTMCell` and :class:`GRUCell` are torch's cells under rnndeploy's name.
 """
 
 from __future__ import annotations
@@ -239,6 +241,23 @@ class GRU(_Recurrent, nn.GRU):
         self._setup(backend)
 
 
+class RNNCell(nn.RNNCell):
+    """``torch.nn.RNNCell``, one step of :class:`RNN`: torch's compute, parameters and ``state_dict``.
+
+    The cells are here so that a model stepping a cell by hand imports it from rnndeploy with its layers; a
+    single step gains nothing from a persistent kernel, so the cells have no ``backend``. Args, shapes and
+    errors are torch's: ``input [B, I]`` or ``[I]``, ``hx [B, H]`` or ``[H]``.
+    """
+
+
+class LSTMCell(nn.LSTMCell):
+    """``torch.nn.LSTMCell``, one step of :class:`LSTM` (see :class:`RNNCell`): ``hx = (h [B, H], c [B, H])``."""
+
+
+class GRUCell(nn.GRUCell):
+    """``torch.nn.GRUCell``, one step of :class:`GRU` (see :class:`RNNCell`)."""
+
+
 _OURS: dict[type, type] = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU}
 
 
@@ -246,7 +265,8 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Swaps every ``torch.nn.RNN/LSTM/GRU`` inside ``model`` for rnndeploy's, in place.
 
     The swap keeps the very same parameter tensors (optimizers holding them stay valid); only the class changes.
-    Layers that are already rnndeploy's get ``backend`` set. Returns ``model`` for chaining.
+    Layers that are already rnndeploy's get ``backend`` set. Cells (``torch.nn.LSTMCell``, ...) stay as they
+    are: rnndeploy's cells are torch's. Returns ``model`` for chaining.
     """
     _check_backend(backend)
     for name, module in model.named_modules():
