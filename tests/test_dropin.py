@@ -13,12 +13,14 @@ from torch import nn
 import rnndeploy
 from rnndeploy import kernels
 
+from .tolerances import TOL
+
 TORCH = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 OURS = {"rnn": rnndeploy.RNN, "lstm": rnndeploy.LSTM, "gru": rnndeploy.GRU}
 CELLS = [("rnn", "tanh"), ("rnn", "relu"), ("lstm", None), ("gru", None)]
 CELL_IDS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 IN, H = 3, 5
-ATOL, RTOL = 3e-5, 1e-4
+ATOL, RTOL = TOL[torch.float32]  # triton among the backends
 
 _no_triton = kernels.triton_unavailable_reason(torch.device("cpu"))
 BACKENDS = [

@@ -11,9 +11,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnndeploy
 
+from .tolerances import COMPOSITION_TOL
+
 TORCH = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 OURS = {"rnn": rnndeploy.RNN, "lstm": rnndeploy.LSTM, "gru": rnndeploy.GRU}
-ATOL, RTOL = 1e-5, 1e-5
+ATOL, RTOL = COMPOSITION_TOL
 
 CASES = [
     # cell, nonlinearity, layers, bidirectional, batch_first, bias
