@@ -286,6 +286,25 @@ def test_mismatched_shapes_are_refused_by_name():
         kernels.triton_layer("gru", x, (state[0][:2],), weights)
 
 
+@pytest.mark.parametrize("cell, nl", CELLS)
+def test_empty_batch_matches_reference(cell, nl):
+    """B=0: nothing to launch; the reference's empty outputs and zero weight gradients, as torch.nn gives."""
+    for lengths in (False, True):
+        assert_matches_reference(cell, nl, 0, 5, 5, torch.float32, lengths, lengths, True)
+
+
+@pytest.mark.parametrize(
+    "layer", [kernels.triton_layer, kernels.reference_layer], ids=["triton", "reference"]
+)
+@pytest.mark.parametrize("B", [2, 0])
+def test_empty_sequence_raises_torchs_error(layer, B):
+    x, state, weights, _ = make_layer("gru", B, 0, 5)
+    with pytest.raises(
+        RuntimeError, match=r"Expected sequence length to be larger than 0 in RNN, got x of shape"
+    ):
+        layer("gru", x, state, weights)
+
+
 @pytest.mark.parametrize("B", [1, 3, 16])
 def test_make_layer_gives_one_length_per_row(B):
     *_, lens = make_layer("lstm", B, 8, 5, lengths=True)
