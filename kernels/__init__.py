@@ -139,10 +139,16 @@ def triton_layer(
     One forward launch per call (plus the input projection, one matmul over all steps); the backward is one
     reverse-time launch plus matmuls. Inputs may be float32, bfloat16 or float16 (all one dtype); state and
     accumulation are float32, outputs come in the input dtype. Under ``torch.autocast`` everything is cast to
-    the autocast dtype first, as torch does for its own recurrent layers.
+    the autocast dtype first, as torch does for its own recurrent layers. Gradients are first-order only, as
+    cuDNN's: differentiating them again raises (``rnndeploy.kernels.autograd``). An empty batch runs
+    :func:`reference_layer` (nothing to launch).
 
     Args:
         strategy: force a launch strategy (``rnndeploy.kernels.common.STRATEGIES``); ``None`` picks one.
+
+    Raises:
+        RuntimeError: ``T == 0``, as torch.nn's recurrent layers do; double backward.
+        ValueError: inputs of mismatched dtypes or shapes, named.
     """
     reason = triton_unavailable_reason(x.device)
     if reason is not None:
