@@ -47,7 +47,11 @@ def reference_layer(
 
     Returns:
         ``y [T, B, H]`` and the final state tuple, each ``[B, H]``.
+
+    Raises:
+        RuntimeError: ``T == 0``, as torch.nn's recurrent layers do.
     """
+    _check_steps(x)
     if cell == "lstm":
         y, h, c = lstm_ref(x, *state, *weights, lengths=lengths, reverse=reverse)
         return y, (h, c)
@@ -86,6 +90,13 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     if version < (3, 8):
         return f"the Triton interpreter needs triton>=3.8 (runtime loop bounds), found {triton.__version__}"
     return None
+
+
+def _check_steps(x: Tensor) -> None:
+    if x.dim() == 3 and x.shape[0] == 0:
+        raise RuntimeError(
+            f"Expected sequence length to be larger than 0 in RNN, got x of shape {tuple(x.shape)} ([T, B, I])"
+        )
 
 
 def _check_inputs(cell: str, x: Tensor, state: tuple[Tensor, ...], weights: tuple, nonlinearity: str) -> None:
@@ -128,10 +139,16 @@ def triton_layer(
     One forward launch per call (plus the input projection, one matmul over all steps); the backward is one
     reverse-time launch plus matmuls. Inputs may be float32, bfloat16 or float16 (all one dtype); state and
     accumulation are float32, outputs come in the input dtype. Under ``torch.autocast`` everything is cast to
-    the autocast dtype first, as torch does for its own recurrent layers.
+    the autocast dtype first, as torch does for its own recurrent layers. Gradients are first-order only, as
+    cuDNN's: differentiating them again raises (``rnndeploy.kernels.autograd``). An empty batch runs
+    :func:`reference_layer` (nothing to launch).
 
     Args:
         strategy: force a launch strategy (``rnndeploy.kernels.common.STRATEGIES``); ``None`` picks one.
+
+    Raises:
+        RuntimeError: ``T == 0``, as torch.nn's recurrent layers do; double backward.
+        ValueError: inputs of mismatched dtypes or shapes, named.
     """
     reason = triton_unavailable_reason(x.device)
     if reason is not None:
@@ -145,6 +162,11 @@ def triton_layer(
         with torch.autocast(device_type, enabled=False):
             return triton_layer(cell, x, state, weights, lengths, reverse, nonlinearity, strategy)
     _check_inputs(cell, x, state, weights, nonlinearity)
+    _check_steps(x)
+    if x.shape[1] == 0:
+        # an empty batch has no recurrence to run (and no grid to launch): the plain-torch layer gives torch.nn's
+        # empty outputs and zero weight gradients
+        return reference_layer(cell, x, state, weights, lengths, reverse, nonlinearity)
 
     from .common import plan_layer
     from .gru import GRUFunction

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .autograd import first_order_only
 from .common import (
     KernelConfig,
     _bwd_partial,
@@ -289,20 +290,26 @@ class GRUFunction(torch.autograd.Function):
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, plan, store_ws):
         gx = F.linear(x, w_ih, b_ih)
         y, hT, ws = gru_fwd(gx, w_hh, b_hh, h0, lengths, reverse, store_ws, plan.forward)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, y, ws, lengths)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, y, ws, lengths)
         ctx.reverse, ctx.plan, ctx.has_bias = reverse, plan, b_ih is not None
         return y, hT
 
     @staticmethod
     def backward(ctx, dy, dhT):
-        x, h0, w_ih, w_hh, y, ws, lengths = ctx.saved_tensors
-        if ws is None:
-            raise RuntimeError("GRUFunction: forward ran with store_ws=False: nothing to backprop")
-        hp = previous_states(y, h0, lengths, ctx.reverse)
-        dg, dh0 = gru_bwd(
-            dy.contiguous(), dhT.contiguous(), ws, hp, w_hh, lengths, ctx.reverse, ctx.plan.backward
-        )
-        H = w_hh.shape[1]
-        dg_in = torch.cat([dg[..., : 2 * H], dg[..., 3 * H :]], dim=-1)  # r, z, n pre-activations
-        dx, dw_ih, dw_hh, db_ih, db_hh = projection_grads(ctx, dg_in, dg[..., : 3 * H], x, hp, w_ih, 2)
-        return dx, dh0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None
+        inputs = ctx.saved_tensors[:6]  # x, h0, w_ih, w_hh, b_ih, b_hh
+        grads = first_order_only("gru", lambda: _gru_grads(ctx, dy, dhT), inputs)
+        return *grads, None, None, None, None
+
+
+def _gru_grads(ctx, dy: Tensor, dhT: Tensor) -> tuple[Tensor | None, ...]:
+    x, h0, w_ih, w_hh, _, _, y, ws, lengths = ctx.saved_tensors
+    if ws is None:
+        raise RuntimeError("GRUFunction: forward ran with store_ws=False: nothing to backprop")
+    hp = previous_states(y, h0, lengths, ctx.reverse)
+    dg, dh0 = gru_bwd(
+        dy.contiguous(), dhT.contiguous(), ws, hp, w_hh, lengths, ctx.reverse, ctx.plan.backward
+    )
+    H = w_hh.shape[1]
+    dg_in = torch.cat([dg[..., : 2 * H], dg[..., 3 * H :]], dim=-1)  # r, z, n pre-activations
+    dx, dw_ih, dw_hh, db_ih, db_hh = projection_grads(ctx, dg_in, dg[..., : 3 * H], x, hp, w_ih, 2)
+    return dx, dh0, dw_ih, dw_hh, db_ih, db_hh

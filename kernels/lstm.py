@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .autograd import first_order_only
 from .common import (
     KernelConfig,
     _bwd_partial,
@@ -320,17 +321,23 @@ class LSTMFunction(torch.autograd.Function):
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, plan, store_ws):
         gx = F.linear(x, w_ih, b_ih)
         y, hT, cT, ws = lstm_fwd(gx, w_hh, b_hh, h0, c0, lengths, reverse, store_ws, plan.forward)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, y, ws, lengths)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, ws, lengths)
         ctx.reverse, ctx.plan, ctx.has_bias = reverse, plan, b_ih is not None
         return y, hT, cT
 
     @staticmethod
     def backward(ctx, dy, dhT, dcT):
-        x, h0, w_ih, w_hh, y, ws, lengths = ctx.saved_tensors
-        if ws is None:
-            raise RuntimeError("LSTMFunction: forward ran with store_ws=False: nothing to backprop")
-        dg, dh0, dc0 = lstm_bwd(dy.contiguous(), dhT.contiguous(), dcT.contiguous(), ws, w_hh, lengths,
-                                ctx.reverse, ctx.plan.backward)  # fmt: skip
-        hp = previous_states(y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[4] else None
-        dx, dw_ih, dw_hh, db_ih, db_hh = projection_grads(ctx, dg, dg, x, hp, w_ih, 3)
-        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None
+        inputs = ctx.saved_tensors[:7]  # x, h0, c0, w_ih, w_hh, b_ih, b_hh
+        grads = first_order_only("lstm", lambda: _lstm_grads(ctx, dy, dhT, dcT), inputs)
+        return *grads, None, None, None, None
+
+
+def _lstm_grads(ctx, dy: Tensor, dhT: Tensor, dcT: Tensor) -> tuple[Tensor | None, ...]:
+    x, h0, _, w_ih, w_hh, _, _, y, ws, lengths = ctx.saved_tensors
+    if ws is None:
+        raise RuntimeError("LSTMFunction: forward ran with store_ws=False: nothing to backprop")
+    dg, dh0, dc0 = lstm_bwd(dy.contiguous(), dhT.contiguous(), dcT.contiguous(), ws, w_hh, lengths, ctx.reverse,
+                            ctx.plan.backward)  # fmt: skip
+    hp = previous_states(y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[4] else None
+    dx, dw_ih, dw_hh, db_ih, db_hh = projection_grads(ctx, dg, dg, x, hp, w_ih, 3)
+    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh

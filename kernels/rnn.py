@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .autograd import first_order_only
 from .common import (
     KernelConfig,
     _bwd_partial,
@@ -246,15 +247,22 @@ class RNNFunction(torch.autograd.Function):
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, plan, relu):
         gx = F.linear(x, w_ih, b_ih)
         y, hT = rnn_fwd(gx, w_hh, b_hh, h0, lengths, reverse, relu, plan.forward)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, y, lengths)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, y, lengths)
         ctx.reverse, ctx.plan, ctx.has_bias, ctx.relu = reverse, plan, b_ih is not None, relu
         return y, hT
 
     @staticmethod
     def backward(ctx, dy, dhT):
-        x, h0, w_ih, w_hh, y, lengths = ctx.saved_tensors
-        dy, dhT = dy.contiguous(), dhT.contiguous()
-        dg, dh0 = rnn_bwd(dy, dhT, y, w_hh, lengths, ctx.reverse, ctx.relu, ctx.plan.backward)
-        hp = previous_states(y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[3] else None
-        dx, dw_ih, dw_hh, db_ih, db_hh = projection_grads(ctx, dg, dg, x, hp, w_ih, 2)
-        return dx, dh0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None
+        inputs = ctx.saved_tensors[:6]  # x, h0, w_ih, w_hh, b_ih, b_hh
+        grads = first_order_only("rnn", lambda: _rnn_grads(ctx, dy, dhT), inputs)
+        return *grads, None, None, None, None
+
+
+def _rnn_grads(ctx, dy: Tensor, dhT: Tensor) -> tuple[Tensor | None, ...]:
+    x, h0, w_ih, w_hh, _, _, y, lengths = ctx.saved_tensors
+    dg, dh0 = rnn_bwd(
+        dy.contiguous(), dhT.contiguous(), y, w_hh, lengths, ctx.reverse, ctx.relu, ctx.plan.backward
+    )
+    hp = previous_states(y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[3] else None
+    dx, dw_ih, dw_hh, db_ih, db_hh = projection_grads(ctx, dg, dg, x, hp, w_ih, 2)
+    return dx, dh0, dw_ih, dw_hh, db_ih, db_hh

@@ -1,4 +1,4 @@
-"""``torch.nn``-compatible recurrent layers with a choice of backend.
+"""``torch.nn``-compatible recurrent layers with a choice of backend, and their cells.
 
 :class:`RNN`, :class:`LSTM` and :class:`GRU` subclass their ``torch.nn`` namesakes: the constructor arguments,
 parameter names and shapes, ``state_dict`` keys, forward signature and outputs are torch's, so checkpoints move
@@ -8,6 +8,8 @@ both ways and ``isinstance(m, torch.nn.LSTM)`` holds. The one addition is ``back
 - ``"torch"``: torch's own fused path (cuDNN on GPU);
 - ``"triton"``: the persistent Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``);
 - ``"reference"``: the plain-torch time loop from ``rnndeploy.kernels.reference`` (slow; the test oracle).
+
+:class:`RNNCell`, :class:`LSTMCell` and :class:`GRUCell` are torch's cells under rnndeploy's name.
 """
 
 from __future__ import annotations
@@ -110,17 +112,17 @@ class _Recurrent:
             lengths = lengths.to(x.device)
         else:
             x, lengths = input, None
-            if x.dim() == 2:
-                unbatched = True
+            if x.dim() not in (2, 3):
+                raise ValueError(
+                    f"{type(self).__name__}: Expected input to be 2D or 3D, got {x.dim()}D instead "
+                    f"(shape {tuple(x.shape)})"
+                )
+            unbatched = x.dim() == 2
+            if unbatched:
                 x = x.unsqueeze(1)
-            elif x.dim() != 3:
-                raise ValueError(f"input must be 2-D (unbatched) or 3-D, got shape {tuple(x.shape)}")
             elif self.batch_first:
                 x = x.transpose(0, 1)
-        if x.shape[-1] != self.input_size:
-            raise ValueError(
-                f"input has {x.shape[-1]} features per step, expected input_size={self.input_size}"
-            )
+        self._check_input(x)
 
         n_dir = 2 if self.bidirectional else 1
         n_state = 2 if self.cell == "lstm" else 1
@@ -163,18 +165,49 @@ class _Recurrent:
         hidden = final if self.cell == "lstm" else final[0]
         return x, hidden
 
+    # NOTE: the checks below raise the exception types torch.nn's recurrent layers raise for the same mistake
+    # (ValueError for the input's rank and dtype, RuntimeError for sizes and states), with torch's wording
+    # where it says what was expected, so code written against torch.nn catches them alike.
+    def _check_input(self, x: Tensor) -> None:
+        """``x`` is the time-major ``[T, B, I]`` view of the input."""
+        weight = self.weight_ih_l0
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"RNN input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
+                f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})"
+            )
+        if x.shape[-1] != self.input_size:
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
+            )
+
     def _initial_state(self, hx, B, x, n_dir, n_state, unbatched):
         shape = (self.num_layers * n_dir, B, self.hidden_size)
         if hx is None:
             zeros = torch.zeros(shape, dtype=x.dtype, device=x.device)
             return (zeros,) * n_state
         given = hx if isinstance(hx, tuple) else (hx,)
+        names = ("h_0", "c_0")[:n_state]
         if len(given) != n_state:
-            raise ValueError(f"hx must hold {n_state} tensor(s) for {type(self).__name__}, got {len(given)}")
+            expected = "a tuple (h_0, c_0)" if n_state == 2 else "one tensor h_0"
+            raise RuntimeError(f"{type(self).__name__} expects hx as {expected}, got {len(given)} tensor(s)")
+        rank = 2 if unbatched else 3
+        if any(h.dim() != rank for h in given):
+            kind = "unbatched 2-D" if unbatched else "batched 3-D"
+            found = ", ".join(f"{h.dim()}-D" for h in given)
+            raise RuntimeError(f"For {kind} input, hx should also be {rank}-D but got ({found}) tensors")
         states = tuple(h.unsqueeze(1) if unbatched else h for h in given)
-        for name, h in zip(("h_0", "c_0"), states):
+        for k, (name, h) in enumerate(zip(names, states)):
             if tuple(h.shape) != shape:
-                raise ValueError(f"{name} must have shape {shape}, got {tuple(h.shape)}")
+                which = f"[{k}]" if n_state > 1 else ""
+                raise RuntimeError(
+                    f"Expected hidden{which} size {shape}, got {list(h.shape)}: {name} is "
+                    "[num_layers * num_directions, batch, hidden_size]"
+                )
+            if h.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+                raise RuntimeError(
+                    f"{name} is {h.dtype} but the input is {x.dtype}: expected one dtype for both"
+                )
         return states
 
 
@@ -208,6 +241,23 @@ class GRU(_Recurrent, nn.GRU):
         self._setup(backend)
 
 
+class RNNCell(nn.RNNCell):
+    """``torch.nn.RNNCell``, one step of :class:`RNN`: torch's compute, parameters and ``state_dict``.
+
+    The cells are here so that a model stepping a cell by hand imports it from rnndeploy with its layers; a
+    single step gains nothing from a persistent kernel, so the cells have no ``backend``. Args, shapes and
+    errors are torch's: ``input [B, I]`` or ``[I]``, ``hx [B, H]`` or ``[H]``.
+    """
+
+
+class LSTMCell(nn.LSTMCell):
+    """``torch.nn.LSTMCell``, one step of :class:`LSTM` (see :class:`RNNCell`): ``hx = (h [B, H], c [B, H])``."""
+
+
+class GRUCell(nn.GRUCell):
+    """``torch.nn.GRUCell``, one step of :class:`GRU` (see :class:`RNNCell`)."""
+
+
 _OURS: dict[type, type] = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU}
 
 
@@ -215,7 +265,8 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Swaps every ``torch.nn.RNN/LSTM/GRU`` inside ``model`` for rnndeploy's, in place.
 
     The swap keeps the very same parameter tensors (optimizers holding them stay valid); only the class changes.
-    Layers that are already rnndeploy's get ``backend`` set. Returns ``model`` for chaining.
+    Layers that are already rnndeploy's get ``backend`` set. Cells (``torch.nn.LSTMCell``, ...) stay as they
+    are: rnndeploy's cells are torch's. Returns ``model`` for chaining.
     """
     _check_backend(backend)
     for name, module in model.named_modules():

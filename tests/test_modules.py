@@ -11,9 +11,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnndeploy
 
+from .tolerances import COMPOSITION_TOL
+
 TORCH = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 OURS = {"rnn": rnndeploy.RNN, "lstm": rnndeploy.LSTM, "gru": rnndeploy.GRU}
-ATOL, RTOL = 1e-5, 1e-5
+ATOL, RTOL = COMPOSITION_TOL
 
 CASES = [
     # cell, nonlinearity, layers, bidirectional, batch_first, bias
@@ -182,9 +184,9 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="proj_size=2 is not supported"):
         rnndeploy.LSTM(3, 4, proj_size=2)
     m = rnndeploy.LSTM(3, 4, backend="reference")
-    with pytest.raises(ValueError, match="expected input_size=3"):
+    with pytest.raises(RuntimeError, match="must be equal to input_size. Expected 3, got 7"):
         m(torch.randn(5, 2, 7))
-    with pytest.raises(ValueError, match=r"h_0 must have shape \(1, 2, 4\)"):
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(1, 2, 4\), got \[1, 3, 4\]: h_0 is"):
         m(torch.randn(5, 2, 3), (torch.zeros(1, 3, 4), torch.zeros(1, 3, 4)))
 
 

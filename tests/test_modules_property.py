@@ -9,6 +9,10 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnndeploy
 
+from .tolerances import COMPOSITION_TOL
+
+ATOL, RTOL = COMPOSITION_TOL
+
 CLASSES = {"rnn": (nn.RNN, rnndeploy.RNN), "lstm": (nn.LSTM, rnndeploy.LSTM), "gru": (nn.GRU, rnndeploy.GRU)}
 
 
@@ -48,9 +52,9 @@ def test_reference_composition_matches_torch_on_packed_input(case):
     y_theirs, h_theirs = theirs(packed)
     y_ours, h_ours = ours(packed)
     pad = lambda y: pad_packed_sequence(y, batch_first=case["batch_first"])[0]  # noqa: E731
-    torch.testing.assert_close(pad(y_ours), pad(y_theirs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pad(y_ours), pad(y_theirs), atol=ATOL, rtol=RTOL)
     for a, b in zip(
         h_ours if isinstance(h_ours, tuple) else (h_ours,),
         h_theirs if isinstance(h_theirs, tuple) else (h_theirs,),
     ):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
