@@ -19,6 +19,9 @@ from rnndeploy.kernels.common import make_config
 
 from ..tolerances import EXTREME_TOL, TOL
 
+# every test here runs the kernels on CPU tensors; the interpreter needs triton >= 3.8
+pytestmark = pytest.mark.interpreter
+
 DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 IN = 4  # input features
