@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import operator
 import os
+import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
 
@@ -162,6 +163,12 @@ class StreamingSession:
     The main (data) inputs are the graph inputs that are neither states nor constants. ``step`` takes them
     with or without the batch axis (then outputs come without it too); a stream's batch size is fixed by its
     first step. Outputs are the graph outputs that are not states.
+
+    Threads: a session may be shared. Calls that step the same stream (:meth:`step`, :meth:`step_many`,
+    :meth:`step_stacked`, and :meth:`reset`, :meth:`close`, :meth:`get_state`) run one after another: a call
+    waits until no other call holds any of its streams, then holds all of them until it returns. Calls on
+    distinct streams run onnxruntime at the same time; only the short bookkeeping around each run (which
+    stream holds which rows of a batch's state) takes a session-wide lock.
     """
 
     def __init__(
@@ -242,6 +249,14 @@ class StreamingSession:
         }
         self._output_names = list(self.outputs) + [p.output for p in self.states]
         self._streams: dict[Hashable, _Stream] = {}
+        # ``_lock`` guards the streams' bookkeeping (``_streams``, the rows blocks, ``_busy``): ``_open``,
+        # ``_store``, ``_load``, ``_adopt``, ``_gather`` and ``_forget`` run with it held, since a rows block is
+        # shared by streams that other calls may hold. ``_busy`` holds the streams a call is stepping, which other
+        # calls wait for (``_idle``); onnxruntime runs outside the lock.
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._busy: set[Hashable] = set()
+        self._waiting = 0
         self._signatures: dict[tuple, _Signature] = {}
         self.normalization: Normalization | None = (
             Normalization.from_metadata(self.metadata, self.inputs, self.outputs) if normalize else None
@@ -262,19 +277,32 @@ class StreamingSession:
                 "cuda_graph=True needs the session to run on CUDA; it runs on " + self.providers[0]
             )
         self._device_constants = {n: self._to_device(a) for n, a in self.constants.items()}
-        self._next_graph_id = 1
+        self._graph_ids = itertools.count(1, 2)  # two graph ids per stream; next() is atomic across threads
 
     # ------------------------------------------------------------------ streams
     @property
     def streams(self) -> list[Hashable]:
         """Ids of the open streams."""
-        return list(self._streams)
+        with self._lock:
+            return list(self._streams)
 
     def reset(self, stream: Hashable = 0, state: Mapping[str, np.ndarray] | None = None) -> None:
-        """Start ``stream`` again from zero state, or from ``state`` (``{state_input: array}``, all pairs)."""
-        self._forget(stream)
-        if state is None:
-            return
+        """Start ``stream`` again from zero state, or from ``state`` (``{state_input: array}``, all pairs).
+
+        A bad ``state`` (:class:`StepInputError`) leaves the stream as it was."""
+        arrays = self._checked_state(stream, state) if state is not None else None
+        self._claim((stream,))
+        try:
+            with self._lock:
+                self._forget(stream)
+                if arrays is not None:
+                    batch = arrays[self.states[0].input].shape[self.states[0].batch_axis]
+                    self._store(self._open(stream, batch), arrays)
+        finally:
+            self._release((stream,))
+
+    def _checked_state(self, stream: Hashable, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``state`` for :meth:`reset`, checked against the state pairs, as contiguous arrays."""
         missing = sorted({p.input for p in self.states} - set(state))
         if missing:
             raise StepInputError(f"reset({stream!r}, state=...) misses state inputs {missing}")
@@ -291,20 +319,48 @@ class StreamingSession:
                 )
             batch = array.shape[pair.batch_axis]
             arrays[pair.input] = np.ascontiguousarray(array)
-        entry = self._open(stream, batch)
-        self._store(entry, arrays)
+        return arrays
 
     def close(self, stream: Hashable = 0) -> None:
         """Forget ``stream`` and free its state."""
-        if self._forget(stream) is None:
-            raise KeyError(f"stream {stream!r} is not open; open streams: {self.streams[:10]}")
+        self._claim((stream,))
+        try:
+            with self._lock:
+                if self._forget(stream) is None:
+                    open_ = list(self._streams)[:10]
+                    raise KeyError(f"stream {stream!r} is not open; open streams: {open_}")
+        finally:
+            self._release((stream,))
 
     def get_state(self, stream: Hashable = 0) -> dict[str, np.ndarray]:
         """A copy of ``stream``'s state, ``{state_input: array}`` (zeros for a stream not stepped yet)."""
-        entry = self._streams.get(stream)
-        if entry is None or entry.batch is None:
-            return {p.input: p.initial(1) for p in self.states}
-        return {k: v.copy() for k, v in self._load(entry).items()}
+        self._claim((stream,))
+        try:
+            with self._lock:
+                entry = self._streams.get(stream)
+                if entry is None or entry.batch is None:
+                    return {p.input: p.initial(1) for p in self.states}
+                return {k: v.copy() for k, v in self._load(entry).items()}
+        finally:
+            self._release((stream,))
+
+    def _claim(self, streams: Iterable[Hashable]) -> None:
+        """Wait until no other call holds any of ``streams``, then hold them until :meth:`_release`."""
+        with self._lock:
+            busy = self._busy
+            while not busy.isdisjoint(streams):
+                self._waiting += 1
+                try:
+                    self._idle.wait()
+                finally:
+                    self._waiting -= 1
+            busy.update(streams)
+
+    def _release(self, streams: Iterable[Hashable]) -> None:
+        with self._lock:
+            self._busy.difference_update(streams)
+            if self._waiting:
+                self._idle.notify_all()
 
     def _forget(self, stream: Hashable) -> _Stream | None:
         entry = self._streams.pop(stream, None)
@@ -467,14 +523,25 @@ class StreamingSession:
         Returns:
             ``{output_name: array}`` for the non-state outputs, e.g. ``output`` ``[B, T, V]`` (``[T, V]`` when
             the batch axis was left out of ``x``).
+
+        Steps of one stream from several threads run one after another (see the class docstring).
         """
+        self._claim((stream,))
+        try:
+            return self._step(x, stream)
+        finally:
+            self._release((stream,))
+
+    def _step(self, x: np.ndarray | Mapping[str, object], stream: Hashable) -> dict[str, np.ndarray]:
+        """:meth:`step` of a stream this call holds."""
         entry = self._streams.get(stream)
         if self._cpu_bound and entry is not None:
             key = _signature_key(x)
             slot = entry.slots.get(key)
             if slot is not None:  # this stream ran this signature before: no checks, no allocations
                 if entry.rows is not None:
-                    self._load(entry)
+                    with self._lock:
+                        self._load(entry)
                 try:
                     slot.run(x, entry.current)
                 except ORT_RUN_ERRORS as error:
@@ -484,9 +551,10 @@ class StreamingSession:
                 return slot.outputs()
         arrays, batch, added = self.check_input(x)
         new = entry is None
-        entry = self._open(stream, batch)
-        if entry.rows is not None:
-            self._load(entry)
+        with self._lock:
+            entry = self._open(stream, batch)
+            if entry.rows is not None:
+                self._load(entry)
         try:
             if self._cpu_bound:
                 return self._run_cpu_bound(entry, x, arrays, added)
@@ -502,11 +570,13 @@ class StreamingSession:
                 entry.state = {p.input: r for p, r in zip(self.states, results[n:], strict=False)}
         except ORT_RUN_ERRORS as error:
             if new:  # a failed first step leaves no stream behind
-                self._streams.pop(stream, None)
+                with self._lock:
+                    self._streams.pop(stream, None)
             raise step_error(error, {stream: arrays}) from error
         except BaseException:
             if new:  # a failed first step leaves no stream behind
-                self._streams.pop(stream, None)
+                with self._lock:
+                    self._streams.pop(stream, None)
             raise
         outs = self._denormalized(outs)
         return self._strip(outs) if added else outs
@@ -562,14 +632,28 @@ class StreamingSession:
         after every call succeeded, so a failed step (a bad input, or one onnxruntime rejects:
         :class:`StepInputError`) changes no stream's state and opens no stream.
 
+        A call holds all of its streams while it runs: calls from other threads that step any of them wait
+        (see the class docstring).
+
         Args:
             xs: ``{stream: x}`` with ``x`` as for :meth:`step`.
         Returns:
             ``{stream: {output_name: array}}``.
         """
+        members = list(xs)
+        self._claim(members)
+        try:
+            return self._step_many(xs)
+        finally:
+            self._release(members)
+
+    def _step_many(
+        self, xs: Mapping[Hashable, np.ndarray | Mapping[str, object]]
+    ) -> dict[Hashable, dict[str, np.ndarray]]:
+        """:meth:`step_many` of streams this call holds."""
         if self._cpu_bound and len(xs) == 1:  # nothing to batch: the bound single-stream path is faster
             ((stream, x),) = xs.items()
-            return {stream: self.step(x, stream)}
+            return {stream: self._step(x, stream)}
         results = self._step_many_uniform(xs)
         if results is not None:
             return results
@@ -580,13 +664,14 @@ class StreamingSession:
             if entry is not None and entry.batch is not None and entry.batch != batch:
                 raise StepInputError(f"stream {stream!r} has batch size {entry.batch}, this step has {batch}")
         if self.cuda_graph:  # each stream replays its own captured graphs on fixed device buffers
-            return {s: self.step(x, stream=s) for s, x in xs.items()}
+            return {s: self._step(x, s) for s, x in xs.items()}
         fixed = self._fixed_states
         groups: dict[tuple, list[Hashable]] = {}
         for stream, (arrays, _, _) in checked.items():
             key = tuple(shape_without(a.shape, self.inputs[n].batch_axis) for n, a in arrays.items())
             if not fixed:
-                state = self._current_state(stream, checked[stream][1])
+                with self._lock:
+                    state = self._current_state(stream, checked[stream][1])
                 key += tuple(shape_without(state[p.input].shape, p.batch_axis) for p in self.states)
             groups.setdefault(key, []).append(stream)
 
@@ -603,7 +688,8 @@ class StreamingSession:
                     for n, tensor in self.inputs.items()
                 }
             feed = self._normalized(feed)
-            feed.update(self._gather(members, [self._streams.get(s) for s in members], batches))
+            with self._lock:
+                feed.update(self._gather(members, [self._streams.get(s) for s in members], batches))
             try:
                 outs = self._session.run(self._output_names, {**feed, **self.constants})
             except ORT_RUN_ERRORS as error:
@@ -621,13 +707,14 @@ class StreamingSession:
                 }
                 start += batch
             stored.append((members, rows))
-        for members, rows in stored:
-            entries = [self._open(stream, batch) for stream, batch in zip(members, rows.batches, strict=True)]
-            if not self._host_state:  # device state: copied back per stream
-                for k, entry in enumerate(entries):
-                    self._store(entry, rows.materialize(k, self.states))
-            else:
-                self._adopt(rows, entries)
+        with self._lock:
+            for members, rows in stored:
+                entries = [self._open(s, batch) for s, batch in zip(members, rows.batches, strict=True)]
+                if not self._host_state:  # device state: copied back per stream
+                    for k, entry in enumerate(entries):
+                        self._store(entry, rows.materialize(k, self.states))
+                else:
+                    self._adopt(rows, entries)
         return {s: results[s] for s in xs}
 
     def _step_many_uniform(
@@ -697,6 +784,8 @@ class StreamingSession:
             StepInputError: a bad input (as :meth:`step`), rows not a multiple of the streams, a stream whose
                 batch size differs, or a step onnxruntime rejects; nothing changes then.
             ModelError: states that grow (use :meth:`step_many`), or ``cuda_graph`` (one graph per stream).
+
+        A call holds all of its streams while it runs, as :meth:`step_many` does.
         """
         members = list(streams)
         if not members:
@@ -717,7 +806,11 @@ class StreamingSession:
                 f"the stacked inputs have {rows} rows along the batch axis, not a multiple of the {n} streams"
             )
         stacked = {f"{n} streams, stacked": arrays}
-        return self._step_rows(members, arrays, rows // n, lambda: stacked, distinct=False)
+        self._claim(members)
+        try:
+            return self._step_rows(members, arrays, rows // n, lambda: stacked, distinct=False)
+        finally:
+            self._release(members)
 
     def _step_rows(
         self,
@@ -732,28 +825,31 @@ class StreamingSession:
         states). ``given()``: the inputs per stream, for the message of a step onnxruntime rejects.
         ``distinct=False``: ``members`` may repeat a stream (refused), unless they are the last batch's."""
         streams = self._streams
-        first = streams.get(members[0])
-        again = first.rows if first is not None and self._host_state else None
-        if again is not None and not (
-            again.uniform == batch and again.live == len(again.entries) and again.members == members
-        ):
-            again = None
-        # ``again``: the same streams stepped together last time, each still holding its rows of that batch's
-        # state outputs (so each has this batch size): their state is already stacked, and after the run the
-        # block takes the new state outputs in place, with nothing to do per stream.
-        if again is None:
-            if not distinct and len(set(members)) != len(members):
-                twice = sorted({repr(s) for s in members if members.count(s) > 1})
-                raise StepInputError(
-                    f"each stream steps at most once per call; {', '.join(twice)} appear twice"
-                )
-            entries = [streams.get(stream) for stream in members]
-            for stream, entry in zip(members, entries, strict=True):
-                if entry is not None and entry.batch != batch and entry.batch is not None:
+        with self._lock:
+            first = streams.get(members[0])
+            again = first.rows if first is not None and self._host_state else None
+            if again is not None and not (
+                again.uniform == batch and again.live == len(again.entries) and again.members == members
+            ):
+                again = None
+            # ``again``: the same streams stepped together last time, each still holding its rows of that
+            # batch's state outputs (so each has this batch size): their state is already stacked, and after
+            # the run the block takes the new state outputs in place, with nothing to do per stream.
+            if again is None:
+                if not distinct and len(set(members)) != len(members):
+                    twice = sorted({repr(s) for s in members if members.count(s) > 1})
                     raise StepInputError(
-                        f"stream {stream!r} has batch size {entry.batch}, this step has {batch}"
+                        f"each stream steps at most once per call; {', '.join(twice)} appear twice"
                     )
-        states = again.states if again is not None else self._gather(members, entries, [batch] * len(members))
+                entries = [streams.get(stream) for stream in members]
+                for stream, entry in zip(members, entries, strict=True):
+                    if entry is not None and entry.batch != batch and entry.batch is not None:
+                        raise StepInputError(
+                            f"stream {stream!r} has batch size {entry.batch}, this step has {batch}"
+                        )
+                states = self._gather(members, entries, [batch] * len(members))
+            else:
+                states = again.states
         try:
             outs = self._session.run(
                 self._output_names, {**self._normalized(feed), **states, **self.constants}
@@ -763,18 +859,19 @@ class StreamingSession:
         n_out = len(self.outputs)
         outputs = self._denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
         new_states = {p.input: o for p, o in zip(self.states, outs[n_out:], strict=True)}
-        if again is not None:
+        if again is not None:  # the block belongs to this call's streams alone: no other call touches it
             again.states = new_states
             return outputs
         rows = _Rows(new_states, members, [batch] * len(members), uniform=batch)
-        for k, entry in enumerate(entries):
-            if entry is None or entry.batch is None:
-                entries[k] = self._open(members[k], batch)
-        if self._host_state:
-            self._adopt(rows, entries)
-        else:  # device state: copied back per stream
+        with self._lock:
             for k, entry in enumerate(entries):
-                self._store(entry, rows.materialize(k, self.states))
+                if entry is None or entry.batch is None:
+                    entries[k] = self._open(members[k], batch)
+            if self._host_state:
+                self._adopt(rows, entries)
+            else:  # device state: copied back per stream
+                for k, entry in enumerate(entries):
+                    self._store(entry, rows.materialize(k, self.states))
         return outputs
 
     def _gather(
@@ -810,8 +907,7 @@ class StreamingSession:
     def _run_cuda_graph(self, entry: _Stream, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         slot = entry.graph
         if slot is None:
-            slot = entry.graph = capture_cuda_graphs(self, entry, arrays, self._next_graph_id)
-            self._next_graph_id += 2
+            slot = entry.graph = capture_cuda_graphs(self, entry, arrays, next(self._graph_ids))
         return slot.replay(self._session, self.states, entry, self._normalized(arrays))
 
     def describe(self) -> dict:
