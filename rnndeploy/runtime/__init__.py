@@ -4,8 +4,8 @@
 into one call; :func:`generate` samples text from a character language model.
 
 Modules: ``session`` (the session), ``bound`` (state in bound buffers: IOBinding, CUDA graphs),
-``discovery`` (which inputs and outputs are states), ``specs`` (tensor and state descriptions, input checks),
-``normalization`` (a forecaster's original units), ``providers`` (execution providers, loading a model),
+``discovery`` (which inputs and outputs are states), ``metadata`` (the ``rnndeploy.*`` metadata, checked),
+``specs`` (tensor and state descriptions, input checks), ``normalization`` (a forecaster's original units), ``providers`` (execution providers, loading a model),
 ``errors``, ``generate``, ``testing`` (small ONNX models for tests).
 """
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Hashable, Iterator
 
 import numpy as np
 
+from rnndeploy.runtime.metadata import quote
 from rnndeploy.runtime.session import StreamingSession
 
 
@@ -17,16 +17,13 @@ class GenerateError(ValueError):
 def vocabulary(session: StreamingSession) -> list[str]:
     """The character vocabulary of a language model (``rnndeploy.vocab`` metadata); token id = list index."""
     task = session.metadata.get("rnndeploy.task")
-    if task != "lm" or "rnndeploy.vocab" not in session.metadata:
+    if task != "lm" or session.vocab is None:
         raise GenerateError(
-            f"this model is not a language model (metadata rnndeploy.task={task!r}"
-            + ("" if "rnndeploy.vocab" in session.metadata else ", no rnndeploy.vocab")
+            f"this model is not a language model (metadata rnndeploy.task={quote(task)}"
+            + ("" if session.vocab is not None else ", no rnndeploy.vocab")
             + "); generate needs a model exported with task='lm'"
         )
-    vocab = json.loads(session.metadata["rnndeploy.vocab"])
-    if not isinstance(vocab, list) or not all(isinstance(v, str) for v in vocab):
-        raise GenerateError("metadata rnndeploy.vocab must be a JSON list of strings")
-    return vocab
+    return session.vocab
 
 
 def generate(
@@ -55,15 +52,15 @@ def generate(
     unknown = sorted({c for c in prompt if c not in index})
     if unknown:
         raise GenerateError(
-            f"prompt characters {unknown} are not in the model's vocabulary ({len(vocab)} characters: "
-            f"{''.join(vocab)!r})"
+            f"prompt characters {quote(unknown)} are not in the model's vocabulary ({len(vocab)} characters: "
+            f"{quote(''.join(vocab))})"
         )
     if length < 0 or temperature < 0 or (top_k is not None and top_k < 1):
         raise GenerateError(
             f"need length >= 0, temperature >= 0, top_k >= 1; got {length}, {temperature}, {top_k}"
         )
     output = "output" if "output" in session.outputs else next(iter(session.outputs))
-    head = json.loads(session.metadata.get("rnndeploy.config", "{}")).get("head")
+    head = session.head
     rng = np.random.default_rng(seed)
 
     def last_scores(ids: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ import onnxruntime as ort
 from rnndeploy.runtime.bound import CpuSlot, CudaGraphSlot, capture_cuda_graphs, output_shapes, run_bound
 from rnndeploy.runtime.discovery import state_pairs
 from rnndeploy.runtime.errors import ORT_RUN_ERRORS, ModelError, ProviderError, StepInputError, step_error
+from rnndeploy.runtime.metadata import ModelMetadata, read_metadata
 from rnndeploy.runtime.normalization import Normalization
 from rnndeploy.runtime.providers import (
     GPU_PROVIDERS,
@@ -164,6 +165,11 @@ class StreamingSession:
     with or without the batch axis (then outputs come without it too); a stream's batch size is fixed by its
     first step. Outputs are the graph outputs that are not states.
 
+    Attributes beyond the arguments: ``metadata`` (the graph's ``custom_metadata_map`` as it is), ``head`` and
+    ``vocab`` / ``vocab_size`` (from ``rnndeploy.config`` / ``rnndeploy.vocab``, checked at load: bad
+    ``rnndeploy.*`` metadata is a :class:`ModelError`, never a silently missing vocabulary), ``inputs``,
+    ``outputs``, ``states``, ``normalization``.
+
     Threads: a session may be shared. Calls that step the same stream (:meth:`step`, :meth:`step_many`,
     :meth:`step_stacked`, and :meth:`reset`, :meth:`close`, :meth:`get_state`) run one after another: a call
     waits until no other call holds any of its streams, then holds all of them until it returns. Calls on
@@ -217,6 +223,7 @@ class StreamingSession:
             )
         self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
         self.metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
+        checked = read_metadata(self.metadata)
         graph_inputs = {a.name: spec(a) for a in self._session.get_inputs()}
         graph_outputs = {a.name: spec(a) for a in self._session.get_outputs()}
 
@@ -237,7 +244,7 @@ class StreamingSession:
 
         self.states: tuple[StatePair, ...]
         self.states, data_names = state_pairs(
-            states, self.metadata, graph_inputs, graph_outputs, set(constants), batch_axes or {}
+            states, checked.states, graph_inputs, graph_outputs, set(constants), batch_axes or {}
         )
         batch_dim = self.states[0].shape[self.states[0].batch_axis]
         self.inputs: dict[str, TensorSpec] = {
@@ -259,8 +266,12 @@ class StreamingSession:
         self._waiting = 0
         self._signatures: dict[tuple, _Signature] = {}
         self.normalization: Normalization | None = (
-            Normalization.from_metadata(self.metadata, self.inputs, self.outputs) if normalize else None
+            Normalization.from_metadata(checked, self.inputs, self.outputs) if normalize else None
         )
+        self.head: str | None = checked.head
+        self.vocab: list[str] | None = None if checked.vocab is None else list(checked.vocab)
+        self.vocab_size: int | None = checked.vocab_size
+        self._check_vocab(checked)
 
         fixed = self._fixed_states = all(p.fixed for p in self.states)
         if self.device == "cpu" and io_binding and not fixed:
@@ -278,6 +289,42 @@ class StreamingSession:
             )
         self._device_constants = {n: self._to_device(a) for n, a in self.constants.items()}
         self._graph_ids = itertools.count(1, 2)  # two graph ids per stream; next() is atomic across threads
+
+    def _check_vocab(self, checked: ModelMetadata) -> None:
+        """A language model's vocabulary must match its output: one score per token id."""
+        if checked.task != "lm" or self.vocab_size is None or not self.outputs:
+            return
+        output = self.outputs.get("output") or next(iter(self.outputs.values()))
+        scores = output.shape[-1] if output.shape else None
+        if isinstance(scores, int) and scores != self.vocab_size:
+            source = "rnndeploy.vocab" if self.vocab is not None else "rnndeploy.config"
+            raise ModelError(
+                f"metadata {source} gives {self.vocab_size} token ids but the language model's output "
+                f"{output.describe()} scores {scores}"
+            )
+
+    def check_tokens(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Refuse token ids outside ``[0, vocab_size)`` in the integer inputs of ``arrays`` (``{input: array}``).
+
+        The graph's Gather would read a negative id from the end of the embedding table without a word, so a
+        caller that takes ids from users checks them here first. No check when the model's metadata gives no
+        vocabulary size.
+
+        Raises:
+            StepInputError: naming the input, the first id out of range and the range.
+        """
+        size = self.vocab_size
+        if size is None:
+            return
+        for name, array in arrays.items():
+            array = np.asarray(array)
+            if array.dtype.kind not in "iu" or not array.size or name not in self.inputs:
+                continue
+            if array.min() < 0 or array.max() >= size:
+                bad = array[(array < 0) | (array >= size)].flat[0]
+                raise StepInputError(
+                    f"input {name}: token id {bad} is outside the model's vocabulary [0, {size})"
+                )
 
     # ------------------------------------------------------------------ streams
     @property
