@@ -1,7 +1,7 @@
 """Stepwise inference of stateful ONNX models with onnxruntime (numpy and onnxruntime only, never torch).
 
 :class:`StreamingSession` carries the state of many streams between steps and batches steps of several streams
-into one call; :func:`generate` samples text from a character language model.
+into one call; :func:`generate` samples text from a character language model and :func:`read_text` reads text through one.
 
 Modules: ``session`` (the session), ``bound`` (state in bound buffers: IOBinding, CUDA graphs),
 ``discovery`` (which inputs and outputs are states), ``metadata`` (the ``rnndeploy.*`` metadata, checked),
@@ -10,7 +10,7 @@ Modules: ``session`` (the session), ``bound`` (state in bound buffers: IOBinding
 """
 
 from rnndeploy.runtime.errors import ModelError, ProviderError, StepInputError
-from rnndeploy.runtime.generate import GenerateError, generate, vocabulary
+from rnndeploy.runtime.generate import GenerateError, generate, read_text, vocabulary
 from rnndeploy.runtime.normalization import Normalization
 from rnndeploy.runtime.providers import (
     available_providers,
@@ -33,6 +33,7 @@ __all__ = [
     "available_providers",
     "default_session_options",
     "generate",
+    "read_text",
     "resolve_providers",
     "usable_providers",
     "vocabulary",
