@@ -7,6 +7,7 @@ has run, so a lost, repeated or mixed-up step shows as a wrong count.
 import threading
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from rnndeploy.runtime import StreamingSession, testing
@@ -109,27 +110,22 @@ def test_threads_mixing_step_step_many_and_step_stacked_lose_no_step(counter_byt
 
 
 @pytest.mark.parametrize("io_binding", [False, True], ids=["run", "iobinding"])
-def test_threads_on_distinct_streams_run_at_once(counter_bytes, io_binding):
+def test_threads_on_distinct_streams_run_at_once(counter_bytes, io_binding, monkeypatch):
     """A step of one stream that is still running in onnxruntime does not hold up a step of another stream."""
     session = StreamingSession(counter_bytes, io_binding=io_binding, providers="cpu")
-    ort_session = session._session  # white box: hold one thread inside onnxruntime's run
     inside, release = threading.Event(), threading.Event()
 
-    class Held:
-        def __getattr__(self, name):
-            method = getattr(ort_session, name)
-            if not name.startswith("run"):
-                return method
+    def holding(method):
+        def run(*args, **kwargs):
+            if threading.current_thread().name == "held":
+                inside.set()
+                assert release.wait(JOIN_S), "the other stream's step never finished"
+            return method(*args, **kwargs)
 
-            def run(*args, **kwargs):
-                if threading.current_thread().name == "held":
-                    inside.set()
-                    assert release.wait(JOIN_S), "the other stream's step never finished"
-                return method(*args, **kwargs)
+        return run
 
-            return run
-
-    session._session = Held()
+    for name in ("run", "run_with_iobinding"):  # hold the "held" thread inside onnxruntime's run
+        monkeypatch.setattr(ort.InferenceSession, name, holding(getattr(ort.InferenceSession, name)))
     held = threading.Thread(target=lambda: session.step(STEP, stream="slow"), name="held")
     held.start()
     try:
