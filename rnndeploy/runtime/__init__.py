@@ -1,11 +1,13 @@
 """Stepwise inference of stateful ONNX models with onnxruntime (numpy and onnxruntime only, never torch).
 
 :class:`StreamingSession` carries the state of many streams between steps and batches steps of several streams
-into one call; :func:`generate` samples text from a character language model and :func:`read_text` reads text through one.
+into one call; :func:`generate` samples text from a character language model, :func:`read_text` reads text
+through one.
 
-Modules: ``session`` (the session), ``bound`` (state in bound buffers: IOBinding, CUDA graphs),
-``discovery`` (which inputs and outputs are states), ``metadata`` (the ``rnndeploy.*`` metadata, checked),
-``specs`` (tensor and state descriptions, input checks), ``normalization`` (a forecaster's original units), ``providers`` (execution providers, loading a model),
+Modules: ``session`` (the session), ``stores`` (where a stream's state lives between steps: host arrays,
+IOBinding buffers, CUDA device buffers, CUDA graphs), ``discovery`` (which inputs and outputs are states),
+``metadata`` (the ``rnndeploy.*`` metadata, checked), ``specs`` (tensor and state descriptions, input checks),
+``normalization`` (a forecaster's original units), ``providers`` (execution providers, loading a model),
 ``errors``, ``generate``, ``testing`` (small ONNX models for tests).
 """
 

@@ -8,10 +8,10 @@ holds its rows of the batch's state outputs (``_Rows``) until it steps alone or 
 How a step runs:
 - A step's input signature (names, dtypes, shapes) is validated once and cached; a later step with the same
   signature goes straight to the run.
-- On the CPU, with states of fixed size (every RNN/LSTM/GRU), each stream keeps its state in two bound
-  buffers and each input signature gets two ``IOBinding`` s that write the new state into the other buffer
-  (ping-pong): a step copies its input into a bound buffer, runs, and copies the outputs out. On CUDA the
-  state stays on the device (:mod:`rnndeploy.runtime.bound`), optionally replayed as CUDA graphs.
+- Each session picks one state store when it opens (:mod:`rnndeploy.runtime.stores`): host arrays and
+  ``run()``; on the CPU with states of fixed size (every RNN/LSTM/GRU) two bound buffers per stream, written in
+  turn through ``IOBinding`` (ping-pong); on CUDA device buffers, optionally replayed as CUDA graphs. A single
+  stream's step is the store's; batched steps run on host arrays here, and the store takes each stream's rows.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from rnndeploy.runtime.bound import CpuSlot, CudaGraphSlot, capture_cuda_graphs, output_shapes, run_bound
 from rnndeploy.runtime.discovery import state_pairs
 from rnndeploy.runtime.errors import ORT_RUN_ERRORS, ModelError, ProviderError, StepInputError, step_error
 from rnndeploy.runtime.metadata import ModelMetadata, read_metadata
@@ -44,12 +43,13 @@ from rnndeploy.runtime.specs import (
     check_dtype,
     check_shape,
     shape_without,
+    signature_key,
     spec,
     with_batch_axis,
 )
+from rnndeploy.runtime.stores import CpuBoundStore, CudaGraphStore, DeviceStore, Graph, HostStore, StateStore
 
 _MAX_SIGNATURES = 256  # validated input signatures kept per session
-_MAX_SLOTS = 4  # input shapes per stream with bound buffers (a prompt chunk and single steps need two)
 
 
 class _Signature:
@@ -65,34 +65,16 @@ _SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
 
 
 class _Stream:
-    """One stream's state: its rows of a batch's outputs (``rows``, after :meth:`StreamingSession.step_many`),
-    else host arrays (``state``: on the CPU, the current ping-pong buffer when bound), or device OrtValues
-    (``device_state``, on CUDA)."""
+    """One stream: its batch size, and its state: its rows of a batch's outputs (``rows``, after
+    :meth:`StreamingSession.step_many`), else what the session's state store keeps for it (``cell``)."""
 
-    __slots__ = (
-        "batch",
-        "state",
-        "buffers",
-        "current",
-        "slots",
-        "rows",
-        "row",
-        "device_state",
-        "spare",
-        "graph",
-    )
+    __slots__ = ("batch", "cell", "rows", "row")
 
     def __init__(self) -> None:
         self.batch: int | None = None
-        self.state: dict[str, np.ndarray] = {}
-        self.buffers: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
-        self.current = 0
-        self.slots: dict[tuple, CpuSlot] = {}
+        self.cell: object | None = None
         self.rows: _Rows | None = None  # after step_many: the state is row ``row`` of these (host) arrays
         self.row = 0
-        self.device_state: dict[str, ort.OrtValue] = {}
-        self.spare: dict[str, ort.OrtValue] = {}
-        self.graph: CudaGraphSlot | None = None
 
 
 class _Rows:
@@ -254,7 +236,6 @@ class StreamingSession:
         self.outputs: dict[str, TensorSpec] = {
             n: with_batch_axis(s, batch_dim) for n, s in graph_outputs.items() if n not in state_outputs
         }
-        self._output_names = list(self.outputs) + [p.output for p in self.states]
         self._streams: dict[Hashable, _Stream] = {}
         # ``_lock`` guards the streams' bookkeeping (``_streams``, the rows blocks, ``_busy``): ``_open``,
         # ``_store``, ``_load``, ``_adopt``, ``_gather`` and ``_forget`` run with it held, since a rows block is
@@ -280,15 +261,32 @@ class StreamingSession:
                 f"{[p.input for p in self.states if not p.fixed]} grow: use io_binding=False"
             )
         self.io_binding = (self.device == "cuda" or fixed) if io_binding is None else io_binding
-        self._cpu_bound = self.io_binding and self.device == "cpu"
-        self._host_state = self._cpu_bound or not self.io_binding  # stream states are host arrays
         self.cuda_graph = cuda_graph
         if cuda_graph and self.device != "cuda":
             raise ProviderError(
                 "cuda_graph=True needs the session to run on CUDA; it runs on " + self.providers[0]
             )
-        self._device_constants = {n: self._to_device(a) for n, a in self.constants.items()}
-        self._graph_ids = itertools.count(1, 2)  # two graph ids per stream; next() is atomic across threads
+        self._graph = Graph(
+            session=self._session,
+            device=self.device,
+            states=self.states,
+            inputs=self.inputs,
+            outputs=self.outputs,
+            output_names=list(self.outputs) + [p.output for p in self.states],
+            constants=self.constants,
+            device_constants={
+                n: ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for n, a in self.constants.items()
+            },
+            normalization=self.normalization,
+        )
+        kind: type[StateStore]
+        if not self.io_binding:
+            kind = HostStore
+        elif self.device == "cpu":
+            kind = CpuBoundStore
+        else:
+            kind = CudaGraphStore if cuda_graph else DeviceStore
+        self._state_store: StateStore = kind(self._graph)
 
     def _check_vocab(self, checked: ModelMetadata) -> None:
         """A language model's vocabulary must match its output: one score per token id."""
@@ -431,22 +429,7 @@ class StreamingSession:
 
     def _store(self, entry: _Stream, arrays: dict[str, np.ndarray]) -> None:
         self._drop_rows(entry)
-        if self._cpu_bound:
-            if entry.buffers is None or any(entry.state[k].shape != a.shape for k, a in arrays.items()):
-                entry.buffers = (
-                    {k: np.empty_like(a) for k, a in arrays.items()},
-                    {k: np.empty_like(a) for k, a in arrays.items()},
-                )
-                entry.current, entry.slots = 0, {}
-                entry.state = entry.buffers[0]
-            for name, array in arrays.items():
-                np.copyto(entry.state[name], array)
-        elif self.io_binding:
-            entry.device_state = {k: self._to_device(np.ascontiguousarray(a)) for k, a in arrays.items()}
-            entry.spare = {}
-            entry.graph = None
-        else:
-            entry.state = arrays
+        entry.cell = self._state_store.put(entry.cell, arrays)
 
     def _adopt(self, rows: _Rows, entries: list[_Stream]) -> None:
         """Point ``entries`` (the streams of ``rows.members``, in order) at their rows of ``rows``."""
@@ -482,12 +465,7 @@ class StreamingSession:
     def _load(self, entry: _Stream) -> dict[str, np.ndarray]:
         if entry.rows is not None:  # its state is still rows of a batched run's outputs: take them over
             self._store(entry, entry.rows.materialize(entry.row, self.states))
-        if not self._host_state:
-            return {k: v.numpy() for k, v in entry.device_state.items()}
-        return entry.state
-
-    def _to_device(self, array: np.ndarray) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+        return self._state_store.get(entry.cell)
 
     # ------------------------------------------------------------------ inputs
     def check_input(self, x: np.ndarray | Mapping[str, object]) -> tuple[dict[str, np.ndarray], int, bool]:
@@ -496,7 +474,7 @@ class StreamingSession:
         A signature (names, dtypes, shapes of numpy arrays) seen before is not checked again. Raises
         :class:`StepInputError` naming the input, the expected and the given shape or dtype.
         """
-        key = _signature_key(x)
+        key = signature_key(x)
         signature = self._signatures.get(key) if key is not None else None
         if signature is None:
             arrays, batch, added = self._check_input(x)
@@ -582,20 +560,17 @@ class StreamingSession:
     def _step(self, x: np.ndarray | Mapping[str, object], stream: Hashable) -> dict[str, np.ndarray]:
         """:meth:`step` of a stream this call holds."""
         entry = self._streams.get(stream)
-        if self._cpu_bound and entry is not None:
-            key = _signature_key(x)
-            slot = entry.slots.get(key)
-            if slot is not None:  # this stream ran this signature before: no checks, no allocations
-                if entry.rows is not None:
-                    with self._lock:
-                        self._load(entry)
-                try:
-                    slot.run(x, entry.current)
-                except ORT_RUN_ERRORS as error:
-                    raise step_error(error, {stream: self.check_input(x)[0]}) from error
-                entry.current ^= 1
-                entry.state = entry.buffers[entry.current]
-                return slot.outputs()
+        store = self._state_store
+        if entry is not None:
+            if entry.rows is not None:
+                with self._lock:
+                    self._load(entry)
+            try:  # a signature this stream ran before: no checks, no allocations (where the store can)
+                outs = store.step_again(entry.cell, x)
+            except ORT_RUN_ERRORS as error:
+                raise step_error(error, {stream: self.check_input(x)[0]}) from error
+            if outs is not None:
+                return outs
         arrays, batch, added = self.check_input(x)
         new = entry is None
         with self._lock:
@@ -603,18 +578,7 @@ class StreamingSession:
             if entry.rows is not None:
                 self._load(entry)
         try:
-            if self._cpu_bound:
-                return self._run_cpu_bound(entry, x, arrays, added)
-            if self.cuda_graph:
-                outs = self._run_cuda_graph(entry, arrays)
-            elif self.io_binding:
-                outs = run_bound(self, entry, self._normalized(arrays))
-            else:
-                feed = {**self._normalized(arrays), **self.constants, **entry.state}
-                results = self._session.run(self._output_names, feed)
-                n = len(self.outputs)
-                outs = dict(zip(self.outputs, results[:n], strict=False))
-                entry.state = {p.input: r for p, r in zip(self.states, results[n:], strict=False)}
+            return store.step(entry.cell, x, arrays, added)
         except ORT_RUN_ERRORS as error:
             if new:  # a failed first step leaves no stream behind
                 with self._lock:
@@ -625,45 +589,6 @@ class StreamingSession:
                 with self._lock:
                     self._streams.pop(stream, None)
             raise
-        outs = self._denormalized(outs)
-        return self._strip(outs) if added else outs
-
-    def _run_cpu_bound(
-        self, entry: _Stream, x: np.ndarray | Mapping, arrays: dict[str, np.ndarray], added: bool
-    ) -> dict[str, np.ndarray]:
-        """A step on the CPU with bound state buffers; creates the stream's slot for this signature."""
-        key = _signature_key(x)
-        if key is None:  # not numpy arrays (lists, scalars): the slot takes the converted arrays
-            x, key = arrays, ("converted", added, _signature_key(arrays))
-        slot = entry.slots.get(key)
-        if slot is None:
-            shapes = output_shapes(self, arrays)
-            given = {
-                n: a.shape for n, a in (x.items() if isinstance(x, Mapping) else [(next(iter(arrays)), x)])
-            }
-            slot = CpuSlot(self, entry.buffers, arrays, given, shapes, added)
-            if (
-                shapes is not None
-            ):  # outputs of unknown shape: onnxruntime allocates them, the slot is one-off
-                if len(entry.slots) >= _MAX_SLOTS:
-                    entry.slots.clear()
-                entry.slots[key] = slot
-        slot.run(x, entry.current)
-        entry.current ^= 1
-        entry.state = entry.buffers[entry.current]
-        return slot.outputs()
-
-    def _normalized(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.normalization is None:
-            return arrays
-        names = self.normalization.inputs
-        return {n: self.normalization.normalize(a) if n in names else a for n, a in arrays.items()}
-
-    def _denormalized(self, outs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.normalization is None:
-            return outs
-        names = self.normalization.outputs
-        return {n: self.normalization.denormalize(a) if n in names else a for n, a in outs.items()}
 
     def step_many(
         self, xs: Mapping[Hashable, np.ndarray | Mapping[str, object]]
@@ -698,7 +623,7 @@ class StreamingSession:
         self, xs: Mapping[Hashable, np.ndarray | Mapping[str, object]]
     ) -> dict[Hashable, dict[str, np.ndarray]]:
         """:meth:`step_many` of streams this call holds."""
-        if self._cpu_bound and len(xs) == 1:  # nothing to batch: the bound single-stream path is faster
+        if self._state_store.lone_step_faster and len(xs) == 1:  # nothing to batch
             ((stream, x),) = xs.items()
             return {stream: self._step(x, stream)}
         results = self._step_many_uniform(xs)
@@ -734,14 +659,14 @@ class StreamingSession:
                     n: np.concatenate([checked[s][0][n] for s in members], axis=tensor.batch_axis)
                     for n, tensor in self.inputs.items()
                 }
-            feed = self._normalized(feed)
+            feed = self._graph.normalized(feed)
             with self._lock:
                 feed.update(self._gather(members, [self._streams.get(s) for s in members], batches))
             try:
-                outs = self._session.run(self._output_names, {**feed, **self.constants})
+                outs = self._session.run(self._graph.output_names, {**feed, **self.constants})
             except ORT_RUN_ERRORS as error:
                 raise step_error(error, {s: checked[s][0] for s in members}) from error
-            outputs = self._denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
+            outputs = self._graph.denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
             rows = _Rows(
                 {p.input: o for p, o in zip(self.states, outs[n_out:], strict=True)}, members, batches
             )
@@ -757,7 +682,7 @@ class StreamingSession:
         with self._lock:
             for members, rows in stored:
                 entries = [self._open(s, batch) for s, batch in zip(members, rows.batches, strict=True)]
-                if not self._host_state:  # device state: copied back per stream
+                if not self._state_store.host:  # device state: copied back per stream
                     for k, entry in enumerate(entries):
                         self._store(entry, rows.materialize(k, self.states))
                 else:
@@ -784,7 +709,7 @@ class StreamingSession:
         shape, dtype = first.shape, first.dtype
         if list(map(_SHAPE, values)) != [shape] * n or list(map(_DTYPE, values)) != [dtype] * n:
             return None
-        key = _signature_key(first)
+        key = signature_key(first)
         signature = self._signatures.get(key)
         if signature is None:  # validated once (a server's event loop may validate others meanwhile)
             signature = self._remember(key, *self._check_input(first))
@@ -874,7 +799,7 @@ class StreamingSession:
         streams = self._streams
         with self._lock:
             first = streams.get(members[0])
-            again = first.rows if first is not None and self._host_state else None
+            again = first.rows if first is not None and self._state_store.host else None
             if again is not None and not (
                 again.uniform == batch and again.live == len(again.entries) and again.members == members
             ):
@@ -899,12 +824,12 @@ class StreamingSession:
                 states = again.states
         try:
             outs = self._session.run(
-                self._output_names, {**self._normalized(feed), **states, **self.constants}
+                self._graph.output_names, {**self._graph.normalized(feed), **states, **self.constants}
             )
         except ORT_RUN_ERRORS as error:
             raise step_error(error, given()) from error
         n_out = len(self.outputs)
-        outputs = self._denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
+        outputs = self._graph.denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
         new_states = {p.input: o for p, o in zip(self.states, outs[n_out:], strict=True)}
         if again is not None:  # the block belongs to this call's streams alone: no other call touches it
             again.states = new_states
@@ -914,7 +839,7 @@ class StreamingSession:
             for k, entry in enumerate(entries):
                 if entry is None or entry.batch is None:
                     entries[k] = self._open(members[k], batch)
-            if self._host_state:
+            if self._state_store.host:
                 self._adopt(rows, entries)
             else:  # device state: copied back per stream
                 for k, entry in enumerate(entries):
@@ -948,15 +873,6 @@ class StreamingSession:
             return {p.input: p.initial(batch) for p in self.states}
         return self._load(entry)
 
-    def _strip(self, outs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {n: np.squeeze(a, axis=self.outputs[n].batch_axis) for n, a in outs.items()}
-
-    def _run_cuda_graph(self, entry: _Stream, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        slot = entry.graph
-        if slot is None:
-            slot = entry.graph = capture_cuda_graphs(self, entry, arrays, next(self._graph_ids))
-        return slot.replay(self._session, self.states, entry, self._normalized(arrays))
-
     def describe(self) -> dict:
         """Inputs, outputs, state pairs, constants, providers, normalization and metadata as a JSON-able dict."""
         return {
@@ -987,13 +903,4 @@ def _only(x: object, name: str) -> np.ndarray | None:
     """The array of ``{name: array}``, None for anything else."""
     if type(x) is dict and len(x) == 1:
         return x.get(name)
-    return None
-
-
-def _signature_key(x: object) -> tuple | None:
-    """What identifies a step input's signature: dtype and shape of each array (None: not all numpy)."""
-    if type(x) is np.ndarray:
-        return (x.dtype, x.shape)
-    if isinstance(x, Mapping) and all(type(v) is np.ndarray for v in x.values()):
-        return tuple((n, v.dtype, v.shape) for n, v in x.items())
     return None
