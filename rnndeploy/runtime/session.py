@@ -392,14 +392,17 @@ class StreamingSession:
     def _claim(self, streams: Iterable[Hashable]) -> None:
         """Wait until no other call holds any of ``streams``, then hold them until :meth:`_release`."""
         with self._lock:
-            busy = self._busy
-            while not busy.isdisjoint(streams):
-                self._waiting += 1
-                try:
-                    self._idle.wait()
-                finally:
-                    self._waiting -= 1
-            busy.update(streams)
+            self._wait_for(streams)
+            self._busy.update(streams)
+
+    def _wait_for(self, streams: Iterable[Hashable]) -> None:
+        """With ``_lock`` held: wait until no other call holds any of ``streams``."""
+        while not self._busy.isdisjoint(streams):
+            self._waiting += 1
+            try:
+                self._idle.wait()
+            finally:
+                self._waiting -= 1
 
     def _release(self, streams: Iterable[Hashable]) -> None:
         with self._lock:
@@ -551,11 +554,18 @@ class StreamingSession:
 
         Steps of one stream from several threads run one after another (see the class docstring).
         """
-        self._claim((stream,))
+        # _claim and _release for one stream, spelled out: this is the per-step hot path.
+        with self._lock:
+            if stream in self._busy:
+                self._wait_for((stream,))
+            self._busy.add(stream)
         try:
             return self._step(x, stream)
         finally:
-            self._release((stream,))
+            with self._lock:
+                self._busy.discard(stream)
+                if self._waiting:
+                    self._idle.notify_all()
 
     def _step(self, x: np.ndarray | Mapping[str, object], stream: Hashable) -> dict[str, np.ndarray]:
         """:meth:`step` of a stream this call holds."""
