@@ -1,16 +1,18 @@
 """Stepwise inference of stateful ONNX models with onnxruntime (numpy and onnxruntime only, never torch).
 
 :class:`StreamingSession` carries the state of many streams between steps and batches steps of several streams
-into one call; :func:`generate` samples text from a character language model.
+into one call; :func:`generate` samples text from a character language model, :func:`read_text` reads text
+through one.
 
-Modules: ``session`` (the session), ``bound`` (state in bound buffers: IOBinding, CUDA graphs),
-``discovery`` (which inputs and outputs are states), ``specs`` (tensor and state descriptions, input checks),
+Modules: ``session`` (the session), ``stores`` (where a stream's state lives between steps: host arrays,
+IOBinding buffers, CUDA device buffers, CUDA graphs), ``discovery`` (which inputs and outputs are states),
+``metadata`` (the ``rnndeploy.*`` metadata, checked), ``specs`` (tensor and state descriptions, input checks),
 ``normalization`` (a forecaster's original units), ``providers`` (execution providers, loading a model),
 ``errors``, ``generate``, ``testing`` (small ONNX models for tests).
 """
 
 from rnndeploy.runtime.errors import ModelError, ProviderError, StepInputError
-from rnndeploy.runtime.generate import GenerateError, generate, vocabulary
+from rnndeploy.runtime.generate import GenerateError, generate, read_text, vocabulary
 from rnndeploy.runtime.normalization import Normalization
 from rnndeploy.runtime.providers import (
     available_providers,
@@ -33,6 +35,7 @@ __all__ = [
     "available_providers",
     "default_session_options",
     "generate",
+    "read_text",
     "resolve_providers",
     "usable_providers",
     "vocabulary",

@@ -6,11 +6,11 @@ input of the next. :func:`state_pairs` finds the pairs and the batch axis of eac
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 
 from rnndeploy.runtime.errors import ModelError
+from rnndeploy.runtime.metadata import StateEntry
 from rnndeploy.runtime.specs import StatePair, TensorSpec
 
 # Naming conventions for state pairs, tried in order: (input pattern, output template).
@@ -29,7 +29,7 @@ _BATCH_NAMES = ("batch", "batch_size", "N", "B", "n", "b")
 
 def state_pairs(
     states: Mapping[str, str] | None,
-    metadata: Mapping[str, str],
+    described: tuple[StateEntry, ...] | None,
     inputs: dict[str, TensorSpec],
     outputs: dict[str, TensorSpec],
     constants: set[str],
@@ -39,27 +39,23 @@ def state_pairs(
 
     Args:
         states: an explicit ``{state_input: state_output}`` mapping, or None to use ``metadata`` / names.
-        metadata: the model's ``custom_metadata_map``.
+        described: the model's checked ``rnndeploy.states`` metadata (:func:`read_metadata`), None if absent.
         inputs, outputs: the graph's inputs and outputs by name.
         constants: names of inputs fixed for the whole session.
         batch_axes: batch axis per state input, where neither metadata nor the graph tells it.
     """
-    pairs = _find_pairs(states, metadata, inputs, outputs, constants)
+    pairs = _find_pairs(states, described, inputs, outputs, constants)
     data_names = [n for n in inputs if n not in constants and n not in {p[0] for p in pairs}]
     if not data_names:
         raise ModelError("the model has no input left for step data once states and constants are removed")
-    described = {}
-    if states is None and "rnndeploy.states" in metadata:
-        described = {d["input"]: d for d in json.loads(metadata["rnndeploy.states"])}
-    made = tuple(
-        _make_pair(i, o, inputs, outputs, data_names, batch_axes, described.get(i, {})) for i, o in pairs
-    )
+    entries = {d.input: d for d in described} if states is None and described is not None else {}
+    made = tuple(_make_pair(i, o, inputs, outputs, data_names, batch_axes, entries.get(i)) for i, o in pairs)
     return made, data_names
 
 
 def _find_pairs(
     states: Mapping[str, str] | None,
-    metadata: Mapping[str, str],
+    described: tuple[StateEntry, ...] | None,
     inputs: dict[str, TensorSpec],
     outputs: dict[str, TensorSpec],
     constants: set[str],
@@ -67,14 +63,8 @@ def _find_pairs(
     if states is not None:
         pairs = list(states.items())
         source = "the states mapping"
-    elif "rnndeploy.states" in metadata:
-        try:
-            described = json.loads(metadata["rnndeploy.states"])
-            pairs = [(d["input"], d["output"]) for d in described]
-        except (json.JSONDecodeError, TypeError, KeyError) as err:
-            raise ModelError(
-                f"metadata rnndeploy.states is not a JSON list of {{input, output}}: {err}"
-            ) from err
+    elif described is not None:
+        pairs = [(d.input, d.output) for d in described]
         source = "metadata rnndeploy.states"
     else:
         pairs = _infer_pairs(inputs, outputs, constants)
@@ -110,7 +100,7 @@ def _make_pair(
     outputs: dict[str, TensorSpec],
     data_names: list[str],
     batch_axes: Mapping[str, int],
-    described: dict,
+    described: StateEntry | None,
 ) -> StatePair:
     spec_in, spec_out = inputs[name_in], outputs[name_out]
     if spec_in.dtype != spec_out.dtype:
@@ -125,16 +115,16 @@ def _make_pair(
             f"state pair {name_in} -> {name_out}: shapes differ ({spec_in.describe()} vs {spec_out.describe()})"
         )
     shape = spec_in.shape
-    if len(described.get("shape", ())) == len(shape):
+    if described is not None and described.shape is not None and len(described.shape) == len(shape):
         # Fixed sizes from the graph win; the metadata fills dims the graph leaves dynamic.
         shape = tuple(
             g if isinstance(g, int) or not isinstance(m, int) else m
-            for g, m in zip(shape, described["shape"], strict=False)
+            for g, m in zip(shape, described.shape, strict=False)
         )
     if name_in in batch_axes:
         axis = batch_axes[name_in]
-    elif "batch_axis" in described:
-        axis = described["batch_axis"]
+    elif described is not None and described.batch_axis is not None:
+        axis = described.batch_axis
     else:
         axis = _infer_batch_axis(spec_in, [inputs[n] for n in data_names])
     if not isinstance(axis, int) or not -len(shape) <= axis < len(shape):

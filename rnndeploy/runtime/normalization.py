@@ -8,13 +8,13 @@ predictions back out.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from rnndeploy.runtime.errors import ModelError
+from rnndeploy.runtime.metadata import ModelMetadata, quote, read_metadata
 from rnndeploy.runtime.specs import TensorSpec
 
 
@@ -30,30 +30,22 @@ class Normalization:
 
     @classmethod
     def from_metadata(
-        cls, metadata: Mapping[str, str], inputs: dict[str, TensorSpec], outputs: dict[str, TensorSpec]
+        cls,
+        metadata: Mapping[str, str] | ModelMetadata,
+        inputs: dict[str, TensorSpec],
+        outputs: dict[str, TensorSpec],
     ) -> Normalization | None:
         """The normalization the metadata describes, or None (no statistics: a text model, a foreign graph).
 
+        ``metadata``: the graph's ``custom_metadata_map``, or it already checked (:func:`read_metadata`).
         Float step inputs are normalised; float outputs are mapped back for a regression model (task
-        ``regression``, or no task recorded). A feature axis that does not fit the statistics is a
-        :class:`ModelError`.
+        ``regression``, or no task recorded). A feature axis that does not fit the statistics, or statistics
+        that are not finite or whose std is 0 in an input's dtype, is a :class:`ModelError`.
         """
-        try:
-            stats = json.loads(metadata.get("rnndeploy.data_stats", "{}"))
-        except json.JSONDecodeError as error:
-            raise ModelError(f"metadata rnndeploy.data_stats is not JSON: {error}") from error
-        if not isinstance(stats, dict) or "mean" not in stats or "std" not in stats:
+        checked = metadata if isinstance(metadata, ModelMetadata) else read_metadata(metadata)
+        mean, std = checked.mean, checked.std
+        if mean is None or std is None:
             return None
-        try:
-            mean = np.atleast_1d(np.asarray(stats["mean"], np.float64))
-            std = np.atleast_1d(np.asarray(stats["std"], np.float64))
-        except (TypeError, ValueError) as error:
-            raise ModelError(f"metadata rnndeploy.data_stats mean/std are not numbers: {error}") from error
-        if mean.ndim != 1 or mean.shape != std.shape or not np.all(std > 0):
-            raise ModelError(
-                f"metadata rnndeploy.data_stats needs mean and std of equal length [F] with std > 0; got "
-                f"mean {mean.tolist()}, std {std.tolist()}"
-            )
         floats = [s for s in inputs.values() if s.dtype.kind == "f"]
         for spec in floats:
             width = spec.shape[-1] if spec.shape else None
@@ -62,9 +54,21 @@ class Normalization:
                     f"metadata rnndeploy.data_stats has {mean.size} features but input {spec.describe()} has "
                     f"{width}; open the model with normalize=False (CLI: --raw) to feed the graph raw values"
                 )
+        for dtype in {spec.dtype for spec in floats}:
+            # Inputs are normalised in their own dtype: a std that rounds to 0 there divides by zero.
+            with np.errstate(over="ignore", under="ignore"):
+                cast_mean, cast_std = mean.astype(dtype), std.astype(dtype)
+            if not (
+                np.all(np.isfinite(cast_mean)) and np.all(np.isfinite(cast_std)) and np.all(cast_std > 0)
+            ):
+                raise ModelError(
+                    f"metadata rnndeploy.data_stats does not fit the model's {dtype.name} inputs: in "
+                    f"{dtype.name} every mean must be finite and every std finite and > 0; got mean "
+                    f"{quote(mean.tolist())}, std {quote(std.tolist())}"
+                )
         if not floats:
             return None
-        regression = metadata.get("rnndeploy.task", "regression") == "regression"
+        regression = (checked.task or "regression") == "regression"
         mapped_out = tuple(
             s.name
             for s in outputs.values()

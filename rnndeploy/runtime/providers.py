@@ -7,7 +7,9 @@ model becomes a :class:`ProviderError` / :class:`ModelError` that says why and w
 from __future__ import annotations
 
 import ctypes
+import io
 import os
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -148,9 +150,35 @@ def load_session(source: str | bytes, options: ort.SessionOptions, providers: li
         return ort.InferenceSession(source, options, providers=providers, disabled_optimizers=disabled)
     except ORT_ERRORS as error:
         what = f"{source} is" if isinstance(source, str) else f"the given {len(source)} bytes are"
+        if is_torch_checkpoint(source):
+            named = source if isinstance(source, str) else "CHECKPOINT.pt"
+            raise ModelError(
+                f"{what} a PyTorch training checkpoint, not an ONNX model: export it first with "
+                f"`rnndeploy export {named} -o model.onnx` and give the .onnx file"
+            ) from None
         raise ModelError(f"{what} not an ONNX model onnxruntime can load: {error}") from error
     finally:
         ort.set_default_logger_severity(_ORT_DEFAULT_LOG_SEVERITY)
+
+
+def is_torch_checkpoint(source: str | bytes) -> bool:
+    """Whether ``source`` (a path or the file's bytes) is a file ``torch.save`` wrote: a zip archive with a
+    ``data.pkl`` record, or a bare pickle (torch's legacy format). Read without torch and without unpickling."""
+    try:
+        if isinstance(source, str):
+            with open(source, "rb") as fh:
+                head = fh.read(4)
+            archive = source
+        else:
+            head, archive = bytes(source[:4]), io.BytesIO(source)
+        if head[:1] == b"\x80":  # pickle protocol 2+ opcode
+            return True
+        if head != b"PK\x03\x04":
+            return False
+        with zipfile.ZipFile(archive) as zf:
+            return any(name == "data.pkl" or name.endswith("/data.pkl") for name in zf.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- float16 scan

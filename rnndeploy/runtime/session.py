@@ -8,10 +8,10 @@ holds its rows of the batch's state outputs (``_Rows``) until it steps alone or 
 How a step runs:
 - A step's input signature (names, dtypes, shapes) is validated once and cached; a later step with the same
   signature goes straight to the run.
-- On the CPU, with states of fixed size (every RNN/LSTM/GRU), each stream keeps its state in two bound
-  buffers and each input signature gets two ``IOBinding`` s that write the new state into the other buffer
-  (ping-pong): a step copies its input into a bound buffer, runs, and copies the outputs out. On CUDA the
-  state stays on the device (:mod:`rnndeploy.runtime.bound`), optionally replayed as CUDA graphs.
+- Each session picks one state store when it opens (:mod:`rnndeploy.runtime.stores`): host arrays and
+  ``run()``; on the CPU with states of fixed size (every RNN/LSTM/GRU) two bound buffers per stream, written in
+  turn through ``IOBinding`` (ping-pong); on CUDA device buffers, optionally replayed as CUDA graphs. A single
+  stream's step is the store's; batched steps run on host arrays here, and the store takes each stream's rows.
 """
 
 from __future__ import annotations
@@ -19,15 +19,16 @@ from __future__ import annotations
 import itertools
 import operator
 import os
+import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from rnndeploy.runtime.bound import CpuSlot, CudaGraphSlot, capture_cuda_graphs, output_shapes, run_bound
 from rnndeploy.runtime.discovery import state_pairs
 from rnndeploy.runtime.errors import ORT_RUN_ERRORS, ModelError, ProviderError, StepInputError, step_error
+from rnndeploy.runtime.metadata import ModelMetadata, read_metadata
 from rnndeploy.runtime.normalization import Normalization
 from rnndeploy.runtime.providers import (
     GPU_PROVIDERS,
@@ -42,12 +43,13 @@ from rnndeploy.runtime.specs import (
     check_dtype,
     check_shape,
     shape_without,
+    signature_key,
     spec,
     with_batch_axis,
 )
+from rnndeploy.runtime.stores import CpuBoundStore, CudaGraphStore, DeviceStore, Graph, HostStore, StateStore
 
 _MAX_SIGNATURES = 256  # validated input signatures kept per session
-_MAX_SLOTS = 4  # input shapes per stream with bound buffers (a prompt chunk and single steps need two)
 
 
 class _Signature:
@@ -63,34 +65,16 @@ _SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
 
 
 class _Stream:
-    """One stream's state: its rows of a batch's outputs (``rows``, after :meth:`StreamingSession.step_many`),
-    else host arrays (``state``: on the CPU, the current ping-pong buffer when bound), or device OrtValues
-    (``device_state``, on CUDA)."""
+    """One stream: its batch size, and its state: its rows of a batch's outputs (``rows``, after
+    :meth:`StreamingSession.step_many`), else what the session's state store keeps for it (``cell``)."""
 
-    __slots__ = (
-        "batch",
-        "state",
-        "buffers",
-        "current",
-        "slots",
-        "rows",
-        "row",
-        "device_state",
-        "spare",
-        "graph",
-    )
+    __slots__ = ("batch", "cell", "rows", "row")
 
     def __init__(self) -> None:
         self.batch: int | None = None
-        self.state: dict[str, np.ndarray] = {}
-        self.buffers: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
-        self.current = 0
-        self.slots: dict[tuple, CpuSlot] = {}
+        self.cell: object | None = None
         self.rows: _Rows | None = None  # after step_many: the state is row ``row`` of these (host) arrays
         self.row = 0
-        self.device_state: dict[str, ort.OrtValue] = {}
-        self.spare: dict[str, ort.OrtValue] = {}
-        self.graph: CudaGraphSlot | None = None
 
 
 class _Rows:
@@ -162,6 +146,17 @@ class StreamingSession:
     The main (data) inputs are the graph inputs that are neither states nor constants. ``step`` takes them
     with or without the batch axis (then outputs come without it too); a stream's batch size is fixed by its
     first step. Outputs are the graph outputs that are not states.
+
+    Attributes beyond the arguments: ``metadata`` (the graph's ``custom_metadata_map`` as it is), ``head`` and
+    ``vocab`` / ``vocab_size`` (from ``rnndeploy.config`` / ``rnndeploy.vocab``, checked at load: bad
+    ``rnndeploy.*`` metadata is a :class:`ModelError`, never a silently missing vocabulary), ``inputs``,
+    ``outputs``, ``states``, ``normalization``.
+
+    Threads: a session may be shared. Calls that step the same stream (:meth:`step`, :meth:`step_many`,
+    :meth:`step_stacked`, and :meth:`reset`, :meth:`close`, :meth:`get_state`) run one after another: a call
+    waits until no other call holds any of its streams, then holds all of them until it returns. Calls on
+    distinct streams run onnxruntime at the same time; only the short bookkeeping around each run (which
+    stream holds which rows of a batch's state) takes a session-wide lock.
     """
 
     def __init__(
@@ -210,6 +205,7 @@ class StreamingSession:
             )
         self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
         self.metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
+        checked = read_metadata(self.metadata)
         graph_inputs = {a.name: spec(a) for a in self._session.get_inputs()}
         graph_outputs = {a.name: spec(a) for a in self._session.get_outputs()}
 
@@ -230,7 +226,7 @@ class StreamingSession:
 
         self.states: tuple[StatePair, ...]
         self.states, data_names = state_pairs(
-            states, self.metadata, graph_inputs, graph_outputs, set(constants), batch_axes or {}
+            states, checked.states, graph_inputs, graph_outputs, set(constants), batch_axes or {}
         )
         batch_dim = self.states[0].shape[self.states[0].batch_axis]
         self.inputs: dict[str, TensorSpec] = {
@@ -240,12 +236,23 @@ class StreamingSession:
         self.outputs: dict[str, TensorSpec] = {
             n: with_batch_axis(s, batch_dim) for n, s in graph_outputs.items() if n not in state_outputs
         }
-        self._output_names = list(self.outputs) + [p.output for p in self.states]
         self._streams: dict[Hashable, _Stream] = {}
+        # ``_lock`` guards the streams' bookkeeping (``_streams``, the rows blocks, ``_busy``): ``_open``,
+        # ``_store``, ``_load``, ``_adopt``, ``_gather`` and ``_forget`` run with it held, since a rows block is
+        # shared by streams that other calls may hold. ``_busy`` holds the streams a call is stepping, which other
+        # calls wait for (``_idle``); onnxruntime runs outside the lock.
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._busy: set[Hashable] = set()
+        self._waiting = 0
         self._signatures: dict[tuple, _Signature] = {}
         self.normalization: Normalization | None = (
-            Normalization.from_metadata(self.metadata, self.inputs, self.outputs) if normalize else None
+            Normalization.from_metadata(checked, self.inputs, self.outputs) if normalize else None
         )
+        self.head: str | None = checked.head
+        self.vocab: list[str] | None = None if checked.vocab is None else list(checked.vocab)
+        self.vocab_size: int | None = checked.vocab_size
+        self._check_vocab(checked)
 
         fixed = self._fixed_states = all(p.fixed for p in self.states)
         if self.device == "cpu" and io_binding and not fixed:
@@ -254,27 +261,93 @@ class StreamingSession:
                 f"{[p.input for p in self.states if not p.fixed]} grow: use io_binding=False"
             )
         self.io_binding = (self.device == "cuda" or fixed) if io_binding is None else io_binding
-        self._cpu_bound = self.io_binding and self.device == "cpu"
-        self._host_state = self._cpu_bound or not self.io_binding  # stream states are host arrays
         self.cuda_graph = cuda_graph
         if cuda_graph and self.device != "cuda":
             raise ProviderError(
                 "cuda_graph=True needs the session to run on CUDA; it runs on " + self.providers[0]
             )
-        self._device_constants = {n: self._to_device(a) for n, a in self.constants.items()}
-        self._next_graph_id = 1
+        self._graph = Graph(
+            session=self._session,
+            device=self.device,
+            states=self.states,
+            inputs=self.inputs,
+            outputs=self.outputs,
+            output_names=list(self.outputs) + [p.output for p in self.states],
+            constants=self.constants,
+            device_constants={
+                n: ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for n, a in self.constants.items()
+            },
+            normalization=self.normalization,
+        )
+        kind: type[StateStore]
+        if not self.io_binding:
+            kind = HostStore
+        elif self.device == "cpu":
+            kind = CpuBoundStore
+        else:
+            kind = CudaGraphStore if cuda_graph else DeviceStore
+        self._state_store: StateStore = kind(self._graph)
+
+    def _check_vocab(self, checked: ModelMetadata) -> None:
+        """A language model's vocabulary must match its output: one score per token id."""
+        if checked.task != "lm" or self.vocab_size is None or not self.outputs:
+            return
+        output = self.outputs.get("output") or next(iter(self.outputs.values()))
+        scores = output.shape[-1] if output.shape else None
+        if isinstance(scores, int) and scores != self.vocab_size:
+            source = "rnndeploy.vocab" if self.vocab is not None else "rnndeploy.config"
+            raise ModelError(
+                f"metadata {source} gives {self.vocab_size} token ids but the language model's output "
+                f"{output.describe()} scores {scores}"
+            )
+
+    def check_tokens(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Refuse token ids outside ``[0, vocab_size)`` in the integer inputs of ``arrays`` (``{input: array}``).
+
+        The graph's Gather would read a negative id from the end of the embedding table without a word, so a
+        caller that takes ids from users checks them here first. No check when the model's metadata gives no
+        vocabulary size.
+
+        Raises:
+            StepInputError: naming the input, the first id out of range and the range.
+        """
+        size = self.vocab_size
+        if size is None:
+            return
+        for name, array in arrays.items():
+            array = np.asarray(array)
+            if array.dtype.kind not in "iu" or not array.size or name not in self.inputs:
+                continue
+            if array.min() < 0 or array.max() >= size:
+                bad = array[(array < 0) | (array >= size)].flat[0]
+                raise StepInputError(
+                    f"input {name}: token id {bad} is outside the model's vocabulary [0, {size})"
+                )
 
     # ------------------------------------------------------------------ streams
     @property
     def streams(self) -> list[Hashable]:
         """Ids of the open streams."""
-        return list(self._streams)
+        with self._lock:
+            return list(self._streams)
 
     def reset(self, stream: Hashable = 0, state: Mapping[str, np.ndarray] | None = None) -> None:
-        """Start ``stream`` again from zero state, or from ``state`` (``{state_input: array}``, all pairs)."""
-        self._forget(stream)
-        if state is None:
-            return
+        """Start ``stream`` again from zero state, or from ``state`` (``{state_input: array}``, all pairs).
+
+        A bad ``state`` (:class:`StepInputError`) leaves the stream as it was."""
+        arrays = self._checked_state(stream, state) if state is not None else None
+        self._claim((stream,))
+        try:
+            with self._lock:
+                self._forget(stream)
+                if arrays is not None:
+                    batch = arrays[self.states[0].input].shape[self.states[0].batch_axis]
+                    self._store(self._open(stream, batch), arrays)
+        finally:
+            self._release((stream,))
+
+    def _checked_state(self, stream: Hashable, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``state`` for :meth:`reset`, checked against the state pairs, as contiguous arrays."""
         missing = sorted({p.input for p in self.states} - set(state))
         if missing:
             raise StepInputError(f"reset({stream!r}, state=...) misses state inputs {missing}")
@@ -291,20 +364,51 @@ class StreamingSession:
                 )
             batch = array.shape[pair.batch_axis]
             arrays[pair.input] = np.ascontiguousarray(array)
-        entry = self._open(stream, batch)
-        self._store(entry, arrays)
+        return arrays
 
     def close(self, stream: Hashable = 0) -> None:
         """Forget ``stream`` and free its state."""
-        if self._forget(stream) is None:
-            raise KeyError(f"stream {stream!r} is not open; open streams: {self.streams[:10]}")
+        self._claim((stream,))
+        try:
+            with self._lock:
+                if self._forget(stream) is None:
+                    open_ = list(self._streams)[:10]
+                    raise KeyError(f"stream {stream!r} is not open; open streams: {open_}")
+        finally:
+            self._release((stream,))
 
     def get_state(self, stream: Hashable = 0) -> dict[str, np.ndarray]:
         """A copy of ``stream``'s state, ``{state_input: array}`` (zeros for a stream not stepped yet)."""
-        entry = self._streams.get(stream)
-        if entry is None or entry.batch is None:
-            return {p.input: p.initial(1) for p in self.states}
-        return {k: v.copy() for k, v in self._load(entry).items()}
+        self._claim((stream,))
+        try:
+            with self._lock:
+                entry = self._streams.get(stream)
+                if entry is None or entry.batch is None:
+                    return {p.input: p.initial(1) for p in self.states}
+                return {k: v.copy() for k, v in self._load(entry).items()}
+        finally:
+            self._release((stream,))
+
+    def _claim(self, streams: Iterable[Hashable]) -> None:
+        """Wait until no other call holds any of ``streams``, then hold them until :meth:`_release`."""
+        with self._lock:
+            self._wait_for(streams)
+            self._busy.update(streams)
+
+    def _wait_for(self, streams: Iterable[Hashable]) -> None:
+        """With ``_lock`` held: wait until no other call holds any of ``streams``."""
+        while not self._busy.isdisjoint(streams):
+            self._waiting += 1
+            try:
+                self._idle.wait()
+            finally:
+                self._waiting -= 1
+
+    def _release(self, streams: Iterable[Hashable]) -> None:
+        with self._lock:
+            self._busy.difference_update(streams)
+            if self._waiting:
+                self._idle.notify_all()
 
     def _forget(self, stream: Hashable) -> _Stream | None:
         entry = self._streams.pop(stream, None)
@@ -328,22 +432,7 @@ class StreamingSession:
 
     def _store(self, entry: _Stream, arrays: dict[str, np.ndarray]) -> None:
         self._drop_rows(entry)
-        if self._cpu_bound:
-            if entry.buffers is None or any(entry.state[k].shape != a.shape for k, a in arrays.items()):
-                entry.buffers = (
-                    {k: np.empty_like(a) for k, a in arrays.items()},
-                    {k: np.empty_like(a) for k, a in arrays.items()},
-                )
-                entry.current, entry.slots = 0, {}
-                entry.state = entry.buffers[0]
-            for name, array in arrays.items():
-                np.copyto(entry.state[name], array)
-        elif self.io_binding:
-            entry.device_state = {k: self._to_device(np.ascontiguousarray(a)) for k, a in arrays.items()}
-            entry.spare = {}
-            entry.graph = None
-        else:
-            entry.state = arrays
+        entry.cell = self._state_store.put(entry.cell, arrays)
 
     def _adopt(self, rows: _Rows, entries: list[_Stream]) -> None:
         """Point ``entries`` (the streams of ``rows.members``, in order) at their rows of ``rows``."""
@@ -379,12 +468,7 @@ class StreamingSession:
     def _load(self, entry: _Stream) -> dict[str, np.ndarray]:
         if entry.rows is not None:  # its state is still rows of a batched run's outputs: take them over
             self._store(entry, entry.rows.materialize(entry.row, self.states))
-        if not self._host_state:
-            return {k: v.numpy() for k, v in entry.device_state.items()}
-        return entry.state
-
-    def _to_device(self, array: np.ndarray) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+        return self._state_store.get(entry.cell)
 
     # ------------------------------------------------------------------ inputs
     def check_input(self, x: np.ndarray | Mapping[str, object]) -> tuple[dict[str, np.ndarray], int, bool]:
@@ -393,7 +477,7 @@ class StreamingSession:
         A signature (names, dtypes, shapes of numpy arrays) seen before is not checked again. Raises
         :class:`StepInputError` naming the input, the expected and the given shape or dtype.
         """
-        key = _signature_key(x)
+        key = signature_key(x)
         signature = self._signatures.get(key) if key is not None else None
         if signature is None:
             arrays, batch, added = self._check_input(x)
@@ -467,86 +551,54 @@ class StreamingSession:
         Returns:
             ``{output_name: array}`` for the non-state outputs, e.g. ``output`` ``[B, T, V]`` (``[T, V]`` when
             the batch axis was left out of ``x``).
+
+        Steps of one stream from several threads run one after another (see the class docstring).
         """
+        # _claim and _release for one stream, spelled out: this is the per-step hot path.
+        with self._lock:
+            if stream in self._busy:
+                self._wait_for((stream,))
+            self._busy.add(stream)
+        try:
+            return self._step(x, stream)
+        finally:
+            with self._lock:
+                self._busy.discard(stream)
+                if self._waiting:
+                    self._idle.notify_all()
+
+    def _step(self, x: np.ndarray | Mapping[str, object], stream: Hashable) -> dict[str, np.ndarray]:
+        """:meth:`step` of a stream this call holds."""
         entry = self._streams.get(stream)
-        if self._cpu_bound and entry is not None:
-            key = _signature_key(x)
-            slot = entry.slots.get(key)
-            if slot is not None:  # this stream ran this signature before: no checks, no allocations
-                if entry.rows is not None:
+        store = self._state_store
+        if entry is not None:
+            if entry.rows is not None:
+                with self._lock:
                     self._load(entry)
-                try:
-                    slot.run(x, entry.current)
-                except ORT_RUN_ERRORS as error:
-                    raise step_error(error, {stream: self.check_input(x)[0]}) from error
-                entry.current ^= 1
-                entry.state = entry.buffers[entry.current]
-                return slot.outputs()
+            try:  # a signature this stream ran before: no checks, no allocations (where the store can)
+                outs = store.step_again(entry.cell, x)
+            except ORT_RUN_ERRORS as error:
+                raise step_error(error, {stream: self.check_input(x)[0]}) from error
+            if outs is not None:
+                return outs
         arrays, batch, added = self.check_input(x)
         new = entry is None
-        entry = self._open(stream, batch)
-        if entry.rows is not None:
-            self._load(entry)
+        with self._lock:
+            entry = self._open(stream, batch)
+            if entry.rows is not None:
+                self._load(entry)
         try:
-            if self._cpu_bound:
-                return self._run_cpu_bound(entry, x, arrays, added)
-            if self.cuda_graph:
-                outs = self._run_cuda_graph(entry, arrays)
-            elif self.io_binding:
-                outs = run_bound(self, entry, self._normalized(arrays))
-            else:
-                feed = {**self._normalized(arrays), **self.constants, **entry.state}
-                results = self._session.run(self._output_names, feed)
-                n = len(self.outputs)
-                outs = dict(zip(self.outputs, results[:n], strict=False))
-                entry.state = {p.input: r for p, r in zip(self.states, results[n:], strict=False)}
+            return store.step(entry.cell, x, arrays, added)
         except ORT_RUN_ERRORS as error:
             if new:  # a failed first step leaves no stream behind
-                self._streams.pop(stream, None)
+                with self._lock:
+                    self._streams.pop(stream, None)
             raise step_error(error, {stream: arrays}) from error
         except BaseException:
             if new:  # a failed first step leaves no stream behind
-                self._streams.pop(stream, None)
+                with self._lock:
+                    self._streams.pop(stream, None)
             raise
-        outs = self._denormalized(outs)
-        return self._strip(outs) if added else outs
-
-    def _run_cpu_bound(
-        self, entry: _Stream, x: np.ndarray | Mapping, arrays: dict[str, np.ndarray], added: bool
-    ) -> dict[str, np.ndarray]:
-        """A step on the CPU with bound state buffers; creates the stream's slot for this signature."""
-        key = _signature_key(x)
-        if key is None:  # not numpy arrays (lists, scalars): the slot takes the converted arrays
-            x, key = arrays, ("converted", added, _signature_key(arrays))
-        slot = entry.slots.get(key)
-        if slot is None:
-            shapes = output_shapes(self, arrays)
-            given = {
-                n: a.shape for n, a in (x.items() if isinstance(x, Mapping) else [(next(iter(arrays)), x)])
-            }
-            slot = CpuSlot(self, entry.buffers, arrays, given, shapes, added)
-            if (
-                shapes is not None
-            ):  # outputs of unknown shape: onnxruntime allocates them, the slot is one-off
-                if len(entry.slots) >= _MAX_SLOTS:
-                    entry.slots.clear()
-                entry.slots[key] = slot
-        slot.run(x, entry.current)
-        entry.current ^= 1
-        entry.state = entry.buffers[entry.current]
-        return slot.outputs()
-
-    def _normalized(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.normalization is None:
-            return arrays
-        names = self.normalization.inputs
-        return {n: self.normalization.normalize(a) if n in names else a for n, a in arrays.items()}
-
-    def _denormalized(self, outs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.normalization is None:
-            return outs
-        names = self.normalization.outputs
-        return {n: self.normalization.denormalize(a) if n in names else a for n, a in outs.items()}
 
     def step_many(
         self, xs: Mapping[Hashable, np.ndarray | Mapping[str, object]]
@@ -562,14 +614,28 @@ class StreamingSession:
         after every call succeeded, so a failed step (a bad input, or one onnxruntime rejects:
         :class:`StepInputError`) changes no stream's state and opens no stream.
 
+        A call holds all of its streams while it runs: calls from other threads that step any of them wait
+        (see the class docstring).
+
         Args:
             xs: ``{stream: x}`` with ``x`` as for :meth:`step`.
         Returns:
             ``{stream: {output_name: array}}``.
         """
-        if self._cpu_bound and len(xs) == 1:  # nothing to batch: the bound single-stream path is faster
+        members = list(xs)
+        self._claim(members)
+        try:
+            return self._step_many(xs)
+        finally:
+            self._release(members)
+
+    def _step_many(
+        self, xs: Mapping[Hashable, np.ndarray | Mapping[str, object]]
+    ) -> dict[Hashable, dict[str, np.ndarray]]:
+        """:meth:`step_many` of streams this call holds."""
+        if self._state_store.lone_step_faster and len(xs) == 1:  # nothing to batch
             ((stream, x),) = xs.items()
-            return {stream: self.step(x, stream)}
+            return {stream: self._step(x, stream)}
         results = self._step_many_uniform(xs)
         if results is not None:
             return results
@@ -580,13 +646,14 @@ class StreamingSession:
             if entry is not None and entry.batch is not None and entry.batch != batch:
                 raise StepInputError(f"stream {stream!r} has batch size {entry.batch}, this step has {batch}")
         if self.cuda_graph:  # each stream replays its own captured graphs on fixed device buffers
-            return {s: self.step(x, stream=s) for s, x in xs.items()}
+            return {s: self._step(x, s) for s, x in xs.items()}
         fixed = self._fixed_states
         groups: dict[tuple, list[Hashable]] = {}
         for stream, (arrays, _, _) in checked.items():
             key = tuple(shape_without(a.shape, self.inputs[n].batch_axis) for n, a in arrays.items())
             if not fixed:
-                state = self._current_state(stream, checked[stream][1])
+                with self._lock:
+                    state = self._current_state(stream, checked[stream][1])
                 key += tuple(shape_without(state[p.input].shape, p.batch_axis) for p in self.states)
             groups.setdefault(key, []).append(stream)
 
@@ -602,13 +669,14 @@ class StreamingSession:
                     n: np.concatenate([checked[s][0][n] for s in members], axis=tensor.batch_axis)
                     for n, tensor in self.inputs.items()
                 }
-            feed = self._normalized(feed)
-            feed.update(self._gather(members, [self._streams.get(s) for s in members], batches))
+            feed = self._graph.normalized(feed)
+            with self._lock:
+                feed.update(self._gather(members, [self._streams.get(s) for s in members], batches))
             try:
-                outs = self._session.run(self._output_names, {**feed, **self.constants})
+                outs = self._session.run(self._graph.output_names, {**feed, **self.constants})
             except ORT_RUN_ERRORS as error:
                 raise step_error(error, {s: checked[s][0] for s in members}) from error
-            outputs = self._denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
+            outputs = self._graph.denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
             rows = _Rows(
                 {p.input: o for p, o in zip(self.states, outs[n_out:], strict=True)}, members, batches
             )
@@ -621,13 +689,14 @@ class StreamingSession:
                 }
                 start += batch
             stored.append((members, rows))
-        for members, rows in stored:
-            entries = [self._open(stream, batch) for stream, batch in zip(members, rows.batches, strict=True)]
-            if not self._host_state:  # device state: copied back per stream
-                for k, entry in enumerate(entries):
-                    self._store(entry, rows.materialize(k, self.states))
-            else:
-                self._adopt(rows, entries)
+        with self._lock:
+            for members, rows in stored:
+                entries = [self._open(s, batch) for s, batch in zip(members, rows.batches, strict=True)]
+                if not self._state_store.host:  # device state: copied back per stream
+                    for k, entry in enumerate(entries):
+                        self._store(entry, rows.materialize(k, self.states))
+                else:
+                    self._adopt(rows, entries)
         return {s: results[s] for s in xs}
 
     def _step_many_uniform(
@@ -650,7 +719,7 @@ class StreamingSession:
         shape, dtype = first.shape, first.dtype
         if list(map(_SHAPE, values)) != [shape] * n or list(map(_DTYPE, values)) != [dtype] * n:
             return None
-        key = _signature_key(first)
+        key = signature_key(first)
         signature = self._signatures.get(key)
         if signature is None:  # validated once (a server's event loop may validate others meanwhile)
             signature = self._remember(key, *self._check_input(first))
@@ -697,6 +766,8 @@ class StreamingSession:
             StepInputError: a bad input (as :meth:`step`), rows not a multiple of the streams, a stream whose
                 batch size differs, or a step onnxruntime rejects; nothing changes then.
             ModelError: states that grow (use :meth:`step_many`), or ``cuda_graph`` (one graph per stream).
+
+        A call holds all of its streams while it runs, as :meth:`step_many` does.
         """
         members = list(streams)
         if not members:
@@ -717,7 +788,11 @@ class StreamingSession:
                 f"the stacked inputs have {rows} rows along the batch axis, not a multiple of the {n} streams"
             )
         stacked = {f"{n} streams, stacked": arrays}
-        return self._step_rows(members, arrays, rows // n, lambda: stacked, distinct=False)
+        self._claim(members)
+        try:
+            return self._step_rows(members, arrays, rows // n, lambda: stacked, distinct=False)
+        finally:
+            self._release(members)
 
     def _step_rows(
         self,
@@ -732,49 +807,53 @@ class StreamingSession:
         states). ``given()``: the inputs per stream, for the message of a step onnxruntime rejects.
         ``distinct=False``: ``members`` may repeat a stream (refused), unless they are the last batch's."""
         streams = self._streams
-        first = streams.get(members[0])
-        again = first.rows if first is not None and self._host_state else None
-        if again is not None and not (
-            again.uniform == batch and again.live == len(again.entries) and again.members == members
-        ):
-            again = None
-        # ``again``: the same streams stepped together last time, each still holding its rows of that batch's
-        # state outputs (so each has this batch size): their state is already stacked, and after the run the
-        # block takes the new state outputs in place, with nothing to do per stream.
-        if again is None:
-            if not distinct and len(set(members)) != len(members):
-                twice = sorted({repr(s) for s in members if members.count(s) > 1})
-                raise StepInputError(
-                    f"each stream steps at most once per call; {', '.join(twice)} appear twice"
-                )
-            entries = [streams.get(stream) for stream in members]
-            for stream, entry in zip(members, entries, strict=True):
-                if entry is not None and entry.batch != batch and entry.batch is not None:
+        with self._lock:
+            first = streams.get(members[0])
+            again = first.rows if first is not None and self._state_store.host else None
+            if again is not None and not (
+                again.uniform == batch and again.live == len(again.entries) and again.members == members
+            ):
+                again = None
+            # ``again``: the same streams stepped together last time, each still holding its rows of that
+            # batch's state outputs (so each has this batch size): their state is already stacked, and after
+            # the run the block takes the new state outputs in place, with nothing to do per stream.
+            if again is None:
+                if not distinct and len(set(members)) != len(members):
+                    twice = sorted({repr(s) for s in members if members.count(s) > 1})
                     raise StepInputError(
-                        f"stream {stream!r} has batch size {entry.batch}, this step has {batch}"
+                        f"each stream steps at most once per call; {', '.join(twice)} appear twice"
                     )
-        states = again.states if again is not None else self._gather(members, entries, [batch] * len(members))
+                entries = [streams.get(stream) for stream in members]
+                for stream, entry in zip(members, entries, strict=True):
+                    if entry is not None and entry.batch != batch and entry.batch is not None:
+                        raise StepInputError(
+                            f"stream {stream!r} has batch size {entry.batch}, this step has {batch}"
+                        )
+                states = self._gather(members, entries, [batch] * len(members))
+            else:
+                states = again.states
         try:
             outs = self._session.run(
-                self._output_names, {**self._normalized(feed), **states, **self.constants}
+                self._graph.output_names, {**self._graph.normalized(feed), **states, **self.constants}
             )
         except ORT_RUN_ERRORS as error:
             raise step_error(error, given()) from error
         n_out = len(self.outputs)
-        outputs = self._denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
+        outputs = self._graph.denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
         new_states = {p.input: o for p, o in zip(self.states, outs[n_out:], strict=True)}
-        if again is not None:
+        if again is not None:  # the block belongs to this call's streams alone: no other call touches it
             again.states = new_states
             return outputs
         rows = _Rows(new_states, members, [batch] * len(members), uniform=batch)
-        for k, entry in enumerate(entries):
-            if entry is None or entry.batch is None:
-                entries[k] = self._open(members[k], batch)
-        if self._host_state:
-            self._adopt(rows, entries)
-        else:  # device state: copied back per stream
+        with self._lock:
             for k, entry in enumerate(entries):
-                self._store(entry, rows.materialize(k, self.states))
+                if entry is None or entry.batch is None:
+                    entries[k] = self._open(members[k], batch)
+            if self._state_store.host:
+                self._adopt(rows, entries)
+            else:  # device state: copied back per stream
+                for k, entry in enumerate(entries):
+                    self._store(entry, rows.materialize(k, self.states))
         return outputs
 
     def _gather(
@@ -803,16 +882,6 @@ class StreamingSession:
         if entry is None or entry.batch is None:
             return {p.input: p.initial(batch) for p in self.states}
         return self._load(entry)
-
-    def _strip(self, outs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {n: np.squeeze(a, axis=self.outputs[n].batch_axis) for n, a in outs.items()}
-
-    def _run_cuda_graph(self, entry: _Stream, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        slot = entry.graph
-        if slot is None:
-            slot = entry.graph = capture_cuda_graphs(self, entry, arrays, self._next_graph_id)
-            self._next_graph_id += 2
-        return slot.replay(self._session, self.states, entry, self._normalized(arrays))
 
     def describe(self) -> dict:
         """Inputs, outputs, state pairs, constants, providers, normalization and metadata as a JSON-able dict."""
@@ -844,13 +913,4 @@ def _only(x: object, name: str) -> np.ndarray | None:
     """The array of ``{name: array}``, None for anything else."""
     if type(x) is dict and len(x) == 1:
         return x.get(name)
-    return None
-
-
-def _signature_key(x: object) -> tuple | None:
-    """What identifies a step input's signature: dtype and shape of each array (None: not all numpy)."""
-    if type(x) is np.ndarray:
-        return (x.dtype, x.shape)
-    if isinstance(x, Mapping) and all(type(v) is np.ndarray for v in x.values()):
-        return tuple((n, v.dtype, v.shape) for n, v in x.items())
     return None

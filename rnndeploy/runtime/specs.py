@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,3 +109,12 @@ def check_shape(spec: TensorSpec, array: np.ndarray, what: str) -> None:
             + (" (the batch axis may be left out)" if what == "step input" else "")
             + f", got {list(array.shape)}"
         )
+
+
+def signature_key(x: object) -> tuple | None:
+    """What identifies a step input's signature: dtype and shape of each array (None: not all numpy)."""
+    if type(x) is np.ndarray:
+        return (x.dtype, x.shape)
+    if isinstance(x, Mapping) and all(type(v) is np.ndarray for v in x.values()):
+        return tuple((n, v.dtype, v.shape) for n, v in x.items())
+    return None

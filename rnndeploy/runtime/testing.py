@@ -1,7 +1,8 @@
 """Small stateful ONNX models built with ``onnx.helper``, for tests, benchmarks and examples.
 
-They follow the ONNX contract of ``rnndeploy.export`` (``lstm_lm``) or deliberately break its naming
-(``scaled_rnn``), so the runtime and server can be tested without torch and without the exporter.
+They follow the ONNX contract of ``rnndeploy.export`` (``lstm_lm``), deliberately break its naming
+(``scaled_rnn``) or count their steps (``counter_rnn``), so the runtime and server can be tested without torch
+and without the exporter.
 """
 
 from __future__ import annotations
@@ -165,6 +166,51 @@ def scaled_rnn(
             helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", H]),
             helper.make_tensor_value_info(memory[1], TensorProto.FLOAT, ["N", H]),
             helper.make_tensor_value_info(total[1], TensorProto.FLOAT, ["N", H]),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def counter_rnn(hidden_size: int = 2) -> onnx.ModelProto:
+    """A model whose state counts its steps exactly: an Elman RNN with relu, input weights 0, recurrent weights
+    the identity and bias 1, so ``h_t = relu(h_{t-1} + 1) = h_{t-1} + 1`` whatever the input.
+
+    Inputs: ``x`` ``[batch, time, 1]`` float32, ``h0`` ``[batch, hidden_size]``. Outputs: ``y``
+    ``[batch, time, hidden_size]`` (the count after each step), ``hn``. Every element of ``hn`` equals the
+    number of time steps the stream has run (exact in float32 up to 2**24), so lost or repeated steps show.
+    """
+    H = hidden_size
+    inits = [
+        numpy_helper.from_array(np.zeros((1, H, 1), np.float32), "W"),
+        numpy_helper.from_array(np.eye(H, dtype=np.float32)[None], "R"),
+        numpy_helper.from_array(np.concatenate([np.ones(H), np.zeros(H)]).astype(np.float32)[None], "B"),
+        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["x_tbf"], perm=[1, 0, 2]),
+        helper.make_node("Unsqueeze", ["h0", "axis0"], ["h_init"]),
+        helper.make_node(
+            "RNN", ["x_tbf", "W", "R", "B", "", "h_init"], ["Y", "Y_h"], hidden_size=H, activations=["Relu"]
+        ),
+        helper.make_node("Squeeze", ["Y_h", "axis0"], ["hn"]),
+        helper.make_node("Squeeze", ["Y", "axis1"], ["y_tbh"]),
+        helper.make_node("Transpose", ["y_tbh"], ["y"], perm=[1, 0, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "counter_rnn",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "time", 1]),
+            helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["batch", H]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "time", H]),
+            helper.make_tensor_value_info("hn", TensorProto.FLOAT, ["batch", H]),
         ],
         inits,
     )

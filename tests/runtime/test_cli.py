@@ -184,8 +184,11 @@ def assert_no_onnxruntime_log(stderr: str) -> None:
     assert ":onnxruntime:" not in stderr and "\x1b[" not in stderr, f"onnxruntime logged: {stderr}"
 
 
-def test_a_step_onnxruntime_rejects_prints_only_our_error(lm_path):
-    result = rnndeploy("run", str(lm_path), stdin="99\n")
+def test_a_step_onnxruntime_rejects_prints_only_our_error(tmp_path):
+    model = testing.lstm_lm(hidden_size=7, num_layers=2, metadata=False)  # no vocabulary: ids go unchecked
+    path = tmp_path / "bare.onnx"
+    onnx.save(model, path)
+    result = rnndeploy("run", str(path), stdin="99\n")
     assert result.returncode == 1, result.stderr
     assert_no_onnxruntime_log(result.stderr)
     assert result.stderr.startswith("Error: step 0: the model cannot run this step"), result.stderr
@@ -207,3 +210,45 @@ def test_cuda_that_does_not_start_is_explained_in_cli_terms(lm_path):
 def test_serve_refuses_a_model_without_states(odd_path):
     result = CliRunner().invoke(main, ["serve", str(odd_path), "--port", "1"])
     assert result.exit_code == 1 and "no state pairs found" in result.output, result.output
+
+
+@pytest.mark.parametrize("token", [-1, len(VOCAB), 99])
+def test_run_refuses_token_ids_outside_the_vocabulary(lm_path, token):
+    result = CliRunner().invoke(main, ["run", str(lm_path)], input=f"1\n{token}\n")
+    assert result.exit_code == 1
+    assert (
+        f"step 1: input input: token id {token} is outside the model's vocabulary [0, {len(VOCAB)})"
+        in result.output
+    )
+    assert len(lines(result.output.split("Error")[0])) == 1, "step 0 ran, step 1 did not"
+
+
+def test_run_text_prints_the_argmax_next_character(lm_path):
+    text = "abba hg"
+    result = CliRunner().invoke(main, ["run", str(lm_path), "--text", text])
+    assert result.exit_code == 0, result.output
+    got = lines(result.output)
+    scores = reference_lm(lm_path, np.array([VOCAB.index(c) for c in text]))  # [T, V], the whole text at once
+    assert [g["input"] for g in got] == list(text)
+    assert [g["next"] for g in got] == [VOCAB[k] for k in scores.argmax(-1)]
+    np.testing.assert_allclose([g["log_prob"] for g in got], scores.max(-1), rtol=1e-5, atol=1e-5)
+    from_stdin = CliRunner().invoke(main, ["run", str(lm_path), "--text", "-"], input=text)
+    assert from_stdin.output == result.output
+
+
+def test_run_text_samples_reproducibly(lm_path):
+    args = ["run", str(lm_path), "--text", "abcabc", "--temperature", "1.5"]
+    first = CliRunner().invoke(main, [*args, "--seed", "3"])
+    assert first.exit_code == 0, first.output
+    assert first.output == CliRunner().invoke(main, [*args, "--seed", "3"]).output
+    assert all(g["next"] in VOCAB for g in lines(first.output))
+
+
+def test_run_text_refuses_characters_outside_the_vocabulary_and_other_models(lm_path, tmp_path):
+    result = CliRunner().invoke(main, ["run", str(lm_path), "--text", "abz"])
+    assert result.exit_code == 1
+    assert "--text: text characters ['z'] are not in the model's vocabulary" in result.output
+    inferred = tmp_path / "inferred.onnx"
+    onnx.save(testing.scaled_rnn(), inferred)
+    result = CliRunner().invoke(main, ["run", str(inferred), "--text", "a", "--const", "sample_rate=1"])
+    assert result.exit_code == 1 and "not a language model" in result.output, result.output

@@ -114,3 +114,62 @@ def test_statistics_that_do_not_fit_the_input_are_refused(tmp_path):
     with pytest.raises(ModelError, match=r"2 features but input input: float32\[batch, time, 3\] has 3"):
         StreamingSession(path)
     assert StreamingSession(path, normalize=False).normalization is None
+
+
+def test_run_reads_a_csv_with_a_header_and_names_the_columns(forecaster, tmp_path):
+    ckpt, path, rows = forecaster
+    csv = tmp_path / "steps.csv"
+    csv.write_text("level,change\n" + "".join(f"{a!r},{b!r}\n" for a, b in rows.tolist()))
+    result = CliRunner().invoke(main, ["run", str(path), "--input", str(csv)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert [line["step"] for line in lines] == list(range(len(rows)))
+    assert all(list(line["output"]) == ["level", "change"] for line in lines)
+    got = np.array([[line["output"]["level"], line["output"]["change"]] for line in lines])
+    np.testing.assert_allclose(got, torch_forecast(ckpt, rows), **TOL)
+
+
+def test_run_reads_json_lines_of_named_fields(forecaster):
+    """Fields by name, in any order per line: the first line's order is the column order."""
+    ckpt, path, rows = forecaster
+    stdin = json.dumps({"level": float(rows[0, 0]), "change": float(rows[0, 1])}) + "\n"
+    stdin += "".join(json.dumps({"change": float(b), "level": float(a)}) + "\n" for a, b in rows[1:])
+    result = CliRunner().invoke(main, ["run", str(path)], input=stdin)
+    assert result.exit_code == 0, result.output
+    outputs = [json.loads(line)["output"] for line in result.output.splitlines()]
+    got = np.array([[out["level"], out["change"]] for out in outputs])
+    np.testing.assert_allclose(got, torch_forecast(ckpt, rows), **TOL)
+    stdin = json.dumps({"level": 1.0, "change": 2.0}) + "\n" + json.dumps({"level": 1.0, "other": 2.0}) + "\n"
+    result = CliRunner().invoke(main, ["run", str(path)], input=stdin)
+    assert result.exit_code == 1 and "every line needs the same fields" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("level,change\n1.0,x\n", "line 2: expected 2 numbers (columns ['level', 'change'])"),
+        ("level,change\n1.0,2.0,3.0\n", "line 2: expected 2 numbers"),
+        ("level,change\n", "has no data rows"),
+        ("1.0,nan\n", "line 1: expected 2 numbers"),
+    ],
+    ids=["not-a-number", "too-wide", "header-only", "nan"],
+)
+def test_run_refuses_a_bad_csv_naming_the_line(forecaster, tmp_path, text, message):
+    _, path, _ = forecaster
+    csv = tmp_path / "bad.csv"
+    csv.write_text(text)
+    result = CliRunner().invoke(main, ["run", str(path), "--input", str(csv)])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "allow_pickle" not in result.output
+
+
+@pytest.mark.parametrize("command", ["run", "info", "generate", "serve"])
+def test_a_training_checkpoint_is_named_as_one(forecaster, command):
+    ckpt_path = forecaster[1].with_name("model.pt")
+    extra = {"generate": ["--prompt", "a"], "serve": ["--port", "0", "--grpc-port", "0"]}.get(command, [])
+    result = CliRunner().invoke(main, [command, str(ckpt_path), *extra], input="1\n")
+    assert result.exit_code == 1, result.output
+    assert "is a PyTorch training checkpoint, not an ONNX model" in result.output, result.output
+    assert f"rnndeploy export {ckpt_path} -o model.onnx" in result.output
+    with pytest.raises(ModelError, match="PyTorch training checkpoint"):
+        StreamingSession(ckpt_path.read_bytes())
