@@ -35,7 +35,11 @@ def test_run_with_an_input_that_is_not_npy(tmp_path):
 def test_info_and_run_on_a_file_that_is_not_onnx(tmp_path):
     model = SequenceModel(ModelConfig(task="lm", vocab_size=5, embed_dim=3, hidden_size=4))
     ckpt = save_checkpoint(tmp_path / "m.pt", model, vocab=list("abcde"))
-    _fails_cleanly(["info", str(ckpt)], f"Error: {ckpt} is not an ONNX model onnxruntime can load")
+    _fails_cleanly(
+        ["info", str(ckpt)],
+        f"Error: {ckpt} is a PyTorch training checkpoint, not an ONNX model: "
+        f"export it first with `rnndeploy export {ckpt} -o model.onnx`",
+    )
     bad = tmp_path / "bad.onnx"
     bad.write_text("not a model")
     _fails_cleanly(["run", str(bad)], f"Error: {bad} is not an ONNX model onnxruntime can load")
@@ -48,9 +52,7 @@ def test_run_with_a_token_outside_the_vocabulary(tmp_path):
     assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
     assert "Traceback" not in result.output
     assert result.output.startswith('{"step": 0')
-    assert "Error: step 1: the model cannot run this step (stream 0: input int64[1, 1] with values in" in (
-        result.output
-    )
+    assert "Error: step 1: input input: token id 99999 is outside the model's vocabulary [0, 9)" in result.output
 
 
 def _checkpoint(tmp_path):
