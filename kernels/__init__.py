@@ -195,8 +195,8 @@ def triton_layer(
 
 
 # The measured dispatch table for backend="auto": (cell, dtype) -> {(batch, hidden)} where the Triton kernels
-# beat cuDNN on forward+backward in benchmarks/results/kernels.json. EMPTY: no GPU measurement exists yet
-# (benchmarks/gpu_session.sh produces one), so "auto" picks cuDNN everywhere until numbers say otherwise.
+# beat cuDNN on forward+backward in a GPU run of benchmarks/gpu_session.sh (benchmarks/results/kernels.json).
+# A shape that is not listed runs on cuDNN: the kernels are chosen only where a measurement shows them faster.
 MEASURED_FASTER: dict[tuple[str, torch.dtype], frozenset[tuple[int, int]]] = {}
 
 
