@@ -38,6 +38,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from rnndeploy.runtime import StreamingSession
 from rnndeploy.server.app import ModelServer, create_app
+from rnndeploy.server.metrics import start_metrics_server
 from rnndeploy.server.models import ModelSet
 from rnndeploy.server.protocol import Limits
 
@@ -252,10 +253,8 @@ def serve(
     metrics_url = f"http://{shown}:{bound_port}/metrics"
     metrics_server = None
     if metrics_port is not None:
-        from prometheus_client import start_http_server
-
         try:
-            metrics_server, _ = start_http_server(metrics_port, addr=host, registry=models.registry)
+            metrics_server = start_metrics_server(models.registry, host, metrics_port)
         except OSError as error:
             sock.close()
             raise ServeError(
