@@ -14,7 +14,7 @@
   forces the exit.
 
 gRPC (:mod:`rnndeploy.server.grpc_service`) runs on the same event loop, around the same
-:class:`~rnndeploy.server.app.ModelServer`: one state table, one batcher, HTTP and gRPC steps batched together.
+:class:`~rnndeploy.server.core.ModelServer`: one state table, one batcher, HTTP and gRPC steps batched together.
 Its guard: at most ``max_grpc_calls`` calls open at once (a stream counts while it is open); one more is refused
 with RESOURCE_EXHAUSTED (grpcio's ``maximum_concurrent_rpcs``) and the open ones go on.
 """
@@ -37,10 +37,10 @@ except ImportError:  # Windows: no uvloop
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from rnndeploy.runtime import StreamingSession
-from rnndeploy.server.app import ModelServer, create_app
+from rnndeploy.server.core import ModelServer, ModelSet
 from rnndeploy.server.metrics import start_metrics_server
-from rnndeploy.server.models import ModelSet
 from rnndeploy.server.protocol import Limits
+from rnndeploy.server.rest import create_app
 
 
 class ServeError(RuntimeError):

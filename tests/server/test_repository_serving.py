@@ -21,6 +21,7 @@ from starlette.testclient import TestClient
 from rnndeploy import ModelConfig, SequenceModel
 from rnndeploy.cli import main
 from rnndeploy.export import write_triton_repository
+from rnndeploy.runtime import StreamingSession
 from rnndeploy.server import create_app, open_repository
 from rnndeploy.server.repository import RepositoryError
 
@@ -243,3 +244,20 @@ def test_serve_command_refuses_a_bad_repository_and_single_model_options(repo, t
     )
     result = CliRunner().invoke(main, ["serve", str(repo[0]), "--name", "x", "--grpc-port", "0"])
     assert result.exit_code == 1 and "--name apply to one .onnx file" in result.output, result.output
+
+
+@pytest.mark.parametrize("shape, status", [([1, 1], 200), ([1], 400)])
+def test_one_request_is_treated_alike_by_the_repository_and_the_single_file_server(
+    client, repo, shape, status
+):
+    """Token ids without the batch axis (``shape: [1]``) are refused by both servers (each one's metadata says
+    ``[-1, -1]``, batch axis first, as Triton requires of a batched model); with it, both answer."""
+    tokens = {"name": "input", "datatype": "INT64", "shape": shape, "data": [3]}
+    declared = {"name": "input", "datatype": "INT64", "shape": [-1, -1]}
+    with TestClient(create_app(StreamingSession(repo[0].parent / "lm_plain.onnx"), "lm")) as single:
+        for server in (client, single):
+            assert server.get("/v2/models/lm").json()["inputs"][0] == declared
+            response = infer(server, "lm", [tokens])
+            assert response.status_code == status, response.text
+            if status == 400:
+                assert "input 'input' of model 'lm' must have shape [-1, -1] (-1: any size)" in response.text
