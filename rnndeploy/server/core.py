@@ -415,17 +415,20 @@ def _repository_model(
         )
     except ModelError as error:
         raise RepositoryError(f"{path}: {error}") from None
-    return ModelServer(
-        session,
-        entry.name,
-        str(version),
-        limits=limits,
-        max_batch_size=max(entry.config.max_batch_size, 1),
-        max_queue_delay_us=entry.max_queue_delay_us,
-        idle_timeout_s=entry.idle_timeout_us * 1e-6,
-        worker_thread=worker_thread,
-        config=ConfiguredModel(entry, session, str(path)),
-    )
+    try:
+        return ModelServer(
+            session,
+            entry.name,
+            str(version),
+            limits=limits,
+            max_batch_size=max(entry.config.max_batch_size, 1),
+            max_queue_delay_us=entry.max_queue_delay_us,
+            idle_timeout_s=entry.idle_timeout_us * 1e-6,
+            worker_thread=worker_thread,
+            config=ConfiguredModel(entry, session, str(path)),
+        )
+    except ModelError as error:
+        raise RepositoryError(f"{path}: {error}") from None
 
 
 def _version_key(version: str) -> tuple[int, int | str]:

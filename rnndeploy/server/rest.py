@@ -36,6 +36,7 @@ from rnndeploy.server.protocol import (
     RequestError,
     check_datatype,
     check_flag,
+    check_nesting,
     check_request_id,
     check_shape,
     decode_data,
@@ -251,6 +252,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
         header = orjson.loads(json_part)
     except orjson.JSONDecodeError as error:
         raise RequestError(f"the request is not valid JSON: {error}") from None
+    check_nesting(header)
     return _dict(header, "the request"), binary
 
 

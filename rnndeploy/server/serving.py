@@ -36,7 +36,7 @@ except ImportError:  # Windows: no uvloop
     uvloop = None
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from rnndeploy.runtime import StreamingSession
+from rnndeploy.runtime import ModelError, StreamingSession
 from rnndeploy.server.core import ModelServer, ModelSet
 from rnndeploy.server.metrics import start_metrics_server
 from rnndeploy.server.protocol import Limits
@@ -223,12 +223,15 @@ def serve(
     HTTP port). ``on_ready`` is called once the server accepts requests, with ``{"model", "version", "models":
     {name: [versions]}, "http": "http://host:port", "grpc": "host:port" or None, "metrics": URL}`` (the ports
     actually bound, also for 0; ``model`` and ``version`` are the first model's).
-    Raises :class:`ServeError` when a port cannot be bound.
+    Raises :class:`ServeError` when a port cannot be bound or the model cannot be served (its metadata).
     """
     if isinstance(session, ModelSet):
         models = session
     else:
-        models = ModelSet([ModelServer(session, model_name, limits=limits, **model_options)])
+        try:
+            models = ModelSet([ModelServer(session, model_name, limits=limits, **model_options)])
+        except ModelError as error:
+            raise ServeError(str(error)) from None
     app = create_app(None, models=models, body_timeout_s=body_timeout_s)
     config = uvicorn.Config(
         app,
