@@ -359,6 +359,11 @@ class ModelSet:
         for server in self.servers:
             await server.batcher.stop()
 
+    def abort(self) -> None:
+        """Answer every step still queued or running with 503 (see :meth:`SequenceBatcher.abort`)."""
+        for server in self.servers:
+            server.batcher.abort()
+
 
 def open_repository(
     root: str | Path,

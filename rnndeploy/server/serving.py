@@ -160,9 +160,10 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[Http
 class _Server(uvicorn.Server):
     """uvicorn's server, returning normally after a signal (uvicorn re-raises it: exit status 143 / 130)."""
 
-    def __init__(self, config: uvicorn.Config, shutdown_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, shutdown_timeout_s: float, models: ModelSet) -> None:
         super().__init__(config)
         self.shutdown_timeout_s = shutdown_timeout_s
+        self.models = models
         self.before_shutdown: list[Callable] = []
 
     @contextlib.contextmanager
@@ -181,12 +182,18 @@ class _Server(uvicorn.Server):
     async def shutdown(self, sockets=None) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.shutdown_timeout_s
+        # Steps still queued or running shortly before the deadline are answered 503 / UNAVAILABLE then,
+        # rather than cut off at it (a plain-text 500 and a CancelledError in the log).
+        abort = loop.call_at(deadline - min(0.5, self.shutdown_timeout_s / 4), self.models.abort)
         for server in self.servers:
             server.close()
         for stop in self.before_shutdown:
             await stop(max(deadline - loop.time(), 0.0))
         self.config.timeout_graceful_shutdown = max(deadline - loop.time(), 0.1)
-        await super().shutdown(sockets)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            abort.cancel()
 
 
 def serve(
@@ -244,7 +251,7 @@ def serve(
         timeout_keep_alive=keep_alive_s,
         timeout_graceful_shutdown=shutdown_timeout_s,
     )
-    server = _Server(config, shutdown_timeout_s)
+    server = _Server(config, shutdown_timeout_s, models)
     shown = f"[{host}]" if ":" in host else host
     try:
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
