@@ -15,8 +15,10 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from google.protobuf import json_format, text_format
 from onnx import TensorProto, helper
 from starlette.testclient import TestClient
+from tritonclient.grpc import model_config_pb2
 
 from rnndeploy import ModelConfig, SequenceModel
 from rnndeploy.cli import main
@@ -261,3 +263,16 @@ def test_one_request_is_treated_alike_by_the_repository_and_the_single_file_serv
             assert response.status_code == status, response.text
             if status == 400:
                 assert "input 'input' of model 'lm' must have shape [-1, -1] (-1: any size)" in response.text
+
+
+def test_config_answers_the_whole_config_pbtxt(client, repo):
+    """/config is the model's ModelConfig message as JSON, every field of config.pbtxt (Triton's answer),
+    not only the fields the server reads (such as the oldest strategy's preferred batch sizes)."""
+    for name in ("lm", "counter"):
+        text = (repo[0] / name / "config.pbtxt").read_text()
+        want = json_format.MessageToDict(
+            text_format.Parse(text, model_config_pb2.ModelConfig()), preserving_proto_field_name=True
+        )
+        assert client.get(f"/v2/models/{name}/config").json() == {**want, "name": name}
+    oldest = client.get("/v2/models/lm/config").json()["sequence_batching"]["oldest"]
+    assert oldest["preferred_batch_size"] == [1, 4]
