@@ -59,20 +59,8 @@ _FALSE_TRUE = {
     "bool_false_true": "TYPE_BOOL",
 }
 _CORRID_TYPES = ("TYPE_UINT64", "TYPE_INT64", "TYPE_UINT32", "TYPE_INT32", "TYPE_STRING")
-# The model file a backend looks for in a version folder when default_model_filename is not set
-DEFAULT_MODEL_FILES = {
-    "onnxruntime": "model.onnx",
-    "onnxruntime_onnx": "model.onnx",
-    "python": "model.py",
-    "tensorrt": "model.plan",
-    "tensorrt_plan": "model.plan",
-    "pytorch": "model.pt",
-    "pytorch_libtorch": "model.pt",
-    "openvino": "model.xml",
-    "tensorflow": "model.savedmodel",
-    "tensorflow_savedmodel": "model.savedmodel",
-    "tensorflow_graphdef": "model.graphdef",
-}
+# The model file a backend that rnndeploy serves looks for in a version folder (no default_model_filename)
+DEFAULT_MODEL_FILES = {"onnxruntime": "model.onnx", "onnxruntime_onnx": "model.onnx", "python": "model.py"}
 
 
 class RepositoryError(ValueError):
