@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from google.protobuf import text_format
 from onnx import TensorProto, helper
+from tritonclient.grpc import model_config_pb2 as mc
 
 from rnndeploy.checkpoint import atomic_write
 from rnndeploy.models import SequenceModel
@@ -37,9 +39,9 @@ END = "END"
 BACKENDS = ("onnxruntime", "python")
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
 _TRITON_TYPE = {
-    TensorProto.FLOAT: "TYPE_FP32",
-    TensorProto.INT64: "TYPE_INT64",
-    TensorProto.INT32: "TYPE_INT32",
+    TensorProto.FLOAT: mc.TYPE_FP32,
+    TensorProto.INT64: mc.TYPE_INT64,
+    TensorProto.INT32: mc.TYPE_INT32,
 }
 
 
@@ -124,10 +126,6 @@ def _dims(value: onnx.ValueInfoProto) -> list[int]:
     return [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
 
 
-def _list(values: list[int]) -> str:
-    return "[ " + ", ".join(str(v) for v in values) + " ]"
-
-
 def triton_config(
     proto: onnx.ModelProto,
     name: str,
@@ -135,8 +133,8 @@ def triton_config(
     max_queue_delay_us: int = 100,
     idle_timeout_us: int = 60_000_000,
     backend: str = "onnxruntime",
-) -> str:
-    """``config.pbtxt`` text for the wrapped graph ``proto`` (Triton's ``ModelConfig`` text format).
+) -> mc.ModelConfig:
+    """Triton's ``ModelConfig`` (the message ``config.pbtxt`` holds) for the wrapped graph ``proto``.
 
     ``backend="python"`` gives the same config for ``model.py`` (see the module docstring): an ``END`` control
     instead of the ``state`` declarations, one CPU instance.
@@ -148,62 +146,57 @@ def triton_config(
     state_outputs = {s["output"] for s in states}
     by_name = {v.name: v for v in [*proto.graph.input, *proto.graph.output]}
 
-    def tensor(v: onnx.ValueInfoProto) -> str:
-        dtype = _TRITON_TYPE[v.type.tensor_type.elem_type]
-        return f'  {{ name: "{v.name}" data_type: {dtype} dims: {_list(_dims(v))} }}'
+    def tensor(kind, v: onnx.ValueInfoProto):
+        return kind(name=v.name, data_type=_TRITON_TYPE[v.type.tensor_type.elem_type], dims=_dims(v))
 
-    inputs = [tensor(v) for v in proto.graph.input if v.name not in state_inputs and v.name != START]
-    outputs = [tensor(v) for v in proto.graph.output if v.name not in state_outputs]
-    state_blocks = []
-    for s in states:
-        dims = _list(_dims(by_name[s["input"]]))
-        state_blocks.append(
-            "    {\n"
-            f'      input_name: "{s["input"]}"\n'
-            f'      output_name: "{s["output"]}"\n'
-            "      data_type: TYPE_FP32\n"
-            f"      dims: {dims}\n"
-            f'      initial_state: {{ name: "zeros" data_type: TYPE_FP32 dims: {dims} zero_data: true }}\n'
-            "    }"
-        )
-    preferred = sorted({b for b in (1, 4, 16, max_batch_size) if b <= max_batch_size})
-    controls = [(START, "CONTROL_SEQUENCE_START")]
-    placement, state = [], ["  state [", ",\n".join(state_blocks), "  ]"]
+    controls = [(START, "CONTROL_SEQUENCE_START")] + (
+        [(END, "CONTROL_SEQUENCE_END")] if backend == "python" else []
+    )
+    Control = mc.ModelSequenceBatching.Control
+    config = mc.ModelConfig(
+        name=name,
+        backend=backend,
+        max_batch_size=max_batch_size,
+        input=[
+            tensor(mc.ModelInput, v)
+            for v in proto.graph.input
+            if v.name not in state_inputs and v.name != START
+        ],
+        output=[tensor(mc.ModelOutput, v) for v in proto.graph.output if v.name not in state_outputs],
+        sequence_batching=mc.ModelSequenceBatching(
+            max_sequence_idle_microseconds=idle_timeout_us,
+            control_input=[
+                mc.ModelSequenceBatching.ControlInput(
+                    name=n, control=[Control(kind=Control.Kind.Value(kind), int32_false_true=[0, 1])]
+                )
+                for n, kind in controls
+            ],
+            oldest=mc.ModelSequenceBatching.StrategyOldest(
+                max_candidate_sequences=max_batch_size,
+                preferred_batch_size=sorted({b for b in (1, 4, 16, max_batch_size) if b <= max_batch_size}),
+                max_queue_delay_microseconds=max_queue_delay_us,
+            ),
+        ),
+    )
     if backend == "python":
-        controls.append((END, "CONTROL_SEQUENCE_END"))
         # model.py keeps the states itself (the Python backend cannot update implicit state): one instance
         # holds every sequence's state.
-        placement = ["instance_group [ { kind: KIND_CPU count: 1 } ]"]
-        state = ["  # no implicit state: model.py keeps each sequence's state by correlation ID"]
-    control_blocks = [
-        f'    {{ name: "{n}"\n      control [ {{ kind: {kind} int32_false_true: [ 0, 1 ] }} ] }}'
-        for n, kind in controls
-    ]
-    lines = [
-        f'name: "{name}"',
-        f'backend: "{backend}"',
-        f"max_batch_size: {max_batch_size}",
-        *placement,
-        "input [",
-        ",\n".join(inputs),
-        "]",
-        "output [",
-        ",\n".join(outputs),
-        "]",
-        "sequence_batching {",
-        f"  max_sequence_idle_microseconds: {idle_timeout_us}",
-        "  control_input [",
-        ",\n".join(control_blocks),
-        "  ]",
-        *state,
-        "  oldest {",
-        f"    max_candidate_sequences: {max_batch_size}",
-        f"    preferred_batch_size: {_list(preferred)}",
-        f"    max_queue_delay_microseconds: {max_queue_delay_us}",
-        "  }",
-        "}",
-    ]
-    return "\n".join(lines) + "\n"
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+        return config
+    for s in states:
+        dims = _dims(by_name[s["input"]])
+        config.sequence_batching.state.add(
+            input_name=s["input"],
+            output_name=s["output"],
+            data_type=mc.TYPE_FP32,
+            dims=dims,
+            initial_state=[
+                mc.ModelSequenceBatching.InitialState(
+                    name="zeros", data_type=mc.TYPE_FP32, dims=dims, zero_data=True
+                )
+            ],
+        )
+    return config
 
 
 def write_triton_repository(
@@ -244,6 +237,7 @@ def write_triton_repository(
     if backend == "python":
         code = PYTHON_MODEL.read_text()
         atomic_write(folder / "1" / "model.py", lambda tmp: Path(tmp).write_text(code))
-    text = triton_config(proto, name, max_batch_size, max_queue_delay_us, idle_timeout_us, backend)
+    config = triton_config(proto, name, max_batch_size, max_queue_delay_us, idle_timeout_us, backend)
+    text = text_format.MessageToString(config)
     atomic_write(folder / "config.pbtxt", lambda tmp: Path(tmp).write_text(text))
     return folder

@@ -136,6 +136,7 @@ class SequenceBatcher:
         self.compute_s = 0.0  # summed over requests: the run of the batch each was in
         self.batch_sizes: dict[int, int] = {}
         self._pending: deque[_Request] = deque()
+        self._running: list[_Request] = []  # the batch being run
         # Rows of each stream the session holds: written where batches run, read on the loop between batches.
         self._open: dict[Hashable, int] = {}
         self._last_batch_short = False
@@ -171,6 +172,14 @@ class SequenceBatcher:
                 request.future.set_exception(SequenceError("the server is shutting down", 503))
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+
+    def abort(self) -> None:
+        """Fail every queued and running step with status 503 now (a shutdown deadline): their clients are
+        answered; a run still going finishes in the worker thread, its results dropped."""
+        for request in [*self._pending, *self._running]:
+            if not request.future.done():
+                request.future.set_exception(SequenceError("the server is shutting down", 503))
+        self._pending.clear()
 
     def unknown(self, sequence_id: Hashable) -> SequenceError:
         return SequenceError(
@@ -327,10 +336,13 @@ class SequenceBatcher:
             lone = len(batch) == 1 and batch[0].cost <= self.max_batch_size
             inline = lone and self._thread_jobs == 0 and batch[0].cost * self._lone_cost_s <= INLINE_MAX_S
             began = time.perf_counter()
+            self._running = batch
             try:
                 results = self._execute(batch) if inline else await self._run(self._execute, batch)
             except Exception as error:  # noqa: BLE001 - reported to every waiting request
                 results = [error] * len(batch)
+            finally:
+                self._running = []
             elapsed = time.perf_counter() - began
             if lone:
                 self._lone_cost_s = elapsed / batch[0].cost

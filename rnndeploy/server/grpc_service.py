@@ -10,7 +10,7 @@ ModelStatistics, RepositoryIndex, ModelInfer (typed ``contents`` or ``raw_input_
 ``raw_output_contents``) and the bidirectional ModelStreamInfer, each request carrying the
 ``sequence_id`` (int64, uint64 or string) / ``sequence_start`` / ``sequence_end`` parameters. Other methods
 (loading and unloading models, shared memory, trace, log settings) answer UNIMPLEMENTED. Requests go through the same
-:class:`~rnndeploy.server.app.ModelServer` (rules, limits, batcher) as HTTP ones; a refusal is the gRPC status
+:class:`~rnndeploy.server.core.ModelServer` (rules, limits, batcher) as HTTP ones; a refusal is the gRPC status
 Triton uses (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, ...) and, inside a stream, an
 ``error_message`` response that leaves the stream open. A step in flight when its stream is cancelled
 still runs; the sequence stays live (a new stream may continue it) until it ends or idles out. Requests of
@@ -25,13 +25,11 @@ import logging
 
 import grpc
 import numpy as np
-from tritonclient.grpc import model_config_pb2 as config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from rnndeploy import __version__
-from rnndeploy.server.app import ModelServer
-from rnndeploy.server.models import ModelSet
+from rnndeploy.server.core import ModelServer, ModelSet
 from rnndeploy.server.protocol import (
     TO_DATATYPE,
     Decoded,
@@ -168,7 +166,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context):
         core = await self._model(request, context)
-        return pb.ModelConfigResponse(config=model_config(core))
+        return pb.ModelConfigResponse(config=core.model_config())
 
     async def ModelStatistics(self, request, context):
         if request.name:
@@ -239,48 +237,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             for task in tasks:
                 task.cancel()
-
-
-def model_config(core: ModelServer) -> config_pb2.ModelConfig:
-    """The ``ModelConfig`` of a model: its config.pbtxt's fields that rnndeploy reads, else the graph's."""
-    entry = None if core.config is None else core.config.entry
-    if entry is None:
-        inputs, outputs = core.tensor_metadata()
-        return config_pb2.ModelConfig(
-            name=core.model_name,
-            platform="onnxruntime_onnx",
-            backend="onnxruntime",
-            max_batch_size=0,  # the batch axis is part of each tensor's dims (-1)
-            input=[
-                config_pb2.ModelInput(name=t["name"], data_type=f"TYPE_{t['datatype']}", dims=t["shape"])
-                for t in inputs
-            ],
-            output=[
-                config_pb2.ModelOutput(name=t["name"], data_type=f"TYPE_{t['datatype']}", dims=t["shape"])
-                for t in outputs
-            ],
-            sequence_batching=config_pb2.ModelSequenceBatching(
-                max_sequence_idle_microseconds=int(core.batcher.idle_timeout_s * 1e6)
-            ),
-        )
-    config = config_pb2.ModelConfig(
-        name=entry.name,
-        platform=core.platform,
-        backend=entry.backend,
-        max_batch_size=entry.max_batch_size,
-        input=[config_pb2.ModelInput(name=t.name, data_type=t.data_type, dims=t.dims) for t in entry.inputs],
-        output=[
-            config_pb2.ModelOutput(name=t.name, data_type=t.data_type, dims=t.dims) for t in entry.outputs
-        ],
-    )
-    seq = entry.sequence_batching
-    if seq is not None:
-        config.sequence_batching.max_sequence_idle_microseconds = seq.max_sequence_idle_us
-        for s in seq.states:
-            config.sequence_batching.state.add(
-                input_name=s.input_name, output_name=s.output_name, data_type=s.data_type, dims=s.dims
-            )
-    return config
 
 
 def _statistics(core: ModelServer) -> pb.ModelStatistics:

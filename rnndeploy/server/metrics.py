@@ -17,10 +17,14 @@ field). Values are read from the server's counters when the page is scraped.
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -95,7 +99,8 @@ class RequestTiming:
 
 
 def _counter(name: str, documentation: str) -> Metric:
-    """A counter sampled under its own name (Triton's style: no ``_total``)."""
+    """A counter whose ``# TYPE`` line and samples carry one name, ``name`` (Triton's ``nv_*`` have no
+    ``_total``; ours end in ``_total``)."""
     return Metric(name, documentation, "counter")
 
 
@@ -132,13 +137,11 @@ class _Collector:
         )
         live = GaugeMetricFamily("rnndeploy_live_sequences", "Live sequences", labels=names)
         sequences = {
-            what: CounterMetricFamily(f"rnndeploy_sequences_{what}", f"Sequences {what}", labels=names)
+            what: _counter(f"rnndeploy_sequences_{what}_total", f"Sequences {what}")
             for what in ("started", "ended", "evicted")
         }
         histogram = HistogramMetricFamily("rnndeploy_batch_size", "Steps per batch", labels=names)
-        rejected = CounterMetricFamily(
-            "rnndeploy_rejected_requests", "Requests refused by a limit", labels=[*names, "limit"]
-        )
+        rejected = _counter("rnndeploy_rejected_requests_total", "Requests refused by a limit")
         us = 1e6
         for server in self.servers:
             batcher, stats = server.batcher, server.stats
@@ -163,7 +166,7 @@ class _Collector:
                 ("ended", batcher.ended),
                 ("evicted", batcher.evicted),
             ):
-                sequences[what].add_metric(values, value)
+                sequences[what].add_sample(sequences[what].name, labels, value)
             buckets = []
             for bound in BATCH_BUCKETS:
                 buckets.append(
@@ -173,7 +176,7 @@ class _Collector:
             total = sum(size * n for size, n in batcher.batch_sizes.items())
             histogram.add_metric(values, buckets, total)
             for limit, value in sorted(stats.rejected.items()):
-                rejected.add_metric([*values, limit], value)
+                rejected.add_sample(rejected.name, {**labels, "limit": limit}, value)
         order = ["nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
                  "nv_inference_exec_count"]  # fmt: skip
         yield from (counters[name] for name in order)
@@ -185,6 +188,30 @@ class _Collector:
         yield rejected
 
 
+def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> ThreadingHTTPServer:
+    """``/metrics`` of ``registry`` on a port of its own, served from a daemon thread; ``shutdown()`` stops it."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = render(registry)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            """Scrapes are not logged (the HTTP port's access log is off by default too)."""
+
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        daemon_threads = True
+
+    server = Server((host, port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def registry_for(*servers) -> CollectorRegistry:
     """A registry of its own (not prometheus_client's global one) holding the metrics of ``servers``."""
     registry = CollectorRegistry(auto_describe=False)
@@ -192,5 +219,24 @@ def registry_for(*servers) -> CollectorRegistry:
     return registry
 
 
+def _escape(text: str, quote: bool = False) -> str:
+    text = text.replace("\\", r"\\").replace("\n", r"\n")
+    return text.replace('"', r"\"") if quote else text
+
+
+def _sample_line(sample) -> str:
+    labels = ",".join(f'{k}="{_escape(v, quote=True)}"' for k, v in sorted(sample.labels.items()))
+    name = f"{sample.name}{{{labels}}}" if labels else sample.name
+    return f"{name} {floatToGoString(sample.value)}"
+
+
 def render(registry: CollectorRegistry) -> bytes:
-    return generate_latest(registry)
+    """The Prometheus text exposition (version 0.0.4) as Triton writes it: each family's ``# TYPE`` line
+    names its samples. (prometheus_client's ``generate_latest`` writes ``_total`` into a counter's TYPE line
+    whatever its samples are called, and Prometheus then files Triton's ``nv_*`` counters as untyped.)"""
+    lines = []
+    for metric in registry.collect():
+        lines.append(f"# HELP {metric.name} {_escape(metric.documentation)}")
+        lines.append(f"# TYPE {metric.name} {metric.type}")
+        lines += [_sample_line(sample) for sample in metric.samples]
+    return ("\n".join(lines) + "\n").encode()

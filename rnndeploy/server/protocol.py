@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnndeploy.runtime import StepInputError, StreamingSession, vocabulary
+from rnndeploy.runtime import ModelError, StepInputError, StreamingSession, vocabulary
 
 DATATYPES: dict[str, type[np.generic]] = {
     "BOOL": np.bool_,
@@ -32,6 +32,7 @@ TO_DATATYPE = {np.dtype(v): k for k, v in DATATYPES.items()}
 MAX_DIMS = 16
 MAX_DIM = 2**40
 MAX_UINT64 = 2**64 - 1
+MAX_JSON_DEPTH = 32  # the request's envelope and tensor data nested one level per dim, with room to spare
 JSON_BYTES_PER_ELEMENT = 24  # the longest float/int64 text orjson writes, with its comma
 
 
@@ -89,6 +90,20 @@ class Decoded:
     outputs: list[tuple[str, bool]] | None  # (name, binary); None: all outputs
     binary_outputs: bool  # the default for outputs that do not say
     request_id: str | None
+
+
+def check_nesting(document: object, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse a JSON document nested deeper than ``limit`` before anything walks it recursively (the data's
+    flattening, an error message's repr), one level at a time."""
+    level, depth = [document], 0
+    while containers := [v for v in level if isinstance(v, list | dict)]:
+        depth += 1
+        if depth > limit:
+            raise RequestError(
+                f"the request's JSON is nested more than {limit} deep; tensor data nests one level per dim "
+                f"(at most {MAX_DIMS}), or send it flat"
+            )
+        level = [item for v in containers for item in (v.values() if isinstance(v, dict) else v)]
 
 
 def check_shape(name: str, shape: object) -> list[int]:
@@ -248,11 +263,19 @@ def check_outputs(requested: list[tuple[str, bool]], outputs: list[str]) -> None
 
 
 def vocabulary_size(session: StreamingSession) -> int | None:
-    """The number of token ids of a language model (``rnndeploy.vocab`` metadata), else ``None``."""
+    """The number of token ids of a language model (``rnndeploy.vocab`` metadata), else ``None``.
+
+    Raises :class:`ModelError` when the metadata is there but unreadable: serving the model anyway would let
+    token ids outside its vocabulary through unchecked."""
+    if "rnndeploy.vocab" not in session.metadata:
+        return None
     try:
         return len(vocabulary(session))
-    except ValueError:  # GenerateError (not a language model) or metadata that is not JSON
-        return None
+    except ValueError as error:  # GenerateError (not a language model) or metadata that is not JSON
+        raise ModelError(
+            f"the model's metadata rnndeploy.vocab cannot be read ({error}); the server checks token ids "
+            "against it: export the model again (rnndeploy export)"
+        ) from None
 
 
 def check_model_input(

@@ -14,7 +14,7 @@
   forces the exit.
 
 gRPC (:mod:`rnndeploy.server.grpc_service`) runs on the same event loop, around the same
-:class:`~rnndeploy.server.app.ModelServer`: one state table, one batcher, HTTP and gRPC steps batched together.
+:class:`~rnndeploy.server.core.ModelServer`: one state table, one batcher, HTTP and gRPC steps batched together.
 Its guard: at most ``max_grpc_calls`` calls open at once (a stream counts while it is open); one more is refused
 with RESOURCE_EXHAUSTED (grpcio's ``maximum_concurrent_rpcs``) and the open ones go on.
 """
@@ -36,10 +36,11 @@ except ImportError:  # Windows: no uvloop
     uvloop = None
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from rnndeploy.runtime import StreamingSession
-from rnndeploy.server.app import ModelServer, create_app
-from rnndeploy.server.models import ModelSet
+from rnndeploy.runtime import ModelError, StreamingSession
+from rnndeploy.server.core import ModelServer, ModelSet
+from rnndeploy.server.metrics import start_metrics_server
 from rnndeploy.server.protocol import Limits
+from rnndeploy.server.rest import create_app
 
 
 class ServeError(RuntimeError):
@@ -159,9 +160,10 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[Http
 class _Server(uvicorn.Server):
     """uvicorn's server, returning normally after a signal (uvicorn re-raises it: exit status 143 / 130)."""
 
-    def __init__(self, config: uvicorn.Config, shutdown_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, shutdown_timeout_s: float, models: ModelSet) -> None:
         super().__init__(config)
         self.shutdown_timeout_s = shutdown_timeout_s
+        self.models = models
         self.before_shutdown: list[Callable] = []
 
     @contextlib.contextmanager
@@ -180,12 +182,18 @@ class _Server(uvicorn.Server):
     async def shutdown(self, sockets=None) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.shutdown_timeout_s
+        # Steps still queued or running shortly before the deadline are answered 503 / UNAVAILABLE then,
+        # rather than cut off at it (a plain-text 500 and a CancelledError in the log).
+        abort = loop.call_at(deadline - min(0.5, self.shutdown_timeout_s / 4), self.models.abort)
         for server in self.servers:
             server.close()
         for stop in self.before_shutdown:
             await stop(max(deadline - loop.time(), 0.0))
         self.config.timeout_graceful_shutdown = max(deadline - loop.time(), 0.1)
-        await super().shutdown(sockets)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            abort.cancel()
 
 
 def serve(
@@ -222,12 +230,15 @@ def serve(
     HTTP port). ``on_ready`` is called once the server accepts requests, with ``{"model", "version", "models":
     {name: [versions]}, "http": "http://host:port", "grpc": "host:port" or None, "metrics": URL}`` (the ports
     actually bound, also for 0; ``model`` and ``version`` are the first model's).
-    Raises :class:`ServeError` when a port cannot be bound.
+    Raises :class:`ServeError` when a port cannot be bound or the model cannot be served (its metadata).
     """
     if isinstance(session, ModelSet):
         models = session
     else:
-        models = ModelSet([ModelServer(session, model_name, limits=limits, **model_options)])
+        try:
+            models = ModelSet([ModelServer(session, model_name, limits=limits, **model_options)])
+        except ModelError as error:
+            raise ServeError(str(error)) from None
     app = create_app(None, models=models, body_timeout_s=body_timeout_s)
     config = uvicorn.Config(
         app,
@@ -240,7 +251,7 @@ def serve(
         timeout_keep_alive=keep_alive_s,
         timeout_graceful_shutdown=shutdown_timeout_s,
     )
-    server = _Server(config, shutdown_timeout_s)
+    server = _Server(config, shutdown_timeout_s, models)
     shown = f"[{host}]" if ":" in host else host
     try:
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -252,10 +263,8 @@ def serve(
     metrics_url = f"http://{shown}:{bound_port}/metrics"
     metrics_server = None
     if metrics_port is not None:
-        from prometheus_client import start_http_server
-
         try:
-            metrics_server, _ = start_http_server(metrics_port, addr=host, registry=models.registry)
+            metrics_server = start_metrics_server(models.registry, host, metrics_port)
         except OSError as error:
             sock.close()
             raise ServeError(

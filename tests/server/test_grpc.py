@@ -2,6 +2,7 @@
 and the Prometheus page; outputs are compared with offline onnxruntime runs from zero state."""
 
 import queue
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -262,13 +263,67 @@ def test_32_sequences_streamed_and_unary_mixed_with_http_no_cross_talk(lm_bytes)
     assert any(kinds == {"int", "str"} for kinds in batches), "no batch held both gRPC and HTTP steps"
 
 
+# Every family /metrics writes: its type as Triton writes it (counters without _total for Triton's names)
+METRIC_TYPES = {
+    **dict.fromkeys(
+        [
+            "nv_inference_request_success",
+            "nv_inference_request_failure",
+            "nv_inference_count",
+            "nv_inference_exec_count",
+            *(
+                f"nv_inference_{n}_duration_us"
+                for n in ("request", "queue", "compute_input", "compute_infer")
+            ),
+            "nv_inference_compute_output_duration_us",
+            "rnndeploy_sequences_started_total",
+            "rnndeploy_sequences_ended_total",
+            "rnndeploy_sequences_evicted_total",
+            "rnndeploy_rejected_requests_total",
+        ],
+        "counter",
+    ),
+    "nv_inference_pending_request_count": "gauge",
+    "rnndeploy_live_sequences": "gauge",
+    "rnndeploy_batch_size": "histogram",
+}
+SAMPLE_SUFFIXES = {"counter": ("",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+
+
+def check_exposition(text: str) -> None:
+    """Each family's # TYPE line names its samples, as Triton writes them (Prometheus files a family whose
+    samples are named otherwise as untyped), and prometheus_client's parser reads every family typed."""
+    declared, family = {}, None
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            family, kind = line.split()[2:]
+            declared[family] = kind
+        elif not line.startswith("#"):
+            name = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", line).group()
+            assert name in {family + s for s in SAMPLE_SUFFIXES[declared[family]]}, (family, line)
+    assert declared == METRIC_TYPES
+    parsed = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {f.name: f.type for f in parsed.values()} == {
+        name.removesuffix("_total") if kind == "counter" else name: kind
+        for name, kind in METRIC_TYPES.items()
+    }
+    for f in parsed.values():
+        suffixes = ("_total",) if f.type == "counter" else SAMPLE_SUFFIXES[f.type]
+        assert f.samples and {s.name for s in f.samples} <= {f.name + x for x in suffixes}, f
+
+
 def metric_values(text: str) -> dict:
+    """``{(sample name as written, labels other than model and version): value}``."""
+    check_exposition(text)
     values = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k not in ("model", "version")))
             assert sample.labels.get("model") == "lm" and sample.labels.get("version") == "1", sample
-            values[(sample.name, labels)] = sample.value
+            name = sample.name
+            if family.type == "counter" and family.name in METRIC_TYPES:  # the parser added _total
+                name = family.name
+            values[(name, labels)] = sample.value
     return values
 
 

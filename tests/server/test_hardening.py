@@ -639,3 +639,50 @@ def test_a_refused_body_still_gets_its_413_and_a_stalled_one_is_closed(lm_bytes)
                 received += chunk
             assert received.startswith(b"HTTP/1.1 413"), received[:200]
             assert time.monotonic() - began < LINGER_S + 5
+
+
+@pytest.mark.parametrize("where", ["data", "shape", "id", "parameters"])
+def test_json_nested_1000_deep_is_a_400_not_a_recursion_error(in_process, where):
+    """Deep JSON (within orjson's own depth limit) is refused before anything walks it recursively."""
+    client, _, batcher = in_process
+    deep = "DEEP"  # json.dumps itself recurses: the nesting goes into the text
+    body = step(1)
+    if where == "parameters":
+        body["parameters"] = {"sequence_id": deep}
+    elif where == "id":
+        body["id"] = deep
+    else:
+        body["inputs"][0][where] = deep
+    before = batcher.steps_run
+    text = json.dumps(body).replace('"DEEP"', "[" * 1000 + "1" + "]" * 1000)
+    reply = client.post(URL, content=text.encode(), headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and "nested more than 32 deep" in reply.json()["error"], reply.text[:300]
+    assert batcher.steps_run == before
+
+
+def test_unreadable_vocabulary_metadata_is_refused_not_unchecked(tmp_path):
+    """A language model whose rnndeploy.vocab metadata cannot be read is not served without its token-range
+    check: `serve` stops naming the metadata; with it readable, token -1 is refused."""
+    from click.testing import CliRunner
+
+    from rnndeploy.cli import main
+
+    for vocab in ("{not json", '{"a": 0}', '["a", 1]'):
+        model = testing.lstm_lm(hidden_size=5, num_layers=1)
+        for prop in model.metadata_props:
+            if prop.key == "rnndeploy.vocab":
+                prop.value = vocab
+        path = tmp_path / "lm.onnx"
+        path.write_bytes(model.SerializeToString())
+        # an address no interface has: were the model accepted, serve would stop there instead of serving
+        result = CliRunner().invoke(main, ["serve", str(path), "--host", "192.0.2.1", "--port", "0"])
+        assert result.exit_code == 1 and "metadata rnndeploy.vocab cannot be read" in result.output, (
+            vocab,
+            result.output[-500:],
+        )
+        assert "Traceback" not in result.output
+    with TestClient(
+        create_app(StreamingSession(testing.lstm_lm(hidden_size=5).SerializeToString()), "lm")
+    ) as client:
+        reply = client.post(URL, json=step(-1))
+        assert reply.status_code == 400 and "token id -1 is outside the model's vocabulary" in reply.text

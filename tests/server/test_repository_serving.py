@@ -15,12 +15,15 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from google.protobuf import json_format, text_format
 from onnx import TensorProto, helper
 from starlette.testclient import TestClient
+from tritonclient.grpc import model_config_pb2
 
 from rnndeploy import ModelConfig, SequenceModel
 from rnndeploy.cli import main
 from rnndeploy.export import write_triton_repository
+from rnndeploy.runtime import StreamingSession
 from rnndeploy.server import create_app, open_repository
 from rnndeploy.server.repository import RepositoryError
 
@@ -243,3 +246,33 @@ def test_serve_command_refuses_a_bad_repository_and_single_model_options(repo, t
     )
     result = CliRunner().invoke(main, ["serve", str(repo[0]), "--name", "x", "--grpc-port", "0"])
     assert result.exit_code == 1 and "--name apply to one .onnx file" in result.output, result.output
+
+
+@pytest.mark.parametrize("shape, status", [([1, 1], 200), ([1], 400)])
+def test_one_request_is_treated_alike_by_the_repository_and_the_single_file_server(
+    client, repo, shape, status
+):
+    """Token ids without the batch axis (``shape: [1]``) are refused by both servers (each one's metadata says
+    ``[-1, -1]``, batch axis first, as Triton requires of a batched model); with it, both answer."""
+    tokens = {"name": "input", "datatype": "INT64", "shape": shape, "data": [3]}
+    declared = {"name": "input", "datatype": "INT64", "shape": [-1, -1]}
+    with TestClient(create_app(StreamingSession(repo[0].parent / "lm_plain.onnx"), "lm")) as single:
+        for server in (client, single):
+            assert server.get("/v2/models/lm").json()["inputs"][0] == declared
+            response = infer(server, "lm", [tokens])
+            assert response.status_code == status, response.text
+            if status == 400:
+                assert "input 'input' of model 'lm' must have shape [-1, -1] (-1: any size)" in response.text
+
+
+def test_config_answers_the_whole_config_pbtxt(client, repo):
+    """/config is the model's ModelConfig message as JSON, every field of config.pbtxt (Triton's answer),
+    not only the fields the server reads (such as the oldest strategy's preferred batch sizes)."""
+    for name in ("lm", "counter"):
+        text = (repo[0] / name / "config.pbtxt").read_text()
+        want = json_format.MessageToDict(
+            text_format.Parse(text, model_config_pb2.ModelConfig()), preserving_proto_field_name=True
+        )
+        assert client.get(f"/v2/models/{name}/config").json() == {**want, "name": name}
+    oldest = client.get("/v2/models/lm/config").json()["sequence_batching"]["oldest"]
+    assert oldest["preferred_batch_size"] == [1, 4]

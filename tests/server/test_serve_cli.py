@@ -18,6 +18,8 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc
 import tritonclient.http as httpclient
+from onnx import TensorProto, helper, numpy_helper
+from tritonclient.utils import InferenceServerException
 
 from rnndeploy.runtime import testing
 
@@ -167,3 +169,92 @@ def test_a_port_in_use_is_a_clear_error(tmp_path):
                 and port in result.stderr
                 and "choose another" in result.stderr
             ), result.stderr
+
+
+def slow_model(iterations: int, hidden: int = 256) -> onnx.ModelProto:
+    """A foreign stateful model whose every step runs ``iterations`` matrix-vector products (a Loop):
+    ``y = x`` ``[N, T, 1]``, ``state_out = tanh(... tanh(state_in W) ... W)`` ``[N, hidden]``."""
+    rng = np.random.default_rng(0)
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["h", "W"], ["hw"]),
+            helper.make_node("Tanh", ["hw"], ["h_next"]),
+            helper.make_node("Identity", ["cond"], ["cond_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", hidden]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_next", TensorProto.FLOAT, ["N", hidden]),
+        ],
+    )
+    weights = (rng.standard_normal((hidden, hidden)) / hidden**0.5).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Loop", ["M", "true", "state_in"], ["state_out"], body=body),
+            helper.make_node("Identity", ["x"], ["y"]),
+        ],
+        "slow",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 1]),
+            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, ["N", hidden]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", 1]),
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, ["N", hidden]),
+        ],
+        [
+            numpy_helper.from_array(weights, "W"),
+            numpy_helper.from_array(np.array(iterations, np.int64), "M"),
+            numpy_helper.from_array(np.array(True), "true"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_sigterm_during_a_long_run_answers_503_and_unavailable_before_the_deadline(tmp_path):
+    """Steps still in the model at the shutdown deadline are answered 503 (HTTP, JSON) and UNAVAILABLE (gRPC),
+    not a plain-text 500 when the deadline cuts them off, and the log has no traceback."""
+    path = tmp_path / "slow.onnx"
+    onnx.save(slow_model(600_000), path)  # seconds per step on one thread
+    process, urls, _ = start_serve(path, "--shutdown-timeout", "1")
+    try:
+        answers: queue.Queue = queue.Queue()
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, 1], "data": [1.0]}]}
+
+        def http_step() -> None:
+            reply = httpx.post(f"{urls['http']}/v2/models/lm/infer", json=body, timeout=120)
+            answers.put(("http", reply.status_code, reply.headers["content-type"], reply.text))
+
+        def grpc_step() -> None:
+            client = tritonclient.grpc.InferenceServerClient(urls["grpc"])
+            tensor = tritonclient.grpc.InferInput("x", [1, 1, 1], "FP32")
+            tensor.set_data_from_numpy(np.ones((1, 1, 1), np.float32))
+            try:
+                client.infer("lm", [tensor], client_timeout=120)
+                answers.put(("grpc", "answered", None, None))
+            except InferenceServerException as error:
+                answers.put(("grpc", error.status(), None, error.message()))
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (http_step, grpc_step)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)  # both steps have arrived (one runs, one waits) unless the machine is very busy
+        process.send_signal(signal.SIGTERM)
+        got = sorted(answers.get(timeout=120) for _ in threads)
+        code = process.wait(timeout=120)
+        stderr = process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    assert got[0][:3] == ("grpc", "StatusCode.UNAVAILABLE", None) and "shutting down" in got[0][3], got
+    assert got[1][:3] == ("http", 503, "application/json") and "shutting down" in got[1][3], got
+    assert code == 0, stderr
+    assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr

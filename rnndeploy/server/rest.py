@@ -1,10 +1,10 @@
-"""KServe v2 / Open Inference Protocol over HTTP, as Triton Inference Server speaks it, on Starlette.
+"""The HTTP front end: KServe v2 / Open Inference Protocol as Triton Inference Server speaks it, on Starlette.
 
 Endpoints: ``/v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{name}[/versions/{v}]``,
 ``.../ready``, ``.../stats`` (step and batch counts), ``.../config`` (Triton's ModelConfig as JSON),
 ``.../infer``, ``POST /v2/repository/index`` and ``/metrics`` (Prometheus, Triton's names:
 :mod:`rnndeploy.server.metrics`); several models and versions through a :class:`ModelSet` (a model
-repository: :func:`open_repository`). Tensors travel as JSON or with the
+repository: :func:`~rnndeploy.server.core.open_repository`). Tensors travel as JSON or with the
 binary tensor data extension (``Inference-Header-Content-Length``); stateful models are served per
 sequence (``sequence_id``, ``sequence_start``, ``sequence_end`` request parameters) through a
 :class:`SequenceBatcher`, so a stock ``tritonclient.http.InferenceServerClient`` works unchanged.
@@ -16,9 +16,9 @@ import asyncio
 import logging
 import re
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import orjson
+from google.protobuf.json_format import MessageToDict
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -26,10 +26,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from rnndeploy import __version__
-from rnndeploy.runtime import ModelError, StepInputError, StreamingSession
-from rnndeploy.server.batcher import SequenceBatcher
-from rnndeploy.server.metrics import CONTENT_TYPE, RequestStats, registry_for, render
-from rnndeploy.server.models import ConfiguredModel, ModelSet
+from rnndeploy.runtime import StreamingSession
+from rnndeploy.server.core import ModelServer, ModelSet
+from rnndeploy.server.metrics import CONTENT_TYPE, render
 from rnndeploy.server.protocol import (
     TO_DATATYPE,
     Decoded,
@@ -37,180 +36,17 @@ from rnndeploy.server.protocol import (
     RequestError,
     check_datatype,
     check_flag,
-    check_model_input,
-    check_outputs,
+    check_nesting,
     check_request_id,
     check_shape,
     decode_data,
     decode_raw,
-    response_bytes,
     sequence_parameters,
-    vocabulary_size,
-)
-from rnndeploy.server.repository import (
-    CONFIG_FILE,
-    DEFAULT_IDLE_US,
-    ModelEntry,
-    RepositoryError,
-    read_repository,
 )
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _DIGITS = re.compile(r"[0-9]{1,19}")
 logger = logging.getLogger("rnndeploy.server")
-
-
-class ModelServer:
-    """What the HTTP and gRPC front ends share: the model, its limits, the batcher and the request path.
-
-    :meth:`infer` takes a :class:`Decoded` request, checks it against the model and the limits, runs it
-    through the batcher and returns the outputs; every refusal is a :class:`RequestError` raised before the
-    step, so a refused request changes no state. ``config`` is the model's ``config.pbtxt`` when it comes from
-    a model repository: requests are then checked against its inputs, the metadata lists its inputs and
-    outputs, and the server fills the graph's sequence control inputs (:class:`ConfiguredModel`).
-    """
-
-    def __init__(
-        self,
-        session: StreamingSession,
-        model_name: str = "model",
-        model_version: str = "1",
-        *,
-        limits: Limits | None = None,
-        max_batch_size: int = 64,
-        max_queue_delay_us: float = 500.0,
-        idle_timeout_s: float = 60.0,
-        worker_thread: bool = True,
-        config: ConfiguredModel | None = None,
-    ) -> None:
-        self.session = session
-        self.model_name, self.model_version = model_name, model_version
-        self.config = config
-        self.platform = "onnxruntime_onnx" if config is None else config.platform
-        self.output_names = list(session.outputs) if config is None else config.output_names
-        self.limits = limits or Limits()
-        self.vocab_size = vocabulary_size(session)
-        self.stats = RequestStats()
-        self.registry = registry_for(self)
-        self.batcher = SequenceBatcher(
-            session,
-            max_batch_size=max_batch_size,
-            max_queue_delay_s=max_queue_delay_us * 1e-6,
-            idle_timeout_s=idle_timeout_s,
-            max_sequences=self.limits.max_sequences,
-            max_state_bytes=self.limits.max_state_bytes,
-            worker_thread=worker_thread,
-        )
-
-    def tensor_metadata(self) -> tuple[list[dict], list[dict]]:
-        if self.config is not None:
-            return self.config.tensor_metadata()
-
-        def describe(spec) -> dict:
-            shape = [d if isinstance(d, int) else -1 for d in spec.shape]
-            return {"name": spec.name, "datatype": TO_DATATYPE[spec.dtype], "shape": shape}
-
-        return (
-            [describe(s) for s in self.session.inputs.values()],
-            [describe(s) for s in self.session.outputs.values()],
-        )
-
-    async def infer(self, request: Decoded) -> dict:
-        """Check ``request`` against the model and the limits, run it, return ``{output_name: array}``."""
-        if request.outputs is None:
-            request.outputs = [(name, request.binary_outputs) for name in self.output_names]
-        check_outputs(request.outputs, self.output_names)
-        arrays, controls = request.arrays, {}
-        if self.config is not None:
-            self.config.check_request(arrays)
-            controls = self.config.control_arrays(arrays, request.sequence_id, request.end)
-        arrays, rows, steps = check_model_input(
-            self.session, {**arrays, **controls}, self.limits, self.vocab_size, controls
-        )
-        size = response_bytes(self.session, arrays, rows, request.outputs)
-        if size > self.limits.max_response_bytes:
-            raise RequestError(
-                f"the response would take about {size} bytes, over the limit "
-                f"max_response_bytes={self.limits.max_response_bytes}: send fewer rows or time steps",
-                413,
-                limit="max_response_bytes",
-            )
-        try:
-            return await self.batcher.infer(
-                arrays, request.sequence_id, request.start, request.end, cost=rows * steps
-            )
-        except StepInputError as error:
-            raise RequestError(str(error)) from None
-
-
-def open_repository(
-    root: str | Path,
-    *,
-    limits: Limits | None = None,
-    providers: str | None = None,
-    threads: int = 1,
-    worker_thread: bool = True,
-) -> ModelSet:
-    """Every ready version of every model of a Triton-style model repository, each a :class:`ModelServer`.
-
-    Each model's ``config.pbtxt`` gives its name, inputs and outputs, ``max_batch_size`` (the most sequences
-    per batched step), and from ``sequence_batching`` the idle timeout, the queue delay and the state pairs
-    (else the graph's ``rnndeploy.states`` metadata). ``onnxruntime`` models run their model file, ``python``
-    models (``rnndeploy export --triton-backend python``) the ``model.onnx`` next to their ``model.py``.
-    ``limits`` apply to each model. Raises :class:`RepositoryError` naming the file and the problem.
-    """
-    repository = read_repository(root)
-    servers = []
-    for entry in repository.models.values():
-        for version in entry.ready_versions:
-            servers.append(_repository_model(entry, version, limits, providers, threads, worker_thread))
-    return ModelSet(servers)
-
-
-def _repository_model(
-    entry: ModelEntry,
-    version: int,
-    limits: Limits | None,
-    providers: str | None,
-    threads: int,
-    worker_thread: bool,
-) -> ModelServer:
-    kind = entry.backend or entry.platform
-    if kind in ("onnxruntime", "onnxruntime_onnx"):
-        path = entry.model_file(version)
-    elif kind == "python":
-        path = entry.model_file(version).with_name("model.onnx")
-    else:
-        raise RepositoryError(
-            f"{entry.folder / CONFIG_FILE}: rnndeploy serve runs onnxruntime and python models (those "
-            f"rnndeploy export writes), not {kind!r}"
-        )
-    if not path.is_file():
-        hint = " (rnndeploy serve runs the model.onnx next to model.py)" if kind == "python" else ""
-        raise RepositoryError(f"{path}: missing; model {entry.name!r} version {version} needs it{hint}")
-    seq = entry.sequence_batching
-    states = {s.input_name: s.output_name for s in seq.states} if seq is not None and seq.states else None
-    try:
-        session = StreamingSession(
-            path,
-            states,
-            batch_axes=dict.fromkeys(states or (), 0),  # Triton's implicit state is batch-first
-            providers=providers,
-            threads=threads,
-        )
-    except ModelError as error:
-        raise RepositoryError(f"{path}: {error}") from None
-    return ModelServer(
-        session,
-        entry.name,
-        str(version),
-        limits=limits,
-        max_batch_size=max(entry.max_batch_size, 1),
-        max_queue_delay_us=seq.max_queue_delay_us if seq is not None else 0.0,
-        idle_timeout_s=(seq.max_sequence_idle_us if seq is not None else DEFAULT_IDLE_US) * 1e-6,
-        worker_thread=worker_thread,
-        config=ConfiguredModel(entry, session, str(path)),
-    )
 
 
 def create_app(
@@ -299,12 +135,7 @@ def create_app(
         )
 
     async def model_config(request: Request) -> JSONResponse:
-        # Triton's ModelConfig message (tritonclient's generated module), as the gRPC ModelConfig builds it
-        from google.protobuf.json_format import MessageToDict
-
-        from rnndeploy.server.grpc_service import model_config
-
-        config = MessageToDict(model_config(model_of(request)), preserving_proto_field_name=True)
+        config = MessageToDict(model_of(request).model_config(), preserving_proto_field_name=True)
         config.setdefault("max_batch_size", 0)  # protobuf's JSON leaves zeros out; Triton writes this one
         return JSONResponse(config)
 
@@ -421,6 +252,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
         header = orjson.loads(json_part)
     except orjson.JSONDecodeError as error:
         raise RequestError(f"the request is not valid JSON: {error}") from None
+    check_nesting(header)
     return _dict(header, "the request"), binary
 
 
