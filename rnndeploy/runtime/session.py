@@ -278,6 +278,7 @@ class StreamingSession:
                 n: ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for n, a in self.constants.items()
             },
             normalization=self.normalization,
+            run_options=ort.RunOptions(),
         )
         kind: type[StateStore]
         if not self.io_binding:
@@ -388,6 +389,23 @@ class StreamingSession:
                 return {k: v.copy() for k, v in self._load(entry).items()}
         finally:
             self._release((stream,))
+
+    def terminate(self) -> None:
+        """Stop every run in progress now and refuse every later step (a shutdown deadline).
+
+        onnxruntime ends a run at its next node once told to (``RunOptions.terminate``); the step that was
+        running, and any step after it, raises :class:`ModelError`. The streams' states are left as they were
+        before the interrupted step.
+        """
+        self._graph.run_options.terminate = True
+
+    def _run_error(self, error: Exception, streams: Mapping[Hashable, Mapping[str, np.ndarray]]) -> Exception:
+        """What a failed run raises: :class:`ModelError` once terminated, else the step's input error."""
+        if self._graph.run_options.terminate:
+            return ModelError(
+                "this session was terminated (StreamingSession.terminate): it runs no more steps"
+            )
+        return step_error(error, streams)
 
     def _claim(self, streams: Iterable[Hashable]) -> None:
         """Wait until no other call holds any of ``streams``, then hold them until :meth:`_release`."""
@@ -578,7 +596,7 @@ class StreamingSession:
             try:  # a signature this stream ran before: no checks, no allocations (where the store can)
                 outs = store.step_again(entry.cell, x)
             except ORT_RUN_ERRORS as error:
-                raise step_error(error, {stream: self.check_input(x)[0]}) from error
+                raise self._run_error(error, {stream: self.check_input(x)[0]}) from error
             if outs is not None:
                 return outs
         arrays, batch, added = self.check_input(x)
@@ -593,7 +611,7 @@ class StreamingSession:
             if new:  # a failed first step leaves no stream behind
                 with self._lock:
                     self._streams.pop(stream, None)
-            raise step_error(error, {stream: arrays}) from error
+            raise self._run_error(error, {stream: arrays}) from error
         except BaseException:
             if new:  # a failed first step leaves no stream behind
                 with self._lock:
@@ -673,9 +691,11 @@ class StreamingSession:
             with self._lock:
                 feed.update(self._gather(members, [self._streams.get(s) for s in members], batches))
             try:
-                outs = self._session.run(self._graph.output_names, {**feed, **self.constants})
+                outs = self._session.run(
+                    self._graph.output_names, {**feed, **self.constants}, self._graph.run_options
+                )
             except ORT_RUN_ERRORS as error:
-                raise step_error(error, {s: checked[s][0] for s in members}) from error
+                raise self._run_error(error, {s: checked[s][0] for s in members}) from error
             outputs = self._graph.denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
             rows = _Rows(
                 {p.input: o for p, o in zip(self.states, outs[n_out:], strict=True)}, members, batches
@@ -834,10 +854,12 @@ class StreamingSession:
                 states = again.states
         try:
             outs = self._session.run(
-                self._graph.output_names, {**self._graph.normalized(feed), **states, **self.constants}
+                self._graph.output_names,
+                {**self._graph.normalized(feed), **states, **self.constants},
+                self._graph.run_options,
             )
         except ORT_RUN_ERRORS as error:
-            raise step_error(error, given()) from error
+            raise self._run_error(error, given()) from error
         n_out = len(self.outputs)
         outputs = self._graph.denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
         new_states = {p.input: o for p, o in zip(self.states, outs[n_out:], strict=True)}

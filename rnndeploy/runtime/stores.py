@@ -46,6 +46,8 @@ class Graph:
     constants: dict[str, np.ndarray]
     device_constants: dict[str, ort.OrtValue]
     normalization: Normalization | None
+    # one RunOptions for every run of the session, so that terminate() reaches the runs in progress
+    run_options: ort.RunOptions
 
     def to_device(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
@@ -133,7 +135,7 @@ class HostStore(StateStore):
     ) -> dict[str, np.ndarray]:
         graph = self.graph
         feed = {**graph.normalized(arrays), **graph.constants, **cell.arrays}
-        results = graph.session.run(graph.output_names, feed)
+        results = graph.session.run(graph.output_names, feed, graph.run_options)
         n = len(graph.outputs)
         cell.arrays = {p.input: r for p, r in zip(graph.states, results[n:], strict=False)}
         return graph.finished(dict(zip(graph.outputs, results[:n], strict=False)), added)
@@ -173,6 +175,7 @@ class CpuSlot:
 
     __slots__ = (
         "_session",
+        "_run_options",
         "_bindings",
         "_inputs",
         "_single",
@@ -193,6 +196,7 @@ class CpuSlot:
         added: bool,
     ) -> None:
         self._session = graph.session
+        self._run_options = graph.run_options
         norm = graph.normalization
         self._normalization = norm
         inputs = {n: np.empty(a.shape, a.dtype) for n, a in arrays.items()}
@@ -248,7 +252,7 @@ class CpuSlot:
                 else:
                     np.copyto(view, x[name])
         self._last = self._bindings[parity]
-        self._session.run_with_iobinding(self._last)
+        self._session.run_with_iobinding(self._last, self._run_options)
 
     def outputs(self) -> dict[str, np.ndarray]:
         """The last run's outputs, as new arrays (de-normalised where the graph normalises)."""
@@ -379,7 +383,7 @@ class DeviceStore(StateStore):
                 spares[pair.input] = spare
         for name in graph.outputs:
             binding.bind_output(name, "cpu")
-        graph.session.run_with_iobinding(binding)
+        graph.session.run_with_iobinding(binding, graph.run_options)
         values = binding.get_outputs()
         for pair, value in zip(graph.states, values, strict=False):
             # Keep our own OrtValue objects: on the CPU they hold the numpy buffers they wrap.

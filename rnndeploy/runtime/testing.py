@@ -1,7 +1,7 @@
 """Small stateful ONNX models built with ``onnx.helper``, for tests, benchmarks and examples.
 
 They follow the ONNX contract of ``rnndeploy.export`` (``lstm_lm``), deliberately break its naming
-(``scaled_rnn``) or count their steps (``counter_rnn``), so the runtime and server can be tested without torch
+(``scaled_rnn``), count their steps (``counter_rnn``) or take long over one (``slow_rnn``), so the runtime and server can be tested without torch
 and without the exporter.
 """
 
@@ -217,4 +217,51 @@ def counter_rnn(hidden_size: int = 2) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     onnx.checker.check_model(model)
+    return model
+
+
+def slow_rnn(iterations: int, hidden: int = 256) -> onnx.ModelProto:
+    """A foreign stateful model whose every step runs ``iterations`` matrix-vector products (a Loop):
+    ``y = x`` ``[N, T, 1]``, ``state_out = tanh(... tanh(state_in W) ... W)`` ``[N, hidden]``."""
+    rng = np.random.default_rng(0)
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["h", "W"], ["hw"]),
+            helper.make_node("Tanh", ["hw"], ["h_next"]),
+            helper.make_node("Identity", ["cond"], ["cond_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", hidden]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_next", TensorProto.FLOAT, ["N", hidden]),
+        ],
+    )
+    weights = (rng.standard_normal((hidden, hidden)) / hidden**0.5).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Loop", ["M", "true", "state_in"], ["state_out"], body=body),
+            helper.make_node("Identity", ["x"], ["y"]),
+        ],
+        "slow",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 1]),
+            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, ["N", hidden]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", 1]),
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, ["N", hidden]),
+        ],
+        [
+            numpy_helper.from_array(weights, "W"),
+            numpy_helper.from_array(np.array(iterations, np.int64), "M"),
+            numpy_helper.from_array(np.array(True), "true"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
     return model

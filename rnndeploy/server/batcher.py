@@ -175,11 +175,12 @@ class SequenceBatcher:
 
     def abort(self) -> None:
         """Fail every queued and running step with status 503 now (a shutdown deadline): their clients are
-        answered; a run still going finishes in the worker thread, its results dropped."""
+        answered, and a run still going is terminated at its next node, so the process need not wait for it."""
         for request in [*self._pending, *self._running]:
             if not request.future.done():
                 request.future.set_exception(SequenceError("the server is shutting down", 503))
         self._pending.clear()
+        self.session.terminate()
 
     def unknown(self, sequence_id: Hashable) -> SequenceError:
         return SequenceError(

@@ -29,7 +29,6 @@ from rnndeploy.server.protocol import (
     check_model_input,
     check_outputs,
     response_bytes,
-    vocabulary_size,
 )
 from rnndeploy.server.repository import (
     CONFIG_FILE,
@@ -74,7 +73,7 @@ class ModelServer:
             list(session.outputs) if config is None else [t.name for t in config.entry.config.output]
         )
         self.limits = limits or Limits()
-        self.vocab_size = vocabulary_size(session)
+        self.vocab_size = session.vocab_size  # checked when the session opened: never silently absent
         self.stats = RequestStats()
         self.registry = registry_for(self)
         self.batcher = SequenceBatcher(

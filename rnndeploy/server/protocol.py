@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnndeploy.runtime import ModelError, StepInputError, StreamingSession, vocabulary
+from rnndeploy.runtime import StepInputError, StreamingSession
 
 DATATYPES: dict[str, type[np.generic]] = {
     "BOOL": np.bool_,
@@ -260,22 +260,6 @@ def check_outputs(requested: list[tuple[str, bool]], outputs: list[str]) -> None
     for name, _ in requested:
         if name not in outputs:
             raise RequestError(f"unknown output {_short(name)}; outputs: {outputs}")
-
-
-def vocabulary_size(session: StreamingSession) -> int | None:
-    """The number of token ids of a language model (``rnndeploy.vocab`` metadata), else ``None``.
-
-    Raises :class:`ModelError` when the metadata is there but unreadable: serving the model anyway would let
-    token ids outside its vocabulary through unchecked."""
-    if "rnndeploy.vocab" not in session.metadata:
-        return None
-    try:
-        return len(vocabulary(session))
-    except ValueError as error:  # GenerateError (not a language model) or metadata that is not JSON
-        raise ModelError(
-            f"the model's metadata rnndeploy.vocab cannot be read ({error}); the server checks token ids "
-            "against it: export the model again (rnndeploy export)"
-        ) from None
 
 
 def check_model_input(

@@ -18,7 +18,6 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc
 import tritonclient.http as httpclient
-from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
 from rnndeploy.runtime import testing
@@ -171,58 +170,12 @@ def test_a_port_in_use_is_a_clear_error(tmp_path):
             ), result.stderr
 
 
-def slow_model(iterations: int, hidden: int = 256) -> onnx.ModelProto:
-    """A foreign stateful model whose every step runs ``iterations`` matrix-vector products (a Loop):
-    ``y = x`` ``[N, T, 1]``, ``state_out = tanh(... tanh(state_in W) ... W)`` ``[N, hidden]``."""
-    rng = np.random.default_rng(0)
-    body = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["h", "W"], ["hw"]),
-            helper.make_node("Tanh", ["hw"], ["h_next"]),
-            helper.make_node("Identity", ["cond"], ["cond_out"]),
-        ],
-        "body",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", hidden]),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("h_next", TensorProto.FLOAT, ["N", hidden]),
-        ],
-    )
-    weights = (rng.standard_normal((hidden, hidden)) / hidden**0.5).astype(np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Loop", ["M", "true", "state_in"], ["state_out"], body=body),
-            helper.make_node("Identity", ["x"], ["y"]),
-        ],
-        "slow",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 1]),
-            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, ["N", hidden]),
-        ],
-        [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", 1]),
-            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, ["N", hidden]),
-        ],
-        [
-            numpy_helper.from_array(weights, "W"),
-            numpy_helper.from_array(np.array(iterations, np.int64), "M"),
-            numpy_helper.from_array(np.array(True), "true"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
 def test_sigterm_during_a_long_run_answers_503_and_unavailable_before_the_deadline(tmp_path):
     """Steps still in the model at the shutdown deadline are answered 503 (HTTP, JSON) and UNAVAILABLE (gRPC),
     not a plain-text 500 when the deadline cuts them off, and the log has no traceback."""
     path = tmp_path / "slow.onnx"
-    onnx.save(slow_model(600_000), path)  # seconds per step on one thread
+    # minutes per step on one thread: the process exits within the wait below only if the run is terminated
+    onnx.save(testing.slow_rnn(60_000_000), path)
     process, urls, _ = start_serve(path, "--shutdown-timeout", "1")
     try:
         answers: queue.Queue = queue.Queue()
