@@ -19,6 +19,8 @@ Per step and layer (``x`` the layer input, ``h``/``c`` its state; PyTorch's form
 from __future__ import annotations
 
 import copy
+import logging
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ from .exporter import (
     save_onnx,
     set_metadata,
 )
-from .variants import quantize_int8, to_fp16
+from .variants import to_fp16
 from .verification import TOLERANCES, VerifyReport, _run_stepwise, compare, session
 
 FORM_KEY = "rnndeploy.form"
@@ -97,20 +99,35 @@ def export_step_graph(
 def quantize_step_graph(src: str | Path, dst: str | Path) -> Path:
     """Dynamic int8 quantization of the step graph at ``src`` (every product -> ``MatMulInteger``), atomically.
 
-    Weights become int8 per tensor; activations and states are quantized per call, so the graph I/O and the
-    state contract do not change. onnxruntime only (``com.microsoft`` operators), CPU execution provider.
+    Weights become int8 with one scale per output column; activations and states are quantized per call, so
+    the graph I/O and the state contract do not change. onnxruntime only (``com.microsoft`` operators), CPU
+    execution provider. ``rnndeploy.precision`` becomes ``"int8"``.
     """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     meta = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
     if meta.get(FORM_KEY) != "step" or meta.get("rnndeploy.precision") != "fp32":
         raise ExportError(
             f"{src} is not an fp32 step graph (rnndeploy.form={meta.get(FORM_KEY)!r}, "
             f"precision={meta.get('rnndeploy.precision')!r}); quantize the file export_step_graph wrote"
         )
-    proto = quantize_int8(src, dst)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_out = Path(tmp) / "int8.onnx"
+        # NOTE: per-channel scales: a step graph's products join weights of different ranges in one matrix
+        # (the folded encoder with W_hh, several gates), and one scale per tensor rounds the small ones away.
+        # quantize_dynamic's root-logger advice about pre-processing is for conv nets and stays off the terminal.
+        logging.disable(logging.WARNING)
+        try:
+            quantize_dynamic(str(src), str(tmp_out), weight_type=QuantType.QInt8, per_channel=True)
+        finally:
+            logging.disable(logging.NOTSET)
+        proto = onnx.load(str(tmp_out))
+    set_metadata(proto, {"rnndeploy.precision": "int8"})
+    onnx.checker.check_model(proto, full_check=True)
     left = [n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm")]
     if left:
-        raise ExportError(f"quantize_dynamic left float products {left} in {dst}; expected every one in int8")
-    return Path(dst)
+        raise ExportError(f"quantize_dynamic left float products {left} in {src}; expected every one in int8")
+    return save_onnx(proto, dst)
 
 
 def verify_step_graph(
