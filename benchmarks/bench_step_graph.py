@@ -12,7 +12,7 @@ results used: ``gru.pt`` from ``python examples/forecast_co2.py --hidden 64`` (m
 
     python benchmarks/bench_step_graph.py [--checkpoints DIR] [--steps 200] [--blocks 15]
 
-Writes benchmarks/results/step-graph.json and .csv.
+Writes benchmarks/results/step-graph.json, .csv and .png.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from rnndeploy import ModelConfig, SequenceModel
-from rnndeploy.checkpoint import load_checkpoint
+from rnndeploy.checkpoint import atomic_write, load_checkpoint
 from rnndeploy.export import export_onnx, quantize_int8
 from rnndeploy.export.pipeline import int8_accuracy, validation_split
 from rnndeploy.export.step_graph import export_step_graph, quantize_step_graph, step_int8_accuracy
@@ -140,13 +140,41 @@ def main() -> None:
         "latency": rows,
         "int8_accuracy": accuracy,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "step-graph.json").write_text(json.dumps(record, indent=2) + "\n")
-    with open(RESULTS / "step-graph.csv", "w", newline="") as f:
+    atomic_write(
+        RESULTS / "step-graph.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
+    )
+    atomic_write(RESULTS / "step-graph.csv", lambda tmp: write_csv(Path(tmp), rows))
+    atomic_write(RESULTS / "step-graph.png", lambda tmp: plot(Path(tmp), rows))
+    print(f"\nwrote {RESULTS / 'step-graph.json'}, .csv and .png")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"\nwrote {RESULTS / 'step-graph.json'} and .csv")
+
+
+def plot(path: Path, rows: list[dict]) -> None:
+    """One panel per model and batch: time per step of each graph relative to the fp32 sequence graph."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["model"], r["batch"]) for r in rows}, key=lambda p: (list(MODELS).index(p[0]), p[1]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), sharey=True, squeeze=False)
+    for ax, (model, batch) in zip(axes[0], panels, strict=True):
+        mine = [r for r in rows if r["model"] == model and r["batch"] == batch]
+        ax.barh([r["graph"] for r in mine], [r["vs_seq_fp32"] for r in mine], color="tab:blue")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_title(f"{model}, batch {batch}", fontsize=9)
+        ax.set_xlabel("time per step / fp32 sequence graph", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle("one step on the CPU, onnxruntime, 1 thread (lower is faster)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
 
 
 if __name__ == "__main__":
