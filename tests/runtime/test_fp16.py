@@ -82,7 +82,7 @@ def test_generate_picks_what_the_fp32_graph_ranks_first(models):
     fp32, fp16 = models
     result = rnndeploy("generate", str(fp16), "--prompt", "abc", "--length", "12", "--temperature", "0")
     assert_clean(result)
-    text = "abc" + result.stdout.rstrip("\n")
+    text = result.stdout.rstrip("\n")  # the prompt, then the continuation
     assert len(text) == 15 and set(text) <= set(VOCAB), result.stdout
     scores = fp32_outputs(fp32, [VOCAB.index(c) for c in text])  # scores[t] predicts text[t + 1]
     for t in range(2, 14):
