@@ -118,7 +118,17 @@ def onnx_layer(
     return _reference_layer(x, h0, c0, W, R, B, cell, bidirectional, nonlinearity)
 
 
-def _symbolic_layer(x, h0, c0, W, R, B, cell, bidirectional, nonlinearity) -> tuple[Tensor, ...]:
+def _symbolic_layer(
+    x: Tensor,
+    h0: Tensor | None,
+    c0: Tensor | None,
+    W: Tensor,
+    R: Tensor,
+    B: Tensor,
+    cell: str,
+    bidirectional: bool,
+    nonlinearity: str,
+) -> tuple[Tensor, ...]:
     # NOTE: torch.onnx.ops.symbolic_multi_out puts the standard node itself into the exported program, with
     # output shapes written in terms of x's (symbolic) time and batch sizes, so both stay dynamic. The other
     # route, a torch.library.custom_op plus a custom_translation_table, needs a process-wide op registration
@@ -145,7 +155,17 @@ def _symbolic_layer(x, h0, c0, W, R, B, cell, bidirectional, nonlinearity) -> tu
     return (y.permute(0, 2, 1, 3).reshape(T, N, D * hidden), *states)  # [T, D, B, H] -> [T, B, D*H]
 
 
-def _reference_layer(x, h0, c0, W, R, B, cell, bidirectional, nonlinearity) -> tuple[Tensor, ...]:
+def _reference_layer(
+    x: Tensor,
+    h0: Tensor | None,
+    c0: Tensor | None,
+    W: Tensor,
+    R: Tensor,
+    B: Tensor,
+    cell: str,
+    bidirectional: bool,
+    nonlinearity: str,
+) -> tuple[Tensor, ...]:
     order = GATE_ORDER[cell]
     hidden, gh = R.shape[-1], R.shape[-2]
 
