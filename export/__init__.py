@@ -9,7 +9,7 @@ Entry points:
 """
 
 from .exporter import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError, export_onnx, save_onnx
-from .pipeline import ExportReport, export_checkpoint
+from .pipeline import ExportReport, OutputExistsError, export_checkpoint
 from .recurrent import OnnxRecurrent, UnsupportedLayerError, onnx_recurrent_layers
 from .triton import write_triton_repository
 from .variants import quantize_int8, to_fp16
@@ -23,6 +23,7 @@ __all__ = [
     "ExportError",
     "ExportReport",
     "OnnxRecurrent",
+    "OutputExistsError",
     "UnsupportedLayerError",
     "VerifyReport",
     "export_checkpoint",

@@ -4,19 +4,30 @@ A :class:`~rnndeploy.models.SequenceModel` exports per the project's ONNX contra
 ``input`` plus one state input per state tensor (``h0``, ``c0``), outputs ``output`` plus ``hn`` (``cn``),
 dynamic ``batch`` and ``time`` axes, and ``metadata_props`` that let a runtime serve the graph without flags.
 Any other module exports with the names and dynamic axes its caller gives.
+
+The graph comes from torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``) with every recurrent
+layer swapped for its stand-in (:mod:`.recurrent`), which puts one standard node per layer into the traced
+program. The exporter writes opset 18 or newer; lower opsets (14-17) go through onnx's version converter. Each
+graph is then checked: no ``Loop``/``Scan``/``If`` or custom-domain nodes, at least one recurrent node per
+layer (a traced Python loop has none), every requested dynamic axis still dynamic, ``onnx.checker`` with
+strict shape inference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import io
+import inspect
 import json
-import warnings
-from collections.abc import Sequence
+import logging
+import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+import onnx.version_converter
 import torch
 from torch import Tensor, nn
 
@@ -35,9 +46,12 @@ from .recurrent import (
 # NOTE: opset 17 is the newest opset that TensorRT 8.6 (still common in deployed Triton/Jetson images)
 # parses completely, onnxruntime has run it since 1.12, and its RNN/LSTM/GRU (version 14) are current.
 DEFAULT_OPSET = 17
-# LSTM/GRU/RNN-14 is the first definition with the current semantics; 20 is the newest opset the TorchScript
-# exporter writes.
+# LSTM/GRU/RNN-14 is the first definition with the current semantics; 20, the top, is the newest opset the
+# tests export and run.
 MIN_OPSET, MAX_OPSET = 14, 20
+# The dynamo exporter writes opset 18 and newer; onnx's version converter takes its graphs down from there.
+EXPORTER_MIN_OPSET = 18
+_INT64_MAX = np.iinfo(np.int64).max
 FORBIDDEN_OPS = ("Loop", "Scan", "If")
 EXAMPLE_BATCH, EXAMPLE_TIME = 3, 5  # odd and distinct so no axis is mistaken for another while tracing
 
@@ -210,7 +224,7 @@ def _export_sequence_model(
     dynamic_axes.update({name: {1: "batch"} for name in states + outputs[1:]})
     x = example_input(model, EXAMPLE_BATCH, EXAMPLE_TIME)
     state = tuple(torch.randn_like(s) for s in model.init_state(EXAMPLE_BATCH))
-    graph = _ContractGraph(model)
+    graph = _ContractGraph(model).eval()
     with onnx_recurrent_layers(graph):
         proto = _trace(graph, (x, *state), ["input", *states], outputs, dynamic_axes, opset)
     _check_recurrent_nodes(proto, {ONNX_OP[c.cell]: c.num_layers})
@@ -236,6 +250,7 @@ def _export_module(
 ) -> onnx.ModelProto:
     args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     input_names = list(input_names or [f"input_{i}" for i in range(len(args))])
+    required = dynamic_axes is not None
     if dynamic_axes is None:
         dynamic_axes = {
             name: {axis: f"axis{axis}" for axis in range(min(2, a.dim()))}
@@ -251,10 +266,7 @@ def _export_module(
     if isinstance(model, nn.RNNBase):  # a bare recurrent layer: export its stand-in directly
         model = OnnxRecurrent(model, type(model).__name__)
     with onnx_recurrent_layers(model):
-        try:
-            proto = _trace(model, args, input_names, output_names, dynamic_axes, opset)
-        except UnsupportedLayerError as exc:
-            raise ExportError(str(exc)) from exc
+        proto = _trace(model, args, input_names, output_names, dynamic_axes, opset, required=required)
     _check_recurrent_nodes(proto, expected)
     return check_and_infer(proto)
 
@@ -266,26 +278,177 @@ def _trace(
     output_names: Sequence[str] | None,
     dynamic_axes: dict[str, dict[int, str]],
     opset: int,
+    *,
+    required: bool = True,
 ) -> onnx.ModelProto:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        # NOTE: the TorchScript exporter is the one that honours autograd.Function.symbolic(); torch marks it
-        # deprecated, and the node-type check after export catches any exporter that ignores symbolic().
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(
-            module,
-            args,
-            buffer,
-            dynamo=False,
-            export_params=True,
-            do_constant_folding=True,
-            opset_version=opset,
-            input_names=list(input_names),
-            output_names=list(output_names) if output_names is not None else None,
-            dynamic_axes=dynamic_axes,
+    """``torch.onnx.export(..., dynamo=True)`` with ``dynamic_axes`` named as given, at ``opset``.
+
+    ``required``: every axis in ``dynamic_axes`` must come out dynamic (else :class:`ExportError`); when
+    False (default axes the caller did not ask for), the ones the module fixes stay fixed.
+    """
+    # Dim.DYNAMIC: torch.export refuses (rather than silently fixes) an axis the module makes static; the
+    # exporter's own names for the axes are replaced by the caller's below, which may be any string.
+    dim = torch.export.Dim.DYNAMIC if required else torch.export.Dim.AUTO
+    specs = [
+        {axis: dim for axis in dynamic_axes.get(name, {})} if isinstance(a, Tensor) else None
+        for name, a in zip(input_names, args, strict=False)
+    ]
+    with _quiet_exporter():
+        try:
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                opset_version=max(opset, EXPORTER_MIN_OPSET),
+                input_names=list(input_names),
+                output_names=list(output_names) if output_names is not None else None,
+                dynamic_shapes=_by_signature(module, specs),
+                external_data=False,
+                optimize=True,
+                verbose=False,
+            )
+        except Exception as exc:
+            cause = _cause(exc, UnsupportedLayerError)
+            if cause is not None:
+                raise ExportError(str(cause)) from cause
+            raise ExportError(f"torch.onnx.export failed: {_root_message(exc)}") from exc
+    if output_names is None:
+        for i, value in enumerate(program.model.graph.outputs):
+            value.name = f"output_{i}"
+    proto = _convert_opset(program.model_proto, opset)
+    _name_dynamic_axes(proto, dynamic_axes, required=required)
+    # the lowest IR version that holds the opset, so that older runtimes (Triton, TensorRT) load the file
+    proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+    return proto
+
+
+def _by_signature(module: nn.Module, specs: list) -> tuple:
+    """Per-input ``specs`` grouped as ``module.forward``'s parameters take them (``*args`` as one tuple)."""
+    grouped: list = []
+    for i, param in enumerate(inspect.signature(module.forward).parameters.values()):
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            grouped.append(tuple(specs[i:]))
+            break
+        if i >= len(specs):
+            break
+        grouped.append(specs[i])
+    return tuple(grouped)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    # NOTE: the exporter logs its progress, its opset conversion and missing optional packages (torchvision)
+    # as warnings; none is about the user's model, and a failed export still raises.
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _convert_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """``proto`` (exported at ``EXPORTER_MIN_OPSET`` or newer) at ``opset``, or :class:`ExportError`."""
+    if opset >= EXPORTER_MIN_OPSET:
+        return proto
+    try:
+        proto = onnx.version_converter.convert_version(proto, max(opset, 15))
+    except (RuntimeError, onnx.checker.ValidationError) as exc:
+        missing = re.search(r"Version \$\d+ for (\w+)", str(exc))
+        what = f"it has no adapter for {missing.group(1)}" if missing else str(exc)
+        raise ExportError(
+            f"onnx's version converter cannot take the exported graph to opset {opset} ({what}); "
+            f"export at opset {EXPORTER_MIN_OPSET} or newer"
+        ) from exc
+    if opset == 14:
+        _shape_15_to_14(proto)
+    return proto
+
+
+def _shape_15_to_14(proto: onnx.ModelProto) -> None:
+    # NOTE: onnx's version converter has no Shape adapter from 15 (which added start/end) down to 14; the
+    # exporter uses start/end for single dimensions. Shape-13 followed by Slice-13 computes the same thing.
+    graph = proto.graph
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        bounds = {a.name: a.i for a in node.attribute}
+        if node.op_type != "Shape" or node.domain not in ("", "ai.onnx") or not bounds:
+            nodes.append(node)
+            continue
+        full = f"{node.output[0]}.full"
+        params = [f"{node.output[0]}.{p}" for p in ("starts", "ends", "axes")]
+        values = [bounds.get("start", 0), bounds.get("end", _INT64_MAX), 0]
+        graph.initializer.extend(
+            onnx.numpy_helper.from_array(np.array([v], np.int64), name)
+            for name, v in zip(params, values, strict=True)
         )
-    return onnx.load_from_string(buffer.getvalue())
+        nodes.append(onnx.helper.make_node("Shape", [node.input[0]], [full], name=f"{node.name}.shape"))
+        nodes.append(
+            onnx.helper.make_node("Slice", [full, *params], [node.output[0]], name=f"{node.name}.slice")
+        )
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = 14
+
+
+def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _root_message(exc: BaseException, lines: int = 4) -> str:
+    """The first ``lines`` lines of the innermost cause: the exporter wraps torch.export's own error."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return " ".join((str(exc).strip().splitlines() or [type(exc).__name__])[:lines])
+
+
+def _name_dynamic_axes(
+    proto: onnx.ModelProto, dynamic_axes: dict[str, dict[int, str]], *, required: bool
+) -> None:
+    """Renames the exporter's symbolic dimensions to the names in ``dynamic_axes``, throughout the graph.
+
+    Raises :class:`ExportError` naming the tensor and axis if a ``required`` dynamic axis came out fixed.
+    """
+    graph = proto.graph
+    values = {v.name: v for v in [*graph.input, *graph.output]}
+    renames: dict[str, str] = {}
+    for name, axes in dynamic_axes.items():
+        if name not in values:
+            continue
+        dims = values[name].type.tensor_type.shape.dim
+        for axis, axis_name in axes.items():
+            fixed = axis >= len(dims) or not dims[axis].dim_param
+            if fixed and not required:
+                continue
+            if fixed:
+                found = dims[axis].dim_value if axis < len(dims) else "no such axis"
+                raise ExportError(
+                    f"axis {axis} of {name!r} should be dynamic ({axis_name!r}) but the exported graph has "
+                    f"{found}: the model fixes its size (a Python int taken from a shape, or a loop over it)"
+                )
+            renames.setdefault(dims[axis].dim_param, axis_name)
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in renames:
+                dim.dim_param = renames[dim.dim_param]
+    # an output may name an axis differently from the input it follows
+    for name, axes in dynamic_axes.items():
+        if name in values:
+            dims = values[name].type.tensor_type.shape.dim
+            for axis, axis_name in axes.items():
+                if axis < len(dims) and dims[axis].dim_param:
+                    dims[axis].dim_param = axis_name
 
 
 def _check_recurrent_nodes(proto: onnx.ModelProto, expected: dict[str, int]) -> None:

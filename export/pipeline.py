@@ -5,10 +5,14 @@ This is what ``rnndeploy export`` and the demo call.
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from rnndeploy.checkpoint import Checkpoint, load_checkpoint
@@ -16,10 +20,18 @@ from rnndeploy.data import DataError, load_data
 from rnndeploy.models import SequenceModel
 from rnndeploy.runtime.generate import log_probs
 
-from .exporter import DEFAULT_OPSET, example_input, export_onnx, save_onnx
+from .exporter import DEFAULT_OPSET, ExportError, example_input, export_onnx
 from .variants import latency_us, quantize_int8, to_fp16
 from .verification import VerifyReport, session
 from .verification import verify as verify_graph
+
+
+class OutputExistsError(ExportError):
+    """An output file exists and the caller did not ask to replace it (``overwrite=True``)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} exists; pass overwrite=True to replace it")
+        self.path = path
 
 
 @dataclass
@@ -27,6 +39,7 @@ class ExportReport:
     """What ``export_checkpoint`` wrote and measured; ``str(report)`` prints it all."""
 
     paths: dict[str, Path] = field(default_factory=dict)
+    rejected: dict[str, Path] = field(default_factory=dict)
     verifications: dict[str, VerifyReport] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
 
@@ -37,6 +50,10 @@ class ExportReport:
 
     def __str__(self) -> str:
         out = [f"wrote {kind}: {path}" for kind, path in self.paths.items()]
+        out += [
+            f"rejected {kind} (failed verification, nothing replaced): kept at {path}"
+            for kind, path in self.rejected.items()
+        ]
         for v in self.verifications.values():
             out += ["", v.table()]
         if self.lines:
@@ -49,10 +66,52 @@ def variant_path(onnx_path: Path, precision: str) -> Path:
     return onnx_path.with_name(f"{onnx_path.stem}.{precision}{onnx_path.suffix}")
 
 
+def write_verified(
+    path: Path, write: Callable[[Path], None], check: Callable[[Path], VerifyReport] | None = None
+) -> tuple[Path, VerifyReport | None]:
+    """Writes a file aside, verifies it, and only then moves it to ``path``.
+
+    ``write(tmp)`` writes the candidate to a temporary file in ``path``'s folder; ``check(tmp)`` verifies it.
+    On success the file is fsynced, renamed over ``path`` and the folder fsynced (so a power loss leaves the old
+    file or the new one). On a failed check ``path`` is left as it was and the candidate is kept at
+    ``<stem>.rejected<suffix>`` for inspection.
+
+    Returns:
+        Where the file now is (``path``, or the rejected copy) and the verification report (``None`` unchecked).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        report = check(tmp) if check is not None else None
+        umask = os.umask(0)  # mkstemp creates the file 0600; give it the mode a plain open() would have
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        _fsync(tmp)
+        target = path if report is None or report.ok else path.with_name(f"{path.stem}.rejected{path.suffix}")
+        os.replace(tmp, target)
+        _fsync(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target, report
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     onnx_path: str | Path | None = None,
     *,
+    overwrite: bool = False,
     verify: bool = True,
     opset: int = DEFAULT_OPSET,
     fp16: bool = False,
@@ -67,7 +126,11 @@ def export_checkpoint(
     Args:
         checkpoint: the ``.pt`` checkpoint.
         onnx_path: the fp32 graph to write; default: the checkpoint's path with ``.onnx``.
-        verify: compare every written graph with PyTorch (see :func:`rnndeploy.export.verify`).
+        overwrite: replace existing output files; without it an existing one is an
+            :class:`OutputExistsError` before anything is written.
+        verify: compare every graph with PyTorch (see :func:`rnndeploy.export.verify`) before it replaces
+            anything: a graph that fails is kept as ``<name>.rejected.onnx`` (``report.rejected``), the file at
+            its path stays as it was, and no later artifact (variants, Triton repository) is written.
         opset: ONNX opset of the graphs.
         fp16: also write ``<name>.fp16.onnx`` (half compute, float32 I/O; for the CUDA/TensorRT providers).
         int8: also write ``<name>.int8.onnx`` (dynamic int8) and measure its accuracy change and CPU speed.
@@ -82,25 +145,35 @@ def export_checkpoint(
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint, backend="torch")
     onnx_path = Path(onnx_path) if onnx_path is not None else checkpoint.with_suffix(".onnx")
+    targets = {"fp32": onnx_path}
+    targets.update(
+        {p: variant_path(onnx_path, p) for p, wanted in (("fp16", fp16), ("int8", int8)) if wanted}
+    )
+    if not overwrite:
+        for path in targets.values():
+            if path.exists():
+                raise OutputExistsError(path)
     model = ckpt.model
     report = ExportReport()
-    proto = export_onnx(model, onnx_path, opset=opset, vocab=ckpt.vocab, data_stats=ckpt.data_stats)
-    report.paths["fp32"] = onnx_path
-    if verify:
-        report.verifications["fp32"] = verify_graph(model, onnx_path, precision="fp32")
-    if fp16:
-        path = save_onnx(to_fp16(proto), variant_path(onnx_path, "fp16"))
-        report.paths["fp16"] = path
-        if verify:
-            report.verifications["fp16"] = verify_graph(model, path, precision="fp16")
+    proto = export_onnx(model, opset=opset, vocab=ckpt.vocab, data_stats=ckpt.data_stats)
+
+    def place(precision: str, write: Callable[[Path], None]) -> bool:
+        check = (lambda tmp: verify_graph(model, tmp, precision=precision)) if verify else None
+        path, result = write_verified(targets[precision], write, check)
+        if result is not None:
+            report.verifications[precision] = result
+        (report.paths if result is None or result.ok else report.rejected)[precision] = path
+        return result is None or result.ok
+
+    if not place("fp32", lambda tmp: onnx.save(proto, tmp)):
+        return report
+    if fp16 and not place("fp16", lambda tmp: onnx.save(to_fp16(proto), tmp)):
+        return report
     if int8:
-        path = variant_path(onnx_path, "int8")
-        quantize_int8(onnx_path, path)
-        report.paths["int8"] = path
-        if verify:
-            report.verifications["int8"] = verify_graph(model, path, precision="int8")
-        report.lines += int8_accuracy(model, onnx_path, path, validation_split(ckpt))
-        report.lines += int8_speed(model, onnx_path, path)
+        if not place("int8", lambda tmp: quantize_int8(onnx_path, tmp)):
+            return report
+        report.lines += int8_accuracy(model, onnx_path, targets["int8"], validation_split(ckpt))
+        report.lines += int8_speed(model, onnx_path, targets["int8"])
     if triton_repo is not None:
         from .triton import write_triton_repository
 

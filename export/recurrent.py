@@ -1,20 +1,22 @@
 """Recurrent layers as standard ONNX ``RNN`` / ``LSTM`` / ``GRU`` nodes.
 
 During export every ``torch.nn.RNN/LSTM/GRU`` (rnndeploy's subclass them) is swapped for an
-:class:`OnnxRecurrent` wrapper. Each layer of the wrapper calls :class:`RecurrentFunction`, whose
-``symbolic()`` emits one ONNX node per layer (both directions in one node) with ``W``, ``R`` and ``B`` as
-initializers, gates reordered from PyTorch's layout to ONNX's:
+:class:`OnnxRecurrent` stand-in. Each layer of the stand-in calls :func:`onnx_layer`, which, while
+``torch.onnx.export(..., dynamo=True)`` traces it, emits one ONNX node per layer (both directions in one node)
+through ``torch.onnx.ops.symbolic_multi_out``, with ``W``, ``R`` and ``B`` as initializers (the stand-in's
+buffers), gates reordered from PyTorch's layout to ONNX's:
 
 - LSTM: PyTorch ``i, f, g, o`` -> ONNX ``i, o, f, c``;
 - GRU: PyTorch ``r, z, n`` -> ONNX ``z, r, h`` with ``linear_before_reset=1`` (PyTorch applies the reset gate
   after the recurrent product);
 - RNN: one gate; ``nonlinearity="relu"`` becomes ``activations=["Relu"]``.
 
+The node's output shapes are written in the input's symbolic time and batch sizes, so both axes stay dynamic
+for every cell (left to itself, the exporter unrolls ``nn.RNN`` over a fixed number of steps). Outside an
+export the stand-in runs the plain-torch reference, so it computes what the layer it replaces computes.
+
 The graph always uses ``layout=0`` (time-major): onnxruntime and TensorRT reject ``layout=1``, so batch-first
 layers get a ``Transpose`` on each side instead.
-
-``symbolic()`` is honoured by the TorchScript exporter only (``torch.onnx.export(..., dynamo=False)``); the
-dynamo exporter would trace the Python forward instead, which is why the exporter asserts the node types.
 """
 
 from __future__ import annotations
@@ -87,75 +89,106 @@ def check_exportable(module: nn.RNNBase, name: str = "") -> None:
     cell_of(module)
 
 
-@contextlib.contextmanager
-def _untraced() -> Iterator[None]:
-    # NOTE: the TorchScript tracer records an autograd.Function's forward as a subgraph of its node, and its
-    # peephole pass fails on the reference loop's ops; symbolic() replaces that subgraph anyway, so the
-    # forward runs with tracing paused (its values are still computed, only not recorded).
-    state = torch._C._get_tracing_state()
-    torch._C._set_tracing_state(None)
-    try:
-        yield
-    finally:
-        torch._C._set_tracing_state(state)
+def onnx_layer(
+    x: Tensor,
+    h0: Tensor | None,
+    c0: Tensor | None,
+    W: Tensor,
+    R: Tensor,
+    B: Tensor,
+    cell: str,
+    bidirectional: bool,
+    nonlinearity: str = "tanh",
+) -> tuple[Tensor, ...]:
+    """One recurrent layer (all directions): one ONNX node while exporting, the plain-torch reference otherwise.
 
+    Args:
+        x: ``[T, B, I]`` (``layout=0``).
+        h0, c0: ``[D, B, H]`` or ``None`` for zeros; ``c0`` is used by LSTM only.
+        W, R, B: the layer's ONNX weights (see :func:`onnx_weights`), gates in ONNX order.
+        cell: ``"rnn"``, ``"lstm"`` or ``"gru"``.
+        bidirectional: both directions in this one layer.
+        nonlinearity: RNN only, ``"tanh"`` or ``"relu"``.
 
-class RecurrentFunction(torch.autograd.Function):
-    """One recurrent layer (all directions) as a single ONNX node.
-
-    ``forward`` runs the plain-torch reference on the weights given back in PyTorch's gate order, so the
-    wrapped model still computes (the TorchScript tracer runs it once on the example input).
+    Returns:
+        ``y [T, B, D*H]``, ``hn [D, B, H]`` and, for LSTM, ``cn [D, B, H]``.
     """
+    if torch.onnx.is_in_onnx_export():
+        return _symbolic_layer(x, h0, c0, W, R, B, cell, bidirectional, nonlinearity)
+    return _reference_layer(x, h0, c0, W, R, B, cell, bidirectional, nonlinearity)
 
-    @staticmethod
-    def forward(ctx, x, h0, c0, W, R, B, cell, bidirectional, nonlinearity):
-        """``x [T, B, I]``, ``h0``/``c0`` ``[D, B, H]`` -> ``y [T, B, D*H]``, ``hn`` (, ``cn``) ``[D, B, H]``.
 
-        ``c0`` is ignored and ``cn`` not returned unless ``cell == "lstm"``.
-        """
-        order = GATE_ORDER[cell]
-        hidden, gh = R.shape[-1], R.shape[-2]
+def _symbolic_layer(
+    x: Tensor,
+    h0: Tensor | None,
+    c0: Tensor | None,
+    W: Tensor,
+    R: Tensor,
+    B: Tensor,
+    cell: str,
+    bidirectional: bool,
+    nonlinearity: str,
+) -> tuple[Tensor, ...]:
+    # NOTE: torch.onnx.ops.symbolic_multi_out puts the standard node itself into the exported program, with
+    # output shapes written in terms of x's (symbolic) time and batch sizes, so both stay dynamic. The other
+    # route, a torch.library.custom_op plus a custom_translation_table, needs a process-wide op registration
+    # and an onnxscript function per node kind, for the same node.
+    D, hidden = (2 if bidirectional else 1), R.shape[-1]
+    T, N = x.shape[0], x.shape[1]
+    attrs: dict[str, int | str | list[str]] = {
+        "hidden_size": hidden,
+        "direction": "bidirectional" if bidirectional else "forward",
+    }
+    if cell == "gru":
+        attrs["linear_before_reset"] = 1
+    if cell == "rnn":
+        attrs["activations"] = ["Relu" if nonlinearity == "relu" else "Tanh"] * D
+    inputs = [x, W, R, B, None, h0] + ([c0] if cell == "lstm" else [])
+    n_states = 2 if cell == "lstm" else 1
+    y, *states = torch.onnx.ops.symbolic_multi_out(
+        ONNX_OP[cell],
+        inputs,
+        attrs,
+        dtypes=[x.dtype] * (1 + n_states),
+        shapes=[[T, D, N, hidden]] + [[D, N, hidden]] * n_states,
+    )
+    return (y.permute(0, 2, 1, 3).reshape(T, N, D * hidden), *states)  # [T, D, B, H] -> [T, B, D*H]
 
-        def torch_order(v: Tensor) -> Tensor:  # ONNX gate blocks back to PyTorch's (slices only: traceable)
-            return torch.cat(
-                [v[order.index(j) * hidden : (order.index(j) + 1) * hidden] for j in range(len(order))]
-            )
 
-        ys, finals = [], []
-        with _untraced():
-            for d in range(2 if bidirectional else 1):
-                weights = tuple(torch_order(v) for v in (W[d], R[d], B[d, :gh], B[d, gh:]))
-                state = (h0[d], c0[d]) if cell == "lstm" else (h0[d],)
-                y, s = reference_layer(cell, x, state, weights, reverse=d == 1, nonlinearity=nonlinearity)
-                ys.append(y)
-                finals.append(s)
-        y = torch.cat(ys, dim=-1)
-        hn = torch.stack([s[0] for s in finals])
-        if cell == "lstm":
-            return y, hn, torch.stack([s[1] for s in finals])
-        return y, hn
+def _reference_layer(
+    x: Tensor,
+    h0: Tensor | None,
+    c0: Tensor | None,
+    W: Tensor,
+    R: Tensor,
+    B: Tensor,
+    cell: str,
+    bidirectional: bool,
+    nonlinearity: str,
+) -> tuple[Tensor, ...]:
+    order = GATE_ORDER[cell]
+    hidden, gh = R.shape[-1], R.shape[-2]
 
-    @staticmethod
-    def symbolic(g, x, h0, c0, W, R, B, cell, bidirectional, nonlinearity):
-        hidden = R.type().sizes()[-1]
-        attrs = {
-            "hidden_size_i": hidden,
-            "direction_s": "bidirectional" if bidirectional else "forward",
-        }
-        if cell == "gru":
-            attrs["linear_before_reset_i"] = 1
-        if cell == "rnn":
-            act = "Relu" if nonlinearity == "relu" else "Tanh"
-            attrs["activations_s"] = [act] * (2 if bidirectional else 1)
-        no_lengths = g.op("prim::Constant")
-        no_lengths.setType(torch._C.OptionalType.ofTensor())
-        inputs = [x, W, R, B, no_lengths, h0] + ([c0] if cell == "lstm" else [])
-        n_out = 3 if cell == "lstm" else 2
-        outs = g.op(ONNX_OP[cell], *inputs, outputs=n_out, **attrs)
-        y = outs[0]  # [T, D, B, H]
-        y = g.op("Transpose", y, perm_i=[0, 2, 1, 3])
-        y = g.op("Reshape", y, g.op("Constant", value_t=torch.tensor([0, 0, -1], dtype=torch.int64)))
-        return (y, *outs[1:])
+    def torch_order(v: Tensor) -> Tensor:  # ONNX gate blocks back to PyTorch's
+        return torch.cat(
+            [v[order.index(j) * hidden : (order.index(j) + 1) * hidden] for j in range(len(order))]
+        )
+
+    D = 2 if bidirectional else 1
+    zeros = x.new_zeros(D, x.shape[1], hidden)
+    h0 = zeros if h0 is None else h0
+    c0 = zeros if c0 is None else c0
+    ys, finals = [], []
+    for d in range(D):
+        weights = tuple(torch_order(v) for v in (W[d], R[d], B[d, :gh], B[d, gh:]))
+        state = (h0[d], c0[d]) if cell == "lstm" else (h0[d],)
+        y, s = reference_layer(cell, x, state, weights, reverse=d == 1, nonlinearity=nonlinearity)
+        ys.append(y)
+        finals.append(s)
+    hn = torch.stack([s[0] for s in finals])
+    if cell == "lstm":
+        return torch.cat(ys, dim=-1), hn, torch.stack([s[1] for s in finals])
+    return torch.cat(ys, dim=-1), hn
 
 
 class OnnxRecurrent(nn.Module):
@@ -176,6 +209,7 @@ class OnnxRecurrent(nn.Module):
         self.hidden_size = module.hidden_size
         self.batch_first = module.batch_first
         self.nonlinearity = getattr(module, "nonlinearity", "tanh")
+        self.train(module.training)
         for layer in range(module.num_layers):
             W, R, B = onnx_weights(module, layer)
             self.register_buffer(f"W_l{layer}", W)
@@ -192,19 +226,18 @@ class OnnxRecurrent(nn.Module):
         x = input.transpose(0, 1) if self.batch_first else input  # layout=0: [T, B, I]
         D, L = self.num_directions, self.num_layers
         if hx is None:
-            zeros = x.new_zeros(L * D, x.shape[1], self.hidden_size)
-            h0, c0 = zeros, zeros
+            h0, c0 = None, None
         elif self.cell == "lstm":
             h0, c0 = hx
         else:
-            h0, c0 = hx, hx
+            h0, c0 = hx, None
         hs, cs = [], []
         for layer in range(L):
             rows = slice(layer * D, (layer + 1) * D) if L > 1 else slice(None)
-            x, hn, *cn = RecurrentFunction.apply(
+            x, hn, *cn = onnx_layer(
                 x,
-                h0[rows],
-                c0[rows],
+                None if h0 is None else h0[rows],
+                None if c0 is None else c0[rows],
                 getattr(self, f"W_l{layer}"),
                 getattr(self, f"R_l{layer}"),
                 getattr(self, f"B_l{layer}"),

@@ -272,6 +272,7 @@ def demo(out_dir: Path, steps: int | None, quick: bool) -> None:
     show_default=True,
     help="Triton max_batch_size.",
 )
+@click.option("--overwrite", is_flag=True, help="Replace existing ONNX files (refused otherwise).")
 def export_cmd(
     checkpoint: Path,
     output: Path | None,
@@ -283,15 +284,20 @@ def export_cmd(
     triton_name: str | None,
     triton_backend: str,
     max_batch_size: int,
+    overwrite: bool,
 ) -> None:
-    """Export CHECKPOINT to standard ONNX (RNN/LSTM/GRU nodes, state as graph inputs/outputs)."""
+    """Export CHECKPOINT to standard ONNX (RNN/LSTM/GRU nodes, state as graph inputs/outputs).
+
+    With --verify a graph replaces an existing file only after it passed; a failed one is kept aside.
+    """
     from rnndeploy.checkpoint import CheckpointError
-    from rnndeploy.export import DEFAULT_OPSET, ExportError, export_checkpoint
+    from rnndeploy.export import DEFAULT_OPSET, ExportError, OutputExistsError, export_checkpoint
 
     try:
         report = export_checkpoint(
             checkpoint,
             output,
+            overwrite=overwrite,
             verify=verify,
             opset=opset or DEFAULT_OPSET,
             fp16=fp16,
@@ -301,11 +307,17 @@ def export_cmd(
             triton_backend=triton_backend,
             max_batch_size=max_batch_size,
         )
+    except OutputExistsError as exc:
+        raise click.ClickException(f"{exc.path} exists; pass --overwrite to replace it") from exc
     except (CheckpointError, ExportError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(str(report))
     if not report.ok:
-        raise click.ClickException("verification failed: an output differs from PyTorch beyond the tolerance")
+        kept = ", ".join(str(p) for p in report.rejected.values())
+        raise click.ClickException(
+            "verification failed: an output differs from PyTorch beyond the tolerance; nothing was replaced"
+            + (f" (the rejected graph is kept at {kept})" if kept else "")
+        )
 
 
 # --- runtime ---

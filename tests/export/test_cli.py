@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import onnx
 import pytest
 from click.testing import CliRunner
 
 from rnndeploy import ModelConfig, SequenceModel, save_checkpoint
 from rnndeploy.cli import main
-from rnndeploy.export import export_checkpoint, verification
+from rnndeploy.export import ExportError, export_checkpoint, pipeline, verification
 
 
 @pytest.fixture
@@ -87,3 +90,59 @@ def test_export_checkpoint_report_for_the_demo(checkpoint, tmp_path):
     text = str(report)
     assert text.startswith(f"wrote fp32: {tmp_path / 'demo.onnx'}")
     assert "onnxruntime stepwise" in text and "onnx.reference" in text and text.rstrip().endswith("PASSED")
+
+
+def test_a_failed_verify_leaves_the_previous_file_and_keeps_the_rejected_one(
+    checkpoint, tmp_path, monkeypatch
+):
+    out = tmp_path / "m.onnx"
+    assert CliRunner().invoke(main, ["export", str(checkpoint), "-o", str(out), "--verify"]).exit_code == 0
+    good = out.read_bytes()
+    monkeypatch.setitem(verification.TOLERANCES, "fp32", (-1.0, 0.0))  # nothing can pass
+    result = CliRunner().invoke(
+        main, ["export", str(checkpoint), "-o", str(out), "--verify", "--overwrite", "--fp16", "--int8"]
+    )
+    assert result.exit_code == 1
+    assert out.read_bytes() == good
+    rejected = tmp_path / "m.rejected.onnx"
+    message = " ".join(result.output.split())
+    assert f"nothing was replaced (the rejected graph is kept at {rejected})" in message
+    onnx.checker.check_model(onnx.load(rejected))
+    # nothing built on the rejected graph, no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm.pt", "m.onnx", "m.rejected.onnx"]
+
+
+def test_a_passing_graph_is_fsynced_then_renamed_then_its_folder_fsynced(checkpoint, tmp_path, monkeypatch):
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd)
+    )
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or replace(a, b))
+    out = tmp_path / "m.onnx"
+    export_checkpoint(checkpoint, out, verify=True)
+    final = [e for e in events if e[0] == "replace" and e[1] == str(out)]
+    i = events.index(final[0])
+    assert events[i - 1][0] == "fsync" and Path(events[i - 1][1]).parent == tmp_path  # the candidate
+    assert events[i + 1] == ("fsync", str(tmp_path))  # the folder, so the rename survives a power loss
+
+
+def test_export_refuses_to_replace_a_file_unless_told(checkpoint, tmp_path):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"someone else's model")
+    result = CliRunner().invoke(main, ["export", str(checkpoint), "-o", str(out)])
+    assert result.exit_code == 1
+    assert f"{out} exists; pass --overwrite to replace it" in " ".join(result.output.split())
+    assert out.read_bytes() == b"someone else's model"
+    with pytest.raises(ExportError, match=r"exists; pass overwrite=True to replace it") as info:
+        export_checkpoint(checkpoint, out, verify=False)
+    assert "--overwrite" not in str(info.value)
+    assert out.read_bytes() == b"someone else's model"
+    # a variant that exists is refused before anything is written, the fp32 graph included
+    (tmp_path / "n.int8.onnx").write_bytes(b"old int8")
+    with pytest.raises(pipeline.OutputExistsError, match="n.int8.onnx exists"):
+        export_checkpoint(checkpoint, tmp_path / "n.onnx", verify=False, int8=True)
+    assert not (tmp_path / "n.onnx").exists()
+    result = CliRunner().invoke(main, ["export", str(checkpoint), "-o", str(out), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    onnx.checker.check_model(onnx.load(out))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import onnx
@@ -14,7 +17,8 @@ from torch import nn
 
 import rnndeploy
 from rnndeploy import ModelConfig, SequenceModel
-from rnndeploy.export import ExportError, export_onnx, verify
+from rnndeploy.export import ExportError, OnnxRecurrent, export_onnx, verify
+from rnndeploy.export import recurrent as recurrent_module
 from rnndeploy.export.exporter import EXAMPLE_BATCH, EXAMPLE_TIME
 
 # A covering subset of cell x layers x bidirectional x encoder x head (SequenceModel is batch-first; the
@@ -187,12 +191,33 @@ def test_verify_catches_a_gru_exported_with_linear_before_reset_0(tmp_path):
     assert "FAILED" in str(report)
 
 
-@pytest.mark.parametrize("opset", [14, 17, 20])
+@pytest.mark.parametrize("opset", range(14, 21))
 def test_opset_is_selectable(opset, tmp_path):
-    model = make_model(task="lm", cell="gru", vocab_size=5)
+    # a bidirectional classifier: its head reshapes the state, which the exporter writes with Shape(start, end)
+    model = make_model(task="classification", cell="gru", vocab_size=5, bidirectional=True, output_size=3)
     proto = export_onnx(model, tmp_path / "m.onnx", opset=opset)
     assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {opset}
-    assert verify(model, tmp_path / "m.onnx", shapes=((2, 3),), reference_evaluator=False).ok
+    assert proto.ir_version == onnx.helper.find_min_ir_version_for(list(proto.opset_import))
+    assert [n.op_type for n in proto.graph.node if n.op_type in ONNX_OP.values()] == ["GRU"]
+    assert verify(model, tmp_path / "m.onnx", shapes=((2, 3), (1, 6)), reference_evaluator=False).ok
+
+
+def test_an_opset_the_converter_cannot_reach_names_the_op_and_the_way_out():
+    class Gated(nn.Module):  # chunk -> Split, which changed at opset 18
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(4, 6, batch_first=True)
+
+        def forward(self, x):
+            a, b = self.rnn(x)[0].chunk(2, dim=-1)
+            return a * torch.sigmoid(b)
+
+    with pytest.raises(
+        ExportError, match=r"opset 17 \(it has no adapter for Split\); export at opset 18 or newer"
+    ):
+        export_onnx(Gated().eval(), None, (torch.randn(2, 5, 4),), opset=17)
+    proto = export_onnx(Gated().eval(), None, (torch.randn(2, 5, 4),), opset=18)
+    assert [n.op_type for n in proto.graph.node if n.op_type in ONNX_OP.values()] == ["GRU"]
 
 
 def test_unsupported_opset_names_the_range():
@@ -290,7 +315,9 @@ def test_bare_rnndeploy_layer_exports(tmp_path):
 def test_export_leaves_the_model_untouched():
     model = BatchFirstStack()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    export_onnx(model, None, (torch.randn(2, 3, 3), torch.randn(1, 2, 5)))
+    proto = export_onnx(model, None, (torch.randn(2, 3, 3), torch.randn(1, 2, 5)))
+    assert [v.name for v in proto.graph.input] == ["input_0", "input_1"]
+    assert [v.name for v in proto.graph.output] == ["output_0", "output_1"]
     assert type(model.gru) is nn.GRU and model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -329,3 +356,162 @@ def test_packed_sequences_are_refused_clearly():
 def test_generic_module_needs_example_inputs():
     with pytest.raises(ExportError, match="example_inputs is required"):
         export_onnx(TimeMajorTagger())
+
+
+class Layer(nn.Module):
+    """A bare torch.nn recurrent layer with flat state I/O: ``(x, h0[, c0]) -> (y, hn[, cn])``."""
+
+    def __init__(self, rnn: nn.RNNBase) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.lstm = isinstance(rnn, nn.LSTM)  # read once: export swaps self.rnn for its stand-in
+
+    def forward(self, x: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y, new_state = self.rnn(x, state if self.lstm else state[0])
+        return (y, *(new_state if self.lstm else (new_state,)))
+
+
+LAYERS = {
+    "rnn-tanh-L2-bi": lambda: nn.RNN(3, 4, num_layers=2, bidirectional=True),
+    "rnn-relu-L1-batch_first": lambda: nn.RNN(3, 4, nonlinearity="relu", batch_first=True),
+    "lstm-L2-bi": lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True),
+    "lstm-L1-bi-batch_first": lambda: nn.LSTM(3, 4, bidirectional=True, batch_first=True),
+    "gru-L2-bi-batch_first": lambda: nn.GRU(3, 4, num_layers=2, bidirectional=True, batch_first=True),
+    "gru-L1-uni": lambda: nn.GRU(3, 4),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_every_torch_nn_layer_exports_one_node_per_layer_with_batch_and_time_dynamic(name, tmp_path):
+    rnn = LAYERS[name]().eval()
+    model = Layer(rnn).eval()
+    cell = recurrent_module.cell_of(rnn)
+    D, L = 2 if rnn.bidirectional else 1, rnn.num_layers
+    states = ["h0", "c0"] if cell == "lstm" else ["h0"]
+    outputs = ["y"] + [f"{s[0]}n" for s in states]
+    seq = {0: "batch", 1: "time"} if rnn.batch_first else {0: "time", 1: "batch"}
+    axes = {"x": seq, "y": seq, **{n: {1: "batch"} for n in states + outputs[1:]}}
+
+    def inputs(T: int, B: int) -> list[torch.Tensor]:
+        x = torch.randn(B, T, 3) if rnn.batch_first else torch.randn(T, B, 3)
+        return [x] + [torch.randn(L * D, B, 4) for _ in states]
+
+    proto = export_onnx(
+        model,
+        tmp_path / "layer.onnx",
+        inputs(EXAMPLE_TIME, EXAMPLE_BATCH),
+        input_names=["x", *states],
+        output_names=outputs,
+        dynamic_axes=axes,
+    )
+    recurrent = [n for n in proto.graph.node if n.op_type in ONNX_OP.values()]
+    assert [n.op_type for n in recurrent] == [ONNX_OP[cell]] * L  # one node per layer, never unrolled
+    assert {attrs(n)["direction"] for n in recurrent} == {b"bidirectional" if D == 2 else b"forward"}
+    dims = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*proto.graph.input, *proto.graph.output]
+    }
+    for value, value_axes in axes.items():
+        assert all(dims[value][axis] == label for axis, label in value_axes.items()), (value, dims[value])
+    for T, B in ((1, 1), (9, 4), (2, 7)):  # none the traced (time 5, batch 3)
+        feeds = dict(zip(["x", *states], inputs(T, B), strict=True))
+        got = run_onnx(tmp_path / "layer.onnx", feeds)
+        with torch.no_grad():
+            expected = model(*feeds.values())
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g, e.numpy(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_the_stand_in_computes_what_the_layer_computes(name):
+    rnn = LAYERS[name]().eval()
+    x = torch.randn(2, 6, 3) if rnn.batch_first else torch.randn(6, 2, 3)
+    with torch.no_grad():
+        for hx in (None, torch.randn(rnn.num_layers * (2 if rnn.bidirectional else 1), 2, 4)):
+            state = (hx, torch.randn_like(hx)) if hx is not None and isinstance(rnn, nn.LSTM) else hx
+            y, s = OnnxRecurrent(rnn)(x, state)
+            y_ref, s_ref = rnn(x, state)
+            torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_a_traced_python_loop_is_refused(monkeypatch):
+    # what any exporter that ignored the stand-in's ONNX node would do: trace the reference's loop over time
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: False)
+    with pytest.raises(ExportError):
+        export_onnx(make_model(task="lm", cell="lstm", vocab_size=5))
+    with pytest.raises(ExportError, match=r"expected at least 1 ONNX GRU node.*has 0"):
+        export_onnx(Layer(nn.GRU(3, 4)).eval(), None, (torch.randn(5, 3, 3), torch.randn(1, 3, 4)), opset=18)
+
+
+def test_an_output_axis_asked_dynamic_that_comes_out_fixed_is_refused_by_name():
+    class FirstThreeSteps(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(3, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.rnn(x)[0][:, -1:]  # the last step only: one step, whatever the length
+
+    with pytest.raises(
+        ExportError, match=r"axis 1 of 'y' should be dynamic \('time'\) but the exported graph has 1"
+    ):
+        export_onnx(
+            FirstThreeSteps().eval(),
+            None,
+            (torch.randn(2, 5, 3),),
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "batch", 1: "time"}, "y": {0: "batch", 1: "time"}},
+        )
+
+
+def test_export_emits_no_deprecation_or_future_warning(tmp_path):
+    # A fresh interpreter with both categories as errors (import time included). Inside, every warning is also
+    # recorded, since the exporter catches exceptions from one tracing strategy and tries the next.
+    script = textwrap.dedent(
+        """
+        import sys
+        import warnings
+        import torch
+        from torch import nn
+        from rnndeploy import ModelConfig, SequenceModel
+        from rnndeploy.export import export_onnx, to_fp16
+
+        class Tagger(nn.Module):  # the README's case: a user module holding a plain torch.nn layer
+            def __init__(self):
+                super().__init__()
+                self.embed, self.rnn, self.out = nn.Embedding(13, 6), nn.RNN(6, 5), nn.Linear(5, 4)
+
+            def forward(self, tokens):
+                return self.out(self.rnn(self.embed(tokens))[0])
+
+        config = ModelConfig(task="classification", cell="lstm", vocab_size=7, embed_dim=4, hidden_size=5,
+                             bidirectional=True, output_size=3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            to_fp16(export_onnx(SequenceModel(config).eval(), sys.argv[1] + "/seq.onnx", opset=14))
+            export_onnx(Tagger().eval(), sys.argv[1] + "/tagger.onnx", (torch.randint(0, 13, (5, 3)),),
+                        input_names=["tokens"], dynamic_axes={"tokens": {0: "time", 1: "batch"}})
+        print([f"{w.category.__name__}: {w.message}" for w in caught
+               if issubclass(w.category, (DeprecationWarning, FutureWarning))])
+        """
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "error::DeprecationWarning",
+            "-W",
+            "error::FutureWarning",
+            "-c",
+            script,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-3000:]
+    assert onnx.load(tmp_path / "tagger.onnx").graph.node
