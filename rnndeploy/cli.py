@@ -39,12 +39,15 @@ def _write_now(text: str) -> None:
 
 
 def _training_errors():
-    """The user-facing errors of training, shown as click errors (exit code 1) instead of tracebacks."""
+    """The user-facing errors of training, shown as click errors (exit code 1) instead of tracebacks.
+
+    OSError: a file that cannot be written (a read-only folder, a full disk); the message names the file.
+    """
     from rnndeploy.checkpoint import CheckpointError
     from rnndeploy.data import DataError
     from rnndeploy.train import TrainError
 
-    return (CheckpointError, DataError, TrainError)
+    return (CheckpointError, DataError, TrainError, OSError)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
@@ -141,6 +144,11 @@ def _training_errors():
     help="Replace an existing --out checkpoint of another run (refused otherwise).",
 )
 @click.option(
+    "--allow-data-change",
+    is_flag=True,
+    help="With --resume: continue on training data that differs from the checkpoint's (refused otherwise).",
+)
+@click.option(
     "--grad-report",
     is_flag=True,
     help="After training, plot ||dL/dh_t|| through time on one batch (.grad.png, .grad.json beside --out).",
@@ -175,7 +183,7 @@ def train(ctx: click.Context, **kwargs) -> None:
         result = run_training(options, echo=click.echo)
     except TrainingInterrupted as exc:
         click.echo(f"\n{exc}", err=True)
-        ctx.exit(EXIT_INTERRUPTED)
+        ctx.exit(128 + exc.signal)
     except _training_errors() as exc:
         raise click.ClickException(str(exc)) from exc
     if result.rank != 0:

@@ -21,6 +21,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -66,15 +68,18 @@ class TrainingDiverged(TrainError):
 
 
 class TrainingInterrupted(TrainError):
-    """Ctrl-C (KeyboardInterrupt) stopped training; the message says what the checkpoint on disk holds.
+    """Ctrl-C (SIGINT) or SIGTERM stopped training; the message says what the checkpoint on disk holds.
 
     Attributes:
-        checkpoint: the run's checkpoint path; saved_step: the step it holds (``None``: none was written).
+        checkpoint: the run's checkpoint path; saved_step: the step it holds (``None``: none was written);
+        signal: the signal's number (a shell reports ``128 + signal`` as the exit status).
     """
 
-    def __init__(self, message: str, checkpoint: Path, saved_step: int | None) -> None:
+    def __init__(
+        self, message: str, checkpoint: Path, saved_step: int | None, signum: int = signal.SIGINT
+    ) -> None:
         super().__init__(message)
-        self.checkpoint, self.saved_step = checkpoint, saved_step
+        self.checkpoint, self.saved_step, self.signal = checkpoint, saved_step, int(signum)
 
 
 @dataclass
@@ -95,6 +100,8 @@ class TrainOptions:
         backend: recurrent backend (``"auto"``, ``"torch"``, ``"triton"``, ``"reference"``);
         valid_fraction: share at the end of the data used for validation; progress: show a tqdm bar;
         overwrite: replace an existing ``out`` that this run does not resume (refused otherwise);
+        allow_data_change: let ``resume`` continue on training data other than the checkpoint's (refused
+            otherwise: the checkpoint stores the size and SHA-256 of its training split);
         grad_report: after training, write the gradient flow through time on one training batch next to
             ``out`` (``.grad.png``, ``.grad.json``; see :mod:`rnndeploy.diagnostics`).
     """
@@ -120,6 +127,7 @@ class TrainOptions:
     valid_fraction: float = 0.05
     progress: bool = True
     overwrite: bool = False
+    allow_data_change: bool = False
     grad_report: bool = False
 
     def __post_init__(self) -> None:
@@ -179,9 +187,20 @@ def options_for_resume(checkpoint: str | Path, **given: Any) -> TrainOptions:
     saved = load_checkpoint(checkpoint).extra.get("options")
     if not saved:
         raise TrainError(f"checkpoint {checkpoint} was not written by rnndeploy train (no saved options)")
-    saved = {k: v for k, v in saved.items() if k != "overwrite"}  # a permission of that session only
+    if not isinstance(saved, dict):
+        raise TrainError(
+            f"checkpoint {checkpoint} is damaged: its saved options should be a dict, found "
+            f"{type(saved).__name__}"
+        )
+    session_only = ("overwrite", "allow_data_change")  # permissions given to one session, not to the run
+    saved = {k: v for k, v in saved.items() if k not in session_only}
     merged = {**saved, "out": None, **given, "resume": Path(checkpoint)}
-    return TrainOptions(**merged)
+    try:
+        return TrainOptions(**merged)
+    except TypeError as exc:
+        raise TrainError(
+            f"checkpoint {checkpoint} is damaged: its saved options do not fit ({exc})"
+        ) from None
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -243,14 +262,14 @@ def train(options: TrainOptions, echo: Callable[[str], None] | None = None) -> T
     check_out_is_free(options)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return _interruptible(_Run(options, rank=0, world_size=1, local_rank=0, echo=echo))
+        return _interruptible(lambda stop: _Run(options, 0, 1, 0, echo, stop))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(options.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _interruptible(_Run(options, rank, world_size, local_rank, echo))
+        return _interruptible(lambda stop: _Run(options, rank, world_size, local_rank, echo, stop))
     finally:
         dist.destroy_process_group()
 
@@ -273,32 +292,78 @@ def check_out_is_free(options: TrainOptions) -> None:
     )
 
 
-def _interruptible(run: _Run) -> TrainResult:
-    """Runs ``run``; Ctrl-C becomes a :class:`TrainingInterrupted` that says what is on disk."""
-    try:
-        return run.run()
-    except KeyboardInterrupt:
-        out = run.out
+class _StopRequested(Exception):
+    """Raised at a safe point after SIGINT or SIGTERM arrived."""
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM handlers that ask training to stop at the next safe point.
+
+    NOTE: a KeyboardInterrupt raised wherever the signal lands can hit a finalizer (where Python only prints
+    "Exception ignored" and goes on) or a checkpoint write. The handler therefore only records the signal; the
+    loop checks it between steps and after each validation, and a checkpoint write always finishes. A second
+    signal outside a write stops at once (a long validation), still leaving every file whole.
+    Handlers can only be installed from the main thread; elsewhere Ctrl-C stays a KeyboardInterrupt.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.writing = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None and not self.writing:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    @contextlib.contextmanager
+    def protect_write(self):
+        """A block (a checkpoint write) that no signal interrupts; a stop request waits for its end."""
+        self.writing = True
         try:
-            saved: int | None = load_checkpoint(out).step if out.is_file() else None
-        except CheckpointError:
-            saved = None
-        at = (
-            f"interrupted at step {run.step}" if run.step is not None else "interrupted before the first step"
+            yield
+        finally:
+            self.writing = False
+
+
+def _signal_name(signum: int) -> str:
+    return "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+def _interruptible(make_run: Callable[[_StopSignals], _Run]) -> TrainResult:
+    """Runs a session; a stop signal becomes a :class:`TrainingInterrupted` that says what is on disk."""
+    with _StopSignals() as stop:
+        run = make_run(stop)
+        try:
+            return run.run()
+        except (KeyboardInterrupt, _StopRequested):
+            signum = stop.signum if stop.signum is not None else signal.SIGINT
+    out, saved, total = run.out, run.saved_step, run.opts.steps
+    at = f"stopped by {_signal_name(signum)} "
+    at += f"after step {run.done} of {total}" if run.done is not None else "before the first step"
+    if saved is None:
+        message = f"{at}; this run has not written {out} yet, so there is nothing to resume"
+    else:
+        launcher = (
+            "rnndeploy" if run.world_size == 1 else f"torchrun --nproc_per_node {run.world_size} -m rnndeploy"
         )
-        if saved is None:
-            message = f"{at}; no checkpoint was written yet ({out}), so there is nothing to resume"
-        else:
-            launcher = (
-                "rnndeploy"
-                if run.world_size == 1
-                else f"torchrun --nproc_per_node {run.world_size} -m rnndeploy"
-            )
-            message = (
-                f"{at}; {out} holds step {saved} (the last validation). "
-                f"Resume with: {launcher} train --resume {out}"
-            )
-        raise TrainingInterrupted(message, out, saved) from None
+        message = (
+            f"{at}; {out} holds step {saved} (the last validation). "
+            f"Resume with: {launcher} train --resume {out}"
+        )
+    raise TrainingInterrupted(message, out, saved, signum) from None
 
 
 def _autocast(amp: str | None, device: torch.device):
@@ -317,11 +382,15 @@ class _Run:
         world_size: int,
         local_rank: int,
         echo: Callable[[str], None] | None = None,
+        stop: _StopSignals | None = None,
     ) -> None:
         self.opts = options
         self.rank, self.world_size = rank, world_size
         self.echo = echo if rank == 0 else None
-        self.step: int | None = None  # the step being trained, for the interruption message
+        self.stop = stop or _StopSignals()
+        self.stop_agreed = False  # every rank saw a stop request (all-reduced with each step's loss)
+        self.done: int | None = None  # steps completed, for the interruption message
+        self.saved_step: int | None = None  # the step this run's ``out`` holds
         self.device = resolve_device(options.device, local_rank)
         if options.amp is not None and self.device.type != "cuda":
             raise TrainError(f"--amp {options.amp} needs a CUDA device, but training runs on {self.device}")
@@ -341,9 +410,10 @@ class _Run:
             self._check_resumable(ckpt)
         data = load_data(opts.data, valid_fraction=opts.valid_fraction, vocab=ckpt.vocab if ckpt else None)
         self.data = data
+        self.fingerprint = data.fingerprint()
         self.metric = "bpc" if data.kind == "text" else "mse"
-        if ckpt is not None and data.kind == "series" and not _same_stats(ckpt.data_stats, data.data_stats):
-            raise TrainError(f"data {opts.data} is not the series checkpoint {opts.resume} was trained on")
+        if ckpt is not None:
+            self._check_same_data(ckpt)
 
         torch.manual_seed(opts.seed)
         self.model = ckpt.model if ckpt else SequenceModel(self._config(data), backend=opts.backend)
@@ -353,9 +423,17 @@ class _Run:
         self.state: tuple[Tensor, ...] | None = None
         torch.manual_seed(opts.seed + 1 + self.rank)  # dropout masks differ between ranks
         if ckpt is not None:
-            self.optimizer.load_state_dict(ckpt.optimizer)
+            try:
+                self.optimizer.load_state_dict(ckpt.optimizer)
+                self._restore_rank_state(ckpt.extra)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+                raise TrainError(
+                    f"checkpoint {opts.resume} is damaged: its optimizer or per-process state cannot be "
+                    f"restored ({type(exc).__name__}: {exc})"
+                ) from None
             self.start = self.last_saved = ckpt.step
-            self._restore_rank_state(ckpt.extra)
+            if self.out.resolve() == opts.resume.resolve():
+                self.saved_step = ckpt.step
         self.net: torch.nn.Module = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -423,9 +501,11 @@ class _Run:
                 f"checkpoint {self.opts.resume} was not written by rnndeploy train (no saved options)"
             )
         now = self.opts.to_dict()
+        # allow_data_change lets the data be another file as well as the same file changed
+        defining = [k for k in RUN_DEFINING if not (k == "data" and self.opts.allow_data_change)]
         changed = [
             f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now"
-            for k in RUN_DEFINING
+            for k in defining
             if saved.get(k) != now[k]
         ]
         if changed:
@@ -438,6 +518,22 @@ class _Run:
             raise TrainError(
                 f"checkpoint {self.opts.resume} is already at step {ckpt.step}; give --steps larger than that"
             )
+
+    def _check_same_data(self, ckpt) -> None:
+        """Refuses to resume on other training data (unless ``allow_data_change``), naming both fingerprints."""
+        opts, data = self.opts, self.data
+        saved = ckpt.extra.get("data_fingerprint")
+        if opts.allow_data_change:
+            return
+        if saved is not None and saved != self.fingerprint:
+            raise TrainError(
+                f"--resume {opts.resume}: the training data differs from the data this checkpoint was trained "
+                f"on (checkpoint: {_describe(saved)}; {data.source} now: {_describe(self.fingerprint)}). "
+                "Resume on the same data, or allow the change with --allow-data-change "
+                "(allow_data_change=True in Python)"
+            )
+        if data.kind == "series" and not _same_stats(ckpt.data_stats, data.data_stats):
+            raise TrainError(f"data {opts.data} is not the series checkpoint {opts.resume} was trained on")
 
     def _restore_rank_state(self, extra: dict[str, Any]) -> None:
         ranks = extra.get("ranks") or []
@@ -464,8 +560,7 @@ class _Run:
         if ckpt is not None:
             old = log_path(self.opts.resume)
             if old.is_file():
-                lines = old.read_text(encoding="utf-8").splitlines()
-                records = [r for r in map(json.loads, filter(None, lines)) if r.get("step", 0) <= ckpt.step]
+                records = [r for r in _read_log(old) if r.get("step", 0) <= ckpt.step]
         text = "".join(json.dumps(r) + "\n" for r in records)
         atomic_write(self.log_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         data = self.data
@@ -498,13 +593,16 @@ class _Run:
             dynamic_ncols=True,
             disable=not opts.progress or self.rank != 0,
         )
+        self._stop_if_asked()
         if self.start == 0:
             self._validate_and_save(0, train_loss=None, tokens_per_s=None)
+            self._stop_if_asked()
         loss_sum, loss_count, rate, t_last = 0.0, 0, 0.0, time.perf_counter()
         with bar:
             for step in range(self.start, opts.steps):
-                self.step = step
                 loss = self._step(step)
+                self.done = step + 1
+                self._stop_if_asked(after_step=True)
                 now = time.perf_counter()
                 current = tokens_per_step / (now - t_last)
                 rate = current if rate == 0 else 0.9 * rate + 0.1 * current
@@ -531,6 +629,7 @@ class _Run:
                                 "tok/s": f"{rate:,.0f}",
                             }
                         )
+                    self._stop_if_asked()
                 t_last = time.perf_counter()
         identical = self._compare_replicas()
         if opts.grad_report and self.rank == 0:
@@ -564,17 +663,31 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.clip or math.inf)
-        # NOTE: the decision to stop must be the same on every rank, so it is taken on all-reduced values.
-        stats = torch.stack([loss.detach().float(), grad_norm.detach().float()])
+        # NOTE: the decisions to stop (divergence, a signal) must be the same on every rank, so they are
+        # taken on all-reduced values.
+        asked = float(self.stop.signum is not None)
+        stats = torch.stack(
+            [loss.detach().float(), grad_norm.detach().float(), loss.new_tensor(asked).float()]
+        )
         if self.world_size > 1:
             dist.all_reduce(stats)
             stats[0] /= self.world_size
-        loss_value, norm_value = stats.tolist()
+        loss_value, norm_value, stop_votes = stats.tolist()
+        self.stop_agreed = stop_votes > 0
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self._diverged(step + 1, loss_value, norm_value)
         self.optimizer.step()
         self.state = tuple(s.detach() for s in new_state)
         return loss_value
+
+    def _stop_if_asked(self, after_step: bool = False) -> None:
+        """Stops at a safe point once SIGINT/SIGTERM arrived (with several processes: right after a step,
+        where every rank knows whether any rank was signalled)."""
+        if self.world_size > 1:
+            if after_step and self.stop_agreed:
+                raise _StopRequested
+        elif self.stop.signum is not None:
+            raise _StopRequested
 
     def _diverged(self, step: int, loss: float, grad_norm: float) -> None:
         message = (
@@ -595,6 +708,7 @@ class _Run:
         ranks = self._gather_rank_state()
         self.last_saved = step
         if self.rank != 0:
+            self.saved_step = step
             return None
         valid_loss = evaluate(self.model, self.data.valid, self.opts.seq_len, self.opts.batch, self.opts.amp)
         record: dict[str, Any] = {"event": "eval", "step": step, "valid_loss": valid_loss}
@@ -602,23 +716,26 @@ class _Run:
         if train_loss is not None:
             record.update(train_loss=train_loss, tokens_per_s=tokens_per_s)
             record[f"train_{self.metric}"] = self._metric(train_loss)
-        save_checkpoint(
-            self.out,
-            self.model,
-            vocab=self.data.vocab,
-            step=step,
-            data_stats=self.data.data_stats,
-            optimizer=self.optimizer,
-            extra={
-                "options": self.opts.to_dict(),
-                "ranks": ranks,
-                "world_size": self.world_size,
-                "data_position": dict(zip(("epoch", "chunk"), self.batcher.position(step), strict=True)),
-            },
-        )
-        self.history.append(record)
-        self._log(**record)
-        self._plot()
+        with self.stop.protect_write():
+            save_checkpoint(
+                self.out,
+                self.model,
+                vocab=self.data.vocab,
+                step=step,
+                data_stats=self.data.data_stats,
+                optimizer=self.optimizer,
+                extra={
+                    "options": self.opts.to_dict(),
+                    "ranks": ranks,
+                    "world_size": self.world_size,
+                    "data_position": dict(zip(("epoch", "chunk"), self.batcher.position(step), strict=True)),
+                    "data_fingerprint": self.fingerprint,
+                },
+            )
+            self.saved_step = step
+            self.history.append(record)
+            self._log(**record)
+            self._plot()
         return record
 
     def _gather_rank_state(self) -> list[dict[str, Any]]:
@@ -686,6 +803,30 @@ class _Run:
         ax.legend()
         fig.tight_layout()
         atomic_write(self.plot_file, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log; a torn last line (a write cut short by a crash) is left out."""
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise TrainError(
+                f"log {path} line {number} is not JSON; move the log aside to resume without its history"
+            ) from None
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _describe(fingerprint: Any) -> str:
+    if isinstance(fingerprint, dict):
+        return f"{fingerprint.get('steps')} steps, sha256 {str(fingerprint.get('sha256'))[:16]}"
+    return repr(fingerprint)[:80]
 
 
 def _same_stats(a: dict[str, Any], b: dict[str, Any]) -> bool:
