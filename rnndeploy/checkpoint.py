@@ -189,9 +189,10 @@ def save_checkpoint(
 
 
 def _kind(value: Any) -> str:
-    if isinstance(value, list):
-        bad = next((v for v in value if not isinstance(v, str)), None)
-        return f"a list holding {type(bad).__name__} {bad!r}"
+    """The type and (the start of) the value, for error messages."""
+    bad = [v for v in value[:1000] if not isinstance(v, str)][:1] if isinstance(value, list) else []
+    if bad:
+        return f"a list holding {type(bad[0]).__name__} {bad[0]!r}"[:120]
     return f"{type(value).__name__} {value!r}"[:120]
 
 
