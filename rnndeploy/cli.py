@@ -139,6 +139,13 @@ def _training_errors():
     "--progress/--no-progress", default=True, help="Show a progress bar (without: a line per validation)."
 )
 @click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch CPU threads [default: 1: the models here are small, a second thread gains little on an idle "
+    "machine and costs several times over on a busy one (benchmarks/results/threads.txt)]",
+)
+@click.option(
     "--overwrite",
     is_flag=True,
     help="Replace an existing --out checkpoint of another run (refused otherwise).",
@@ -179,7 +186,7 @@ def train(ctx: click.Context, **kwargs) -> None:
             }
             options = options_for_resume(given.pop("resume"), **given)
         else:
-            options = TrainOptions(**kwargs)
+            options = TrainOptions(**{k: v for k, v in kwargs.items() if v is not None or k != "threads"})
         result = run_training(options, echo=click.echo)
     except TrainingInterrupted as exc:
         click.echo(f"\n{exc}", err=True)
@@ -217,8 +224,15 @@ def train(ctx: click.Context, **kwargs) -> None:
     default=None,
     help="Training steps [default: 1000; 30 with --quick]",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch CPU threads [default: 1: the models here are small, a second thread gains little on an idle "
+    "machine and costs several times over on a busy one (benchmarks/results/threads.txt)]",
+)
 @click.option("--quick", is_flag=True, hidden=True, help="Tiny model and few steps (for tests).")
-def demo(out_dir: Path, steps: int | None, quick: bool) -> None:
+def demo(out_dir: Path, steps: int | None, threads: int | None, quick: bool) -> None:
     """Train a small character LSTM on the built-in corpus and show what it learned (minutes on 2 CPU cores).
 
     Prints the validation bits per character before and after training, a sample of generated text, and
@@ -228,7 +242,10 @@ def demo(out_dir: Path, steps: int | None, quick: bool) -> None:
     from rnndeploy.export import ExportError
 
     try:
-        run_demo(DemoContext(out_dir=out_dir, steps=steps, quick=quick, echo=click.echo, write=_write_now))
+        context = DemoContext(
+            out_dir=out_dir, steps=steps, threads=threads, quick=quick, echo=click.echo, write=_write_now
+        )
+        run_demo(context)
     except (*_training_errors(), ExportError, DemoError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -41,6 +41,13 @@ from rnndeploy.data import Dataset, StreamBatcher, load_data
 from rnndeploy.models import ModelConfig, SequenceModel
 
 DEVICES = ("auto", "cpu", "cuda")
+#: torch intra-op threads unless told: see benchmarks/results/threads.txt. The models this trains are small;
+#: a second thread gains little on an idle machine and loses several times over on a busy one, where torch's
+#: threads spin-wait for each other.
+DEFAULT_THREADS = 1
+#: Training refuses a model whose estimated memory exceeds what the device has; above this many floating point
+#: operations per step (forward and backward) on a CPU it warns that each step takes long.
+SLOW_CPU_FLOPS_PER_STEP = 1e12
 AMP_MODES = ("bf16",)
 #: Options that define a run: a resumed run must keep them (the rest may change between sessions).
 RUN_DEFINING = (
@@ -99,6 +106,7 @@ class TrainOptions:
             checkpoints;
         backend: recurrent backend (``"auto"``, ``"torch"``, ``"triton"``, ``"reference"``);
         valid_fraction: share at the end of the data used for validation; progress: show a tqdm bar;
+        threads: torch intra-op CPU threads (default :data:`DEFAULT_THREADS`; restored when training ends);
         overwrite: replace an existing ``out`` that this run does not resume (refused otherwise);
         allow_data_change: let ``resume`` continue on training data other than the checkpoint's (refused
             otherwise: the checkpoint stores the size and SHA-256 of its training split);
@@ -126,6 +134,7 @@ class TrainOptions:
     backend: str = "auto"
     valid_fraction: float = 0.05
     progress: bool = True
+    threads: int = DEFAULT_THREADS
     overwrite: bool = False
     allow_data_change: bool = False
     grad_report: bool = False
@@ -134,7 +143,7 @@ class TrainOptions:
         self.data = str(self.data)
         self.resume = Path(self.resume) if self.resume is not None else None
         self.out = Path(self.out) if self.out is not None else (self.resume or Path("runs/model.pt"))
-        for name in ("hidden", "layers", "embed", "seq_len", "batch", "steps", "eval_every"):
+        for name in ("hidden", "layers", "embed", "seq_len", "batch", "steps", "eval_every", "threads"):
             if getattr(self, name) < 1:
                 raise TrainError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0 or self.clip < 0:
@@ -261,17 +270,47 @@ def train(options: TrainOptions, echo: Callable[[str], None] | None = None) -> T
     """
     check_out_is_free(options)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return _interruptible(lambda stop: _Run(options, 0, 1, 0, echo, stop))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(options.device, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(options.threads)
     try:
-        return _interruptible(lambda stop: _Run(options, rank, world_size, local_rank, echo, stop))
+        if world_size == 1:
+            return _interruptible(lambda stop: _Run(options, 0, 1, 0, echo, stop))
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        device = resolve_device(options.device, local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        try:
+            return _interruptible(lambda stop: _Run(options, rank, world_size, local_rank, echo, stop))
+        finally:
+            dist.destroy_process_group()
     finally:
-        dist.destroy_process_group()
+        torch.set_num_threads(threads)
+
+
+def describe_device(device: torch.device, backend: str, threads: int) -> str:
+    """One line naming the device, the recurrent backend that runs there and the CPU thread count."""
+    if backend == "auto":
+        backend = "auto (Triton kernels where measured faster, else cuDNN)"
+        if device.type != "cuda":
+            backend = "auto: torch (the Triton kernels are for CUDA GPUs)"
+    return f"{device}; recurrent backend {backend}; {threads} CPU thread{'s' if threads > 1 else ''}"
+
+
+def estimate_memory(config: ModelConfig, batch: int, seq_len: int) -> tuple[int, int, int]:
+    """Bytes a training step needs, estimated before anything is allocated.
+
+    Returns ``(parameters, parameter_bytes, activation_bytes)``: fp32 parameters with their gradients and two
+    Adam moments; the activations BPTT keeps for ``[batch, seq_len]`` (gates, cell and hidden states per layer,
+    the outputs and their gradients).
+    """
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in SequenceModel(config, backend="torch").parameters())
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[config.cell]
+    hidden = config.hidden_size * (2 if config.bidirectional else 1)
+    per_step = config.num_layers * hidden * (gates + 3) + config.embed_dim
+    per_step += 3 * (config.vocab_size or config.output_size or 1)
+    return parameters, 16 * parameters, 4 * batch * seq_len * per_step
 
 
 def check_out_is_free(options: TrainOptions) -> None:
@@ -416,7 +455,9 @@ class _Run:
             self._check_same_data(ckpt)
 
         torch.manual_seed(opts.seed)
-        self.model = ckpt.model if ckpt else SequenceModel(self._config(data), backend=opts.backend)
+        config = ckpt.config if ckpt else self._config(data)
+        self._check_size(config)
+        self.model = ckpt.model if ckpt else SequenceModel(config, backend=opts.backend)
         self.model.to(self.device).train()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=opts.lr)
         self.start = self.last_saved = 0
@@ -446,6 +487,30 @@ class _Run:
         self._report_start()
         return self._loop()
 
+    def _check_size(self, config: ModelConfig) -> None:
+        """Refuses a model that cannot fit in the device's memory; warns when steps will be slow on a CPU."""
+        opts = self.opts
+        parameters, weights, activations = estimate_memory(config, opts.batch, opts.seq_len)
+        available = _available_memory(self.device)
+        needed = weights + activations
+        sizes = f"--hidden {opts.hidden} --layers {opts.layers} --batch {opts.batch} --seq-len {opts.seq_len}"
+        if available is not None and needed > available:
+            raise TrainError(
+                f"{sizes}: training needs about {_gb(needed)} ({parameters:,} parameters: {_gb(weights)} with "
+                f"gradients and Adam state; activations {_gb(activations)}), more than the {_gb(available)} "
+                f"available on {self.device}. Use a smaller --hidden (or --layers, --batch, --seq-len)"
+            )
+        flops = 6 * parameters * opts.batch * opts.seq_len
+        if self.device.type == "cpu" and flops > SLOW_CPU_FLOPS_PER_STEP:
+            message = (
+                f"{sizes}: {parameters:,} parameters, about {flops / 1e12:,.0f} TFLOP per training step; on a "
+                "CPU each step will take long (minutes on a few cores). A smaller --hidden trains much faster"
+            )
+            if self.echo is not None:
+                self.echo(f"warning: {message}")
+            elif self.rank == 0:
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+
     def _report_start(self) -> None:
         """Tells the person at the terminal what runs where, before the first step."""
         if self.echo is None:
@@ -456,11 +521,6 @@ class _Run:
             why = (
                 " (auto: CUDA GPU found)" if self.device.type == "cuda" else " (auto: torch sees no CUDA GPU)"
             )
-        backend = opts.backend
-        if backend == "auto":
-            backend = "auto (Triton kernels where measured faster, else cuDNN)"
-            if self.device.type != "cuda":
-                backend = "auto: torch (the Triton kernels are for CUDA GPUs)"
         source = "builtin corpus (Python's pydoc topics)" if data.source == "builtin" else data.source
         unit = "characters" if data.kind == "text" else "time steps"
         kind = f"vocabulary {len(data.vocab)}" if data.vocab else f"{data.num_features} feature(s)"
@@ -468,8 +528,9 @@ class _Run:
         cfg = model.config
         start = f"resuming at step {self.start} of {opts.steps}" if self.start else f"{opts.steps} steps"
         processes = f", {self.world_size} processes" if self.world_size > 1 else ""
+        device, _, rest = describe_device(self.device, opts.backend, torch.get_num_threads()).partition(";")
         self.echo(
-            f"device:  {self.device}{why}{processes}; recurrent backend {backend}\n"
+            f"device:  {device}{why}{processes};{rest}\n"
             f"data:    {source}: {len(data.train):,} training / {len(data.valid):,} validation "
             f"{unit}, {kind}\n"
             f"model:   {cfg.cell.upper()} {cfg.hidden_size} x {cfg.num_layers} ({cfg.task}), {params:,} "
@@ -586,6 +647,11 @@ class _Run:
     def _loop(self) -> TrainResult:
         opts = self.opts
         tokens_per_step = opts.batch * opts.seq_len * self.world_size
+        self._stop_if_asked()
+        if self.start == 0:
+            self._validate_and_save(0, train_loss=None, tokens_per_s=None)
+            self._stop_if_asked()
+        # the bar starts its clock after the step-0 validation, so its first ETA counts training steps only
         bar = tqdm(
             total=opts.steps,
             initial=self.start,
@@ -593,10 +659,6 @@ class _Run:
             dynamic_ncols=True,
             disable=not opts.progress or self.rank != 0,
         )
-        self._stop_if_asked()
-        if self.start == 0:
-            self._validate_and_save(0, train_loss=None, tokens_per_s=None)
-            self._stop_if_asked()
         loss_sum, loss_count, rate, t_last = 0.0, 0, 0.0, time.perf_counter()
         with bar:
             for step in range(self.start, opts.steps):
@@ -803,6 +865,23 @@ class _Run:
         ax.legend()
         fig.tight_layout()
         atomic_write(self.plot_file, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device, or the memory Linux reports available (``None``: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:
