@@ -326,8 +326,8 @@ def check_out_is_free(options: TrainOptions) -> None:
         held = "a file that is not an rnndeploy checkpoint"
     raise TrainError(
         f"--out {out} already exists ({held}) and this run would replace it. Continue that run with "
-        f"`rnndeploy train --resume {out}`, write this one elsewhere with --out, or pass --overwrite to "
-        "replace it"
+        f"`rnndeploy train --resume {out}` (Python: resume={str(out)!r}), write this one elsewhere with --out "
+        "(out=...), or pass --overwrite (overwrite=True) to replace it"
     )
 
 

@@ -198,3 +198,12 @@ def test_resume_tolerates_a_torn_last_log_line(corpus, tmp_path):
     log.write_text('{"event": "start"\n' + log.read_text())
     with pytest.raises(TrainError, match=r"m\.log\.jsonl line 1 is not JSON; move the log aside"):
         train(options_for_resume(out, steps=4))
+
+
+def test_replacing_another_run_is_refused_naming_the_python_options(corpus, tmp_path):
+    out = tmp_path / "m.pt"
+    train(TrainOptions(data=str(corpus), steps=1, out=out, **TINY))
+    with pytest.raises(TrainError, match=r"pass --overwrite \(overwrite=True\) to replace it") as caught:
+        train(TrainOptions(data=str(corpus), steps=2, out=out, **TINY))
+    assert f"resume={str(out)!r}" in str(caught.value)
+    assert train(TrainOptions(data=str(corpus), steps=2, out=out, overwrite=True, **TINY)).step == 2
