@@ -395,12 +395,9 @@ def _interruptible(make_run: Callable[[_StopSignals], _Run]) -> TrainResult:
     if saved is None:
         message = f"{at}; this run has not written {out} yet, so there is nothing to resume"
     else:
-        launcher = (
-            "rnndeploy" if run.world_size == 1 else f"torchrun --nproc_per_node {run.world_size} -m rnndeploy"
-        )
         message = (
             f"{at}; {out} holds step {saved} (the last validation). "
-            f"Resume with: {launcher} train --resume {out}"
+            f"Resume with: {run.processes.launcher} train --resume {out}"
         )
     raise TrainingInterrupted(message, out, saved, signum) from None
 
@@ -411,8 +408,212 @@ def _autocast(amp: str | None, device: torch.device):
     return contextlib.nullcontext()
 
 
+@dataclass
+class StepStats:
+    """What one optimizer step reports (values all-reduced over the processes of a distributed run).
+
+    Attributes:
+        loss: the loss, mean over processes; grad_norm: the global gradient norm before clipping;
+        stop_asked: some process asked to stop (a signal arrived there).
+    """
+
+    loss: float
+    grad_norm: float
+    stop_asked: bool = False
+
+
+def optimizer_step(
+    loss: Tensor,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    clip: float,
+    *,
+    world_size: int = 1,
+    stop_asked: bool = False,
+    on_non_finite: Callable[[float, float], None] | None = None,
+) -> StepStats:
+    """Backpropagates ``loss`` (a scalar), clips the global gradient norm to ``clip`` (0: no clipping) and
+    updates ``model`` with ``optimizer``.
+
+    With ``world_size`` > 1 (under ``torch.distributed``) the loss, the gradient norm and ``stop_asked`` are
+    all-reduced first, so every process takes the same decisions. ``on_non_finite(loss, grad_norm)`` is called
+    instead of the update when either is NaN or infinite, and is expected to raise; without it the update is
+    applied regardless.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or math.inf)
+    # NOTE: the decisions to stop (divergence, a signal) must be the same on every rank, so they are
+    # taken on all-reduced values.
+    stats = torch.stack(
+        [loss.detach().float(), grad_norm.detach().float(), loss.new_tensor(float(stop_asked)).float()]
+    )
+    if world_size > 1:
+        dist.all_reduce(stats)
+        stats[0] /= world_size
+    loss_value, norm_value, stop_votes = stats.tolist()
+    if on_non_finite is not None and not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        on_non_finite(loss_value, norm_value)
+    optimizer.step()
+    return StepStats(loss_value, norm_value, stop_votes > 0)
+
+
+class _Processes:
+    """The distributed side of a session: this process's rank among ``world_size``, the DDP wrapper and the
+    collectives. With one process every method is a local call."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    @property
+    def launcher(self) -> str:
+        """The command that starts this many processes again (for the resume hint)."""
+        if self.world_size == 1:
+            return "rnndeploy"
+        return f"torchrun --nproc_per_node {self.world_size} -m rnndeploy"
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` as the training step calls it: DistributedDataParallel with several processes."""
+        if self.world_size == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def gather(self, mine: Any) -> list[Any]:
+        """Every process's ``mine`` (a picklable object), in rank order."""
+        if self.world_size == 1:
+            return [mine]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        return gathered
+
+    def replica_difference(self, model: torch.nn.Module) -> float | None:
+        """The largest absolute difference between the replicas' parameters (``None``: one process)."""
+        if self.world_size == 1:
+            return None
+        flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(self.world_size)]
+        dist.all_gather(gathered, flat)
+        return max((g - gathered[0]).abs().max().item() for g in gathered)
+
+
+class _RunLog:
+    """The run's JSON-lines log and loss-curve plot beside checkpoint ``out``; only rank 0 writes them."""
+
+    def __init__(self, out: Path, writes: bool) -> None:
+        self.file, self.plot_file, self.writes = log_path(out), plot_path(out), writes
+
+    def restart(self, resumed: Path | None, upto: int) -> list[dict[str, Any]]:
+        """Rewrites the log with the records of ``resumed``'s log up to step ``upto``; returns their evals."""
+        if not self.writes:
+            return []
+        records = []
+        if resumed is not None and log_path(resumed).is_file():
+            records = [r for r in _read_log(log_path(resumed)) if r.get("step", 0) <= upto]
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        atomic_write(self.file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return [r for r in records if r.get("event") == "eval"]
+
+    def append(self, **record: Any) -> None:
+        if not self.writes:
+            return
+        record["time"] = time.time()
+        with self.file.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def plot(self, history: list[dict[str, Any]], metric: str, title: str) -> None:
+        """Draws the training and validation curves of ``history`` (eval records)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(7, 4), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        unit = "bits per character" if metric == "bpc" else "mean squared error (normalised)"
+        trained = [r for r in history if f"train_{metric}" in r]
+        if trained:
+            ax.plot(
+                [r["step"] for r in trained],
+                [r[f"train_{metric}"] for r in trained],
+                label="train (mean since the previous point)",
+            )
+        ax.plot(
+            [r["step"] for r in history], [r[f"valid_{metric}"] for r in history], "o-", label="validation"
+        )
+        ax.set_xlabel("step")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        atomic_write(self.plot_file, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+class _Checkpoints:
+    """The run's checkpoint: what each process carries into it (state, RNG), saving, and restoring.
+
+    ``saved_step`` is the step the checkpoint on disk holds for this run (``None``: this run has none yet).
+    """
+
+    def __init__(self, out: Path, processes: _Processes) -> None:
+        self.out, self.processes = out, processes
+        self.saved_step: int | None = None
+
+    def gather_rank_state(self, state: tuple[Tensor, ...] | None) -> list[dict[str, Any]]:
+        """Every process's carried recurrent state and RNG states, in rank order."""
+        device = self.processes.device
+        mine = {
+            "state": None if state is None else [s.detach().cpu() for s in state],
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }
+        return self.processes.gather(mine)
+
+    def restore_rank_state(self, extra: dict[str, Any]) -> tuple[Tensor, ...] | None:
+        """Sets this process's RNG states from ``extra["ranks"]`` and returns its carried state."""
+        rank, world_size, device = self.processes.rank, self.processes.world_size, self.processes.device
+        ranks = extra.get("ranks") or []
+        if len(ranks) != world_size:
+            warnings.warn(
+                f"the checkpoint was written by {len(ranks)} process(es), this run has {world_size}: "
+                "the carried state restarts from zeros and the data streams are cut differently",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        saved = ranks[rank]
+        torch.set_rng_state(saved["rng"])
+        if device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+        if saved["state"] is None:
+            return None
+        return tuple(s.to(device) for s in saved["state"])
+
+    def save(
+        self,
+        step: int,
+        model: SequenceModel,
+        optimizer: torch.optim.Optimizer,
+        data: Dataset,
+        extra: dict[str, Any],
+    ) -> None:
+        """Writes the checkpoint of ``step`` (rank 0 alone calls this)."""
+        save_checkpoint(
+            self.out,
+            model,
+            vocab=data.vocab,
+            step=step,
+            data_stats=data.data_stats,
+            optimizer=optimizer,
+            extra=extra,
+        )
+        self.saved_step = step
+
+
 class _Run:
-    """One training session of one process; see :func:`train`."""
+    """One training session of one process (see :func:`train`): setup, the loop and validation; the
+    distributed side, the checkpoint and the log are its parts :class:`_Processes`, :class:`_Checkpoints` and
+    :class:`_RunLog`."""
 
     def __init__(
         self,
@@ -429,7 +630,6 @@ class _Run:
         self.stop = stop or _StopSignals()
         self.stop_agreed = False  # every rank saw a stop request (all-reduced with each step's loss)
         self.done: int | None = None  # steps completed, for the interruption message
-        self.saved_step: int | None = None  # the step this run's ``out`` holds
         self.device = resolve_device(options.device, local_rank)
         if options.amp is not None and self.device.type != "cuda":
             raise TrainError(f"--amp {options.amp} needs a CUDA device, but training runs on {self.device}")
@@ -438,8 +638,14 @@ class _Run:
             if reason is not None:
                 raise TrainError(f"--backend triton cannot run on {self.device}: {reason}")
         self.out = options.out
-        self.log_file = log_path(self.out)
-        self.plot_file = plot_path(self.out)
+        self.processes = _Processes(rank, world_size, self.device)
+        self.checkpoints = _Checkpoints(self.out, self.processes)
+        self.log = _RunLog(self.out, writes=rank == 0)
+
+    @property
+    def saved_step(self) -> int | None:
+        """The step this run's checkpoint holds on disk (``None``: none written by this run)."""
+        return self.checkpoints.saved_step
 
     # --- setup -------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -466,7 +672,7 @@ class _Run:
         if ckpt is not None:
             try:
                 self.optimizer.load_state_dict(ckpt.optimizer)
-                self._restore_rank_state(ckpt.extra)
+                self.state = self.checkpoints.restore_rank_state(ckpt.extra)
             except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
                 raise TrainError(
                     f"checkpoint {opts.resume} is damaged: its optimizer or per-process state cannot be "
@@ -474,16 +680,14 @@ class _Run:
                 ) from None
             self.start = self.last_saved = ckpt.step
             if self.out.resolve() == opts.resume.resolve():
-                self.saved_step = ckpt.step
-        self.net: torch.nn.Module = self.model
-        if self.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+                self.checkpoints.saved_step = ckpt.step
+        self.net = self.processes.wrap(self.model)
         split = f"the training split of {data.source}"
         self.batcher = StreamBatcher(
             data.train, opts.batch, opts.seq_len, self.rank, self.world_size, what=split
         )
-        self.history = self._open_log(ckpt)
+        self.history = self.log.restart(opts.resume if ckpt else None, ckpt.step if ckpt else 0)
+        self._log_start()
         self._report_start()
         return self._loop()
 
@@ -535,7 +739,8 @@ class _Run:
             f"{unit}, {kind}\n"
             f"model:   {cfg.cell.upper()} {cfg.hidden_size} x {cfg.num_layers} ({cfg.task}), {params:,} "
             f"parameters; {start}, batch {opts.batch} x {opts.seq_len}\n"
-            f"files:   {self.out} (checkpoint every {opts.eval_every} steps), {self.log_file}, {self.plot_file}"
+            f"files:   {self.out} (checkpoint every {opts.eval_every} steps), {self.log.file}, "
+            f"{self.log.plot_file}"
         )
 
     def _config(self, data: Dataset) -> ModelConfig:
@@ -596,36 +801,9 @@ class _Run:
         if data.kind == "series" and not _same_stats(ckpt.data_stats, data.data_stats):
             raise TrainError(f"data {opts.data} is not the series checkpoint {opts.resume} was trained on")
 
-    def _restore_rank_state(self, extra: dict[str, Any]) -> None:
-        ranks = extra.get("ranks") or []
-        if len(ranks) != self.world_size:
-            warnings.warn(
-                f"the checkpoint was written by {len(ranks)} process(es), this run has {self.world_size}: "
-                "the carried state restarts from zeros and the data streams are cut differently",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return
-        saved = ranks[self.rank]
-        torch.set_rng_state(saved["rng"])
-        if self.device.type == "cuda" and saved.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
-        if saved["state"] is not None:
-            self.state = tuple(s.to(self.device) for s in saved["state"])
-
-    def _open_log(self, ckpt) -> list[dict[str, Any]]:
-        """Eval records so far; the log is rewritten without the records after the resumed step."""
-        if self.rank != 0:
-            return []
-        records = []
-        if ckpt is not None:
-            old = log_path(self.opts.resume)
-            if old.is_file():
-                records = [r for r in _read_log(old) if r.get("step", 0) <= ckpt.step]
-        text = "".join(json.dumps(r) + "\n" for r in records)
-        atomic_write(self.log_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    def _log_start(self) -> None:
         data = self.data
-        self._log(
+        self.log.append(
             event="start",
             step=self.start,
             options=self.opts.to_dict(),
@@ -641,7 +819,6 @@ class _Run:
             },
             parameters=sum(p.numel() for p in self.model.parameters()),
         )
-        return [r for r in records if r.get("event") == "eval"]
 
     # --- the loop ----------------------------------------------------------------------------------------
     def _loop(self) -> TrainResult:
@@ -700,11 +877,11 @@ class _Run:
             x, y, _ = self.batcher.batch(opts.steps - 1)
             title = f"{opts.cell.upper()} {opts.hidden}x{opts.layers} on {self.data.source}, a training batch"
             grad_report(self.model, x.to(self.device), y[:, -1].to(self.device), self.out, title)
-        self._log(event="end", step=opts.steps, checkpoint=str(self.out))
+        self.log.append(event="end", step=opts.steps, checkpoint=str(self.out))
         return TrainResult(
             checkpoint=self.out,
-            log=self.log_file,
-            plot=self.plot_file,
+            log=self.log.file,
+            plot=self.log.plot_file,
             step=opts.steps,
             rank=self.rank,
             world_size=self.world_size,
@@ -722,25 +899,18 @@ class _Run:
         with _autocast(self.opts.amp, self.device):
             out, new_state = self.net(x, self.state)
         loss = self.model.loss(out.float(), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.clip or math.inf)
-        # NOTE: the decisions to stop (divergence, a signal) must be the same on every rank, so they are
-        # taken on all-reduced values.
-        asked = float(self.stop.signum is not None)
-        stats = torch.stack(
-            [loss.detach().float(), grad_norm.detach().float(), loss.new_tensor(asked).float()]
+        stats = optimizer_step(
+            loss,
+            self.model,
+            self.optimizer,
+            self.opts.clip,
+            world_size=self.world_size,
+            stop_asked=self.stop.signum is not None,
+            on_non_finite=lambda loss, grad_norm: self._diverged(step + 1, loss, grad_norm),
         )
-        if self.world_size > 1:
-            dist.all_reduce(stats)
-            stats[0] /= self.world_size
-        loss_value, norm_value, stop_votes = stats.tolist()
-        self.stop_agreed = stop_votes > 0
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            self._diverged(step + 1, loss_value, norm_value)
-        self.optimizer.step()
+        self.stop_agreed = stats.stop_asked
         self.state = tuple(s.detach() for s in new_state)
-        return loss_value
+        return stats.loss
 
     def _stop_if_asked(self, after_step: bool = False) -> None:
         """Stops at a safe point once SIGINT/SIGTERM arrived (with several processes: right after a step,
@@ -757,7 +927,7 @@ class _Run:
             f"the last good checkpoint {self.out} (step {self.last_saved}) was kept. "
             f"Try a lower --lr (now {self.opts.lr}) or a smaller --clip (now {self.opts.clip})."
         )
-        self._log(event="diverged", step=step, loss=loss, grad_norm=grad_norm, message=message)
+        self.log.append(event="diverged", step=step, loss=loss, grad_norm=grad_norm, message=message)
         raise TrainingDiverged(message)
 
     def _metric(self, loss: float) -> float:
@@ -766,61 +936,44 @@ class _Run:
     def _validate_and_save(
         self, step: int, train_loss: float | None, tokens_per_s: float | None
     ) -> dict | None:
-        """Gathers every rank's carried state and RNG; rank 0 validates, saves the checkpoint and the plot."""
-        ranks = self._gather_rank_state()
+        """Gathers every rank's carried state and RNG; rank 0 validates, saves the checkpoint, log and plot."""
+        ranks = self.checkpoints.gather_rank_state(self.state)
         self.last_saved = step
         if self.rank != 0:
-            self.saved_step = step
+            self.checkpoints.saved_step = step  # rank 0 writes it
             return None
+        record = self._validate(step, train_loss, tokens_per_s)
+        extra = {
+            "options": self.opts.to_dict(),
+            "ranks": ranks,
+            "world_size": self.world_size,
+            "data_position": dict(zip(("epoch", "chunk"), self.batcher.position(step), strict=True)),
+            "data_fingerprint": self.fingerprint,
+        }
+        title = f"{self.opts.cell.upper()} {self.opts.hidden}x{self.opts.layers} on {self.data.source}"
+        with self.stop.protect_write():
+            self.checkpoints.save(step, self.model, self.optimizer, self.data, extra)
+            self.history.append(record)
+            self.log.append(**record)
+            self.log.plot(self.history, self.metric, title)
+        return record
+
+    def _validate(self, step: int, train_loss: float | None, tokens_per_s: float | None) -> dict[str, Any]:
+        """The eval record of ``step``: the validation loss, and the training loss since the last one."""
         valid_loss = evaluate(self.model, self.data.valid, self.opts.seq_len, self.opts.batch, self.opts.amp)
         record: dict[str, Any] = {"event": "eval", "step": step, "valid_loss": valid_loss}
         record[f"valid_{self.metric}"] = self._metric(valid_loss)
         if train_loss is not None:
             record.update(train_loss=train_loss, tokens_per_s=tokens_per_s)
             record[f"train_{self.metric}"] = self._metric(train_loss)
-        with self.stop.protect_write():
-            save_checkpoint(
-                self.out,
-                self.model,
-                vocab=self.data.vocab,
-                step=step,
-                data_stats=self.data.data_stats,
-                optimizer=self.optimizer,
-                extra={
-                    "options": self.opts.to_dict(),
-                    "ranks": ranks,
-                    "world_size": self.world_size,
-                    "data_position": dict(zip(("epoch", "chunk"), self.batcher.position(step), strict=True)),
-                    "data_fingerprint": self.fingerprint,
-                },
-            )
-            self.saved_step = step
-            self.history.append(record)
-            self._log(**record)
-            self._plot()
         return record
 
-    def _gather_rank_state(self) -> list[dict[str, Any]]:
-        mine = {
-            "state": None if self.state is None else [s.detach().cpu() for s in self.state],
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-        }
-        if self.world_size == 1:
-            return [mine]
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, mine)
-        return gathered
-
     def _compare_replicas(self) -> bool | None:
-        """All-gathers every replica's flat parameter vector and logs whether they are identical."""
-        if self.world_size == 1:
+        """Logs whether every replica holds the same parameters (``None``: one process)."""
+        diff = self.processes.replica_difference(self.model)
+        if diff is None:
             return None
-        flat = torch.cat([p.detach().float().flatten() for p in self.model.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(self.world_size)]
-        dist.all_gather(gathered, flat)
-        diff = max((g - gathered[0]).abs().max().item() for g in gathered)
-        self._log(
+        self.log.append(
             event="replicas",
             step=self.opts.steps,
             world_size=self.world_size,
@@ -828,43 +981,6 @@ class _Run:
             max_abs_diff=diff,
         )
         return diff == 0.0
-
-    # --- files -------------------------------------------------------------------------------------------
-    def _log(self, **record: Any) -> None:
-        if self.rank != 0:
-            return
-        record["time"] = time.time()
-        with self.log_file.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-
-    def _plot(self) -> None:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(7, 4), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        unit = "bits per character" if self.metric == "bpc" else "mean squared error (normalised)"
-        trained = [r for r in self.history if f"train_{self.metric}" in r]
-        if trained:
-            ax.plot(
-                [r["step"] for r in trained],
-                [r[f"train_{self.metric}"] for r in trained],
-                label="train (mean since the previous point)",
-            )
-        ax.plot(
-            [r["step"] for r in self.history],
-            [r[f"valid_{self.metric}"] for r in self.history],
-            "o-",
-            label="validation",
-        )
-        ax.set_xlabel("step")
-        ax.set_ylabel(unit)
-        ax.set_title(f"{self.opts.cell.upper()} {self.opts.hidden}x{self.opts.layers} on {self.data.source}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        atomic_write(self.plot_file, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _available_memory(device: torch.device) -> int | None:
