@@ -42,12 +42,12 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _write_error(path: Path, exc: OSError, doing: str) -> OSError:
-    """An OSError whose message names ``path`` and the cause in words (keeping ``errno``)."""
+def write_error(path: Path, exc: OSError, doing: str, kept: bool = True) -> OSError:
+    """An OSError whose message names ``path`` and the cause in words (keeping ``errno``); ``kept``: the
+    previous content of ``path`` is unchanged (an atomic write), and the message says so."""
     reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-    error = OSError(
-        f"cannot write {path}: {reason} ({doing}); the previous {path.name}, if any, is unchanged"
-    )
+    unchanged = f"; the previous {path.name}, if any, is unchanged" if kept else ""
+    error = OSError(f"cannot write {path}: {reason} ({doing}){unchanged}")
     error.errno = exc.errno
     return error
 
@@ -89,14 +89,14 @@ def atomic_write(path: Path, write) -> None:
         # the writer's process id in the name lets a later write tell an orphan from a running writer
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise _write_error(path, exc, f"creating a file in {path.parent} failed") from None
+        raise write_error(path, exc, f"creating a file in {path.parent} failed") from None
     os.close(fd)
     try:
         try:
             write(tmp)
             _fsync_path(tmp)
         except OSError as exc:
-            raise _write_error(path, exc, f"writing {tmp} failed") from None
+            raise write_error(path, exc, f"writing {tmp} failed") from None
         # mkstemp creates the file 0600; give it the mode a plain open() would have.
         umask = os.umask(0)
         os.umask(umask)

@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from rnndeploy import kernels
-from rnndeploy.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from rnndeploy.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint, write_error
 from rnndeploy.data import Dataset, StreamBatcher, load_data
 from rnndeploy.models import ModelConfig, SequenceModel
 
@@ -518,8 +518,11 @@ class _RunLog:
         if not self.writes:
             return
         record["time"] = time.time()
-        with self.file.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with self.file.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise write_error(self.file, exc, "appending a record", kept=False) from None
 
     def plot(self, history: list[dict[str, Any]], metric: str, title: str) -> None:
         """Draws the training and validation curves of ``history`` (eval records)."""
@@ -1025,5 +1028,10 @@ def _describe(fingerprint: Any) -> str:
 
 
 def _same_stats(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    keys = ("mean", "std")
-    return all(k in a and k in b and torch.allclose(torch.tensor(a[k]), torch.tensor(b[k])) for k in keys)
+    try:
+        return all(
+            k in a and k in b and torch.allclose(torch.tensor(a[k]), torch.tensor(b[k]))
+            for k in ("mean", "std")
+        )
+    except (TypeError, ValueError, RuntimeError):
+        return False  # statistics of the wrong type or shape are not the same statistics

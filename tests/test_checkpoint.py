@@ -228,3 +228,23 @@ def test_the_file_and_its_folder_are_flushed_around_the_rename(tmp_path, monkeyp
     atomic_write(tmp_path / "m.pt", lambda tmp: Path(tmp).write_bytes(b"data"))
     assert events == ["fsync .m.pt.", "replace", "fsync folder"]
     assert (tmp_path / "m.pt").read_bytes() == b"data"
+
+
+def test_a_full_disk_while_appending_to_the_training_log_names_the_log(tmp_path, monkeypatch):
+    real_open = Path.open
+
+    def open_(self, mode="r", *args, **kwargs):
+        if self.name == "m.log.jsonl" and mode == "a":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+    out = tmp_path / "m.pt"
+    result = CliRunner().invoke(
+        main, ["train", "--out", str(out), "--hidden", "8", "--steps", "1", "--no-progress"]
+    )
+    assert result.exit_code == 1, result.output
+    expected = (
+        f"Error: cannot write {out.with_name('m.log.jsonl')}: no space left on device (appending a record)"
+    )
+    assert result.output.strip().splitlines()[-1] == expected

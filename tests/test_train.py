@@ -207,3 +207,14 @@ def test_replacing_another_run_is_refused_naming_the_python_options(corpus, tmp_
         train(TrainOptions(data=str(corpus), steps=2, out=out, **TINY))
     assert f"resume={str(out)!r}" in str(caught.value)
     assert train(TrainOptions(data=str(corpus), steps=2, out=out, overwrite=True, **TINY)).step == 2
+
+
+def test_resume_refuses_series_statistics_of_the_wrong_type(tmp_path):
+    np.save(tmp_path / "s.npy", np.sin(np.arange(400, dtype=np.float32) / 8))
+    out = tmp_path / "s.pt"
+    train(TrainOptions(data=str(tmp_path / "s.npy"), cell="gru", steps=1, out=out, **TINY))
+    payload = torch.load(out, weights_only=True)
+    payload["data_stats"] = {"mean": "x", "std": [1.0]}
+    torch.save(payload, out)
+    with pytest.raises(TrainError, match=r"is not the series checkpoint .*s\.pt was trained on"):
+        train(options_for_resume(out, steps=2))
