@@ -189,7 +189,8 @@ def train(ctx: click.Context, **kwargs) -> None:
             options = TrainOptions(**{k: v for k, v in kwargs.items() if v is not None or k != "threads"})
         result = run_training(options, echo=click.echo)
     except TrainingInterrupted as exc:
-        click.echo(f"\n{exc}", err=True)
+        if exc.rank == 0:
+            click.echo(f"\n{exc}", err=True)
         ctx.exit(128 + exc.signal)
     except _training_errors() as exc:
         raise click.ClickException(str(exc)) from exc

@@ -79,14 +79,20 @@ class TrainingInterrupted(TrainError):
 
     Attributes:
         checkpoint: the run's checkpoint path; saved_step: the step it holds (``None``: none was written);
-        signal: the signal's number (a shell reports ``128 + signal`` as the exit status).
+        signal: the signal's number (a shell reports ``128 + signal`` as the exit status); rank: the process
+        that raised it (every process of a distributed run stops; rank 0 speaks for them).
     """
 
     def __init__(
-        self, message: str, checkpoint: Path, saved_step: int | None, signum: int = signal.SIGINT
+        self,
+        message: str,
+        checkpoint: Path,
+        saved_step: int | None,
+        signum: int = signal.SIGINT,
+        rank: int = 0,
     ) -> None:
         super().__init__(message)
-        self.checkpoint, self.saved_step, self.signal = checkpoint, saved_step, int(signum)
+        self.checkpoint, self.saved_step, self.signal, self.rank = checkpoint, saved_step, int(signum), rank
 
 
 @dataclass
@@ -387,10 +393,15 @@ def _interruptible(make_run: Callable[[_StopSignals], _Run]) -> TrainResult:
         run = make_run(stop)
         try:
             return run.run()
-        except (KeyboardInterrupt, _StopRequested):
-            signum = stop.signum if stop.signum is not None else signal.SIGINT
+        except KeyboardInterrupt:
+            signum, cause = stop.signum or signal.SIGINT, _signal_name(stop.signum or signal.SIGINT)
+        except _StopRequested:
+            if stop.signum is not None:
+                signum, cause = stop.signum, _signal_name(stop.signum)
+            else:  # the ranks agreed to stop on another process's signal
+                signum, cause = signal.SIGTERM, "a signal to another process of the run"
     out, saved, total = run.out, run.saved_step, run.opts.steps
-    at = f"stopped by {_signal_name(signum)} "
+    at = f"stopped by {cause} "
     at += f"after step {run.done} of {total}" if run.done is not None else "before the first step"
     if saved is None:
         message = f"{at}; this run has not written {out} yet, so there is nothing to resume"
@@ -399,7 +410,7 @@ def _interruptible(make_run: Callable[[_StopSignals], _Run]) -> TrainResult:
             f"{at}; {out} holds step {saved} (the last validation). "
             f"Resume with: {run.processes.launcher} train --resume {out}"
         )
-    raise TrainingInterrupted(message, out, saved, signum) from None
+    raise TrainingInterrupted(message, out, saved, signum, run.rank) from None
 
 
 def _autocast(amp: str | None, device: torch.device):
