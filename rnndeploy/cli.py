@@ -39,12 +39,15 @@ def _write_now(text: str) -> None:
 
 
 def _training_errors():
-    """The user-facing errors of training, shown as click errors (exit code 1) instead of tracebacks."""
+    """The user-facing errors of training, shown as click errors (exit code 1) instead of tracebacks.
+
+    OSError: a file that cannot be written (a read-only folder, a full disk); the message names the file.
+    """
     from rnndeploy.checkpoint import CheckpointError
     from rnndeploy.data import DataError
     from rnndeploy.train import TrainError
 
-    return (CheckpointError, DataError, TrainError)
+    return (CheckpointError, DataError, TrainError, OSError)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
@@ -136,9 +139,21 @@ def _training_errors():
     "--progress/--no-progress", default=True, help="Show a progress bar (without: a line per validation)."
 )
 @click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch CPU threads [default: 1: the models here are small, a second thread gains little on an idle "
+    "machine and costs several times over on a busy one (benchmarks/results/threads.txt)]",
+)
+@click.option(
     "--overwrite",
     is_flag=True,
     help="Replace an existing --out checkpoint of another run (refused otherwise).",
+)
+@click.option(
+    "--allow-data-change",
+    is_flag=True,
+    help="With --resume: continue on training data that differs from the checkpoint's (refused otherwise).",
 )
 @click.option(
     "--grad-report",
@@ -171,11 +186,12 @@ def train(ctx: click.Context, **kwargs) -> None:
             }
             options = options_for_resume(given.pop("resume"), **given)
         else:
-            options = TrainOptions(**kwargs)
+            options = TrainOptions(**{k: v for k, v in kwargs.items() if v is not None or k != "threads"})
         result = run_training(options, echo=click.echo)
     except TrainingInterrupted as exc:
-        click.echo(f"\n{exc}", err=True)
-        ctx.exit(EXIT_INTERRUPTED)
+        if exc.rank == 0:
+            click.echo(f"\n{exc}", err=True)
+        ctx.exit(128 + exc.signal)
     except _training_errors() as exc:
         raise click.ClickException(str(exc)) from exc
     if result.rank != 0:
@@ -209,8 +225,15 @@ def train(ctx: click.Context, **kwargs) -> None:
     default=None,
     help="Training steps [default: 1000; 30 with --quick]",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch CPU threads [default: 1: the models here are small, a second thread gains little on an idle "
+    "machine and costs several times over on a busy one (benchmarks/results/threads.txt)]",
+)
 @click.option("--quick", is_flag=True, hidden=True, help="Tiny model and few steps (for tests).")
-def demo(out_dir: Path, steps: int | None, quick: bool) -> None:
+def demo(out_dir: Path, steps: int | None, threads: int | None, quick: bool) -> None:
     """Train a small character LSTM on the built-in corpus and show what it learned (minutes on 2 CPU cores).
 
     Prints the validation bits per character before and after training, a sample of generated text, and
@@ -220,7 +243,10 @@ def demo(out_dir: Path, steps: int | None, quick: bool) -> None:
     from rnndeploy.export import ExportError
 
     try:
-        run_demo(DemoContext(out_dir=out_dir, steps=steps, quick=quick, echo=click.echo, write=_write_now))
+        context = DemoContext(
+            out_dir=out_dir, steps=steps, threads=threads, quick=quick, echo=click.echo, write=_write_now
+        )
+        run_demo(context)
     except (*_training_errors(), ExportError, DemoError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -15,6 +15,7 @@ the next (truncated backpropagation through time).
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,16 @@ class Dataset:
     def num_features(self) -> int:
         """Features per step of a series (``F``); 0 for text."""
         return int(self.train.shape[1]) if self.kind == "series" else 0
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the training split: its length in steps and the SHA-256 of its values.
+
+        Text is hashed as token ids, a series as its normalised float32 values, so the same file gives the
+        same fingerprint on every machine, and any change to the training split gives another.
+        """
+        values = self.train.detach().cpu().contiguous()
+        digest = hashlib.sha256(values.numpy().tobytes()).hexdigest()
+        return {"steps": len(self.train), "sha256": digest}
 
 
 def builtin_text() -> str:

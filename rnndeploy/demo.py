@@ -12,8 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from rnndeploy.data import Dataset, load_data
-from rnndeploy.train import TrainOptions, TrainResult, train
+from rnndeploy.train import DEFAULT_THREADS, TrainOptions, TrainResult, describe_device, train
 
 #: The demo's model and schedule: ~30 s on 2 idle CPU cores (benchmarks/results/demo.txt); ``quick``: seconds
 FULL = dict(cell="lstm", hidden=256, embed=64, seq_len=64, batch=32, steps=1000, lr=3e-3, eval_every=200)
@@ -26,10 +28,12 @@ class DemoError(RuntimeError):
 
 @dataclass
 class DemoContext:
-    """What the stages share. ``files`` (label -> path) is printed at the end of the demo."""
+    """What the stages share. ``files`` (label -> path) is printed at the end of the demo; ``threads``: torch
+    CPU threads for training (``None``: :data:`rnndeploy.train.DEFAULT_THREADS`)."""
 
     out_dir: Path
     steps: int | None = None
+    threads: int | None = None
     quick: bool = False
     echo: Callable[[str], None] = print
     write: Callable[[str], None] = field(default=lambda text: print(text, end="", flush=True))
@@ -62,18 +66,21 @@ def stage_train(ctx: DemoContext) -> None:
     if ctx.steps is not None:
         settings["steps"] = ctx.steps
     # the demo folder is the demo's own: a second `rnndeploy demo` starts over in it
-    options = TrainOptions(**settings, out=ctx.out_dir / "model.pt", device="cpu", overwrite=True)
+    threads = DEFAULT_THREADS if ctx.threads is None else ctx.threads
+    options = TrainOptions(
+        **settings, out=ctx.out_dir / "model.pt", device="cpu", overwrite=True, threads=threads
+    )
+    ctx.echo(f"device: {describe_device(torch.device('cpu'), options.backend, threads)}")
     ctx.echo(
         f"training {options.cell.upper()} (hidden {options.hidden}) for {options.steps} steps of "
         f"{options.batch} x {options.seq_len} characters"
     )
-    start = time.perf_counter()
     result = train(options)
     ctx.result = result
     ctx.files.update(checkpoint=result.checkpoint, log=result.log, **{"loss curve": result.plot})
     ctx.echo(
         f"validation bits/char: {result.first_valid:.2f} before training -> {result.last_valid:.2f} after "
-        f"{result.step} steps ({time.perf_counter() - start:.0f} s)"
+        f"{result.step} steps"
     )
 
 
@@ -121,11 +128,14 @@ STAGES: list[Stage] = [
 def run_demo(ctx: DemoContext, stages: list[Stage] | None = None) -> DemoContext:
     """Runs ``stages`` (default :data:`STAGES`) in order, then lists the files they wrote."""
     stages = STAGES if stages is None else stages
-    start = time.perf_counter()
+    seconds: dict[str, float] = {}
     for number, stage in enumerate(stages, start=1):
         ctx.echo(f"[{number}/{len(stages)}] {stage.name}")
+        start = time.perf_counter()
         stage.run(ctx)
-    ctx.echo(f"done in {time.perf_counter() - start:.0f} s; files:")
+        seconds[stage.name] = time.perf_counter() - start
+    parts = ", ".join(f"{name} {s:.1f} s" for name, s in seconds.items())
+    ctx.echo(f"done in {sum(seconds.values()):.1f} s ({parts}); files:")
     width = max((len(label) for label in ctx.files), default=0)
     for label, path in ctx.files.items():
         ctx.echo(f"  {label + ':':<{width + 1}} {path}")

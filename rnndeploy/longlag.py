@@ -14,8 +14,9 @@
   recalls the symbols in order. Only the recall steps are scored (the blank outputs are trivial).
 
 :func:`train_on_task` trains a :class:`~rnndeploy.models.SequenceModel` (rnndeploy's own RNN/LSTM/GRU, any
-backend) online on fresh sequences with Adam and gradient-norm clipping, as ``rnndeploy train`` does, and
-stops when the paper's criterion holds on the training stream. :func:`run_benchmark` runs every cell and
+backend) online on fresh sequences with Adam and gradient-norm clipping, through the step function of
+``rnndeploy train`` (:func:`rnndeploy.train.optimizer_step`), and stops when the paper's criterion holds on
+the training stream. :func:`run_benchmark` runs every cell and
 ``T``; ``rnndeploy bench memory`` prints the table and writes JSON, CSV and PNGs.
 """
 
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor
 
 from rnndeploy.models import ModelConfig, SequenceModel
+from rnndeploy.train import optimizer_step
 
 #: The paper's figures (Hochreiter & Schmidhuber 1997, Table 7): T -> training sequences until stopped,
 #: wrong predictions out of 2,560 test sequences.
@@ -327,11 +329,7 @@ def train_on_task(
     while seen < settings.budget:
         batch = task.sample(settings.batch, data).to(device)
         prediction = task.predict(model, batch)
-        loss = task.loss(model, prediction, batch.target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip or math.inf)
-        optimizer.step()
+        optimizer_step(task.loss(model, prediction, batch.target), model, optimizer, settings.clip)
         errors, correct = task.errors(prediction.detach(), batch.target)
         window_error.extend(errors.tolist())
         window_correct.extend(correct.tolist())

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import pytest
 import torch
 
 from rnndeploy.checkpoint import load_checkpoint
@@ -73,3 +77,55 @@ def test_two_gloo_processes_resume_and_match_one_process_with_the_global_batch(t
     assert ddp.step == 8 and len(ddp.extra["ranks"]) == 2
     for name, value in ddp.model.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _worker_of_rank(launcher: subprocess.Popen, rank: int) -> int:
+    """The process id of torchrun's worker with ``RANK=rank``."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no worker with RANK={rank} among {children}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")
+@pytest.mark.parametrize(
+    ("target", "cause"),
+    [("torchrun", "SIGTERM"), ("rank 1", "a signal to another process of the run")],
+    ids=["launcher", "one-worker"],
+)
+def test_sigterm_stops_every_rank_after_the_same_step(tmp_path, target, cause):
+    """SIGTERM to torchrun (which passes it to every worker) or to one worker alone: all ranks stop after the
+    same step (they agree through the step's all-reduce), and rank 0 alone names the step on disk."""
+    corpus = tmp_path / "pydoc.txt"
+    corpus.write_text(builtin_text()[:6000], encoding="utf-8")
+    out = tmp_path / "m.pt"
+    log = out.with_name("m.log.jsonl")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**ARGS, "eval_every": 1}.items()]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["--rdzv-conf", RDZV_CONF, "-m", "rnndeploy", "train", "--data", str(corpus), "--batch", "3"]
+    command += ["--steps", "100000", "--out", str(out), "--no-progress", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (log.is_file() and log.read_text().count('"eval"') >= 3):
+            assert launcher.poll() is None, launcher.communicate()
+            assert time.monotonic() < deadline, "training did not reach step 2"
+            time.sleep(0.2)
+        pid = launcher.pid if target == "torchrun" else _worker_of_rank(launcher, 1)
+        os.kill(pid, signal.SIGTERM)
+        _, stderr = launcher.communicate(timeout=TIMEOUT_S)
+    finally:
+        launcher.kill()
+    saved = load_checkpoint(out).step
+    message = " ".join(stderr.split())
+    expected = (
+        f"{out} holds step {saved} (the last validation). "
+        f"Resume with: torchrun --nproc_per_node 2 -m rnndeploy train --resume {out}"
+    )
+    assert message.count(expected) == 1, stderr  # rank 0 alone
+    assert f"stopped by {cause} after step " in message
+    evals = [json.loads(line) for line in log.read_text().splitlines() if '"eval"' in line]
+    assert evals[-1]["step"] == saved and saved >= 2

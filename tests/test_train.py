@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 
+from rnndeploy import train as train_module
 from rnndeploy.checkpoint import load_checkpoint
 from rnndeploy.data import builtin_text
 from rnndeploy.models import SequenceModel
-from rnndeploy.train import TrainError, TrainingDiverged, TrainOptions, options_for_resume, train
+from rnndeploy.train import (
+    TrainError,
+    TrainingDiverged,
+    TrainingInterrupted,
+    TrainOptions,
+    options_for_resume,
+    train,
+)
 
 TINY = dict(hidden=24, embed=8, seq_len=12, batch=4, lr=1e-2, progress=False)
 
@@ -129,3 +139,82 @@ def test_bf16_training_on_gpu(corpus, tmp_path):
         )
     )
     assert result.last_valid < result.first_valid - 1.0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+def test_a_signal_during_a_checkpoint_write_lets_it_finish_then_stops(corpus, tmp_path, monkeypatch, signum):
+    """The signal arrives inside the step-2 write: the write completes, training stops, the message is exact."""
+    real_save = train_module.save_checkpoint
+
+    def save_then_signal(path, model, **kwargs):
+        if kwargs["step"] == 2:
+            os.kill(os.getpid(), signum)  # delivered to this (main) thread before the write below
+        return real_save(path, model, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_signal)
+    out = tmp_path / "m.pt"
+    with pytest.raises(TrainingInterrupted) as caught:
+        train(TrainOptions(data=str(corpus), steps=50, eval_every=1, out=out, **TINY))
+    assert caught.value.saved_step == 2 and caught.value.signal == signum
+    assert load_checkpoint(out).step == 2
+    assert f"after step 2 of 50; {out} holds step 2 (the last validation)" in str(caught.value)
+    records = [json.loads(line) for line in out.with_name("m.log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "eval"] == [0, 1, 2]
+    assert signal.getsignal(signum) is not train_module._StopSignals._handle  # handlers restored
+
+
+def test_resume_refuses_other_data_unless_allowed(corpus, tmp_path):
+    data = tmp_path / "text.txt"  # the same path, its text edited between sessions
+    text = corpus.read_text()
+    data.write_text(text)
+    train(TrainOptions(data=str(data), steps=2, eval_every=2, out=tmp_path / "m.pt", **TINY))
+    before = load_checkpoint(tmp_path / "m.pt").extra["data_fingerprint"]
+    edited = text[:100] + text[100:200][::-1] + text[200:]  # same characters and length, in another order
+    assert edited != text
+    data.write_text(edited)
+    with pytest.raises(TrainError, match=r"differs from the data this checkpoint was trained on") as caught:
+        train(options_for_resume(tmp_path / "m.pt", steps=4))
+    assert before["sha256"][:16] in str(caught.value) and "allow_data_change=True" in str(caught.value)
+    assert load_checkpoint(tmp_path / "m.pt").step == 2
+    result = train(options_for_resume(tmp_path / "m.pt", steps=4, allow_data_change=True))
+    assert result.step == 4
+    assert load_checkpoint(tmp_path / "m.pt").extra["data_fingerprint"] != before
+    # the permission was for that session: the edited text now resumes, the original text is refused
+    train(options_for_resume(tmp_path / "m.pt", steps=5))
+    data.write_text(text)
+    with pytest.raises(TrainError, match="differs from the data"):
+        train(options_for_resume(tmp_path / "m.pt", steps=6))
+
+
+def test_resume_tolerates_a_torn_last_log_line(corpus, tmp_path):
+    out = tmp_path / "m.pt"
+    train(TrainOptions(data=str(corpus), steps=2, eval_every=1, out=out, **TINY))
+    log = out.with_name("m.log.jsonl")
+    log.write_text(log.read_text() + '{"event": "eval", "step": 3, "valid_lo')
+    result = train(options_for_resume(out, steps=3))
+    assert [r["step"] for r in result.history] == [0, 1, 2, 3]
+    for line in log.read_text().splitlines():
+        json.loads(line)
+    log.write_text('{"event": "start"\n' + log.read_text())
+    with pytest.raises(TrainError, match=r"m\.log\.jsonl line 1 is not JSON; move the log aside"):
+        train(options_for_resume(out, steps=4))
+
+
+def test_replacing_another_run_is_refused_naming_the_python_options(corpus, tmp_path):
+    out = tmp_path / "m.pt"
+    train(TrainOptions(data=str(corpus), steps=1, out=out, **TINY))
+    with pytest.raises(TrainError, match=r"pass --overwrite \(overwrite=True\) to replace it") as caught:
+        train(TrainOptions(data=str(corpus), steps=2, out=out, **TINY))
+    assert f"resume={str(out)!r}" in str(caught.value)
+    assert train(TrainOptions(data=str(corpus), steps=2, out=out, overwrite=True, **TINY)).step == 2
+
+
+def test_resume_refuses_series_statistics_of_the_wrong_type(tmp_path):
+    np.save(tmp_path / "s.npy", np.sin(np.arange(400, dtype=np.float32) / 8))
+    out = tmp_path / "s.pt"
+    train(TrainOptions(data=str(tmp_path / "s.npy"), cell="gru", steps=1, out=out, **TINY))
+    payload = torch.load(out, weights_only=True)
+    payload["data_stats"] = {"mean": "x", "std": [1.0]}
+    torch.save(payload, out)
+    with pytest.raises(TrainError, match=r"is not the series checkpoint .*s\.pt was trained on"):
+        train(options_for_resume(out, steps=2))
