@@ -11,6 +11,7 @@ Entry points:
 from .exporter import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError, export_onnx, save_onnx
 from .pipeline import ExportReport, OutputExistsError, export_checkpoint
 from .recurrent import OnnxRecurrent, UnsupportedLayerError, onnx_recurrent_layers
+from .step_graph import export_step_graph, quantize_step_graph, verify_step_graph
 from .triton import write_triton_repository
 from .variants import quantize_int8, to_fp16
 from .verification import TOLERANCES, VerifyReport, verify
@@ -28,10 +29,13 @@ __all__ = [
     "VerifyReport",
     "export_checkpoint",
     "export_onnx",
+    "export_step_graph",
     "onnx_recurrent_layers",
     "quantize_int8",
+    "quantize_step_graph",
     "save_onnx",
     "to_fp16",
     "verify",
+    "verify_step_graph",
     "write_triton_repository",
 ]

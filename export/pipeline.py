@@ -21,6 +21,7 @@ from rnndeploy.models import SequenceModel
 from rnndeploy.runtime.generate import log_probs
 
 from .exporter import DEFAULT_OPSET, ExportError, example_input, export_onnx
+from .step_graph import export_step_graph, quantize_step_graph, step_int8_accuracy, verify_step_graph
 from .variants import latency_us, quantize_int8, to_fp16
 from .verification import VerifyReport, session
 from .verification import verify as verify_graph
@@ -120,6 +121,7 @@ def export_checkpoint(
     triton_name: str | None = None,
     triton_backend: str = "onnxruntime",
     max_batch_size: int = 64,
+    step_graph: bool = False,
 ) -> ExportReport:
     """Exports a checkpoint written by ``rnndeploy.save_checkpoint`` and checks the result.
 
@@ -138,6 +140,9 @@ def export_checkpoint(
             :func:`rnndeploy.export.write_triton_repository`); ``triton_name`` names the model (default:
             the ONNX file's stem); ``triton_backend`` is ``"onnxruntime"`` or ``"python"``.
         max_batch_size: Triton ``max_batch_size``.
+        step_graph: also write ``<name>.step.onnx``, one time step as plain ONNX operators (see
+            :func:`rnndeploy.export.step_graph.export_step_graph`), verified step by step; with ``fp16`` /
+            ``int8`` also its ``.step.fp16`` / ``.step.int8`` variants (int8 quantizes every cell).
 
     Returns:
         An :class:`ExportReport`; ``report.ok`` is False when a verification failed.
@@ -149,6 +154,16 @@ def export_checkpoint(
     targets.update(
         {p: variant_path(onnx_path, p) for p, wanted in (("fp16", fp16), ("int8", int8)) if wanted}
     )
+    if step_graph:
+        step_path = variant_path(onnx_path, "step")
+        targets["step"] = step_path
+        targets.update(
+            {
+                f"step-{p}": variant_path(step_path, p)
+                for p, wanted in (("fp16", fp16), ("int8", int8))
+                if wanted
+            }
+        )
     if not overwrite:
         for path in targets.values():
             if path.exists():
@@ -158,7 +173,10 @@ def export_checkpoint(
     proto = export_onnx(model, opset=opset, vocab=ckpt.vocab, data_stats=ckpt.data_stats)
 
     def place(precision: str, write: Callable[[Path], None]) -> bool:
-        check = (lambda tmp: verify_graph(model, tmp, precision=precision)) if verify else None
+        if precision.startswith("step"):
+            check = (lambda tmp: verify_step_graph(model, tmp)) if verify else None
+        else:
+            check = (lambda tmp: verify_graph(model, tmp, precision=precision)) if verify else None
         path, result = write_verified(targets[precision], write, check)
         if result is not None:
             report.verifications[precision] = result
@@ -174,6 +192,18 @@ def export_checkpoint(
             return report
         report.lines += int8_accuracy(model, onnx_path, targets["int8"], validation_split(ckpt))
         report.lines += int8_speed(model, onnx_path, targets["int8"])
+    if step_graph:
+        stats = {"opset": opset, "vocab": ckpt.vocab, "data_stats": ckpt.data_stats}
+        if not place("step", lambda tmp: export_step_graph(model, tmp, **stats)):
+            return report
+        if fp16 and not place("step-fp16", lambda tmp: export_step_graph(model, tmp, fp16=True, **stats)):
+            return report
+        if int8:
+            if not place("step-int8", lambda tmp: quantize_step_graph(targets["step"], tmp)):
+                return report
+            report.lines += step_int8_accuracy(
+                model, targets["step"], targets["step-int8"], validation_split(ckpt)
+            )
     if triton_repo is not None:
         from .triton import write_triton_repository
 

@@ -10,8 +10,6 @@ import click
 from rnndeploy import __version__
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-#: Ctrl-C (128 + SIGINT), after saying what was kept; the other exit codes are click's (`rnndeploy --help`).
-EXIT_INTERRUPTED = 130
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
@@ -26,7 +24,8 @@ def main() -> None:
       0    done (for `serve`: stopped by Ctrl-C or SIGTERM after a graceful shutdown)
       1    a user error: the message names the input, what was expected and what to do
       2    a usage error: an unknown option or a value of the wrong kind
-      130  interrupted by Ctrl-C (`train` says which step its checkpoint holds and how to resume)
+      130  stopped by Ctrl-C (`train` says which step its checkpoint holds and how to resume)
+      143  stopped by SIGTERM (the same)
     """
 
 
@@ -298,6 +297,12 @@ def demo(out_dir: Path, steps: int | None, threads: int | None, quick: bool) -> 
     show_default=True,
     help="Triton max_batch_size.",
 )
+@click.option(
+    "--step-graph",
+    is_flag=True,
+    help="Also write OUTPUT.step.onnx: one time step as plain ONNX operators (no RNN node), for one-step "
+    "serving; with --fp16/--int8 its variants too (int8 quantizes every cell, GRU and RNN included).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace existing ONNX files (refused otherwise).")
 def export_cmd(
     checkpoint: Path,
@@ -310,6 +315,7 @@ def export_cmd(
     triton_name: str | None,
     triton_backend: str,
     max_batch_size: int,
+    step_graph: bool,
     overwrite: bool,
 ) -> None:
     """Export CHECKPOINT to standard ONNX (RNN/LSTM/GRU nodes, state as graph inputs/outputs).
@@ -332,6 +338,7 @@ def export_cmd(
             triton_name=triton_name,
             triton_backend=triton_backend,
             max_batch_size=max_batch_size,
+            step_graph=step_graph,
         )
     except OutputExistsError as exc:
         raise click.ClickException(f"{exc.path} exists; pass --overwrite to replace it") from exc

@@ -88,7 +88,7 @@ def stage_export(ctx: DemoContext) -> None:
     """Exports the checkpoint to ONNX and verifies onnxruntime against PyTorch (whole sequence and stepwise)."""
     from rnndeploy.export import export_checkpoint
 
-    report = export_checkpoint(ctx.result.checkpoint, ctx.out_dir / "model.onnx", verify=True)
+    report = export_checkpoint(ctx.result.checkpoint, ctx.out_dir / "model.onnx", verify=True, overwrite=True)
     if not report.ok:
         ctx.echo(str(report))
         raise DemoError(

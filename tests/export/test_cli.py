@@ -146,3 +146,28 @@ def test_export_refuses_to_replace_a_file_unless_told(checkpoint, tmp_path):
     result = CliRunner().invoke(main, ["export", str(checkpoint), "-o", str(out), "--overwrite"])
     assert result.exit_code == 0, result.output
     onnx.checker.check_model(onnx.load(out))
+
+
+def test_export_step_graph_writes_verified_step_graphs_for_every_precision(tmp_path):
+    """`export --step-graph --fp16 --int8 --verify` writes the step graph and its variants, each checked step by
+    step against PyTorch, next to the sequence graphs; a GRU gets an int8 step graph with int8 products."""
+    model = SequenceModel(ModelConfig(task="lm", cell="gru", vocab_size=12, embed_dim=4, hidden_size=8))
+    ckpt = save_checkpoint(tmp_path / "m.pt", model, vocab=[chr(97 + i) for i in range(12)])
+    out = tmp_path / "m.onnx"
+    args = ["export", str(ckpt), "-o", str(out), "--step-graph", "--fp16", "--int8", "--verify"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    for name in ("m.step.onnx", "m.step.fp16.onnx", "m.step.int8.onnx"):
+        graph = onnx.load(str(tmp_path / name))
+        ops = {node.op_type for node in graph.graph.node}
+        assert not ops & {"GRU", "LSTM", "RNN", "Loop", "Scan"}, (name, ops)
+        meta = {p.key: p.value for p in graph.metadata_props}
+        assert meta["rnndeploy.form"] == "step", meta
+    int8_ops = {node.op_type for node in onnx.load(str(tmp_path / "m.step.int8.onnx")).graph.node}
+    assert int8_ops & {"MatMulInteger", "DynamicQuantizeMatMul"}, int8_ops
+    assert result.output.count("step graph B1-T6") == 3 * 2, result.output  # fp32, fp16, int8: output, hn
+    assert "int8 step-graph accuracy change" in result.output, result.output
+    (tmp_path / "k.step.onnx").write_bytes(b"a step graph of another model")
+    again = CliRunner().invoke(main, ["export", str(ckpt), "-o", str(tmp_path / "k.onnx"), "--step-graph"])
+    assert again.exit_code == 1 and "k.step.onnx exists; pass --overwrite" in again.output, again.output
+    assert not (tmp_path / "k.onnx").exists(), "nothing is written when one target is refused"
