@@ -82,6 +82,35 @@ def runtime_section() -> list[str]:
     return out
 
 
+def step_graph_section() -> list[str]:
+    data = _load("step-graph.json")
+    if data is None:
+        return []
+    m = data["machine"]
+    out = [
+        "## The one-step graph (CPU)",
+        "",
+        "`python benchmarks/bench_step_graph.py` (`benchmarks/results/step-graph.json`): one time step as plain "
+        f"ONNX operators (`rnndeploy export --step-graph`) against the sequence graph's RNN node; {m['method']}.",
+        "",
+        _caption(m, ("date", "cpu", "cores", "python", "onnxruntime", "numpy", "torch", "commit")),
+        "",
+        f"Models: {m.get('models', '')}.",
+        "",
+    ]
+    rows = [
+        [r["model"], r["batch"], r["graph"], f"{r['us_per_step']:.1f}", f"{r['vs_seq_fp32']:.2f}x"]
+        for r in data["latency"]
+    ]
+    out += [_table(["model", "batch", "graph", "us per step", "vs sequence graph fp32"], rows), ""]
+    out += [_figure("step-graph.png", "step graph latency"), ""]
+    out += ["Accuracy of int8 on each model's validation split (fp32 -> int8):", "", "```text"]
+    for model, entry in data.get("int8_accuracy", {}).items():
+        out += [f"{model}:", *entry["lines"], ""]
+    out += ["```", ""]
+    return out
+
+
 def server_section() -> list[str]:
     data = _load("server_soak.json")
     if data is None:
@@ -231,6 +260,6 @@ with mkdocs_gen_files.open("benchmarks.md", "w") as page:
         "Generated from `benchmarks/results/` when the docs are built: rerun a benchmark and rebuild to update.",
         "",
     ]
-    for section in (runtime_section, server_section, memory_section, kernels_section):
+    for section in (runtime_section, step_graph_section, server_section, memory_section, kernels_section):
         lines += section()
     page.write("\n".join(lines) + "\n")

@@ -80,11 +80,13 @@ def export_onnx(
         path: where to write the ``.onnx`` file (atomically); ``None`` to only return the model.
         example_inputs: positional inputs for tracing. ``SequenceModel``: ignored (built from the config).
             Other modules: required; recurrent layers must get batched 3-D tensors.
-        input_names, output_names, dynamic_axes: for modules other than ``SequenceModel``; by default inputs
-            are ``input_0, ...`` with axes 0 and 1 dynamic (``axis0``, ``axis1``), outputs ``output_0, ...``.
+        input_names: for modules other than ``SequenceModel``; by default ``input_0, ...``.
+        output_names: for modules other than ``SequenceModel``; by default ``output_0, ...``.
+        dynamic_axes: for modules other than ``SequenceModel``; by default axes 0 and 1 of every input are
+            dynamic (``axis0``, ``axis1``).
         opset: ONNX opset, ``MIN_OPSET..MAX_OPSET``; default :data:`DEFAULT_OPSET`.
-        vocab, data_stats: ``SequenceModel`` only: stored in ``metadata_props`` (``rnndeploy.vocab``,
-            ``rnndeploy.data_stats``).
+        vocab: ``SequenceModel`` only: stored in ``metadata_props`` (``rnndeploy.vocab``).
+        data_stats: ``SequenceModel`` only: stored in ``metadata_props`` (``rnndeploy.data_stats``).
 
     Returns:
         The checked, shape-inferred ``onnx.ModelProto`` (also written to ``path``).

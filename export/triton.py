@@ -225,7 +225,8 @@ def write_triton_repository(
         max_queue_delay_us: how long the batcher waits to fill a batch.
         idle_timeout_us: a sequence with no request for this long is released (its state dropped).
         backend: ``"onnxruntime"`` (NGC images) or ``"python"`` (``model.py``; CPU-only images).
-        vocab, data_stats: stored in the graph's metadata, as in :func:`rnndeploy.export.export_onnx`.
+        vocab: stored in the graph's metadata, as in :func:`rnndeploy.export.export_onnx`.
+        data_stats: stored in the graph's metadata, as in :func:`rnndeploy.export.export_onnx`.
     """
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1 for the sequence batcher, got {max_batch_size}")

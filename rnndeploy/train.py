@@ -269,8 +269,9 @@ def train(options: TrainOptions, echo: Callable[[str], None] | None = None) -> T
     ``progress=False`` a line per validation.
 
     Raises:
-        DataError: the data cannot be used. TrainError: bad options, a resume request that cannot be
-        honoured, or an ``out`` that exists and is neither resumed nor ``overwrite``-allowed.
+        DataError: the data cannot be used.
+        TrainError: bad options, a resume request that cannot be honoured, or an ``out`` that exists and is
+            neither resumed nor ``overwrite``-allowed.
         TrainingDiverged: the loss became NaN/inf; the checkpoint on disk is the last good one.
         TrainingInterrupted: Ctrl-C; the message names the step on disk and the command that resumes.
     """
