@@ -9,7 +9,7 @@ Entry points:
 """
 
 from .exporter import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError, export_onnx, save_onnx
-from .pipeline import ExportReport, OutputExistsError, export_checkpoint
+from .pipeline import ExportReport, OutputExistsError, export_checkpoint  # noqa: F401 (defined in exporter)
 from .recurrent import OnnxRecurrent, UnsupportedLayerError, onnx_recurrent_layers
 from .step_graph import export_step_graph, quantize_step_graph, verify_step_graph
 from .triton import write_triton_repository

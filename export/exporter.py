@@ -21,6 +21,7 @@ import inspect
 import json
 import logging
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,18 @@ class ExportError(RuntimeError):
     """The model cannot be exported, or the exported graph breaks the export's own guarantees."""
 
 
+class OpsetConversionError(ExportError):
+    """onnx's version converter cannot take the exported graph down to the opset asked for."""
+
+
+class OutputExistsError(ExportError):
+    """An output file exists and the caller did not ask to replace it (``overwrite=True``)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} exists; pass overwrite=True to replace it")
+        self.path = path
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path | None = None,
@@ -68,7 +81,7 @@ def export_onnx(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_axes: dict[str, dict[int, str]] | None = None,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     vocab: list[str] | None = None,
     data_stats: dict[str, Any] | None = None,
 ) -> onnx.ModelProto:
@@ -84,13 +97,16 @@ def export_onnx(
         output_names: for modules other than ``SequenceModel``; by default ``output_0, ...``.
         dynamic_axes: for modules other than ``SequenceModel``; by default axes 0 and 1 of every input are
             dynamic (``axis0``, ``axis1``).
-        opset: ONNX opset, ``MIN_OPSET..MAX_OPSET``; default :data:`DEFAULT_OPSET`.
+        opset: ONNX opset, ``MIN_OPSET..MAX_OPSET``; default :data:`DEFAULT_OPSET`, or for a module whose
+            ops onnx's version converter cannot take below the exporter's opset 18 (``chunk`` -> Split-18),
+            opset 18 with a warning. An opset given explicitly is kept, or refused with the op named.
         vocab: ``SequenceModel`` only: stored in ``metadata_props`` (``rnndeploy.vocab``).
         data_stats: ``SequenceModel`` only: stored in ``metadata_props`` (``rnndeploy.data_stats``).
 
     Returns:
         The checked, shape-inferred ``onnx.ModelProto`` (also written to ``path``).
     """
+    given, opset = opset is not None, DEFAULT_OPSET if opset is None else opset
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset must be in [{MIN_OPSET}, {MAX_OPSET}], got {opset}")
     model = copy.deepcopy(model).cpu().float().eval()
@@ -102,7 +118,17 @@ def export_onnx(
                 f"example_inputs is required to export a {type(model).__name__} "
                 "(only SequenceModel builds its own); pass a tuple of input tensors"
             )
-        proto = _export_module(model, example_inputs, input_names, output_names, dynamic_axes, opset)
+        args = (example_inputs, input_names, output_names, dynamic_axes)
+        try:
+            proto = _export_module(model, *args, opset)
+        except OpsetConversionError as exc:
+            if given:
+                raise
+            warnings.warn(
+                f"{exc}: exported at opset {EXPORTER_MIN_OPSET} instead of the default {DEFAULT_OPSET}",
+                stacklevel=2,
+            )
+            proto = _export_module(model, *args, EXPORTER_MIN_OPSET)
     if path is not None:
         save_onnx(proto, path)
     return proto
@@ -361,7 +387,7 @@ def _convert_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     except (RuntimeError, onnx.checker.ValidationError) as exc:
         missing = re.search(r"Version \$\d+ for (\w+)", str(exc))
         what = f"it has no adapter for {missing.group(1)}" if missing else str(exc)
-        raise ExportError(
+        raise OpsetConversionError(
             f"onnx's version converter cannot take the exported graph to opset {opset} ({what}); "
             f"export at opset {EXPORTER_MIN_OPSET} or newer"
         ) from exc

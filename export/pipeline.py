@@ -5,8 +5,6 @@ This is what ``rnndeploy export`` and the demo call.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,24 +13,16 @@ import numpy as np
 import onnx
 import torch
 
-from rnndeploy.checkpoint import Checkpoint, load_checkpoint
+from rnndeploy.checkpoint import Checkpoint, atomic_write, load_checkpoint
 from rnndeploy.data import DataError, load_data
 from rnndeploy.models import SequenceModel
 from rnndeploy.runtime.generate import log_probs
 
-from .exporter import DEFAULT_OPSET, ExportError, example_input, export_onnx
+from .exporter import DEFAULT_OPSET, OutputExistsError, example_input, export_onnx
 from .step_graph import export_step_graph, quantize_step_graph, step_int8_accuracy, verify_step_graph
 from .variants import latency_us, quantize_int8, to_fp16
 from .verification import VerifyReport, session
 from .verification import verify as verify_graph
-
-
-class OutputExistsError(ExportError):
-    """An output file exists and the caller did not ask to replace it (``overwrite=True``)."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(f"{path} exists; pass overwrite=True to replace it")
-        self.path = path
 
 
 @dataclass
@@ -80,32 +70,15 @@ def write_verified(
     Returns:
         Where the file now is (``path``, or the rejected copy) and the verification report (``None`` unchecked).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        report = check(tmp) if check is not None else None
-        umask = os.umask(0)  # mkstemp creates the file 0600; give it the mode a plain open() would have
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        _fsync(tmp)
-        target = path if report is None or report.ok else path.with_name(f"{path.stem}.rejected{path.suffix}")
-        os.replace(tmp, target)
-        _fsync(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    report: VerifyReport | None = None
+
+    def destination(tmp: str) -> Path:
+        nonlocal report
+        report = check(Path(tmp)) if check is not None else None
+        return path if report is None or report.ok else path.with_name(f"{path.stem}.rejected{path.suffix}")
+
+    target = atomic_write(path, lambda tmp: write(Path(tmp)), destination)
     return target, report
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def export_checkpoint(
@@ -164,8 +137,9 @@ def export_checkpoint(
                 if wanted
             }
         )
+    triton_folder = Path(triton_repo) / (triton_name or onnx_path.stem) if triton_repo is not None else None
     if not overwrite:
-        for path in targets.values():
+        for path in [*targets.values(), *([triton_folder] if triton_folder is not None else [])]:
             if path.exists():
                 raise OutputExistsError(path)
     model = ckpt.model
@@ -207,16 +181,16 @@ def export_checkpoint(
     if triton_repo is not None:
         from .triton import write_triton_repository
 
-        name = triton_name or onnx_path.stem
         report.paths["triton"] = write_triton_repository(
             model,
             triton_repo,
-            name,
+            triton_folder.name,
             opset=opset,
             max_batch_size=max_batch_size,
             backend=triton_backend,
             vocab=ckpt.vocab,
             data_stats=ckpt.data_stats,
+            overwrite=overwrite,
         )
     return report
 

@@ -32,7 +32,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from rnndeploy.checkpoint import atomic_write
 from rnndeploy.models import SequenceModel
 
-from .exporter import DEFAULT_OPSET, check_and_infer, export_onnx, save_onnx, set_metadata
+from .exporter import DEFAULT_OPSET, OutputExistsError, check_and_infer, export_onnx, save_onnx, set_metadata
 
 START = "START"
 END = "END"
@@ -211,6 +211,7 @@ def write_triton_repository(
     backend: str = "onnxruntime",
     vocab: list[str] | None = None,
     data_stats: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Writes ``repo/<name>/config.pbtxt`` and ``repo/<name>/1/model.onnx`` atomically; returns the folder.
 
@@ -227,12 +228,16 @@ def write_triton_repository(
         backend: ``"onnxruntime"`` (NGC images) or ``"python"`` (``model.py``; CPU-only images).
         vocab: stored in the graph's metadata, as in :func:`rnndeploy.export.export_onnx`.
         data_stats: stored in the graph's metadata, as in :func:`rnndeploy.export.export_onnx`.
+        overwrite: replace the files of a model folder that exists; without it an existing ``repo/<name>``
+            (another model's, or an earlier export's) is an :class:`~rnndeploy.export.OutputExistsError`.
     """
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1 for the sequence batcher, got {max_batch_size}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     folder = Path(repo) / name
+    if folder.exists() and not overwrite:
+        raise OutputExistsError(folder)
     proto = triton_graph(model, opset, vocab=vocab, data_stats=data_stats)
     save_onnx(proto, folder / "1" / "model.onnx")
     if backend == "python":

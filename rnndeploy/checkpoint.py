@@ -75,8 +75,12 @@ def _fsync_path(path: Path | str, directory: bool = False) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Calls ``write(tmp_path)``, flushes the file to disk and renames it over ``path``.
+def atomic_write(path: Path, write, destination=None) -> Path:
+    """Calls ``write(tmp_path)``, flushes the file to disk and renames it over ``path``; returns where it went.
+
+    ``destination(tmp_path)``, when given, runs after the file is on disk and returns where to rename it:
+    ``path``, or another name for a candidate that must not replace ``path`` (a graph that failed its
+    verification, say).
 
     Raises:
         OSError: the folder cannot be written or the disk is full; the message names ``path`` and the cause,
@@ -101,7 +105,8 @@ def atomic_write(path: Path, write) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        target = path if destination is None else Path(destination(tmp))
+        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -109,6 +114,7 @@ def atomic_write(path: Path, write) -> None:
         _fsync_path(path.parent, directory=True)
     except OSError:
         pass  # some file systems cannot open or flush a folder; the rename itself has happened
+    return target
 
 
 class _FileSink:

@@ -218,6 +218,12 @@ def test_an_opset_the_converter_cannot_reach_names_the_op_and_the_way_out():
         export_onnx(Gated().eval(), None, (torch.randn(2, 5, 4),), opset=17)
     proto = export_onnx(Gated().eval(), None, (torch.randn(2, 5, 4),), opset=18)
     assert [n.op_type for n in proto.graph.node if n.op_type in ONNX_OP.values()] == ["GRU"]
+    # without an opset asked for, the default gives way to 18 with a warning that says why
+    with pytest.warns(
+        UserWarning, match=r"no adapter for Split.*exported at opset 18 instead of the default 17"
+    ):
+        proto = export_onnx(Gated().eval(), None, (torch.randn(2, 5, 4),))
+    assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {18}
 
 
 def test_unsupported_opset_names_the_range():

@@ -310,3 +310,28 @@ def test_model_py_batches_sequences_and_keeps_their_state(model_py, monkeypatch)
     idle, fresh = instance.execute([step(1, [1]), step(4, [2], start=True)])
     assert "sequence 1: no state" in idle.error, idle.error
     assert fresh.error is None and sorted(instance.memory) == [4]
+
+
+def test_a_model_folder_is_not_replaced_unless_asked(tmp_path):
+    """Another model's (or an earlier export's) folder in the repository is refused by name; overwrite=True
+    replaces it, and the CLI names --overwrite."""
+    from click.testing import CliRunner
+
+    from rnndeploy import save_checkpoint
+    from rnndeploy.cli import main
+    from rnndeploy.export import OutputExistsError
+
+    model = SequenceModel(ModelConfig(task="lm", cell="gru", vocab_size=7, embed_dim=3, hidden_size=4))
+    folder = write_triton_repository(model, tmp_path / "repo", "lm")
+    before = (folder / "1" / "model.onnx").read_bytes()
+    with pytest.raises(OutputExistsError, match="overwrite=True"):
+        write_triton_repository(model, tmp_path / "repo", "lm", max_batch_size=2)
+    assert (folder / "1" / "model.onnx").read_bytes() == before
+    write_triton_repository(model, tmp_path / "repo", "lm", max_batch_size=2, overwrite=True)
+    assert "max_batch_size: 2" in (folder / "config.pbtxt").read_text()
+
+    ckpt = save_checkpoint(tmp_path / "m.pt", model)
+    args = ["export", str(ckpt), "-o", str(tmp_path / "m.onnx"), "--triton-repo", str(tmp_path / "repo")]
+    result = CliRunner().invoke(main, [*args, "--triton-name", "lm"])
+    assert result.exit_code == 1 and f"{folder} exists; pass --overwrite" in result.output, result.output
+    assert not (tmp_path / "m.onnx").exists(), "nothing is written when the repository folder is refused"
