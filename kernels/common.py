@@ -843,7 +843,8 @@ def _triton_spills(cfg: KernelConfig, B: int, version: tuple[int, int]) -> str |
     if version < (3, 8):
         if cfg.PARTIAL:
             # NOTE: the partial products' fp32 results, stored and polled one element each, spill per step
-            # under 3.6's register allocation (LSTM and GRU at H=512 and 768, tagged; GRU with a barrier too)
+            # under 3.6 (LSTM and GRU at H=512 and 768, tagged or with a barrier; masked batch rows and BH=32 at
+            # H=768 too); the few that did not sit at 255 registers
             return f"{name}: backward by partial sums"
         if cfg.TAGGED and not cfg.STREAM_W and B % 16:
             # NOTE: tagged words with masked batch rows spill per step (RNN and LSTM forward at H=512..1024,
