@@ -850,6 +850,10 @@ def _triton_spills(cfg: KernelConfig, B: int, version: tuple[int, int]) -> str |
             # NOTE: tagged words with masked batch rows spill per step (RNN and LSTM forward at H=512..1024,
             # RNN backward at H=1000 and 1024, B=1 and 3), where full 16-row blocks do not
             return f"{name}: tagged words with masked batch rows"
+        if held_forward and cfg.TAGGED and cfg.BB > 16:
+            # NOTE: the tagged forward over 32 batch rows spills per step (LSTM and GRU at H=512, B=256),
+            # where 16 rows at the same BH do not
+            return f"{name}: tagged forward over more than 16 batch rows"
         if held_forward and cfg.TAGGED and cfg.cell == "rnn" and cfg.num_warps == 8:
             # NOTE: two warpgroups over RNN's 64 rows, each reading the whole tagged operand, spill per step
             # (H=1000 and 1024, every batch), where the gated cells' 8-warp forward at the same K does not

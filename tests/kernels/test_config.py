@@ -92,6 +92,8 @@ SPILLED_UNDER = [
     ((3, 6), "lstm", False, 1, 768, ("split", True, False, 16, 4, 512, 256, 1)),
     ((3, 6), "rnn", False, 16, 1024, ("split", True, False, 64, 8, 1024, 0, 1)),
     ((3, 6), "rnn", True, 1, 1024, ("split", True, False, 16, 8, 1024, 0, 16)),
+    ((3, 6), "lstm", False, 256, 512, ("split", True, False, 32, 8, 512, 0, 1)),
+    ((3, 6), "gru", False, 256, 512, ("split", True, False, 32, 8, 512, 0, 1)),
 ]
 
 
