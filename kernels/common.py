@@ -823,13 +823,17 @@ _FAILED: set[tuple] = set()  # (cell, backward, B, H, dtype, strategy) that fail
 TRITON_VERSION: tuple[int, int] = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
 
 
-def _triton_spills(cfg: KernelConfig, B: int, version: tuple[int, int]) -> str | None:
+def _triton_spills(
+    cfg: KernelConfig, B: int, dtype: torch.dtype, precision: str, version: tuple[int, int]
+) -> str | None:
     """Why ``cfg``, a split grid, spills inside the time loop when triton ``version`` compiles it for sm_90
     where triton 3.8 does not; ``None`` otherwise. The releases the product meets: 3.6 (the GPU image), 3.8
     and 3.9; each rule stands on that release's compiled grid (benchmarks/results/kernels-sm90-grid-triton*)."""
     if cfg.NSPLIT == 1:
         return None
     held_forward = not cfg.backward and not cfg.STREAM_W
+    fp32 = dtype == torch.float32
+    ieee = fp32 and precision == "ieee"
     name = "triton {}.{}".format(*version)
     if version >= (3, 9):
         if held_forward and cfg.TAGGED and cfg.BK2 and cfg.num_warps == 4:
@@ -840,6 +844,13 @@ def _triton_spills(cfg: KernelConfig, B: int, version: tuple[int, int]) -> str |
         if cfg.PARTIAL and cfg.TAGGED and cfg.cell == "gru" and cfg.BH == 16 and cfg.BK2:
             # NOTE: GRU's tagged partial sums over two K pieces spill per step (H=768), where LSTM's do not
             return f"{name}: GRU tagged partial sums over two K pieces"
+        if cfg.PARTIAL and cfg.TAGGED and cfg.cell == "gru" and fp32 and cfg.BK1 + cfg.BK2 == 512:
+            # NOTE: what spills under 3.8 with masked batch rows alone (make_config) spills with full ones too
+            return f"{name}: GRU fp32 tagged partial sums at K=512"
+        if ieee and cfg.STREAM_W and not cfg.backward and cfg.BB == 64 and cfg.num_warps == 4:
+            # NOTE: the FMA outer product of a streamed chunk over 64 batch rows in one warpgroup spills per
+            # step (GRU H=512..1024, LSTM H=1000; B=128 and 256)
+            return f"{name}: IEEE fp32 streamed forward over 64 batch rows in one warpgroup"
     if version < (3, 8):
         if cfg.PARTIAL:
             # NOTE: the partial products' fp32 results, stored and polled one element each, spill per step
@@ -850,6 +861,15 @@ def _triton_spills(cfg: KernelConfig, B: int, version: tuple[int, int]) -> str |
             # NOTE: tagged words with masked batch rows spill per step (RNN and LSTM forward at H=512..1024,
             # RNN backward at H=1000 and 1024, B=1 and 3), where full 16-row blocks do not
             return f"{name}: tagged words with masked batch rows"
+        if fp32 and cfg.STREAM_W and cfg.BB == 32 and cfg.BH == 16 and cfg.cell == "lstm":
+            # NOTE: LSTM's fp32 streamed kernels over [32, 16] tiles spill per step (backward at H=256..1024,
+            # TF32 and IEEE, 4 and 8 warps; the IEEE forward at H=1000), GRU's and RNN's do not
+            return f"{name}: LSTM fp32 streamed over [32, 16] tiles"
+        rnn_wide_bwd = cfg.cell == "rnn" and cfg.backward and cfg.BB * cfg.BH == 1024
+        if ieee and cfg.STREAM_W and rnn_wide_bwd and cfg.num_warps == 8:
+            # NOTE: RNN's IEEE streamed backward over a [32, 32] tile in 8 warps compiles to 80 registers a
+            # thread and spills per step (H=512..1024, B=128 and 256); 4 warps get twice the registers
+            return f"{name}: RNN IEEE fp32 streamed backward over a [32, 32] tile in 8 warps"
         if held_forward and cfg.TAGGED and cfg.BB > 16:
             # NOTE: the tagged forward over 32 batch rows spills per step (LSTM and GRU at H=512, B=256),
             # where 16 rows at the same BH do not
@@ -960,7 +980,7 @@ def make_config(
                 # 128 registers; H=256 and 768 did not)
                 why = "GRU fp32 tagged partial sums at K=512 with masked batch rows"
             if why is None:
-                why = _triton_spills(cfg, B, TRITON_VERSION)
+                why = _triton_spills(cfg, B, dtype, precision, TRITON_VERSION)
             if why:
                 reasons.append(f"{s} BB={cfg.BB} BH={cfg.BH} warps={cfg.num_warps}: {why}")
                 continue
