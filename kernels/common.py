@@ -847,10 +847,11 @@ def _triton_spills(
         if cfg.PARTIAL and cfg.TAGGED and cfg.cell == "gru" and fp32 and cfg.BK1 + cfg.BK2 == 512:
             # NOTE: what spills under 3.8 with masked batch rows alone (make_config) spills with full ones too
             return f"{name}: GRU fp32 tagged partial sums at K=512"
-        if ieee and cfg.STREAM_W and not cfg.backward and cfg.BB == 64 and cfg.num_warps == 4:
-            # NOTE: the FMA outer product of a streamed chunk over 64 batch rows in one warpgroup spills per
-            # step (GRU H=512..1024, LSTM H=1000; B=128 and 256)
-            return f"{name}: IEEE fp32 streamed forward over 64 batch rows in one warpgroup"
+        if ieee and cfg.STREAM_W and not cfg.backward and cfg.cell != "rnn" and cfg.BB * cfg.BH == 1024:
+            # NOTE: the gated cells' FMA outer product of a streamed chunk over a 1024-element tile ([64, 16]
+            # or [32, 32], 4 or 8 warps) spills per step (H=512..1024, B=128 and 256); 2048-element tiles in 8
+            # warps do not
+            return f"{name}: IEEE fp32 gated streamed forward over a 1024-element tile"
     if version < (3, 8):
         if cfg.PARTIAL:
             # NOTE: the partial products' fp32 results, stored and polled one element each, spill per step
@@ -861,10 +862,11 @@ def _triton_spills(
             # NOTE: tagged words with masked batch rows spill per step (RNN and LSTM forward at H=512..1024,
             # RNN backward at H=1000 and 1024, B=1 and 3), where full 16-row blocks do not
             return f"{name}: tagged words with masked batch rows"
-        if fp32 and cfg.STREAM_W and cfg.BB == 32 and cfg.BH == 16 and cfg.cell == "lstm":
-            # NOTE: LSTM's fp32 streamed kernels over [32, 16] tiles spill per step (backward at H=256..1024,
-            # TF32 and IEEE, 4 and 8 warps; the IEEE forward at H=1000), GRU's and RNN's do not
-            return f"{name}: LSTM fp32 streamed over [32, 16] tiles"
+        if fp32 and cfg.STREAM_W and cfg.BB * cfg.BH == 512 and cfg.cell == "lstm":
+            # NOTE: LSTM's fp32 streamed kernels over 512-element tiles ([32, 16] or [16, 32]) spill per step
+            # (backward at H=256..1024, TF32 and IEEE, 4 and 8 warps; the IEEE forward at H=1000), GRU's and
+            # RNN's do not
+            return f"{name}: LSTM fp32 streamed over a 512-element tile"
         rnn_wide_bwd = cfg.cell == "rnn" and cfg.backward and cfg.BB * cfg.BH == 1024
         if ieee and cfg.STREAM_W and rnn_wide_bwd and cfg.num_warps == 8:
             # NOTE: RNN's IEEE streamed backward over a [32, 32] tile in 8 warps compiles to 80 registers a
