@@ -1,8 +1,8 @@
 """Where triton keeps a dot operand that is loaded once and used every step (sm_90, no GPU needed).
 
 The forward's held ``W_hh`` slice is read from shared memory by every step's product, and that read paces the
-step at the headline shape (benchmarks/results/kernels-static.md). If the compiler kept the slice in registers
-(wgmma's register-A form, or mma.sync fragments held across steps), the step would lose that term. This probe
+step at the headline shape (benchmarks/results/kernels-static-triton*.md). If the compiler kept the slice in
+registers (wgmma's register-A form, or mma.sync fragments held across steps), the step would lose that term. This probe
 compiles the smallest kernel of that shape, a ``[M, K]`` operand loaded before a time loop and multiplied with a
 fresh ``[K, N]`` operand each step, in the plain 2-D form and in the split-K batched form (``[S, M, K/S]``, one
 slice per warp group of the warps), and prints what the compiler did: shared memory per block, and the shared

@@ -42,6 +42,14 @@ class Compiled:
     sass: str
 
 
+def results_stem(kind: str) -> str:
+    """The name, without suffix, of a result file of this module for the installed triton (``kind``: ``static``
+    or ``sm90-grid``), e.g. ``kernels-static-triton3.9``: code generation differs by release, so each release
+    the product meets keeps its own files in benchmarks/results."""
+    major, minor = triton.__version__.split(".")[:2]
+    return f"kernels-{kind}-triton{major}.{minor}"
+
+
 def _kernel(cell: str, backward: bool):
     module = importlib.import_module(f".{cell}", __package__)
     return getattr(module, f"{cell}_{'bwd' if backward else 'fwd'}_kernel")

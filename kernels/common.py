@@ -667,7 +667,7 @@ def model_regs(cfg: KernelConfig, H: int, dtype: torch.dtype) -> int:
         operand = (cfg.BKC * cfg.BH * es + cfg.BB * cfg.BKC * ws) if cfg.STREAM_W else cfg.BB * held_k * ws
         live = ((cfg.NKS if cfg.SCRATCH else 1) + G + 3) * cfg.BB * cfg.BH * 4
     # NOTE: x2 on what is staged every step: the compiler keeps loads in flight ahead of their stores. Calibrated on
-    # the sm_90 grid (benchmarks/results/kernels-sm90-grid.md): below this, barrier paths spilled.
+    # the sm_90 grid (benchmarks/results/kernels-sm90-grid-triton3.8.md): below this, barrier paths spilled.
     return 40 + -(-max(held, 2 * operand + live) // (4 * threads))
 
 
@@ -819,6 +819,69 @@ def _candidates(cell: str, B: int, H: int, strategy: str, backward: bool, cpu: b
 
 _FAILED: set[tuple] = set()  # (cell, backward, B, H, dtype, strategy) that failed to launch here
 
+# the installed triton's (major, minor): its sm_90 code generation decides some spills (_triton_spills)
+TRITON_VERSION: tuple[int, int] = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
+
+
+def _triton_spills(
+    cfg: KernelConfig, B: int, dtype: torch.dtype, precision: str, version: tuple[int, int]
+) -> str | None:
+    """Why ``cfg``, a split grid, spills inside the time loop when triton ``version`` compiles it for sm_90
+    where triton 3.8 does not; ``None`` otherwise. The releases the product meets: 3.6 (the GPU image), 3.8
+    and 3.9; each rule stands on that release's compiled grid (benchmarks/results/kernels-sm90-grid-triton*)."""
+    if cfg.NSPLIT == 1:
+        return None
+    held_forward = not cfg.backward and not cfg.STREAM_W
+    fp32 = dtype == torch.float32
+    ieee = fp32 and precision == "ieee"
+    name = "triton {}.{}".format(*version)
+    if version >= (3, 9):
+        if held_forward and cfg.TAGGED and cfg.BK2 and cfg.num_warps == 4:
+            # NOTE: the tagged forward over two held K pieces in one warpgroup reaches 255 registers and
+            # spills per step (every cell at H=768, every batch); a warpgroup per 64 rows (BH doubled, 8 warps)
+            # does not
+            return f"{name}: tagged forward over two held K pieces in one warpgroup"
+        if cfg.PARTIAL and cfg.TAGGED and cfg.cell == "gru" and cfg.BH == 16 and cfg.BK2:
+            # NOTE: GRU's tagged partial sums over two K pieces spill per step (H=768), where LSTM's do not
+            return f"{name}: GRU tagged partial sums over two K pieces"
+        if cfg.PARTIAL and cfg.TAGGED and cfg.cell == "gru" and fp32 and cfg.BK1 + cfg.BK2 == 512:
+            # NOTE: what spills under 3.8 with masked batch rows alone (make_config) spills with full ones too
+            return f"{name}: GRU fp32 tagged partial sums at K=512"
+        if ieee and cfg.STREAM_W and not cfg.backward and cfg.cell != "rnn" and cfg.BB * cfg.BH == 1024:
+            # NOTE: the gated cells' FMA outer product of a streamed chunk over a 1024-element tile ([64, 16]
+            # or [32, 32], 4 or 8 warps) spills per step (H=512..1024, B=128 and 256); 2048-element tiles in 8
+            # warps do not
+            return f"{name}: IEEE fp32 gated streamed forward over a 1024-element tile"
+    if version < (3, 8):
+        if cfg.PARTIAL:
+            # NOTE: the partial products' fp32 results, stored and polled one element each, spill per step
+            # under 3.6 (LSTM and GRU at H=512 and 768, tagged or with a barrier; masked batch rows and BH=32 at
+            # H=768 too); the few that did not sit at 255 registers
+            return f"{name}: backward by partial sums"
+        if cfg.TAGGED and not cfg.STREAM_W and B % 16:
+            # NOTE: tagged words with masked batch rows spill per step (RNN and LSTM forward at H=512..1024,
+            # RNN backward at H=1000 and 1024, B=1 and 3), where full 16-row blocks do not
+            return f"{name}: tagged words with masked batch rows"
+        if fp32 and cfg.STREAM_W and cfg.BB * cfg.BH == 512 and cfg.cell == "lstm":
+            # NOTE: LSTM's fp32 streamed kernels over 512-element tiles ([32, 16] or [16, 32]) spill per step
+            # (backward at H=256..1024, TF32 and IEEE, 4 and 8 warps; the IEEE forward at H=1000), GRU's and
+            # RNN's do not
+            return f"{name}: LSTM fp32 streamed over a 512-element tile"
+        rnn_wide_bwd = cfg.cell == "rnn" and cfg.backward and cfg.BB * cfg.BH == 1024
+        if ieee and cfg.STREAM_W and rnn_wide_bwd and cfg.num_warps == 8:
+            # NOTE: RNN's IEEE streamed backward over a [32, 32] tile in 8 warps compiles to 80 registers a
+            # thread and spills per step (H=512..1024, B=128 and 256); 4 warps get twice the registers
+            return f"{name}: RNN IEEE fp32 streamed backward over a [32, 32] tile in 8 warps"
+        if held_forward and cfg.TAGGED and cfg.BB > 16:
+            # NOTE: the tagged forward over 32 batch rows spills per step (LSTM and GRU at H=512, B=256),
+            # where 16 rows at the same BH do not
+            return f"{name}: tagged forward over more than 16 batch rows"
+        if held_forward and cfg.TAGGED and cfg.cell == "rnn" and cfg.num_warps == 8:
+            # NOTE: two warpgroups over RNN's 64 rows, each reading the whole tagged operand, spill per step
+            # (H=1000 and 1024, every batch), where the gated cells' 8-warp forward at the same K does not
+            return f"{name}: RNN tagged forward with two warpgroups over 64 rows"
+    return None
+
 
 def make_config(
     cell: str,
@@ -918,6 +981,8 @@ def make_config(
                 # NOTE: GRU fp32 partial sums with masked batch rows at H=512 spilled 4 per step on sm_90 (capped at
                 # 128 registers; H=256 and 768 did not)
                 why = "GRU fp32 tagged partial sums at K=512 with masked batch rows"
+            if why is None:
+                why = _triton_spills(cfg, B, dtype, precision, TRITON_VERSION)
             if why:
                 reasons.append(f"{s} BB={cfg.BB} BH={cfg.BH} warps={cfg.num_warps}: {why}")
                 continue

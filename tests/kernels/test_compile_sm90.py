@@ -1,11 +1,14 @@
 """The dispatcher's picks compiled for sm_90 (H100/H200) without a GPU: launchable, and as modelled.
 
 Each pick must fit one block (shared memory <= 232,448 B, registers <= 255), spill nothing inside the time
-loop where a grid barrier waits on it (a few bytes spilled once before the loop cost nothing per step; the
-table lists them as ``stack``), and stay within make_config's shared-memory model (an upper bound). The default run compiles a representative subset (tests/kernels/compile_sm90.py); the whole
-grid of the issue (every cell, fp32 TF32/IEEE, bf16, fp16, seven batches, ten hidden sizes, both passes) is
-opt-in: ``RNNDEPLOY_COMPILE_GRID=1 python -m pytest tests/kernels/test_compile_sm90.py`` (about 30 minutes
-on 2 cores; its table is benchmarks/results/kernels-sm90-grid.md).
+loop of a split grid, whose programs wait on each other every step (a few bytes spilled once before the loop
+cost nothing per step; the table lists them as ``stack``), and stay within make_config's shared-memory model
+(an upper bound). The picks, and so the check, follow the installed triton: make_config refuses what a
+release's code generation spills (common._triton_spills); run it under each release the product meets (3.6,
+3.8, 3.9). The default run compiles a representative subset (tests/kernels/compile_sm90.py); the whole grid of
+the issue (every cell, fp32 TF32/IEEE, bf16, fp16, seven batches, ten hidden sizes, both passes) is opt-in:
+``RNNDEPLOY_COMPILE_GRID=1 python -m pytest tests/kernels/test_compile_sm90.py`` (about 30 minutes on 2
+cores; its tables are benchmarks/results/kernels-sm90-grid-triton<version>.md).
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ def _compile(tmp_path, *args: str) -> list[dict]:
     pytest.importorskip("triton.backends.nvidia")
     import triton
 
-    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 8):
-        pytest.skip(f"the ahead-of-time compile API is checked on triton 3.8, found {triton.__version__}")
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 6):
+        pytest.skip(
+            f"the ahead-of-time compile API is checked on triton 3.6 to 3.9, found {triton.__version__}"
+        )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
     script = Path(__file__).with_name("compile_sm90.py")
@@ -52,7 +57,7 @@ def _check(rows: list[dict]) -> list[str]:
         if r["regs"] > REG_LIMIT:
             problems.append(f"{name}: {r['regs']} registers > {REG_LIMIT}")
         if r["NSPLIT"] > 1 and r["loop_spills"] > 0:
-            problems.append(f"{name}: {r['loop_spills']} spill loads/stores per step on a barrier path")
+            problems.append(f"{name}: {r['loop_spills']} spill loads/stores per step in a split grid")
     return problems
 
 

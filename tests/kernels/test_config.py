@@ -20,10 +20,23 @@ from rnndeploy.kernels.common import H100, make_config, model_regs, model_shared
 
 CUDA = torch.device("cuda")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+INSTALLED = common.TRITON_VERSION  # before any test sets it
+# the triton releases the product meets: the GPU image's, the dev install's, the one torch 2.15 pins
+RELEASES = [(3, 6), (3, 8), (3, 9)]
 
 
-def test_every_grid_pick_fits_the_model():
-    """No configuration make_config returns exceeds shared memory, registers or the co-resident grid."""
+@pytest.fixture(autouse=True)
+def _triton_3_8(monkeypatch):
+    """Plans as under triton 3.8, whatever is installed: the picks these tests name are 3.8's; the rules of the
+    other releases have tests of their own, which set the version themselves."""
+    monkeypatch.setattr(common, "TRITON_VERSION", (3, 8))
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_every_grid_pick_fits_the_model(monkeypatch, release):
+    """No configuration make_config returns exceeds shared memory, registers or the co-resident grid, under
+    each release's rules."""
+    monkeypatch.setattr(common, "TRITON_VERSION", release)
     picked = refused = 0
     for cell in ("rnn", "lstm", "gru"):
         for dtype_name, precision in GRID_DTYPES:
@@ -62,6 +75,56 @@ def test_headline_picks_split_without_padding_the_k_loop(monkeypatch):
     # where the gate gradients are exchanged instead (GRU H=1024: its partial would spill), K stops at 3H
     gru = make_config("gru", 16, 1024, torch.bfloat16, CUDA, None, True, H100)
     assert gru.strategy == "split" and not gru.PARTIAL and (gru.BK1, gru.BK2) == (2048, 1024), gru
+
+
+# picks that a release's sm_90 compile spilled inside the time loop (benchmarks/results/kernels-sm90-grid-triton*):
+# release, cell, backward, B, H, dtype ("fp32": TF32, "ieee": fp32 without) and the configuration's
+# (strategy, tagged, partial, BB, BH, warps, BK1, BK2, NKS)
+SPILLED_UNDER = [
+    ((3, 9), "lstm", False, 16, 768, "bf16", ("split", True, False, 16, 16, 4, 512, 256, 1)),
+    ((3, 9), "gru", False, 16, 768, "bf16", ("split", True, False, 16, 16, 4, 512, 256, 1)),
+    ((3, 9), "rnn", False, 16, 768, "bf16", ("split", True, False, 16, 64, 4, 512, 256, 1)),
+    ((3, 9), "rnn", False, 1, 768, "bf16", ("split", True, False, 16, 64, 4, 512, 256, 1)),
+    ((3, 9), "gru", True, 16, 768, "bf16", ("split", True, True, 16, 16, 8, 512, 256, 1)),
+    ((3, 6), "lstm", True, 16, 768, "bf16", ("split", True, True, 16, 16, 8, 512, 256, 1)),
+    ((3, 6), "gru", True, 16, 768, "bf16", ("split", True, True, 16, 16, 8, 512, 256, 1)),
+    ((3, 6), "lstm", True, 16, 512, "bf16", ("split", True, True, 16, 16, 8, 512, 0, 1)),
+    ((3, 6), "rnn", False, 1, 512, "bf16", ("split", True, False, 16, 64, 4, 512, 0, 1)),
+    ((3, 6), "lstm", False, 1, 768, "bf16", ("split", True, False, 16, 16, 4, 512, 256, 1)),
+    ((3, 6), "rnn", False, 16, 1024, "bf16", ("split", True, False, 16, 64, 8, 1024, 0, 1)),
+    ((3, 6), "rnn", True, 1, 1024, "bf16", ("split", True, False, 16, 16, 8, 1024, 0, 16)),
+    ((3, 6), "lstm", False, 256, 512, "bf16", ("split", True, False, 32, 32, 8, 512, 0, 1)),
+    ((3, 6), "gru", False, 256, 512, "bf16", ("split", True, False, 32, 32, 8, 512, 0, 1)),
+    ((3, 9), "gru", True, 16, 512, "fp32", ("split", True, True, 16, 16, 8, 512, 0, 1)),
+    ((3, 9), "gru", False, 128, 1024, "ieee", ("split-stream", False, False, 64, 16, 4, 1024, 0, 1)),
+    ((3, 6), "lstm", True, 64, 1024, "fp32", ("split-stream", False, False, 32, 16, 8, 4096, 0, 8)),
+    ((3, 6), "lstm", False, 64, 1000, "ieee", ("split-stream", False, False, 32, 16, 4, 1024, 0, 1)),
+    ((3, 6), "rnn", True, 128, 1024, "ieee", ("split-stream", False, False, 32, 32, 8, 1024, 0, 1)),
+]
+
+
+def _shape(cfg) -> tuple:
+    return cfg.strategy, cfg.TAGGED, cfg.PARTIAL, cfg.BB, cfg.BH, cfg.num_warps, cfg.BK1, cfg.BK2, cfg.NKS
+
+
+@pytest.mark.parametrize("release, cell, backward, B, H, kind, spilled", SPILLED_UNDER)
+def test_a_release_never_gets_the_picks_its_compile_spilled(
+    monkeypatch, release, cell, backward, B, H, kind, spilled
+):
+    """Each release's rule refuses what spilled under that release alone: triton 3.8, which compiles it
+    without spills, keeps the pick (the cheapest by the estimate); the release gets the next one that fits."""
+    dtype, precision = DTYPES["fp32" if kind == "ieee" else kind], "ieee" if kind == "ieee" else "tf32"
+    kept = make_config(cell, B, H, dtype, CUDA, None, backward, H100, precision)
+    assert _shape(kept) == spilled, f"under 3.8 the estimate's pick is {kept}"
+    monkeypatch.setattr(common, "TRITON_VERSION", release)
+    other = make_config(cell, B, H, dtype, CUDA, None, backward, H100, precision)
+    assert _shape(other) != spilled, f"triton {release} plans the configuration its compile spilled: {other}"
+    assert other.step_us >= kept.step_us, other
+
+
+def test_the_rules_follow_the_installed_release():
+    major, minor = triton.__version__.split(".")[:2]
+    assert INSTALLED == (int(major), int(minor)), (INSTALLED, triton.__version__)
 
 
 @pytest.mark.parametrize(
