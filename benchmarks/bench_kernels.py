@@ -4,9 +4,10 @@
     python benchmarks/bench_kernels.py static --grid  # + every dispatcher pick of the issue's grid (slow)
 
 The static report compiles what the dispatcher picks for sm_90 (H100/H200) on this machine and writes
-benchmarks/results/kernels-static.{md,json} (with --grid also kernels-sm90-grid.{md,jsonl}): per kernel and
-time step, MMA and shared-memory instructions per warp (PTX), global bytes, barriers, registers, spills,
-shared memory and a first-order time estimate from published H100 rates.
+benchmarks/results/kernels-static-triton<release>.{md,json} (with --grid also
+kernels-sm90-grid-triton<release>.{md,jsonl}; code generation differs by triton release, so a file each): per
+kernel and time step, MMA and shared-memory instructions per warp (PTX), global bytes, barriers, registers,
+spills, shared memory and a first-order time estimate from published H100 rates.
 """
 
 from __future__ import annotations
@@ -34,23 +35,25 @@ def _provenance() -> dict:
 def static(grid: bool) -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels")
-    from rnndeploy.kernels.aot import grid_cases, picks, static_report
+    from rnndeploy.kernels.aot import grid_cases, picks, results_stem, static_report
 
     env = _provenance()
     header = "\n".join(f"- {k}: {v}" for k, v in env.items())
     rows, text = static_report()
     print(text, flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "kernels-static.md").write_text(f"# Static cost per time step (sm_90)\n\n{header}\n\n{text}\n")
-    (RESULTS / "kernels-static.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-    print(f"wrote {RESULTS / 'kernels-static.md'} and .json", flush=True)
+    stem = RESULTS / results_stem("static")
+    Path(f"{stem}.md").write_text(f"# Static cost per time step (sm_90)\n\n{header}\n\n{text}\n")
+    Path(f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    print(f"wrote {stem}.md and .json", flush=True)
     if not grid:
         return
     keys = ("cell", "pass", "dtype", "precision", "B", "H", "strategy", "tagged", "partial", "BB", "BH", "BK", "NKS",
             "NSPLIT", "warps", "stages", "shared", "shared_model", "regs", "regs_model", "stack", "loop_spills", "mma_static",
             "est_step_us")  # fmt: skip
     table = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    with open(RESULTS / "kernels-sm90-grid.jsonl", "w") as lines:
+    stem = RESULTS / results_stem("sm90-grid")
+    with open(f"{stem}.jsonl", "w") as lines:
         for pick in picks(grid_cases()):
             if isinstance(pick, tuple):
                 (cell, direction, dtype, precision, B, H), error = pick
@@ -71,10 +74,10 @@ def static(grid: bool) -> None:
                 table.append("| " + " | ".join(str(row[k]) for k in keys) + " |")
             lines.write(json.dumps(row) + "\n")
             lines.flush()
-    (RESULTS / "kernels-sm90-grid.md").write_text(
+    Path(f"{stem}.md").write_text(
         f"# Every dispatcher pick compiled for sm_90\n\n{header}\n\n" + "\n".join(table) + "\n"
     )
-    print(f"wrote {RESULTS / 'kernels-sm90-grid.md'} ({len(table) - 2} kernels)", flush=True)
+    print(f"wrote {stem}.md ({len(table) - 2} kernels)", flush=True)
 
 
 if __name__ == "__main__":

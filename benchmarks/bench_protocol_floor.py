@@ -31,7 +31,7 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -257,7 +257,7 @@ def write_result(path: Path, fields: dict, packages: tuple[str, ...], versions: 
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "load_avg": load},
         "versions": {**{name: version(name) for name in packages}, **(versions or {})},
         "commit": git_commit(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
     return path

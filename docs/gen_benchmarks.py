@@ -201,55 +201,32 @@ def memory_section() -> list[str]:
 
 
 def kernels_section() -> list[str]:
-    data = _load("kernels-static.json")
-    if data is None:
-        return []
-    env = data["environment"]
     out = [
         "## Kernels: static estimate (no GPU)",
         "",
-        "`python benchmarks/bench_kernels.py static` (`benchmarks/results/kernels-static.json`): sm_90 compiles "
-        "without a GPU, per-step instruction counts and a first-order estimate from published H100 rates. "
-        "No GPU has measured these kernels yet.",
-        "",
-        _caption(env, ("target", "triton", "torch", "python", "commit")),
-        "",
-    ]
-    rows = [
-        [
-            r["cell"],
-            r["pass_"],
-            r["dtype"],
-            r["B"],
-            r["H"],
-            r["strategy"],
-            r.get("handoff", ""),
-            r["regs"],
-            r["shared"],
-            r["loop_spills"],
-            f"{r['est_step_us']:.2f}",
-        ]
-        for r in data["rows"]
-    ]
-    out += [
-        _table(
-            [
-                "cell",
-                "pass",
-                "dtype",
-                "B",
-                "H",
-                "strategy",
-                "hand-off",
-                "registers",
-                "shared B",
-                "loop spills",
-                "est. us/step",
-            ],
-            rows,
-        ),
+        "`python benchmarks/bench_kernels.py static` (`benchmarks/results/kernels-static-triton<release>.json`): "
+        "sm_90 compiles without a GPU, per-step instruction counts and a first-order estimate from published "
+        "H100 rates, one file per triton release (code generation differs by release). No GPU has measured "
+        "these kernels yet.",
         "",
     ]
+    for path in sorted(RESULTS.glob("kernels-static-triton*.json")):
+        data = json.loads(path.read_text())
+        env = data["environment"]
+        rows = [
+            [r["cell"], r["pass_"], r["dtype"], r["B"], r["H"], r["strategy"], r.get("handoff", ""), r["regs"],
+             r["shared"], r["loop_spills"], f"{r['est_step_us']:.2f}"]
+            for r in data["rows"]
+        ]  # fmt: skip
+        out += [
+            f"### triton {env['triton']}",
+            "",
+            _caption(env, ("target", "triton", "torch", "python", "commit")),
+            "",
+            _table(["cell", "pass", "dtype", "B", "H", "strategy", "hand-off", "registers", "shared B",
+                    "loop spills", "est. us/step"], rows),
+            "",
+        ]  # fmt: skip
     return out
 
 

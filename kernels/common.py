@@ -826,15 +826,20 @@ TRITON_VERSION: tuple[int, int] = tuple(int(v) for v in re.findall(r"\d+", trito
 def _triton_spills(
     cfg: KernelConfig, B: int, dtype: torch.dtype, precision: str, version: tuple[int, int]
 ) -> str | None:
-    """Why ``cfg``, a split grid, spills inside the time loop when triton ``version`` compiles it for sm_90
-    where triton 3.8 does not; ``None`` otherwise. The releases the product meets: 3.6 (the GPU image), 3.8
-    and 3.9; each rule stands on that release's compiled grid (benchmarks/results/kernels-sm90-grid-triton*)."""
-    if cfg.NSPLIT == 1:
-        return None
-    held_forward = not cfg.backward and not cfg.STREAM_W
+    """Why ``cfg`` fails when triton ``version`` compiles it for sm_90 where triton 3.8 does not (a split grid
+    that spills inside the time loop, or a kernel the compiler aborts on); ``None`` otherwise. The releases
+    the product meets: 3.6 (the GPU image), 3.8 and 3.9; each rule stands on that release's compiled grid
+    (benchmarks/results/kernels-sm90-grid-triton*)."""
     fp32 = dtype == torch.float32
     ieee = fp32 and precision == "ieee"
     name = "triton {}.{}".format(*version)
+    if cfg.NSPLIT == 1:
+        if version >= (3, 9) and ieee and cfg.cell == "lstm" and cfg.backward:
+            # NOTE: triton 3.9's LLVM aborts the whole process (an SLP-vectorizer assertion) compiling LSTM's
+            # IEEE fp32 backward in one program (B=1, H=64); the TF32 form of the same kernel compiles
+            return f"{name}: LSTM IEEE fp32 backward in one program aborts the compiler"
+        return None
+    held_forward = not cfg.backward and not cfg.STREAM_W
     if version >= (3, 9):
         if held_forward and cfg.TAGGED and cfg.BK2 and cfg.num_warps == 4:
             # NOTE: the tagged forward over two held K pieces in one warpgroup reaches 255 registers and

@@ -52,7 +52,9 @@ def test_run_with_a_token_outside_the_vocabulary(tmp_path):
     assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
     assert "Traceback" not in result.output
     assert result.output.startswith('{"step": 0')
-    assert "Error: step 1: input input: token id 99999 is outside the model's vocabulary [0, 9)" in result.output
+    assert (
+        "Error: step 1: input input: token id 99999 is outside the model's vocabulary [0, 9)" in result.output
+    )
 
 
 def _checkpoint(tmp_path):

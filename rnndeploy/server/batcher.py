@@ -325,7 +325,7 @@ class SequenceBatcher:
             if self.max_queue_delay_s > 0 and len(self._pending) < self._batch_target():
                 try:
                     await asyncio.wait_for(self._full.wait(), self.max_queue_delay_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             batch = self._take_batch()
             if not self._pending:

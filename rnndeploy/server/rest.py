@@ -231,7 +231,7 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
 
     try:
         await asyncio.wait_for(read(), timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise RequestError(f"request body not received within {timeout_s:g} s", 408, True) from None
     except ClientDisconnect:
         raise RequestError("the client disconnected before sending the whole body", 400, True) from None

@@ -277,3 +277,19 @@ def test_forced_handoff_restores_the_environment(monkeypatch):
     with common.forced_handoff("tagged"):
         pass
     assert os.environ["RNNDEPLOY_HANDOFF"] == "barrier"
+
+
+def test_triton_3_9_never_plans_the_lstm_ieee_backward_its_compiler_aborts_on(monkeypatch):
+    """Triton 3.9 aborts the process compiling LSTM's IEEE fp32 backward in one program (B=1, H=64); the
+    planner gives 3.9 something else, or refuses with the reason, and 3.8 keeps its pick."""
+    kept = make_config("lstm", 1, 64, torch.float32, CUDA, None, True, H100, "ieee")
+    assert kept.NSPLIT == 1, kept
+    monkeypatch.setattr(common, "TRITON_VERSION", (3, 9))
+    try:
+        other = make_config("lstm", 1, 64, torch.float32, CUDA, None, True, H100, "ieee")
+    except ValueError as error:
+        assert "aborts the compiler" in str(error), error
+    else:
+        assert other.NSPLIT > 1, f"triton 3.9 plans the one-program kernel its compiler aborts on: {other}"
+    tf32 = make_config("lstm", 1, 64, torch.float32, CUDA, None, True, H100, "tf32")
+    assert tf32.NSPLIT == 1, "the TF32 form compiles under 3.9 and keeps its pick"
