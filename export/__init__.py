@@ -2,10 +2,10 @@
 fp16 / int8 variants and Triton Inference Server repositories.
 
 Entry points:
-- :func:`export_onnx`: any ``nn.Module`` (``SequenceModel`` per the ONNX contract) -> checked ``.onnx``;
-- :func:`verify`: onnxruntime and ``onnx.reference`` against PyTorch, as a printable table;
-- :func:`export_checkpoint`: checkpoint -> ONNX (+ variants, Triton repository) with a printable report;
-- :func:`write_triton_repository`: a model repository for Triton's sequence batcher with implicit state.
+- `export_onnx`: any ``nn.Module`` (``SequenceModel`` per the ONNX contract) -> checked ``.onnx``;
+- `verify`: onnxruntime and ``onnx.reference`` against PyTorch, as a printable table;
+- `export_checkpoint`: checkpoint -> ONNX (+ variants, Triton repository) with a printable report;
+- `write_triton_repository`: a model repository for Triton's sequence batcher with implicit state.
 """
 
 from .exporter import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError, export_onnx, save_onnx

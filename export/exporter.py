@@ -1,12 +1,12 @@
 """``export_onnx``: any ``nn.Module`` with recurrent layers -> a checked, standard ONNX file.
 
-A :class:`~rnndeploy.models.SequenceModel` exports per the project's ONNX contract (README, "Export"): inputs
+A `SequenceModel` exports per the project's ONNX contract (README, "Export"): inputs
 ``input`` plus one state input per state tensor (``h0``, ``c0``), outputs ``output`` plus ``hn`` (``cn``),
 dynamic ``batch`` and ``time`` axes, and ``metadata_props`` that let a runtime serve the graph without flags.
 Any other module exports with the names and dynamic axes its caller gives.
 
 The graph comes from torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``) with every recurrent
-layer swapped for its stand-in (:mod:`.recurrent`), which puts one standard node per layer into the traced
+layer swapped for its stand-in (`.recurrent`), which puts one standard node per layer into the traced
 program. The exporter writes opset 18 or newer; lower opsets (14-17) go through onnx's version converter. Each
 graph is then checked: no ``Loop``/``Scan``/``If`` or custom-domain nodes, at least one recurrent node per
 layer (a traced Python loop has none), every requested dynamic axis still dynamic, ``onnx.checker`` with
@@ -88,7 +88,7 @@ def export_onnx(
     """Exports ``model`` to ONNX with every recurrent layer as a standard ``RNN``/``LSTM``/``GRU`` node.
 
     Args:
-        model: a :class:`SequenceModel`, or any module whose recurrent layers are ``torch.nn.RNN/LSTM/GRU``
+        model: a `SequenceModel`, or any module whose recurrent layers are ``torch.nn.RNN/LSTM/GRU``
             (rnndeploy's included) among ordinary layers. The model itself is not modified.
         path: where to write the ``.onnx`` file (atomically); ``None`` to only return the model.
         example_inputs: positional inputs for tracing. ``SequenceModel``: ignored (built from the config).
@@ -97,7 +97,7 @@ def export_onnx(
         output_names: for modules other than ``SequenceModel``; by default ``output_0, ...``.
         dynamic_axes: for modules other than ``SequenceModel``; by default axes 0 and 1 of every input are
             dynamic (``axis0``, ``axis1``).
-        opset: ONNX opset, ``MIN_OPSET..MAX_OPSET``; default :data:`DEFAULT_OPSET`, or for a module whose
+        opset: ONNX opset, ``MIN_OPSET..MAX_OPSET``; default `DEFAULT_OPSET`, or for a module whose
             ops onnx's version converter cannot take below the exporter's opset 18 (``chunk`` -> Split-18),
             opset 18 with a warning. An opset given explicitly is kept, or refused with the op named.
         vocab: ``SequenceModel`` only: stored in ``metadata_props`` (``rnndeploy.vocab``).
@@ -261,7 +261,7 @@ def _export_sequence_model(
 
 
 def check_layer(module: nn.Module, name: str) -> None:
-    """Raises :class:`ExportError` naming ``name`` and the option if a recurrent layer cannot be exported."""
+    """Raises `ExportError` naming ``name`` and the option if a recurrent layer cannot be exported."""
     try:
         check_exportable(module, name)
     except UnsupportedLayerError as exc:
@@ -311,7 +311,7 @@ def _trace(
 ) -> onnx.ModelProto:
     """``torch.onnx.export(..., dynamo=True)`` with ``dynamic_axes`` named as given, at ``opset``.
 
-    ``required``: every axis in ``dynamic_axes`` must come out dynamic (else :class:`ExportError`); when
+    ``required``: every axis in ``dynamic_axes`` must come out dynamic (else `ExportError`); when
     False (default axes the caller did not ask for), the ones the module fixes stay fixed.
     """
     # Dim.DYNAMIC: torch.export refuses (rather than silently fixes) an axis the module makes static; the
@@ -379,7 +379,7 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def _convert_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """``proto`` (exported at ``EXPORTER_MIN_OPSET`` or newer) at ``opset``, or :class:`ExportError`."""
+    """``proto`` (exported at ``EXPORTER_MIN_OPSET`` or newer) at ``opset``, or `ExportError`."""
     if opset >= EXPORTER_MIN_OPSET:
         return proto
     try:
@@ -446,7 +446,7 @@ def _name_dynamic_axes(
 ) -> None:
     """Renames the exporter's symbolic dimensions to the names in ``dynamic_axes``, throughout the graph.
 
-    Raises :class:`ExportError` naming the tensor and axis if a ``required`` dynamic axis came out fixed.
+    Raises `ExportError` naming the tensor and axis if a ``required`` dynamic axis came out fixed.
     """
     graph = proto.graph
     values = {v.name: v for v in [*graph.input, *graph.output]}

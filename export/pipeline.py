@@ -102,23 +102,23 @@ def export_checkpoint(
         checkpoint: the ``.pt`` checkpoint.
         onnx_path: the fp32 graph to write; default: the checkpoint's path with ``.onnx``.
         overwrite: replace existing output files; without it an existing one is an
-            :class:`OutputExistsError` before anything is written.
-        verify: compare every graph with PyTorch (see :func:`rnndeploy.export.verify`) before it replaces
+            `OutputExistsError` before anything is written.
+        verify: compare every graph with PyTorch (see `rnndeploy.export.verify`) before it replaces
             anything: a graph that fails is kept as ``<name>.rejected.onnx`` (``report.rejected``), the file at
             its path stays as it was, and no later artifact (variants, Triton repository) is written.
         opset: ONNX opset of the graphs.
         fp16: also write ``<name>.fp16.onnx`` (half compute, float32 I/O; for the CUDA/TensorRT providers).
         int8: also write ``<name>.int8.onnx`` (dynamic int8) and measure its accuracy change and CPU speed.
         triton_repo: also write a Triton Inference Server model repository there (see
-            :func:`rnndeploy.export.write_triton_repository`); ``triton_name`` names the model (default:
+            `rnndeploy.export.write_triton_repository`); ``triton_name`` names the model (default:
             the ONNX file's stem); ``triton_backend`` is ``"onnxruntime"`` or ``"python"``.
         max_batch_size: Triton ``max_batch_size``.
         step_graph: also write ``<name>.step.onnx``, one time step as plain ONNX operators (see
-            :func:`rnndeploy.export.step_graph.export_step_graph`), verified step by step; with ``fp16`` /
+            `rnndeploy.export.step_graph.export_step_graph`), verified step by step; with ``fp16`` /
             ``int8`` also its ``.step.fp16`` / ``.step.int8`` variants (int8 quantizes every cell).
 
     Returns:
-        An :class:`ExportReport`; ``report.ok`` is False when a verification failed.
+        An `ExportReport`; ``report.ok`` is False when a verification failed.
     """
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint, backend="torch")
@@ -224,7 +224,7 @@ def int8_accuracy(
 ) -> list[str]:
     """How much int8 changes the model's outputs, as printable lines.
 
-    With ``validation`` (``[N]`` token ids or ``[N, F]`` features and a label, see :func:`validation_split`):
+    With ``validation`` (``[N]`` token ids or ``[N, F]`` features and a label, see `validation_split`):
     the split cut into ``batch`` contiguous streams, each run as one sequence, scored by both graphs (bits per
     character or mean squared error against the next step). Without it: random inputs, compared with fp32.
     Language models and classifiers also report top-1 agreement with fp32; regression the RMS difference.

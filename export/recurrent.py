@@ -1,7 +1,7 @@
 """Recurrent layers as standard ONNX ``RNN`` / ``LSTM`` / ``GRU`` nodes.
 
 During export every ``torch.nn.RNN/LSTM/GRU`` (rnndeploy's subclass them) is swapped for an
-:class:`OnnxRecurrent` stand-in. Each layer of the stand-in calls :func:`onnx_layer`, which, while
+`OnnxRecurrent` stand-in. Each layer of the stand-in calls `onnx_layer`, which, while
 ``torch.onnx.export(..., dynamo=True)`` traces it, emits one ONNX node per layer (both directions in one node)
 through ``torch.onnx.ops.symbolic_multi_out``, with ``W``, ``R`` and ``B`` as initializers (the stand-in's
 buffers), gates reordered from PyTorch's layout to ONNX's:
@@ -79,7 +79,7 @@ def onnx_weights(module: nn.RNNBase, layer: int) -> tuple[Tensor, Tensor, Tensor
 
 
 def check_exportable(module: nn.RNNBase, name: str = "") -> None:
-    """Raises :class:`UnsupportedLayerError` naming every option of ``module`` that ONNX cannot express."""
+    """Raises `UnsupportedLayerError` naming every option of ``module`` that ONNX cannot express."""
     where = f"layer {name!r} ({type(module).__name__})" if name else type(module).__name__
     if getattr(module, "proj_size", 0):
         raise UnsupportedLayerError(
@@ -105,7 +105,7 @@ def onnx_layer(
     Args:
         x: ``[T, B, I]`` (``layout=0``).
         h0, c0: ``[D, B, H]`` or ``None`` for zeros; ``c0`` is used by LSTM only.
-        W, R, B: the layer's ONNX weights (see :func:`onnx_weights`), gates in ONNX order.
+        W, R, B: the layer's ONNX weights (see `onnx_weights`), gates in ONNX order.
         cell: ``"rnn"``, ``"lstm"`` or ``"gru"``.
         bidirectional: both directions in this one layer.
         nonlinearity: RNN only, ``"tanh"`` or ``"relu"``.
@@ -256,7 +256,7 @@ class OnnxRecurrent(nn.Module):
 
 @contextlib.contextmanager
 def onnx_recurrent_layers(model: nn.Module) -> Iterator[list[str]]:
-    """Temporarily swaps every recurrent layer inside ``model`` for :class:`OnnxRecurrent`.
+    """Temporarily swaps every recurrent layer inside ``model`` for `OnnxRecurrent`.
 
     Yields the dotted names of the swapped layers; the original layers are put back on exit, even on error.
     """

@@ -1,6 +1,6 @@
 """The one-step graph: one time step of a ``SequenceModel`` as plain ONNX operators, for stepwise serving.
 
-The sequence graph (:func:`rnndeploy.export.export_onnx`) holds one ``RNN``/``LSTM``/``GRU`` node per layer and
+The sequence graph (`rnndeploy.export.export_onnx`) holds one ``RNN``/``LSTM``/``GRU`` node per layer and
 serves any number of steps per call. The step graph computes exactly one step with ``Gather``/``MatMul``/``Add``
 and elementwise activations (no recurrent node, no ``Loop``/``Scan``), under the same contract: inputs ``input``
 (``[batch, 1]`` token ids or ``[batch, 1, F]`` features) and ``h0`` (``c0``) ``[layers, batch, hidden]``,
@@ -64,14 +64,14 @@ def export_step_graph(
     """Writes one time step of ``model`` as a checked ONNX graph of plain operators (atomically).
 
     Args:
-        model: a unidirectional :class:`SequenceModel` (any cell, task, layer count); not modified.
+        model: a unidirectional `SequenceModel` (any cell, task, layer count); not modified.
         path: the ``.onnx`` file to write.
         fp16: half-precision weights and arithmetic, float32 graph inputs and outputs (``Cast`` at the boundary,
-            as :func:`rnndeploy.export.to_fp16` does for the sequence graph).
+            as `rnndeploy.export.to_fp16` does for the sequence graph).
         opset: ONNX opset, ``MIN_OPSET..MAX_OPSET``.
         vocab, data_stats: stored in ``metadata_props`` as for the sequence graph.
         fuse: one ``MatMul`` over ``concat([x, h])`` per layer (``True``) or one product for ``x`` and one for
-            ``h`` (``False``); ``None`` picks the faster one on onnxruntime's CPU provider (see :data:`FUSE`).
+            ``h`` (``False``); ``None`` picks the faster one on onnxruntime's CPU provider (see `FUSE`).
 
     Returns:
         ``path``. Inputs ``input`` ``[batch, 1]`` int64 or ``[batch, 1, F]`` float32, ``h0`` (``c0``)
@@ -142,10 +142,10 @@ def verify_step_graph(
 
     The model runs in fp32 on ``[B, 1]`` inputs, one call per step, its state fed back; the graph likewise on
     onnxruntime's CPU provider. Outputs over all ``steps`` and the final state are compared within
-    :data:`~rnndeploy.export.TOLERANCES` of the graph's precision (from its metadata).
+    `TOLERANCES` of the graph's precision (from its metadata).
 
     Returns:
-        A :class:`~rnndeploy.export.VerifyReport`; ``report.ok`` is False when any output exceeds the tolerance.
+        A `VerifyReport`; ``report.ok`` is False when any output exceeds the tolerance.
     """
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     precision = meta.get("rnndeploy.precision", "fp32")

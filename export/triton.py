@@ -226,10 +226,10 @@ def write_triton_repository(
         max_queue_delay_us: how long the batcher waits to fill a batch.
         idle_timeout_us: a sequence with no request for this long is released (its state dropped).
         backend: ``"onnxruntime"`` (NGC images) or ``"python"`` (``model.py``; CPU-only images).
-        vocab: stored in the graph's metadata, as in :func:`rnndeploy.export.export_onnx`.
-        data_stats: stored in the graph's metadata, as in :func:`rnndeploy.export.export_onnx`.
+        vocab: stored in the graph's metadata, as in `rnndeploy.export.export_onnx`.
+        data_stats: stored in the graph's metadata, as in `rnndeploy.export.export_onnx`.
         overwrite: replace the files of a model folder that exists; without it an existing ``repo/<name>``
-            (another model's, or an earlier export's) is an :class:`~rnndeploy.export.OutputExistsError`.
+            (another model's, or an earlier export's) is an `OutputExistsError`.
     """
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1 for the sequence batcher, got {max_batch_size}")

@@ -93,7 +93,7 @@ class VerifyReport:
 
 
 def compare(name: str, output: str, got: np.ndarray, expected: np.ndarray, precision: str) -> Check:
-    """A :class:`Check` of ``got`` against ``expected`` (same shape) under ``precision``'s tolerance."""
+    """A `Check` of ``got`` against ``expected`` (same shape) under ``precision``'s tolerance."""
     atol, rtol = TOLERANCES[precision]
     got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
     if got.shape != expected.shape:
@@ -136,14 +136,14 @@ def verify(
         model: the PyTorch ``SequenceModel`` the graph was exported from (run in fp32 on CPU).
         onnx_path: the exported graph (inputs ``input``, ``h0`` [, ``c0``]; outputs ``output``, ``hn``
             [, ``cn``]).
-        precision: ``"fp32"``, ``"fp16"`` or ``"int8"``: picks the tolerance from :data:`TOLERANCES`.
+        precision: ``"fp32"``, ``"fp16"`` or ``"int8"``: picks the tolerance from `TOLERANCES`.
         shapes: ``(batch, time)`` pairs; each runs full-sequence and step-by-step with a random initial state.
         providers: onnxruntime execution providers.
         reference_evaluator: also run ``onnx.reference.ReferenceEvaluator`` (fp32 and fp16) on the first shape
             with more than one step.
 
     Returns:
-        A :class:`VerifyReport`; ``report.ok`` is False when any output exceeds the tolerance.
+        A `VerifyReport`; ``report.ok`` is False when any output exceeds the tolerance.
     """
     if precision not in TOLERANCES:
         raise ValueError(f"precision must be one of {sorted(TOLERANCES)}, got {precision!r}")

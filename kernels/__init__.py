@@ -1,7 +1,7 @@
 """Training compute for rnndeploy: the plain-torch reference cells and the persistent Triton kernels.
 
 This package knows torch and triton only. ``rnndeploy.modules`` calls into it through one entry point per
-backend with a common per-layer signature (see :func:`reference_layer`).
+backend with a common per-layer signature (see `reference_layer`).
 """
 
 from __future__ import annotations
@@ -134,14 +134,14 @@ def triton_layer(
     nonlinearity: str = "tanh",
     strategy: str | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """Same contract as :func:`reference_layer`, on the persistent Triton kernels (differentiable).
+    """Same contract as `reference_layer`, on the persistent Triton kernels (differentiable).
 
     One forward launch per call (plus the input projection, one matmul over all steps); the backward is one
     reverse-time launch plus matmuls. Inputs may be float32, bfloat16 or float16 (all one dtype); state and
     accumulation are float32, outputs come in the input dtype. Under ``torch.autocast`` everything is cast to
     the autocast dtype first, as torch does for its own recurrent layers. Gradients are first-order only, as
     cuDNN's: differentiating them again raises (``rnndeploy.kernels.autograd``). An empty batch runs
-    :func:`reference_layer` (nothing to launch).
+    `reference_layer` (nothing to launch).
 
     Args:
         strategy: force a launch strategy (``rnndeploy.kernels.common.STRATEGIES``); ``None`` picks one.

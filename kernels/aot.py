@@ -201,9 +201,9 @@ class Pick:
 
 
 def picks(cases, gpu=None):
-    """Compiles what :func:`~rnndeploy.kernels.common.plan_layer` picks for each
+    """Compiles what `plan_layer` picks for each
     ``(cell, dtype, precision, B, H, strategy)`` (both passes, lengths and reverse on), yielding
-    :class:`Pick` or, where no configuration fits, ``(case, ValueError)``."""
+    `Pick` or, where no configuration fits, ``(case, ValueError)``."""
     from .common import H100, make_config
 
     gpu = gpu or H100
@@ -270,7 +270,7 @@ def _loop_blocks(ptx: str) -> dict[int, list[list[str]]]:
 def step_costs(pick: Pick, gpu=None) -> dict:
     """Per time step of one program, from its sm_90 PTX: MMA and shared-memory instructions per warp, global
     bytes loaded, CTA barriers, and the MMA duplication against the program's minimum; with the model's
-    first-order time (:func:`~rnndeploy.kernels.common.estimate`) and its terms.
+    first-order time (`estimate`) and its terms.
 
     Counting: instructions in the time loop's body once; in an inner loop (the streamed K chunks) times its
     trip count; the grid barrier's spin loop once (one poll); a tagged poll's retries not at all (its first load is
@@ -357,7 +357,7 @@ CUDNN_US = {"fwd": 2.0e3 / 1024, "bwd": (5.2e3 - 2.0e3) / 1024}
 
 
 def static_report(cases=REPORT_CASES, gpu=None) -> tuple[list[dict], str]:
-    """Compiles ``cases`` for sm_90 and returns one row per kernel (:func:`step_costs` plus the configuration)
+    """Compiles ``cases`` for sm_90 and returns one row per kernel (`step_costs` plus the configuration)
     and a Markdown report: the table, the rates the estimate uses, and the headline against the targets."""
     from .common import H100
 

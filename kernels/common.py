@@ -10,7 +10,7 @@ the gate count padded to a power of two, GRU's fourth block is zero) against ``h
 one warpgroup of ``wgmma`` over distinct rows: no two warps issue the same MMA. Elementwise work runs on
 ``[BH, BB]`` tiles (units x batch).
 
-Backward, per step, one of two forms (the estimate picks): by partial sums (split grids, :func:`_bwd_partial`):
+Backward, per step, one of two forms (the estimate picks): by partial sums (split grids, `_bwd_partial`):
 ``dg [BB, GP*BH]`` of the program's own units times the same ``W_hh`` rows the forward holds, a partial ``dh``
 over all ``H`` columns published in fp32 and the own columns of everyone's partials summed; or with the gate
 gradients exchanged: ``dh_{t-1} [BB, BH] = dg [BB, G*H] @ W_hh[:, units] [G*H, BH]``, split over ``K`` into
@@ -32,7 +32,7 @@ backward) rounded up to 16 (``NKS*16``): H=768 walks 512 + 256, not a padded 102
 - ``resident-tagged``: the same through tagged words (below), for the tests; ``resident-partial`` and
   ``resident-partial-tagged``: the backward by partial sums in one program, plain and tagged.
 
-The hand-off between steps of a split grid is one of two, whichever :func:`estimate` finds cheaper: a grid
+The hand-off between steps of a split grid is one of two, whichever `estimate` finds cheaper: a grid
 barrier after the stores, or tagged words (each value stored with the step that wrote it, its readers poll
 until every word they need carries the right tag: no barrier round, the data is its own flag; twice the
 bytes through L2, except the partial sums, whose tag is their lowest bit). Both launch cooperatively: every
@@ -99,7 +99,7 @@ def _grid_barrier(p_bar, target):
 @triton.jit
 def _exchange(p_s, p_bar, i_b, s, NSPLIT: tl.constexpr, TAGGED: tl.constexpr):
     """Ends step ``s`` after this program stored its slice at ``p_s``: everyone's slice is visible after it
-    (tagged words need nothing here: their readers wait for the tag, see :func:`_poll`)."""
+    (tagged words need nothing here: their readers wait for the tag, see `_poll`)."""
     if not TAGGED:
         if NSPLIT > 1:
             _grid_barrier(p_bar + i_b, (s + 1) * NSPLIT)
@@ -137,7 +137,7 @@ def _first(ptrs, mask):
 
 @triton.jit
 def _poll(w, ptrs, mask, tag, DT: tl.constexpr):
-    """The tagged words at ``ptrs`` (``w``: their :func:`_first` read) once every one under ``mask`` carries
+    """The tagged words at ``ptrs`` (``w``: their `_first` read) once every one under ``mask`` carries
     ``tag``, as values in ``DT`` (0 where masked); re-read while any does not."""
     SHIFT: tl.constexpr = 32 if DT == tl.float32 else 16
     want = tag & 0xFFFF
@@ -160,14 +160,14 @@ def _poll(w, ptrs, mask, tag, DT: tl.constexpr):
 
 @triton.jit
 def _put_lsb(ptrs, v, mask, s):
-    """Stores the fp32 tile ``v`` at ``ptrs`` as words tagged for step ``s`` (relaxed atomics, see :func:`_put`)."""
+    """Stores the fp32 tile ``v`` at ``ptrs`` as words tagged for step ``s`` (relaxed atomics, see `_put`)."""
     word = (v.to(tl.int32, bitcast=True) & -2) | ((s // 2) % 2)
     tl.atomic_xchg(ptrs, word, mask=mask, sem="relaxed", scope="gpu")
 
 
 @triton.jit
 def _poll_lsb(w, ptrs, mask, s):
-    """The fp32 words at ``ptrs`` (``w``: their :func:`_first` read) once every one under ``mask`` carries step
+    """The fp32 words at ``ptrs`` (``w``: their `_first` read) once every one under ``mask`` carries step
     ``s``'s bit (0 where masked)."""
     want = (s // 2) % 2
     while tl.sum(tl.where(mask & ((w & 1) != want), 1, 0)) > 0:
@@ -177,7 +177,7 @@ def _poll_lsb(w, ptrs, mask, s):
 
 @triton.jit
 def _join_gates(a0, a1, a2, a3, G: tl.constexpr):
-    """``[BB, GP*BH]`` gate-major from per-gate ``[BB, BH]`` tiles (the inverse of :func:`_split4`'s layout;
+    """``[BB, GP*BH]`` gate-major from per-gate ``[BB, BH]`` tiles (the inverse of `_split4`'s layout;
     ``G == 1``: ``a0`` alone)."""
     if G == 1:
         out = a0
@@ -267,7 +267,7 @@ def _load_rows(p_w, o_row, m_row, o_k, H, SW):
 
 @triton.jit
 def _op_t_words(p, o_b, m_b, o_k, stride, H):
-    """Addresses and mask of the tagged words :func:`_load_op_t` waits for: columns ``o_k < H``, transposed."""
+    """Addresses and mask of the tagged words `_load_op_t` waits for: columns ``o_k < H``, transposed."""
     return p + o_b[None, :].to(tl.int64) * stride + o_k[:, None], (o_k < H)[:, None] & m_b[None, :]
 
 
@@ -363,7 +363,7 @@ def _load_w_slices(p_w, o_k, o_h, K, H, SW):
 
 @triton.jit
 def _g_slices_words(p, o_b, m_b, o_k, K, SP):
-    """Addresses and mask of the tagged words :func:`_load_g_slices` waits for: ``[NKS, BB, KS]``, ``o_k < K``."""
+    """Addresses and mask of the tagged words `_load_g_slices` waits for: ``[NKS, BB, KS]``, ``o_k < K``."""
     return p + o_b[None, :, None].to(tl.int64) * SP + o_k[:, None, :], m_b[None, :, None] & (o_k < K)[
         :, None, :
     ]
@@ -514,7 +514,7 @@ class KernelConfig:
 
     ``BK1 + BK2``: the two power-of-two pieces of the product's ``K`` (``BK2 = 0``: one piece); ``BKC``: the
     streamed chunk; ``NKS``: the backward's split-K slices. ``shared`` and ``regs`` are the model's bytes of
-    shared memory and registers per thread; ``step_us`` its first-order time per step (see :func:`estimate`).
+    shared memory and registers per thread; ``step_us`` its first-order time per step (see `estimate`).
     """
 
     cell: str
@@ -707,7 +707,7 @@ def estimate(
 
 
 def _chain(cfg: KernelConfig, gpu: GPUSpec, mma_clk: float, smem_clk: float, l2_bytes: int) -> dict:
-    """The step as :func:`estimate` adds it up: the product (the slower of its MMA work and its operands'
+    """The step as `estimate` adds it up: the product (the slower of its MMA work and its operands'
     shared-memory traffic: the tensor cores read them there), what goes through L2 (bytes and one latency;
     tagged, half a latency more), the grid barrier where there is one."""
     l2_clk = l2_bytes / gpu.l2_bytes_per_clk + (gpu.l2_latency_clk if l2_bytes else 0)
@@ -726,7 +726,7 @@ def _chain(cfg: KernelConfig, gpu: GPUSpec, mma_clk: float, smem_clk: float, l2_
 
 
 def _estimate_partial(cfg: KernelConfig, H: int, dtype: torch.dtype, precision: str, gpu: GPUSpec) -> dict:
-    """:func:`estimate` of the backward by partial sums: the product ``dg [BB, GP*BH] @ W_rows [GP*BH, K]`` paced
+    """`estimate` of the backward by partial sums: the product ``dg [BB, GP*BH] @ W_rows [GP*BH, K]`` paced
     by its MMA work or by reading the held rows from shared memory; then the program's partial (``BB*K`` fp32)
     written and its columns of everyone's (``NSPLIT*BB*BH`` fp32) read through L2, one latency; the hand-off."""
     G = GATES[cfg.cell]
@@ -900,11 +900,11 @@ def make_config(
     precision: str = "tf32",
 ) -> KernelConfig:
     """Chooses the strategy and block sizes of one pass of one layer; ``strategy`` forces one of
-    :data:`STRATEGIES` (a ``ValueError`` says why when it cannot fit).
+    `STRATEGIES` (a ``ValueError`` says why when it cannot fit).
 
-    On CUDA every candidate is checked against the target's limits with :func:`model_shared` and
-    :func:`model_regs`, barrier grids against the SM count (one program per SM, co-resident), and the one
-    with the smallest :func:`estimate` wins. Nothing returned exceeds a limit of the model; the compile test
+    On CUDA every candidate is checked against the target's limits with `model_shared` and
+    `model_regs`, barrier grids against the SM count (one program per SM, co-resident), and the one
+    with the smallest `estimate` wins. Nothing returned exceeds a limit of the model; the compile test
     checks the model against the compiler. ``gpu`` defaults to the current device (H100 rates, its SM count
     and shared memory) and lets a CPU machine plan for a GPU it does not have (``device`` of type cuda).
 
@@ -1025,7 +1025,7 @@ def plan_layer(
     cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device, strategy: str | None = None,
     gpu: GPUSpec | None = None,
 ) -> LayerPlan:  # fmt: skip
-    """:func:`make_config` for both passes of one layer."""
+    """`make_config` for both passes of one layer."""
     precision = dot_precision(dtype)
     return LayerPlan(
         *(make_config(cell, B, H, dtype, device, strategy, bwd, gpu, precision) for bwd in (False, True))
@@ -1050,7 +1050,7 @@ def _does_not_fit(cfg: KernelConfig, B: int, H: int, dtype: torch.dtype, gpu: GP
 @contextlib.contextmanager
 def forced_handoff(value: str):
     """Inside, split grids take the hand-off ``value`` (``barrier``, ``tagged`` or ``auto``): sets
-    ``RNNDEPLOY_HANDOFF``, which :func:`make_config` reads, and restores it after."""
+    ``RNNDEPLOY_HANDOFF``, which `make_config` reads, and restores it after."""
     saved = os.environ.get("RNNDEPLOY_HANDOFF")
     os.environ["RNNDEPLOY_HANDOFF"] = value
     try:
@@ -1167,7 +1167,7 @@ def launch(
 def _fall_back(
     config: KernelConfig, B: int, H: int, dtype: torch.dtype, error: Exception, gpu: GPUSpec | None
 ):
-    """The next strategy along :data:`_FALLBACK` that has a configuration, with one warning per shape."""
+    """The next strategy along `_FALLBACK` that has a configuration, with one warning per shape."""
     _FAILED.add((config.cell, config.backward, B, H, dtype, config.strategy))
     pass_ = "backward" if config.backward else "forward"
     nxt = _FALLBACK.get(config.strategy)
@@ -1201,7 +1201,7 @@ def _tag_word(dtype: torch.dtype) -> torch.dtype:
 
 
 def _tagged(values: Tensor, dtype: torch.dtype) -> Tensor:
-    """``values`` in ``dtype`` as tagged words of tag 0 (what :func:`_put` stores at step -1)."""
+    """``values`` in ``dtype`` as tagged words of tag 0 (what `_put` stores at step -1)."""
     v = values.to(dtype).contiguous()
     if dtype == torch.float32:
         return v.view(torch.int32).to(torch.int64) & 0xFFFFFFFF

@@ -1,4 +1,4 @@
-"""GRU: persistent forward and reverse-time backward kernels, their launchers and :class:`GRUFunction`.
+"""GRU: persistent forward and reverse-time backward kernels, their launchers and `GRUFunction`.
 
 Gate order ``r, z, n`` (PyTorch's), reset applied after the recurrent product:
 ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``, ``h_t = (1 - z) * n + z * h_{t-1}``.
@@ -284,7 +284,7 @@ def gru_bwd(
 
 
 class GRUFunction(torch.autograd.Function):
-    """One GRU layer in one direction; see :func:`rnndeploy.kernels.triton_layer` for the arguments."""
+    """One GRU layer in one direction; see `rnndeploy.kernels.triton_layer` for the arguments."""
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, plan, store_ws):

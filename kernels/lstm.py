@@ -1,4 +1,4 @@
-"""LSTM: persistent forward and reverse-time backward kernels, their launchers and :class:`LSTMFunction`.
+"""LSTM: persistent forward and reverse-time backward kernels, their launchers and `LSTMFunction`.
 
 Gate order ``i, f, g, o`` (PyTorch's): ``c_t = f*c_{t-1} + i*g``, ``h_t = o*tanh(c_t)``.
 """
@@ -315,7 +315,7 @@ def lstm_bwd(
 
 
 class LSTMFunction(torch.autograd.Function):
-    """One LSTM layer in one direction; see :func:`rnndeploy.kernels.triton_layer` for the arguments."""
+    """One LSTM layer in one direction; see `rnndeploy.kernels.triton_layer` for the arguments."""
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, plan, store_ws):

@@ -1,4 +1,4 @@
-"""Elman RNN: persistent forward and reverse-time backward kernels, their launchers and :class:`RNNFunction`.
+"""Elman RNN: persistent forward and reverse-time backward kernels, their launchers and `RNNFunction`.
 
 ``h_t = f(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)``, f = tanh or relu.
 """
@@ -241,7 +241,7 @@ def rnn_bwd(
 
 
 class RNNFunction(torch.autograd.Function):
-    """One Elman RNN layer in one direction; see :func:`rnndeploy.kernels.triton_layer` for the arguments."""
+    """One Elman RNN layer in one direction; see `rnndeploy.kernels.triton_layer` for the arguments."""
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, plan, relu):

@@ -166,7 +166,7 @@ def save_checkpoint(
 
     Raises:
         CheckpointError: ``vocab`` is not a list of strings as long as the model's ``vocab_size``, or
-            ``step`` is not a non-negative int. OSError: see :func:`atomic_write`.
+            ``step`` is not a non-negative int. OSError: see `atomic_write`.
     """
     path = Path(path)
     if vocab is not None:
@@ -261,7 +261,7 @@ def _check_checkpoint_file(path: Path) -> None:
 
 
 def load_checkpoint(path: str | Path, backend: str = "auto", map_location: str = "cpu") -> Checkpoint:
-    """Loads a checkpoint written by :func:`save_checkpoint` and rebuilds its model (in eval mode)."""
+    """Loads a checkpoint written by `save_checkpoint` and rebuilds its model (in eval mode)."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder; give the .pt file `rnndeploy train` wrote")

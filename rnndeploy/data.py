@@ -1,13 +1,13 @@
 """Training data: a character corpus or a numeric time series, split and batched for truncated BPTT.
 
-Three sources, picked by :func:`load_data`'s ``source`` argument:
+Three sources, picked by `load_data`'s ``source`` argument:
 
 - ``"builtin"``: the English text of CPython's ``pydoc_data.topics`` (about 465 kB, no download);
 - a text file (any other suffix): character-level, the vocabulary is the sorted set of its characters;
 - a ``.npy`` or ``.csv`` time series, ``[T]`` or ``[T, F]``, normalised per feature with the mean and standard
   deviation of the training split (kept as ``data_stats`` so predictions can be mapped back).
 
-The last ``valid_fraction`` of the stream is the validation split. :class:`StreamBatcher` cuts a split into
+The last ``valid_fraction`` of the stream is the validation split. `StreamBatcher` cuts a split into
 parallel contiguous streams and serves consecutive chunks, so a model can carry its state from one chunk to
 the next (truncated backpropagation through time).
 """
@@ -95,7 +95,7 @@ def decode(ids: Tensor | list[int], vocab: list[str]) -> str:
 
 
 def check_data_file(path: Path) -> None:
-    """Raises a :class:`DataError` that says what ``path`` is when it is not a readable data file."""
+    """Raises a `DataError` that says what ``path`` is when it is not a readable data file."""
     if path.is_dir():
         raise DataError(
             f"data file {path} is a folder, not a file: give a UTF-8 text file, a .npy or .csv series, or "
@@ -199,7 +199,7 @@ def load_data(
             vocabulary is built from the whole text.
 
     Returns:
-        A :class:`Dataset`; text as ``[N]`` int64 ids, a series as normalised ``[N, F]`` float32.
+        A `Dataset`; text as ``[N]`` int64 ids, a series as normalised ``[N, F]`` float32.
     """
     if not 0.0 < valid_fraction <= 0.5:
         raise DataError(f"valid_fraction must be in (0, 0.5], got {valid_fraction}")
@@ -243,7 +243,7 @@ def _split_size(n: int, valid_fraction: float, source: str) -> int:
 def streams(data: Tensor, num_streams: int, seq_len: int, what: str = "data") -> Tensor:
     """Cuts ``data`` (``[N]`` or ``[N, F]``) into ``num_streams`` contiguous streams ``[S, N // S, ...]``.
 
-    The tail that does not fill a stream is dropped. Raises :class:`DataError` when a stream would be
+    The tail that does not fill a stream is dropped. Raises `DataError` when a stream would be
     shorter than ``seq_len + 1`` (one input chunk and its next-step targets).
     """
     length = len(data) // num_streams

@@ -1,8 +1,8 @@
 """``rnndeploy demo``: the whole pipeline on the built-in corpus, as a list of named stages.
 
-Each stage is a function taking the shared :class:`DemoContext`; it reads what earlier stages left there and
+Each stage is a function taking the shared `DemoContext`; it reads what earlier stages left there and
 adds its own results and files. Later parts of the pipeline (export and verification, streaming through
-onnxruntime) join the demo by adding a :class:`Stage` to :data:`STAGES`.
+onnxruntime) join the demo by adding a `Stage` to `STAGES`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class DemoError(RuntimeError):
 @dataclass
 class DemoContext:
     """What the stages share. ``files`` (label -> path) is printed at the end of the demo; ``threads``: torch
-    CPU threads for training (``None``: :data:`rnndeploy.train.DEFAULT_THREADS`)."""
+    CPU threads for training (``None``: `rnndeploy.train.DEFAULT_THREADS`)."""
 
     out_dir: Path
     steps: int | None = None
@@ -126,7 +126,7 @@ STAGES: list[Stage] = [
 
 
 def run_demo(ctx: DemoContext, stages: list[Stage] | None = None) -> DemoContext:
-    """Runs ``stages`` (default :data:`STAGES`) in order, then lists the files they wrote."""
+    """Runs ``stages`` (default `STAGES`) in order, then lists the files they wrote."""
     stages = STAGES if stages is None else stages
     seconds: dict[str, float] = {}
     for number, stage in enumerate(stages, start=1):

@@ -1,12 +1,12 @@
 """Gradient flow through time: how much of the gradient of a loss at the last step reaches each earlier state.
 
-:func:`gradient_flow` measures, for one batch, ``||dL/dh_t||`` for every time step ``t`` and every layer of a
-:class:`~rnndeploy.models.SequenceModel`, where ``L`` is the model's loss on its output at the last step only.
+`gradient_flow` measures, for one batch, ``||dL/dh_t||`` for every time step ``t`` and every layer of a
+`SequenceModel`, where ``L`` is the model's loss on its output at the last step only.
 For ``t < T - 1`` that gradient arrives through the recurrence alone, so its fall with distance is the
 vanishing gradient BPTT suffers in a plain RNN. For the Elman cell the largest singular value of ``W_hh`` is
 reported too: with a tanh (slope <= 1) it bounds the factor by which the gradient can grow per step.
 
-:func:`write_report` draws ``log ||dL/dh_t||`` against ``t`` (one line per model and layer) and writes the
+`write_report` draws ``log ||dL/dh_t||`` against ``t`` (one line per model and layer) and writes the
 numbers as JSON; ``rnndeploy train --grad-report`` calls it after training (files next to the checkpoint).
 """
 
@@ -29,7 +29,7 @@ from rnndeploy.models import SequenceModel
 
 @dataclass
 class GradientFlow:
-    """What :func:`gradient_flow` measured on one batch.
+    """What `gradient_flow` measured on one batch.
 
     Attributes:
         label: the model's name in plots.
@@ -76,14 +76,14 @@ def gradient_flow(model: SequenceModel, x: Tensor, target: Tensor, label: str | 
     gradient can be read; dropout is not applied. The model's parameters and their ``.grad`` are unchanged.
 
     Args:
-        model: a unidirectional :class:`SequenceModel` (any task, cell, layer count and backend).
+        model: a unidirectional `SequenceModel` (any task, cell, layer count and backend).
         x: ``[B, T]`` token ids or ``[B, T, F]`` features.
         target: the target of the output at the last step: ``[B]`` class ids (``"lm"``, ``"classification"``)
             or ``[B, output_size]`` values (``"regression"``).
         label: name for plots (default: the cell, e.g. ``"LSTM 32"``).
 
     Returns:
-        A :class:`GradientFlow`; ``h_norm[layer][t]`` is the mean over the batch of the norm of the gradient of
+        A `GradientFlow`; ``h_norm[layer][t]`` is the mean over the batch of the norm of the gradient of
         each sequence's own loss with respect to its ``h_t``.
     """
     config = model.config
@@ -191,7 +191,7 @@ def write_report(
     title: str,
     extra: dict | None = None,
 ) -> None:
-    """Writes the plot of ``flows`` to ``png`` and their numbers to ``json_path`` (:func:`write_json`)."""
+    """Writes the plot of ``flows`` to ``png`` and their numbers to ``json_path`` (`write_json`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -210,7 +210,7 @@ def write_report(
 def grad_report(
     model: SequenceModel, x: Tensor, target: Tensor, out: str | Path, title: str
 ) -> tuple[Path, Path]:
-    """:func:`gradient_flow` of ``model`` on one batch, written as :func:`report_paths` (``out``: a checkpoint)."""
+    """`gradient_flow` of ``model`` on one batch, written as `report_paths` (``out``: a checkpoint)."""
     png, json_path = report_paths(out)
     flow = gradient_flow(model, x, target)
     extra = {"model": json.loads(model.config.to_json()), "decay_per_step": flow.decay_per_step()}

@@ -1,6 +1,6 @@
 """Long-time-lag tasks from the literature and a benchmark that trains rnndeploy's cells on them.
 
-- :class:`AddingProblem`: the adding problem exactly as Hochreiter & Schmidhuber (1997, "Long short-term
+- `AddingProblem`: the adding problem exactly as Hochreiter & Schmidhuber (1997, "Long short-term
   memory", Section 5.4, Experiment 4) define it. Each step is a pair (value in [-1, 1], marker in {-1, 0, 1});
   the length is a random integer in [T, T + T/10]; one of the first ten pairs and then one of the first
   T/2 - 1 still unmarked pairs get marker 1 (their values are X1 and X2; as the paper sets X1 to zero when
@@ -9,14 +9,14 @@
   correctly when the absolute error is below 0.04.
   The paper's LSTM at T = 100 stopped after 74,000 training sequences, when the average training error was
   below 0.01 and the 2,000 most recent sequences had all been processed correctly (1 wrong of 2,560 tested).
-- :class:`CopyTask`: the copy (memory) task in its common form: ``symbols`` random symbols out of
+- `CopyTask`: the copy (memory) task in its common form: ``symbols`` random symbols out of
   ``alphabet``, a delay of T - 1 blanks, a delimiter, and ``symbols`` more blanks, during which the model
   recalls the symbols in order. Only the recall steps are scored (the blank outputs are trivial).
 
-:func:`train_on_task` trains a :class:`~rnndeploy.models.SequenceModel` (rnndeploy's own RNN/LSTM/GRU, any
+`train_on_task` trains a `SequenceModel` (rnndeploy's own RNN/LSTM/GRU, any
 backend) online on fresh sequences with Adam and gradient-norm clipping, through the step function of
-``rnndeploy train`` (:func:`rnndeploy.train.optimizer_step`), and stops when the paper's criterion holds on
-the training stream. :func:`run_benchmark` runs every cell and
+``rnndeploy train`` (`rnndeploy.train.optimizer_step`), and stops when the paper's criterion holds on
+the training stream. `run_benchmark` runs every cell and
 ``T``; ``rnndeploy bench memory`` prints the table and writes JSON, CSV and PNGs.
 """
 
@@ -209,13 +209,13 @@ TASKS: dict[str, Callable[[int], Task]] = {"adding": AddingProblem, "copy": Copy
 
 @dataclass
 class TrainSettings:
-    """How :func:`train_on_task` trains.
+    """How `train_on_task` trains.
 
     Attributes:
         hidden: hidden units; batch: sequences per optimizer step; lr: Adam learning rate; clip: gradient-norm
             clipping (0: none); budget: most training sequences; seed: initialisation and data seed;
         backend: ``SequenceModel`` backend; device: where to train; curve_every: sequences between points of
-            the learning curve; gate_bias: :func:`set_gate_bias` value for LSTM/GRU (``None``: torch's init).
+            the learning curve; gate_bias: `set_gate_bias` value for LSTM/GRU (``None``: torch's init).
     """
 
     hidden: int = 32
@@ -260,7 +260,7 @@ class RunResult:
     """One cell trained on one task at one ``T``.
 
     ``solved_at`` is the number of training sequences after which the stop criterion first held, ``None``
-    when it did not within the budget. ``test_*`` are measured on :data:`TEST_SEQUENCES` fresh sequences,
+    when it did not within the budget. ``test_*`` are measured on `TEST_SEQUENCES` fresh sequences,
     ``baseline_*`` on the same ones. ``curve`` holds ``(sequences, window error, window fraction correct)``.
     ``seconds`` is the wall time of training, ``cpu_seconds`` the CPU time this process spent on it (on a
     shared machine the second is the one that does not depend on the other jobs).
@@ -311,7 +311,7 @@ def train_on_task(
     """Trains a fresh ``cell`` model on ``task`` until the stop criterion or the budget, then tests it.
 
     Every optimizer step sees ``settings.batch`` fresh sequences; their errors (before the step) enter a
-    window of the most recent :data:`WINDOW` training sequences, on which the criterion is checked.
+    window of the most recent `WINDOW` training sequences, on which the criterion is checked.
     """
     device = torch.device(settings.device)
     torch.manual_seed(settings.seed)

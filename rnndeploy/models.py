@@ -1,6 +1,6 @@
 """Sequence models: input encoder -> recurrent stack -> output head ``y_t = g(W_hy h_t + b_y)``.
 
-:class:`SequenceModel` is built from a :class:`ModelConfig`, a small dataclass that is stored as JSON inside
+`SequenceModel` is built from a `ModelConfig`, a small dataclass that is stored as JSON inside
 checkpoints (and ONNX metadata), so export and the runtime rebuild the model without code.
 """
 
@@ -25,7 +25,7 @@ _DEFAULT_HEAD = {"lm": "log_softmax", "classification": "log_softmax", "regressi
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a :class:`SequenceModel`.
+    """Everything needed to rebuild a `SequenceModel`.
 
     Attributes:
         task: ``"lm"`` (next-token language model), ``"regression"`` (per-step regression / forecasting) or
@@ -118,7 +118,7 @@ class SequenceModel(nn.Module):
 
     Inputs are batch-first: ``[B, T]`` int64 token ids (``vocab_size`` set) or ``[B, T, F]`` real features.
     The recurrent state is a tuple ``(h,)`` or ``(h, c)`` (LSTM), each ``[num_layers * D, B, hidden_size]``,
-    taken and returned by :meth:`forward` so training and inference can carry it across chunks.
+    taken and returned by `forward` so training and inference can carry it across chunks.
     """
 
     def __init__(self, config: ModelConfig, backend: str = "auto") -> None:

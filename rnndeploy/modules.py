@@ -1,6 +1,6 @@
 """``torch.nn``-compatible recurrent layers with a choice of backend, and their cells.
 
-:class:`RNN`, :class:`LSTM` and :class:`GRU` subclass their ``torch.nn`` namesakes: the constructor arguments,
+`RNN`, `LSTM` and `GRU` subclass their ``torch.nn`` namesakes: the constructor arguments,
 parameter names and shapes, ``state_dict`` keys, forward signature and outputs are torch's, so checkpoints move
 both ways and ``isinstance(m, torch.nn.LSTM)`` holds. The one addition is ``backend``:
 
@@ -9,7 +9,7 @@ both ways and ``isinstance(m, torch.nn.LSTM)`` holds. The one addition is ``back
 - ``"triton"``: the persistent Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``);
 - ``"reference"``: the plain-torch time loop from ``rnndeploy.kernels.reference`` (slow; the test oracle).
 
-:class:`RNNCell`, :class:`LSTMCell` and :class:`GRUCell` are torch's cells under rnndeploy's name.
+`RNNCell`, `LSTMCell` and `GRUCell` are torch's cells under rnndeploy's name.
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ class GRU(_Recurrent, nn.GRU):
 
 
 class RNNCell(nn.RNNCell):
-    """``torch.nn.RNNCell``, one step of :class:`RNN`: torch's compute, parameters and ``state_dict``.
+    """``torch.nn.RNNCell``, one step of `RNN`: torch's compute, parameters and ``state_dict``.
 
     The cells are here so that a model stepping a cell by hand imports it from rnndeploy with its layers; a
     single step gains nothing from a persistent kernel, so the cells have no ``backend``. Args, shapes and
@@ -251,11 +251,11 @@ class RNNCell(nn.RNNCell):
 
 
 class LSTMCell(nn.LSTMCell):
-    """``torch.nn.LSTMCell``, one step of :class:`LSTM` (see :class:`RNNCell`): ``hx = (h [B, H], c [B, H])``."""
+    """``torch.nn.LSTMCell``, one step of `LSTM` (see `RNNCell`): ``hx = (h [B, H], c [B, H])``."""
 
 
 class GRUCell(nn.GRUCell):
-    """``torch.nn.GRUCell``, one step of :class:`GRU` (see :class:`RNNCell`)."""
+    """``torch.nn.GRUCell``, one step of `GRU` (see `RNNCell`)."""
 
 
 _OURS: dict[type, type] = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU}

@@ -1,6 +1,6 @@
 """Training: truncated BPTT with carried state, periodic validation, atomic checkpoints, exact resume, DDP.
 
-:func:`train` runs one training job described by :class:`TrainOptions`. It writes, next to the checkpoint
+`train` runs one training job described by `TrainOptions`. It writes, next to the checkpoint
 ``out`` (say ``runs/model.pt``): a JSON-lines log (``runs/model.log.jsonl``) and a loss curve
 (``runs/model.loss.png``). Text is measured in bits per character (nats / ln 2), a series in mean squared
 error of the normalised values.
@@ -112,12 +112,12 @@ class TrainOptions:
             checkpoints;
         backend: recurrent backend (``"auto"``, ``"torch"``, ``"triton"``, ``"reference"``);
         valid_fraction: share at the end of the data used for validation; progress: show a tqdm bar;
-        threads: torch intra-op CPU threads (default :data:`DEFAULT_THREADS`; restored when training ends);
+        threads: torch intra-op CPU threads (default `DEFAULT_THREADS`; restored when training ends);
         overwrite: replace an existing ``out`` that this run does not resume (refused otherwise);
         allow_data_change: let ``resume`` continue on training data other than the checkpoint's (refused
             otherwise: the checkpoint stores the size and SHA-256 of its training split);
         grad_report: after training, write the gradient flow through time on one training batch next to
-            ``out`` (``.grad.png``, ``.grad.json``; see :mod:`rnndeploy.diagnostics`).
+            ``out`` (``.grad.png``, ``.grad.json``; see `rnndeploy.diagnostics`).
     """
 
     data: str = "builtin"
@@ -261,7 +261,7 @@ def evaluate(
 
 
 def train(options: TrainOptions, echo: Callable[[str], None] | None = None) -> TrainResult:
-    """Trains a :class:`SequenceModel` as ``options`` describe and returns where the results went.
+    """Trains a `SequenceModel` as ``options`` describe and returns where the results went.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) this joins the process group, trains a DistributedDataParallel
     replica per process and leaves the group at the end. ``echo`` (rank 0 only) receives what a person
@@ -389,7 +389,7 @@ def _signal_name(signum: int) -> str:
 
 
 def _interruptible(make_run: Callable[[_StopSignals], _Run]) -> TrainResult:
-    """Runs a session; a stop signal becomes a :class:`TrainingInterrupted` that says what is on disk."""
+    """Runs a session; a stop signal becomes a `TrainingInterrupted` that says what is on disk."""
     with _StopSignals() as stop:
         run = make_run(stop)
         try:
@@ -626,9 +626,9 @@ class _Checkpoints:
 
 
 class _Run:
-    """One training session of one process (see :func:`train`): setup, the loop and validation; the
-    distributed side, the checkpoint and the log are its parts :class:`_Processes`, :class:`_Checkpoints` and
-    :class:`_RunLog`."""
+    """One training session of one process (see `train`): setup, the loop and validation; the
+    distributed side, the checkpoint and the log are its parts `_Processes`, `_Checkpoints` and
+    `_RunLog`."""
 
     def __init__(
         self,

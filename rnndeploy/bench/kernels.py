@@ -153,7 +153,7 @@ def run_benchmark(
 ) -> tuple[list[Row], list[Failure]]:
     """Times every combination with ``triton.testing.do_bench`` (median and 0.2/0.8 quantiles, ms).
 
-    Each case runs in its own ``try``: one that raises becomes a :class:`Failure` and the grid goes on.
+    Each case runs in its own ``try``: one that raises becomes a `Failure` and the grid goes on.
     ``on_result`` sees every row and failure as soon as it exists (``run_logged`` writes it as a JSON line then), so
     a later error or a timeout loses nothing that finished. The reference runs only where
     ``seq_len <= reference_max_t`` (its Python time loop is slow). Once ``time_budget_s`` has passed, the
@@ -212,9 +212,9 @@ def speedups(rows: list[Row]) -> list[dict]:
 def run_logged(
     lines_path: Path, env: dict, *grid, progress: Callable[[str], None] | None = None, **options
 ) -> tuple[list[Row], list[Failure], bool]:
-    """:func:`run_benchmark` appending one JSON line per finished case to ``lines_path`` as it finishes.
+    """`run_benchmark` appending one JSON line per finished case to ``lines_path`` as it finishes.
 
-    ``grid`` and ``options`` are :func:`run_benchmark`'s. Ctrl-C and SIGTERM (what ``timeout`` sends) end the
+    ``grid`` and ``options`` are `run_benchmark`'s. Ctrl-C and SIGTERM (what ``timeout`` sends) end the
     run early and keep what finished. Returns the rows, the failures and whether the run was interrupted.
     """
     rows: list[Row] = []

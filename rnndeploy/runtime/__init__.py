@@ -1,7 +1,7 @@
 """Stepwise inference of stateful ONNX models with onnxruntime (numpy and onnxruntime only, never torch).
 
-:class:`StreamingSession` carries the state of many streams between steps and batches steps of several streams
-into one call; :func:`generate` samples text from a character language model, :func:`read_text` reads text
+`StreamingSession` carries the state of many streams between steps and batches steps of several streams
+into one call; `generate` samples text from a character language model, `read_text` reads text
 through one.
 
 Modules: ``session`` (the session), ``stores`` (where a stream's state lives between steps: host arrays,

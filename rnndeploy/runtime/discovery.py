@@ -1,7 +1,7 @@
 """Which graph inputs and outputs are a model's state: explicit mapping, ``rnndeploy.states`` metadata, names.
 
 A stateful model has state inputs and state outputs that pair up (``h0 -> hn``): the output of one call is the
-input of the next. :func:`state_pairs` finds the pairs and the batch axis of each state.
+input of the next. `state_pairs` finds the pairs and the batch axis of each state.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def state_pairs(
 
     Args:
         states: an explicit ``{state_input: state_output}`` mapping, or None to use ``metadata`` / names.
-        described: the model's checked ``rnndeploy.states`` metadata (:func:`read_metadata`), None if absent.
+        described: the model's checked ``rnndeploy.states`` metadata (`read_metadata`), None if absent.
         inputs, outputs: the graph's inputs and outputs by name.
         constants: names of inputs fixed for the whole session.
         batch_axes: batch axis per state input, where neither metadata nor the graph tells it.

@@ -44,7 +44,7 @@ class ProviderError(RuntimeError):
 
 
 def step_error(error: Exception, streams: Mapping[Hashable, Mapping[str, np.ndarray]]) -> StepInputError:
-    """onnxruntime's failure to run a step (an out-of-range token id, ...) as a :class:`StepInputError`
+    """onnxruntime's failure to run a step (an out-of-range token id, ...) as a `StepInputError`
     that names each stream's inputs: ``raise step_error(error, {stream: arrays}) from error``."""
     given = "; ".join(
         f"stream {stream!r}: " + ", ".join(_summary(n, a) for n, a in arrays.items())

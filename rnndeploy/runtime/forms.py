@@ -4,7 +4,7 @@
 per call); ``export_step_graph`` writes the same model's single step as plain operators
 (``metadata_props["rnndeploy.form"] == "step"``). Which one is faster for a single step depends on the cell,
 sizes, batch, precision and machine, so a runtime that holds both measures them once at load time
-(:func:`choose_step_form`) and runs one-step requests through the winner, longer chunks through the sequence
+(`choose_step_form`) and runs one-step requests through the winner, longer chunks through the sequence
 graph.
 """
 
@@ -69,10 +69,10 @@ def choose_step_form(
         threads, providers: as the serving session will use them.
         calls, blocks: ``blocks`` alternating blocks of ``calls`` steps per graph; each graph's time is the
             median over its blocks of the median call.
-        margin: see :func:`pick`.
+        margin: see `pick`.
 
     Returns:
-        A :class:`FormChoice`; ``form`` is ``"sequence"`` or ``"step"``, ``path`` that graph's path.
+        A `FormChoice`; ``form`` is ``"sequence"`` or ``"step"``, ``path`` that graph's path.
 
     Raises:
         ModelError: a file is not loadable, ``step_path`` is not a step graph, ``sequence_path`` is one, or the

@@ -1,4 +1,4 @@
-"""Sampling text from a character language model served by a :class:`StreamingSession`."""
+"""Sampling text from a character language model served by a `StreamingSession`."""
 
 from __future__ import annotations
 

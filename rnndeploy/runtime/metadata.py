@@ -4,9 +4,9 @@ The exporter writes these ``metadata_props`` (every value a string, JSON where s
 ``rnndeploy.states`` (a list of ``{input, output, shape, batch_axis, dtype}``), ``rnndeploy.config`` (the
 model configuration), ``rnndeploy.task``, ``rnndeploy.vocab`` (a list of distinct strings; token id = index),
 ``rnndeploy.data_stats`` (``{}`` or ``{"mean": [F], "std": [F]}``) and ``rnndeploy.sizes``. A graph comes from
-anywhere, so :func:`read_metadata` checks every key the runtime reads before anything uses it: a value of the
-wrong shape is a :class:`ModelError` that names the key and what was expected, quoting at most
-:data:`QUOTE_CHARS` characters of what came. Keys it does not know are left alone.
+anywhere, so `read_metadata` checks every key the runtime reads before anything uses it: a value of the
+wrong shape is a `ModelError` that names the key and what was expected, quoting at most
+`QUOTE_CHARS` characters of what came. Keys it does not know are left alone.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class ModelMetadata:
 
 
 def read_metadata(metadata: Mapping[str, str]) -> ModelMetadata:
-    """Check a graph's ``custom_metadata_map`` against the schema; raises :class:`ModelError` naming the key."""
+    """Check a graph's ``custom_metadata_map`` against the schema; raises `ModelError` naming the key."""
     config = _json_object(metadata, "rnndeploy.config")
     sizes = _json_object(metadata, "rnndeploy.sizes")
     for key, source in (("rnndeploy.config", config), ("rnndeploy.sizes", sizes)):

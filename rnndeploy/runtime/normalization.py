@@ -2,7 +2,7 @@
 
 Training normalises a series with the mean and standard deviation of its training split and stores them in
 the checkpoint and the exported graph's ``rnndeploy.data_stats`` metadata (``{"mean": [F], "std": [F]}``).
-The graph itself computes on normalised values; :class:`Normalization` maps a caller's values in and the
+The graph itself computes on normalised values; `Normalization` maps a caller's values in and the
 predictions back out.
 """
 
@@ -37,10 +37,10 @@ class Normalization:
     ) -> Normalization | None:
         """The normalization the metadata describes, or None (no statistics: a text model, a foreign graph).
 
-        ``metadata``: the graph's ``custom_metadata_map``, or it already checked (:func:`read_metadata`).
+        ``metadata``: the graph's ``custom_metadata_map``, or it already checked (`read_metadata`).
         Float step inputs are normalised; float outputs are mapped back for a regression model (task
         ``regression``, or no task recorded). A feature axis that does not fit the statistics, or statistics
-        that are not finite or whose std is 0 in an input's dtype, is a :class:`ModelError`.
+        that are not finite or whose std is 0 in an input's dtype, is a `ModelError`.
         """
         checked = metadata if isinstance(metadata, ModelMetadata) else read_metadata(metadata)
         mean, std = checked.mean, checked.std

@@ -1,7 +1,7 @@
 """Execution providers and session creation: which providers can start, session options, loading a model.
 
 Loading never lets onnxruntime print its own log lines: a provider that does not start or a file that is not a
-model becomes a :class:`ProviderError` / :class:`ModelError` that says why and what to do.
+model becomes a `ProviderError` / `ModelError` that says why and what to do.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def available_providers() -> list[str]:
 
 
 def usable_providers(model: str | os.PathLike | bytes | None = None) -> list[str]:
-    """Providers of :func:`available_providers` that can start here, fastest first; CPU always.
+    """Providers of `available_providers` that can start here, fastest first; CPU always.
 
     A GPU provider needs a CUDA driver and its onnxruntime provider library with all of its CUDA libraries;
     with ``model`` it must also start a session on that model (onnxruntime falls back to the CPU when it
@@ -91,7 +91,7 @@ def resolve_providers(providers: str | Iterable[str] | None) -> list[str]:
     """Turn ``None`` (auto), ``"cuda"``, ``"cpu"``, ``"tensorrt"``, ``"cuda,cpu"`` or full names into a list.
 
     Auto lists CUDA first when this build has it and a CUDA driver is present, then CPU
-    (:class:`StreamingSession` still checks that CUDA starts, and runs on the CPU quietly when it does not).
+    (`StreamingSession` still checks that CUDA starts, and runs on the CPU quietly when it does not).
     TensorRT is never picked automatically: it builds an engine per input shape at first use (seconds to
     minutes); ask for it by name.
     """
@@ -122,7 +122,7 @@ def default_session_options(threads: int = 1) -> ort.SessionOptions:
 
     One thread is fastest for one small recurrent step (no thread hand-off) and lets a server run one session
     per core; raise it for large batches. onnxruntime logs nothing but fatal errors: every error reaches the
-    caller as an exception (:class:`StepInputError`, :class:`ModelError`) that names the input.
+    caller as an exception (`StepInputError`, `ModelError`) that names the input.
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -134,7 +134,7 @@ def default_session_options(threads: int = 1) -> ort.SessionOptions:
 
 
 def load_session(source: str | bytes, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
-    """``ort.InferenceSession`` without onnxruntime's log lines; a model it cannot load is a :class:`ModelError`.
+    """``ort.InferenceSession`` without onnxruntime's log lines; a model it cannot load is a `ModelError`.
 
     When a GPU provider in ``providers`` does not start, onnxruntime falls back to the next one (the caller
     checks ``get_providers()``); its error log about that is not shown.

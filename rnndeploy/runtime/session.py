@@ -1,14 +1,14 @@
-"""Stepwise inference of stateful ONNX models on onnxruntime: :class:`StreamingSession`.
+"""Stepwise inference of stateful ONNX models on onnxruntime: `StreamingSession`.
 
-A :class:`StreamingSession` keeps the state of each *stream* (one sequence being served), so a caller only
+A `StreamingSession` keeps the state of each *stream* (one sequence being served), so a caller only
 passes the new input of each step. Steps of several streams run as one batched onnxruntime call
-(:meth:`StreamingSession.step_many`): state rows are gathered along the batch axis and run; each stream then
+(`StreamingSession.step_many`): state rows are gathered along the batch axis and run; each stream then
 holds its rows of the batch's state outputs (``_Rows``) until it steps alone or is compacted.
 
 How a step runs:
 - A step's input signature (names, dtypes, shapes) is validated once and cached; a later step with the same
   signature goes straight to the run.
-- Each session picks one state store when it opens (:mod:`rnndeploy.runtime.stores`): host arrays and
+- Each session picks one state store when it opens (`rnndeploy.runtime.stores`): host arrays and
   ``run()``; on the CPU with states of fixed size (every RNN/LSTM/GRU) two bound buffers per stream, written in
   turn through ``IOBinding`` (ping-pong); on CUDA device buffers, optionally replayed as CUDA graphs. A single
   stream's step is the store's; batched steps run on host arrays here, and the store takes each stream's rows.
@@ -66,7 +66,7 @@ _SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
 
 class _Stream:
     """One stream: its batch size, and its state: its rows of a batch's outputs (``rows``, after
-    :meth:`StreamingSession.step_many`), else what the session's state store keeps for it (``cell``)."""
+    `StreamingSession.step_many`), else what the session's state store keeps for it (``cell``)."""
 
     __slots__ = ("batch", "cell", "rows", "row")
 
@@ -140,8 +140,8 @@ class StreamingSession:
             then have the same input shape).
         normalize: when the metadata has ``rnndeploy.data_stats`` (a series forecaster), take inputs and
             return outputs in the original units: inputs are normalised with the training statistics and
-            outputs mapped back (:attr:`normalization`). False feeds the graph raw values.
-        session_options: replaces :func:`default_session_options`.
+            outputs mapped back (`normalization`). False feeds the graph raw values.
+        session_options: replaces `default_session_options`.
 
     The main (data) inputs are the graph inputs that are neither states nor constants. ``step`` takes them
     with or without the batch axis (then outputs come without it too); a stream's batch size is fixed by its
@@ -149,11 +149,11 @@ class StreamingSession:
 
     Attributes beyond the arguments: ``metadata`` (the graph's ``custom_metadata_map`` as it is), ``head`` and
     ``vocab`` / ``vocab_size`` (from ``rnndeploy.config`` / ``rnndeploy.vocab``, checked at load: bad
-    ``rnndeploy.*`` metadata is a :class:`ModelError`, never a silently missing vocabulary), ``inputs``,
+    ``rnndeploy.*`` metadata is a `ModelError`, never a silently missing vocabulary), ``inputs``,
     ``outputs``, ``states``, ``normalization``.
 
-    Threads: a session may be shared. Calls that step the same stream (:meth:`step`, :meth:`step_many`,
-    :meth:`step_stacked`, and :meth:`reset`, :meth:`close`, :meth:`get_state`) run one after another: a call
+    Threads: a session may be shared. Calls that step the same stream (`step`, `step_many`,
+    `step_stacked`, and `reset`, `close`, `get_state`) run one after another: a call
     waits until no other call holds any of its streams, then holds all of them until it returns. Calls on
     distinct streams run onnxruntime at the same time; only the short bookkeeping around each run (which
     stream holds which rows of a batch's state) takes a session-wide lock.
@@ -335,7 +335,7 @@ class StreamingSession:
     def reset(self, stream: Hashable = 0, state: Mapping[str, np.ndarray] | None = None) -> None:
         """Start ``stream`` again from zero state, or from ``state`` (``{state_input: array}``, all pairs).
 
-        A bad ``state`` (:class:`StepInputError`) leaves the stream as it was."""
+        A bad ``state`` (`StepInputError`) leaves the stream as it was."""
         arrays = self._checked_state(stream, state) if state is not None else None
         self._claim((stream,))
         try:
@@ -348,7 +348,7 @@ class StreamingSession:
             self._release((stream,))
 
     def _checked_state(self, stream: Hashable, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``state`` for :meth:`reset`, checked against the state pairs, as contiguous arrays."""
+        """``state`` for `reset`, checked against the state pairs, as contiguous arrays."""
         missing = sorted({p.input for p in self.states} - set(state))
         if missing:
             raise StepInputError(f"reset({stream!r}, state=...) misses state inputs {missing}")
@@ -394,13 +394,13 @@ class StreamingSession:
         """Stop every run in progress now and refuse every later step (a shutdown deadline).
 
         onnxruntime ends a run at its next node once told to (``RunOptions.terminate``); the step that was
-        running, and any step after it, raises :class:`ModelError`. The streams' states are left as they were
+        running, and any step after it, raises `ModelError`. The streams' states are left as they were
         before the interrupted step.
         """
         self._graph.run_options.terminate = True
 
     def _run_error(self, error: Exception, streams: Mapping[Hashable, Mapping[str, np.ndarray]]) -> Exception:
-        """What a failed run raises: :class:`ModelError` once terminated, else the step's input error."""
+        """What a failed run raises: `ModelError` once terminated, else the step's input error."""
         if self._graph.run_options.terminate:
             return ModelError(
                 "this session was terminated (StreamingSession.terminate): it runs no more steps"
@@ -408,7 +408,7 @@ class StreamingSession:
         return step_error(error, streams)
 
     def _claim(self, streams: Iterable[Hashable]) -> None:
-        """Wait until no other call holds any of ``streams``, then hold them until :meth:`_release`."""
+        """Wait until no other call holds any of ``streams``, then hold them until `_release`."""
         with self._lock:
             self._wait_for(streams)
             self._busy.update(streams)
@@ -493,7 +493,7 @@ class StreamingSession:
         """Validate one step's input; returns ``(arrays with batch axis, batch size, batch axis was added)``.
 
         A signature (names, dtypes, shapes of numpy arrays) seen before is not checked again. Raises
-        :class:`StepInputError` naming the input, the expected and the given shape or dtype.
+        `StepInputError` naming the input, the expected and the given shape or dtype.
         """
         key = signature_key(x)
         signature = self._signatures.get(key) if key is not None else None
@@ -586,7 +586,7 @@ class StreamingSession:
                     self._idle.notify_all()
 
     def _step(self, x: np.ndarray | Mapping[str, object], stream: Hashable) -> dict[str, np.ndarray]:
-        """:meth:`step` of a stream this call holds."""
+        """`step` of a stream this call holds."""
         entry = self._streams.get(stream)
         store = self._state_store
         if entry is not None:
@@ -627,16 +627,16 @@ class StreamingSession:
         keeps its rows of the batch's state outputs (on CUDA the states go back to the device; with
         ``cuda_graph`` each stream replays its own graphs instead). When the same streams step together
         again, their state is already stacked and nothing is gathered. The result equals calling
-        :meth:`step` for each stream. Streams whose inputs (or grown states) differ in shape run in separate
+        `step` for each stream. Streams whose inputs (or grown states) differ in shape run in separate
         calls. All inputs are validated before anything runs, and states are stored (new streams opened) only
         after every call succeeded, so a failed step (a bad input, or one onnxruntime rejects:
-        :class:`StepInputError`) changes no stream's state and opens no stream.
+        `StepInputError`) changes no stream's state and opens no stream.
 
         A call holds all of its streams while it runs: calls from other threads that step any of them wait
         (see the class docstring).
 
         Args:
-            xs: ``{stream: x}`` with ``x`` as for :meth:`step`.
+            xs: ``{stream: x}`` with ``x`` as for `step`.
         Returns:
             ``{stream: {output_name: array}}``.
         """
@@ -650,7 +650,7 @@ class StreamingSession:
     def _step_many(
         self, xs: Mapping[Hashable, np.ndarray | Mapping[str, object]]
     ) -> dict[Hashable, dict[str, np.ndarray]]:
-        """:meth:`step_many` of streams this call holds."""
+        """`step_many` of streams this call holds."""
         if self._state_store.lone_step_faster and len(xs) == 1:  # nothing to batch
             ((stream, x),) = xs.items()
             return {stream: self._step(x, stream)}
@@ -722,7 +722,7 @@ class StreamingSession:
     def _step_many_uniform(
         self, xs: Mapping[Hashable, object]
     ) -> dict[Hashable, dict[str, np.ndarray]] | None:
-        """:meth:`step_many` when every step is one numpy array of one signature, given as the array or as
+        """`step_many` when every step is one numpy array of one signature, given as the array or as
         ``{input: array}`` (a server's batch of single steps): validated once, one call, no per-stream copies.
         None (nothing done) for other steps."""
         if len(self.inputs) != 1 or not self._fixed_states or self.cuda_graph or not xs:
@@ -772,22 +772,22 @@ class StreamingSession:
         """One step of each of ``streams`` from inputs already stacked along their batch axis, as one call.
 
         With ``n`` streams and ``N`` rows, stream ``k``'s step is rows ``k * N / n`` to ``(k + 1) * N / n``.
-        The result equals :meth:`step_many` with each stream's rows, stacked again; it skips the per-stream
+        The result equals `step_many` with each stream's rows, stacked again; it skips the per-stream
         arrays and dicts, which at many streams of a small model cost as much as the model (for a caller whose
         steps arrive as one array: many sensors sampled together, a simulation's agents). When the same
         streams step together again their state is already stacked.
 
         Args:
             streams: the streams, in the order of their rows (each at most once).
-            x: the stacked step inputs (with the batch axis), as for :meth:`step`.
+            x: the stacked step inputs (with the batch axis), as for `step`.
         Returns:
             ``{output_name: array}``, the streams' rows in the same order.
         Raises:
-            StepInputError: a bad input (as :meth:`step`), rows not a multiple of the streams, a stream whose
+            StepInputError: a bad input (as `step`), rows not a multiple of the streams, a stream whose
                 batch size differs, or a step onnxruntime rejects; nothing changes then.
-            ModelError: states that grow (use :meth:`step_many`), or ``cuda_graph`` (one graph per stream).
+            ModelError: states that grow (use `step_many`), or ``cuda_graph`` (one graph per stream).
 
-        A call holds all of its streams while it runs, as :meth:`step_many` does.
+        A call holds all of its streams while it runs, as `step_many` does.
         """
         members = list(streams)
         if not members:

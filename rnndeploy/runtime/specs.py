@@ -76,7 +76,7 @@ class StatePair:
 
 
 def spec(arg: ort.NodeArg) -> TensorSpec:
-    """The :class:`TensorSpec` of an onnxruntime graph input or output (no batch axis yet)."""
+    """The `TensorSpec` of an onnxruntime graph input or output (no batch axis yet)."""
     if arg.type not in ORT_DTYPES:
         raise ModelError(f"{arg.name} has type {arg.type}; supported tensor types: {', '.join(ORT_DTYPES)}")
     return TensorSpec(arg.name, tuple(arg.shape), np.dtype(ORT_DTYPES[arg.type]))

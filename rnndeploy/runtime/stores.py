@@ -1,15 +1,15 @@
-"""Where a session keeps each stream's state between steps: one :class:`StateStore` kind per session.
+"""Where a session keeps each stream's state between steps: one `StateStore` kind per session.
 
-- :class:`HostStore`: host arrays, one ``InferenceSession.run`` per step (``io_binding=False``; states that
+- `HostStore`: host arrays, one ``InferenceSession.run`` per step (``io_binding=False``; states that
   grow).
-- :class:`CpuBoundStore`: two bound buffer sets per stream on the CPU. onnxruntime's ``IOBinding`` binds
+- `CpuBoundStore`: two bound buffer sets per stream on the CPU. onnxruntime's ``IOBinding`` binds
   inputs and outputs to buffers once, so a run needs no feed dict, no name lookups and no new output arrays;
   the binding for parity ``p`` reads the state from set ``p`` and writes the next one into set ``1 - p``, so
   the next step uses the other binding and nothing is copied (ping-pong).
-- :class:`DeviceStore`: device OrtValues (CUDA), a binding per step, state buffers ping-pong.
-- :class:`CudaGraphStore`: fixed device buffers per stream and two captured CUDA graphs (ping-pong).
+- `DeviceStore`: device OrtValues (CUDA), a binding per step, state buffers ping-pong.
+- `CudaGraphStore`: fixed device buffers per stream and two captured CUDA graphs (ping-pong).
 
-A store keeps a *cell* per stream (what it holds for that stream) and knows only the :class:`Graph` it
+A store keeps a *cell* per stream (what it holds for that stream) and knows only the `Graph` it
 serves, never the session: the session decides which streams step and when, the store how a state is held.
 """
 
@@ -78,8 +78,8 @@ class StateStore:
     """How a session keeps each stream's state: one kind per session, a cell per stream.
 
     ``host``: a cell's state is host arrays, so after a batched run a stream's rows of the batch's state outputs
-    can stand for it until it steps alone (:meth:`StreamingSession.step_many`); else the rows are put back.
-    ``lone_step_faster``: a single stream steps faster through :meth:`step` than through a batched run.
+    can stand for it until it steps alone (`StreamingSession.step_many`); else the rows are put back.
+    ``lone_step_faster``: a single stream steps faster through `step` than through a batched run.
     """
 
     host = True
@@ -101,13 +101,13 @@ class StateStore:
     ) -> dict[str, np.ndarray]:
         """One step of the stream in ``cell`` on the validated ``arrays`` (``x``: the input as given).
 
-        Returns the outputs as :meth:`StreamingSession.step` does; the new state is in ``cell``.
+        Returns the outputs as `StreamingSession.step` does; the new state is in ``cell``.
         """
         raise NotImplementedError
 
     def step_again(self, cell: object, x: np.ndarray | Mapping) -> dict[str, np.ndarray] | None:
         """A step whose input signature this stream ran before, without checks; None where the store has no
-        such path or has not seen the signature (the caller then checks ``x`` and calls :meth:`step`)."""
+        such path or has not seen the signature (the caller then checks ``x`` and calls `step`)."""
         return None
 
 
@@ -169,7 +169,7 @@ class CpuSlot:
         buffers: the stream's two state buffer sets ``{state_input: array}``.
         arrays: the step inputs with the batch axis (their shapes and dtypes size the input buffers).
         given: the shape of each input as the caller passes it (without the batch axis when ``added``).
-        shapes: output shapes from :func:`output_shapes`, or None.
+        shapes: output shapes from `output_shapes`, or None.
         added: the caller left out the batch axis: outputs come back without it.
     """
 
@@ -275,7 +275,7 @@ class CpuSlot:
 
 
 class _BoundCell:
-    """Two state buffer sets, which one holds the state (``current``), and a :class:`CpuSlot` per signature."""
+    """Two state buffer sets, which one holds the state (``current``), and a `CpuSlot` per signature."""
 
     __slots__ = ("buffers", "current", "slots")
 
@@ -339,7 +339,7 @@ class CpuBoundStore(StateStore):
 
 class _DeviceCell:
     """Device OrtValues: the state (``values``), the buffers the next step writes (``spare``), and the stream's
-    captured graphs (``graph``, with :class:`CudaGraphStore`)."""
+    captured graphs (``graph``, with `CudaGraphStore`)."""
 
     __slots__ = ("values", "spare", "graph")
 

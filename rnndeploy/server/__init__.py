@@ -2,15 +2,15 @@
 
 One data plane, two thin front ends (imports flow down this list, never up):
 
-- :mod:`~rnndeploy.server.protocol`: what a request may carry (:class:`Limits`, :class:`RequestError`);
-  :mod:`~rnndeploy.server.repository`: a model repository, ``config.pbtxt`` as Triton's ``ModelConfig``;
-  :mod:`~rnndeploy.server.metrics`: statistics with Triton's Prometheus names;
-- :mod:`~rnndeploy.server.batcher`: per-sequence state, concurrent steps batched (:class:`SequenceBatcher`);
-- :mod:`~rnndeploy.server.core`: the data plane, no HTTP or gRPC in it: :class:`ModelServer` (one model
-  version), :class:`ModelSet` (routing), :func:`open_repository`;
-- :mod:`~rnndeploy.server.rest` (:func:`create_app`, Starlette) and :mod:`~rnndeploy.server.grpc_service`:
+- `protocol`: what a request may carry (`Limits`, `RequestError`);
+  `repository`: a model repository, ``config.pbtxt`` as Triton's ``ModelConfig``;
+  `metrics`: statistics with Triton's Prometheus names;
+- `batcher`: per-sequence state, concurrent steps batched (`SequenceBatcher`);
+- `core`: the data plane, no HTTP or gRPC in it: `ModelServer` (one model
+  version), `ModelSet` (routing), `open_repository`;
+- `rest` (`create_app`, Starlette) and `grpc_service`:
   the front ends, which translate requests, answers and errors;
-- :mod:`~rnndeploy.server.serving`: :func:`serve` runs both on one event loop, with slow-client guards and a
+- `serving`: `serve` runs both on one event loop, with slow-client guards and a
   bounded graceful shutdown.
 """
 

@@ -1,9 +1,9 @@
 """A sequence batcher: per-sequence state on the server, steps of concurrent sequences run as one batch.
 
 Like Triton Inference Server's sequence batcher: a request carries ``sequence_id`` / ``sequence_start`` /
-``sequence_end``; the state of a live sequence stays in the :class:`StreamingSession`; steps that are queued
+``sequence_end``; the state of a live sequence stays in the `StreamingSession`; steps that are queued
 together (up to ``max_batch_size``, waiting at most ``max_queue_delay_s`` for more, but never for more than
-there are live sequences) run through one :meth:`StreamingSession.step_many` call, in one worker thread (the
+there are live sequences) run through one `StreamingSession.step_many` call, in one worker thread (the
 event loop keeps serving meanwhile) or, with ``worker_thread=False``, on the event loop itself; a lone short step
 that such steps have shown to take under ``INLINE_MAX_S`` runs on the event loop even with the worker thread
 (when it is idle), which saves the thread hand-off at one sequence. When a batched run fails, its steps run
@@ -75,7 +75,7 @@ class SequenceBatcher:
         max_queue_delay_s: how long the first queued step waits for others to join its batch.
         idle_timeout_s: a sequence with no step for this long is evicted (its state freed).
         max_sequences: most live sequences; starting one more is refused with status 429.
-        max_state_bytes: most state bytes of all live sequences (rows x :attr:`row_state_bytes`); a start
+        max_state_bytes: most state bytes of all live sequences (rows x `row_state_bytes`); a start
             beyond it is refused with status 429.
         long_chunk_cost: rows x time steps of each piece a long request runs in (models whose inputs and
             outputs share one named time axis; others run a long request whole).
@@ -152,7 +152,7 @@ class SequenceBatcher:
 
     @property
     def running(self) -> bool:
-        """Between :meth:`start` and :meth:`stop`: requests are served."""
+        """Between `start` and `stop`: requests are served."""
         return bool(self._tasks)
 
     async def start(self) -> None:

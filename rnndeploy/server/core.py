@@ -1,12 +1,12 @@
 """The data plane: models, sequences, batching, limits and statistics, with no knowledge of HTTP or gRPC.
 
-:class:`ModelServer` is one model version: its session, its :class:`~rnndeploy.server.protocol.Limits`, its
-:class:`~rnndeploy.server.batcher.SequenceBatcher` and its statistics; :meth:`ModelServer.infer` takes a
-:class:`~rnndeploy.server.protocol.Decoded` request and returns the outputs, refusing with a
-:class:`~rnndeploy.server.protocol.RequestError` before any state changes. :class:`ModelSet` routes to one
-ModelServer per model version; :func:`open_repository` builds one from a Triton-style model repository, each
-model checked against its ``config.pbtxt`` (Triton's ``ModelConfig``, which :meth:`ModelServer.model_config`
-answers with). The front ends (:mod:`~rnndeploy.server.rest`, :mod:`~rnndeploy.server.grpc_service`) only
+`ModelServer` is one model version: its session, its `Limits`, its
+`SequenceBatcher` and its statistics; `ModelServer.infer` takes a
+`Decoded` request and returns the outputs, refusing with a
+`RequestError` before any state changes. `ModelSet` routes to one
+ModelServer per model version; `open_repository` builds one from a Triton-style model repository, each
+model checked against its ``config.pbtxt`` (Triton's ``ModelConfig``, which `ModelServer.model_config`
+answers with). The front ends (`rest`, `grpc_service`) only
 translate requests, answers and errors.
 """
 
@@ -46,11 +46,11 @@ PLATFORMS = {"onnxruntime": "onnxruntime_onnx"}
 class ModelServer:
     """One model version as every front end serves it: the model, its limits, the batcher, the statistics.
 
-    :meth:`infer` takes a :class:`Decoded` request, checks it against the model and the limits, runs it
-    through the batcher and returns the outputs; every refusal is a :class:`RequestError` raised before the
+    `infer` takes a `Decoded` request, checks it against the model and the limits, runs it
+    through the batcher and returns the outputs; every refusal is a `RequestError` raised before the
     step, so a refused request changes no state. ``config`` is the model's ``config.pbtxt`` when it comes from
     a model repository: requests are then checked against its config's inputs, the metadata lists its inputs
-    and outputs, and the server fills the graph's sequence control inputs (:class:`ConfiguredModel`).
+    and outputs, and the server fills the graph's sequence control inputs (`ConfiguredModel`).
     """
 
     def __init__(
@@ -167,7 +167,7 @@ class ConfiguredModel:
 
     The graph's inputs must be the config's inputs plus control inputs of its ``sequence_batching`` (the
     exported ``START``); its outputs must include the config's outputs, with the same datatypes. Raises
-    :class:`RepositoryError` naming the config and the graph file otherwise.
+    `RepositoryError` naming the config and the graph file otherwise.
     """
 
     def __init__(self, entry: ModelEntry, session: StreamingSession, model_file: str) -> None:
@@ -320,7 +320,7 @@ class ModelSet:
 
     @property
     def limits(self) -> Limits:
-        """The limits of the first model (a repository's models share one :class:`Limits`)."""
+        """The limits of the first model (a repository's models share one `Limits`)."""
         return self.servers[0].limits
 
     @property
@@ -359,7 +359,7 @@ class ModelSet:
             await server.batcher.stop()
 
     def abort(self) -> None:
-        """Answer every step still queued or running with 503 (see :meth:`SequenceBatcher.abort`)."""
+        """Answer every step still queued or running with 503 (see `SequenceBatcher.abort`)."""
         for server in self.servers:
             server.batcher.abort()
 
@@ -372,13 +372,13 @@ def open_repository(
     threads: int = 1,
     worker_thread: bool = True,
 ) -> ModelSet:
-    """Every ready version of every model of a Triton-style model repository, each a :class:`ModelServer`.
+    """Every ready version of every model of a Triton-style model repository, each a `ModelServer`.
 
     Each model's ``config.pbtxt`` gives its name, inputs and outputs, ``max_batch_size`` (the most sequences
     per batched step), and from ``sequence_batching`` the idle timeout, the queue delay and the state pairs
     (else the graph's ``rnndeploy.states`` metadata). ``onnxruntime`` models run their model file, ``python``
     models (``rnndeploy export --triton-backend python``) the ``model.onnx`` next to their ``model.py``.
-    ``limits`` apply to each model. Raises :class:`RepositoryError` naming the file and the problem.
+    ``limits`` apply to each model. Raises `RepositoryError` naming the file and the problem.
     """
     servers = []
     for entry in read_repository(root).values():

@@ -10,7 +10,7 @@ ModelStatistics, RepositoryIndex, ModelInfer (typed ``contents`` or ``raw_input_
 ``raw_output_contents``) and the bidirectional ModelStreamInfer, each request carrying the
 ``sequence_id`` (int64, uint64 or string) / ``sequence_start`` / ``sequence_end`` parameters. Other methods
 (loading and unloading models, shared memory, trace, log settings) answer UNIMPLEMENTED. Requests go through the same
-:class:`~rnndeploy.server.core.ModelServer` (rules, limits, batcher) as HTTP ones; a refusal is the gRPC status
+`ModelServer` (rules, limits, batcher) as HTTP ones; a refusal is the gRPC status
 Triton uses (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, ...) and, inside a stream, an
 ``error_message`` response that leaves the stream open. A step in flight when its stream is cancelled
 still runs; the sequence stays live (a new stream may continue it) until it ends or idles out. Requests of
@@ -76,7 +76,7 @@ def _parameter(value: pb.InferParameter) -> object:
 
 
 def decode_request(request: pb.ModelInferRequest) -> Decoded:
-    """A ``ModelInferRequest`` as a :class:`Decoded` request, by the same rules as the HTTP side."""
+    """A ``ModelInferRequest`` as a `Decoded` request, by the same rules as the HTTP side."""
     parameters = {key: _parameter(value) for key, value in request.parameters.items()}
     sequence_id, start, end = sequence_parameters(parameters)
     if not request.inputs:
@@ -121,7 +121,7 @@ def encode_response(core: ModelServer, decoded: Decoded, outputs: dict) -> pb.Mo
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """The KServe v2 / Triton gRPC service around one :class:`ModelServer` or a :class:`ModelSet`."""
+    """The KServe v2 / Triton gRPC service around one `ModelServer` or a `ModelSet`."""
 
     def __init__(self, models: ModelServer | ModelSet) -> None:
         self.models = models if isinstance(models, ModelSet) else ModelSet([models])

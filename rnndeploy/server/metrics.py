@@ -11,7 +11,7 @@ response), ``nv_inference_queue_duration_us`` (queued to batch start), ``nv_infe
 
 Ours: ``rnndeploy_live_sequences``, ``rnndeploy_sequences_started_total`` / ``_ended_total`` /
 ``_evicted_total``, ``rnndeploy_batch_size`` (histogram of steps per batch) and
-``rnndeploy_rejected_requests_total{limit=...}`` (refused by a :class:`~rnndeploy.server.protocol.Limits`
+``rnndeploy_rejected_requests_total{limit=...}`` (refused by a `Limits`
 field). Values are read from the server's counters when the page is scraped.
 """
 
@@ -61,14 +61,14 @@ class RequestStats:
                 timing.inferred()
                 ...encode the response...
 
-        A :class:`~rnndeploy.server.protocol.RequestError` counts as a failure (and as a rejection by its
+        A `RequestError` counts as a failure (and as a rejection by its
         ``limit``), any other exception as a failure; both propagate. A cancelled request counts as
         neither."""
         return RequestTiming(self)
 
 
 class RequestTiming:
-    """The clock marks of one request (see :meth:`RequestStats.request`)."""
+    """The clock marks of one request (see `RequestStats.request`)."""
 
     __slots__ = ("stats", "began", "input_began", "decoded_at", "inferred_at")
 

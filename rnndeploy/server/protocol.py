@@ -1,6 +1,6 @@
 """What a KServe v2 inference request may carry, decoded strictly, shared by the HTTP and the gRPC front ends.
 
-Every rule raises :class:`RequestError` with the status a client sees (HTTP status; the gRPC front end maps it
+Every rule raises `RequestError` with the status a client sees (HTTP status; the gRPC front end maps it
 to a status code), naming the field, the expected and the actual value. Nothing here touches the model state.
 """
 

@@ -10,7 +10,7 @@ and numbered version folders::
 The schema is tritonclient's generated ``model_config_pb2`` and the text is read by protobuf's ``text_format``,
 so a config reads here exactly as Triton reads it. Before parsing, a config's size and the nesting of its
 blocks are bounded; after it, every value the server uses is range-checked. Every error is a
-:class:`RepositoryError` naming the file, the field (and, for syntax, the line) and the problem.
+`RepositoryError` naming the file, the field (and, for syntax, the line) and the problem.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class ModelEntry:
 
     @property
     def controls(self) -> list[Control]:
-        """The sequence-batcher control inputs, one :class:`Control` per ``control`` block."""
+        """The sequence-batcher control inputs, one `Control` per ``control`` block."""
         seq = self.sequence_batching
         out = []
         for control_input in seq.control_input if seq is not None else ():

@@ -3,11 +3,11 @@
 Endpoints: ``/v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{name}[/versions/{v}]``,
 ``.../ready``, ``.../stats`` (step and batch counts), ``.../config`` (Triton's ModelConfig as JSON),
 ``.../infer``, ``POST /v2/repository/index`` and ``/metrics`` (Prometheus, Triton's names:
-:mod:`rnndeploy.server.metrics`); several models and versions through a :class:`ModelSet` (a model
-repository: :func:`~rnndeploy.server.core.open_repository`). Tensors travel as JSON or with the
+`rnndeploy.server.metrics`); several models and versions through a `ModelSet` (a model
+repository: `open_repository`). Tensors travel as JSON or with the
 binary tensor data extension (``Inference-Header-Content-Length``); stateful models are served per
 sequence (``sequence_id``, ``sequence_start``, ``sequence_end`` request parameters) through a
-:class:`SequenceBatcher`, so a stock ``tritonclient.http.InferenceServerClient`` works unchanged.
+`SequenceBatcher`, so a stock ``tritonclient.http.InferenceServerClient`` works unchanged.
 """
 
 from __future__ import annotations
@@ -67,12 +67,12 @@ def create_app(
 
     ``max_batch_size`` / ``max_queue_delay_us`` configure dynamic batching of concurrent sequences (1 / 0:
     no batching), ``idle_timeout_s`` evicts idle sequences, ``limits`` bounds what a request and all live
-    sequences may cost (:class:`Limits`; 413 / 429 beyond), ``body_timeout_s`` answers 408 to a body not
+    sequences may cost (`Limits`; 413 / 429 beyond), ``body_timeout_s`` answers 408 to a body not
     received in time, ``worker_thread`` runs batches in a worker thread (``False``: on the event loop, see
-    :class:`SequenceBatcher`). ``model_server`` shares an existing :class:`ModelServer` (with a gRPC front
+    `SequenceBatcher`). ``model_server`` shares an existing `ModelServer` (with a gRPC front
     end); then the other model options are its own. ``models`` serves several models and versions instead
-    (:func:`open_repository`; ``session`` is then ``None``), with ``POST /v2/repository/index``. The app
-    starts and stops the batchers in its lifespan. Run it with uvicorn (:func:`serve`).
+    (`open_repository`; ``session`` is then ``None``), with ``POST /v2/repository/index``. The app
+    starts and stops the batchers in its lifespan. Run it with uvicorn (`serve`).
     """
     if models is None:
         models = ModelSet(

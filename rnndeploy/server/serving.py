@@ -13,8 +13,8 @@
   HTTP, one deadline for both), then cancel what is left and return normally (exit status 0). A second SIGINT
   forces the exit.
 
-gRPC (:mod:`rnndeploy.server.grpc_service`) runs on the same event loop, around the same
-:class:`~rnndeploy.server.core.ModelServer`: one state table, one batcher, HTTP and gRPC steps batched together.
+gRPC (`rnndeploy.server.grpc_service`) runs on the same event loop, around the same
+`ModelServer`: one state table, one batcher, HTTP and gRPC steps batched together.
 Its guard: at most ``max_grpc_calls`` calls open at once (a stream counts while it is open); one more is refused
 with RESOURCE_EXHAUSTED (grpcio's ``maximum_concurrent_rpcs``) and the open ones go on.
 """
@@ -102,7 +102,7 @@ class _LingeringTransport:
 
 def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with a header deadline, a cap on concurrent connections and a lingering
-    close (:class:`_LingeringTransport`) for connections closed while their request body is still arriving."""
+    close (`_LingeringTransport`) for connections closed while their request body is still arriving."""
     timeout = _response(b"408 Request Timeout", b'{"error": "request headers not received in time"}')
     busy = _response(b"503 Service Unavailable", b'{"error": "too many connections; retry later"}')
 
@@ -218,19 +218,19 @@ def serve(
 ) -> None:
     """Serve ``session`` over HTTP until SIGINT/SIGTERM, then shut down within ``shutdown_timeout_s``.
 
-    ``session`` may be a :class:`ModelSet` instead (a model repository: :func:`open_repository`), whose
+    ``session`` may be a `ModelSet` instead (a model repository: `open_repository`), whose
     models carry their own options (``model_name``, ``limits`` and ``model_options`` are then not used).
 
     ``access_log`` logs every request (off by default: a log record per step costs CPU on every step).
     uvicorn uses httptools and uvloop (dependencies of rnndeploy). ``model_options`` go to
-    :class:`ModelServer` (batching, eviction, worker thread); ``limits`` bound each request's cost; the slow-
+    `ModelServer` (batching, eviction, worker thread); ``limits`` bound each request's cost; the slow-
     client guards are described in this module's docstring. ``grpc_port`` serves gRPC too (``None``: off;
     0: any free port), with at most ``max_grpc_calls`` calls open at once (a stream is one call while open;
     RESOURCE_EXHAUSTED beyond), ``metrics_port`` serves ``/metrics`` on a port of its own as well (it is always on the
     HTTP port). ``on_ready`` is called once the server accepts requests, with ``{"model", "version", "models":
     {name: [versions]}, "http": "http://host:port", "grpc": "host:port" or None, "metrics": URL}`` (the ports
     actually bound, also for 0; ``model`` and ``version`` are the first model's).
-    Raises :class:`ServeError` when a port cannot be bound or the model cannot be served (its metadata).
+    Raises `ServeError` when a port cannot be bound or the model cannot be served (its metadata).
     """
     if isinstance(session, ModelSet):
         models = session
