@@ -366,13 +366,18 @@ def _by_signature(module: nn.Module, specs: list) -> tuple:
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     # NOTE: the exporter logs its progress, its opset conversion and missing optional packages (torchvision)
-    # as warnings; none is about the user's model, and a failed export still raises.
+    # as warnings; none is about the user's model, and a failed export still raises. torch 2.11's own
+    # torch.export calls a pytree API that torch itself deprecates (a FutureWarning no caller can act on).
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+            )
+            yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
