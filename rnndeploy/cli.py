@@ -31,6 +31,14 @@ def main() -> None:
 
 # --- training ---
 
+_threads_option = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch CPU threads [default: 1: torch's threads spin-wait for each other, and on a busy 2-core machine "
+    "two threads took 3.6 to 21 times as long a step as one (benchmarks/results/threads.txt)]",
+)
+
 
 def _write_now(text: str) -> None:
     click.echo(text, nl=False)
@@ -137,13 +145,7 @@ def _training_errors():
 @click.option(
     "--progress/--no-progress", default=True, help="Show a progress bar (without: a line per validation)."
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="torch CPU threads [default: 1: the models here are small, a second thread gains little on an idle "
-    "machine and costs several times over on a busy one (benchmarks/results/threads.txt)]",
-)
+@_threads_option
 @click.option(
     "--overwrite",
     is_flag=True,
@@ -224,13 +226,7 @@ def train(ctx: click.Context, **kwargs) -> None:
     default=None,
     help="Training steps [default: 1000; 30 with --quick]",
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="torch CPU threads [default: 1: the models here are small, a second thread gains little on an idle "
-    "machine and costs several times over on a busy one (benchmarks/results/threads.txt)]",
-)
+@_threads_option
 @click.option("--quick", is_flag=True, hidden=True, help="Tiny model and few steps (for tests).")
 def demo(out_dir: Path, steps: int | None, threads: int | None, quick: bool) -> None:
     """Train a small character LSTM on the built-in corpus and show what it learned (minutes on 2 CPU cores).
