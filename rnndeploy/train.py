@@ -41,9 +41,8 @@ from rnndeploy.data import Dataset, StreamBatcher, load_data
 from rnndeploy.models import ModelConfig, SequenceModel
 
 DEVICES = ("auto", "cpu", "cuda")
-#: torch intra-op threads unless told: see benchmarks/results/threads.txt. The models this trains are small;
-#: a second thread gains little on an idle machine and loses several times over on a busy one, where torch's
-#: threads spin-wait for each other.
+#: torch intra-op threads unless told (benchmarks/results/threads.txt): the models this trains are small, and on
+#: a busy machine a second thread loses several times over, because torch's threads spin-wait for each other.
 DEFAULT_THREADS = 1
 #: Training refuses a model whose estimated memory exceeds what the device has; above this many floating point
 #: operations per step (forward and backward) on a CPU it warns that each step takes long.
