@@ -1,5 +1,5 @@
 """The split strategies' cross-program hand-offs, executed: every program of a launch in its own interpreter
-thread (tests/kernels/concurrent.py), under greedy and seeded random schedules.
+thread (tests/kernels/concurrent_programs.py), under greedy and seeded random schedules.
 
 Each case plans a split grid through the planner's own candidates (``common._candidates``, the list
 ``make_config`` chooses from; the product refuses split strategies off a GPU), runs forward and backward, and
@@ -26,7 +26,14 @@ import triton.language as tl
 import rnndeploy.kernels.common  # noqa: F401 (product_kernels.common)
 from rnndeploy import kernels as product_kernels
 
-from .concurrent import Deadlock, LaunchTimeout, Schedule, Stats, concurrent_programs, unsupported_reason
+from .concurrent_programs import (
+    Deadlock,
+    LaunchTimeout,
+    Schedule,
+    Stats,
+    concurrent_programs,
+    unsupported_reason,
+)
 from .test_kernels import DTYPE_NAME, assert_near, make_layer, nan_outputs, run_with_grads  # noqa: F401 (a fixture)
 
 _REASON = unsupported_reason()

@@ -52,7 +52,7 @@ def unsupported_reason() -> str | None:
     if version not in SUPPORTED:
         wanted = ", ".join(f"{a}.{b}" for a, b in SUPPORTED)
         return (
-            f"tests/kernels/concurrent.py patches triton's private interpreter internals, written against "
+            f"tests/kernels/concurrent_programs.py patches triton's private interpreter internals, written against "
             f"triton {wanted}; found {triton.__version__}"
         )
     from triton.runtime import interpreter
