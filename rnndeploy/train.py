@@ -287,7 +287,11 @@ def train(options: TrainOptions, echo: Callable[[str], None] | None = None) -> T
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         try:
-            return _interruptible(lambda stop: _Run(options, rank, world_size, local_rank, echo, stop))
+            result = _interruptible(lambda stop: _Run(options, rank, world_size, local_rank, echo, stop))
+            # every rank is done with its collectives before any tears the group down: a gloo peer that is
+            # still reading when the other side closes its connections can abort
+            dist.barrier()
+            return result
         finally:
             dist.destroy_process_group()
     finally:
