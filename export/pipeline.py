@@ -21,7 +21,7 @@ from rnndeploy.runtime.generate import log_probs
 from .exporter import DEFAULT_OPSET, OutputExistsError, example_input, export_onnx
 from .step_graph import export_step_graph, quantize_step_graph, step_int8_accuracy, verify_step_graph
 from .variants import latency_us, quantize_int8, to_fp16
-from .verification import VerifyReport, session
+from .verification import VerifyReport, accuracy_inputs, session
 from .verification import verify as verify_graph
 
 
@@ -230,14 +230,8 @@ def int8_accuracy(
     Language models and classifiers also report top-1 agreement with fp32; regression the RMS difference.
     """
     c = model.config
-    if validation is not None:
-        data, label = validation
-        length = len(data) // batch
-        split = data[: batch * length].reshape(batch, length, *data.shape[1:])
-        x, target = split[:, :-1].numpy(), split[:, 1:].numpy()
-    else:
-        x = example_input(model, batch, time, torch.Generator().manual_seed(1)).numpy()
-        target, label = None, f"random inputs, batch {batch} x time {time}; the checkpoint names no data"
+    x, target, label = accuracy_inputs(model, validation, batch, time)
+    label = label or f"random inputs, batch {batch} x time {time}; the checkpoint names no data"
     feeds = {
         "input": x,
         **{

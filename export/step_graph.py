@@ -44,7 +44,7 @@ from .exporter import (
     set_metadata,
 )
 from .variants import to_fp16
-from .verification import TOLERANCES, VerifyReport, _run_stepwise, compare, session
+from .verification import TOLERANCES, VerifyReport, _run_stepwise, accuracy_inputs, compare, session
 
 FORM_KEY = "rnndeploy.form"
 RECURRENT_OPS = ("RNN", "LSTM", "GRU", "Loop", "Scan", "If")
@@ -195,14 +195,8 @@ def step_int8_accuracy(
     from rnndeploy.runtime.generate import log_probs
 
     c = model.config
-    if validation is not None:
-        data, label = validation
-        length = len(data) // batch
-        split = data[: batch * length].reshape(batch, length, *data.shape[1:])
-        x, target = split[:, :-1].numpy(), split[:, 1:].numpy()
-    else:
-        x = example_input(model, batch, time, torch.Generator().manual_seed(1)).numpy()
-        target, label = None, f"random inputs, batch {batch} x time {time}"
+    x, target, label = accuracy_inputs(model, validation, batch, time)
+    label = label or f"random inputs, batch {batch} x time {time}"
     state_in = [f"{s}0" for s in c.state_names]
     zeros = [np.zeros(s.shape, np.float32) for s in model.init_state(batch)]
     y32 = _run_stepwise(session(fp32_path), ["output"] + [f"{s}n" for s in c.state_names], state_in, x, zeros)

@@ -215,3 +215,20 @@ def _activations(node: onnx.NodeProto) -> list[str]:
         if attr.name == "activations":
             return [s.decode() for s in attr.strings]
     return []
+
+
+def accuracy_inputs(
+    model: SequenceModel, validation: tuple[torch.Tensor, str] | None, batch: int, time: int
+) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """What an int8 accuracy check feeds both graphs: ``(x, target, label)``.
+
+    With ``validation`` (``[N]`` token ids or ``[N, F]`` features and a label): the split cut into ``batch``
+    contiguous streams ``x`` ``[batch, L-1, ...]`` and their next steps ``target``. Without it: seeded random
+    inputs ``[batch, time, ...]``, no target and no label.
+    """
+    if validation is None:
+        return example_input(model, batch, time, torch.Generator().manual_seed(1)).numpy(), None, None
+    data, label = validation
+    length = len(data) // batch
+    split = data[: batch * length].reshape(batch, length, *data.shape[1:])
+    return split[:, :-1].numpy(), split[:, 1:].numpy(), label
