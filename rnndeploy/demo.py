@@ -17,7 +17,8 @@ import torch
 from rnndeploy.data import Dataset, load_data
 from rnndeploy.train import DEFAULT_THREADS, TrainOptions, TrainResult, describe_device, train
 
-#: The demo's model and schedule: ~30 s on 2 idle CPU cores (benchmarks/results/demo.txt); ``quick``: seconds
+#: The demo's model and schedule: small enough for a laptop CPU (timings: benchmarks/results/demo.txt); ``quick``
+#: is the tests' tiny run
 FULL = dict(cell="lstm", hidden=256, embed=64, seq_len=64, batch=32, steps=1000, lr=3e-3, eval_every=200)
 QUICK = dict(cell="lstm", hidden=32, embed=16, seq_len=32, batch=8, steps=30, lr=3e-3, eval_every=15)
 
