@@ -311,16 +311,12 @@ class _Run:
             return None
         valid_loss = evaluate(self.model, self.data.valid, self.opts.seq_len, self.opts.batch, self.opts.amp)
         record = eval_record(step, self.metric, valid_loss, train_loss, tokens_per_s)
-        extra = {
-            "options": self.opts.to_dict(),
-            "ranks": ranks,
-            "world_size": self.world_size,
-            "data_position": dict(zip(("epoch", "chunk"), self.batcher.position(step), strict=True)),
-            "data_fingerprint": self.fingerprint,
-        }
         title = f"{self.opts.cell.upper()} {self.opts.hidden}x{self.opts.layers} on {self.data.source}"
+        position = self.batcher.position(step)
         with self.stop.protect_write():
-            self.checkpoints.save(step, self.model, self.optimizer, self.data, extra)
+            self.checkpoints.save(
+                step, self.model, self.optimizer, self.data, self.opts, ranks, position, self.fingerprint
+            )
             self.history.append(record)
             self.log.append(**record)
             self.log.plot(self.history, self.metric, title)

@@ -158,9 +158,21 @@ class Checkpoints:
         model: SequenceModel,
         optimizer: torch.optim.Optimizer,
         data: Dataset,
-        extra: dict[str, Any],
+        options: TrainOptions,
+        ranks: list[dict[str, Any]],
+        position: tuple[int, int],
+        fingerprint: Any,
     ) -> None:
-        """Writes the checkpoint of ``step`` (rank 0 alone calls this)."""
+        """Writes the checkpoint of ``step`` (rank 0 alone calls this): the model and optimizer, the run's
+        options, every process's carried state and RNG (``ranks``, from `gather_rank_state`), the data
+        position (epoch, chunk) and the training split's fingerprint."""
+        extra = {
+            "options": options.to_dict(),
+            "ranks": ranks,
+            "world_size": self.processes.world_size,
+            "data_position": dict(zip(("epoch", "chunk"), position, strict=True)),
+            "data_fingerprint": fingerprint,
+        }
         save_checkpoint(
             self.out,
             model,
