@@ -137,7 +137,7 @@ class _Run:
         self.rank, self.world_size = rank, world_size
         self.echo = echo if rank == 0 else None
         self.stop = stop or StopSignals()
-        self.stop_agreed = False  # every rank saw a stop request (all-reduced with each step's loss)
+        self.stop_agreed = False  # some rank was signalled (all-reduced with each step's loss: every rank knows)
         self.done: int | None = None  # steps completed, for the interruption message
         self.device = resolve_device(options.device, local_rank)
         check_device(options, self.device)
