@@ -33,32 +33,31 @@ def start_report(
     log: RunLog,
 ) -> str:
     """The lines printed before the first step: device, data, model and the files the run writes."""
-    opts = options
     why = ""
-    if opts.device == "auto":
+    if options.device == "auto":
         why = " (auto: CUDA GPU found)" if device.type == "cuda" else " (auto: torch sees no CUDA GPU)"
     source = "builtin corpus (Python's pydoc topics)" if data.source == "builtin" else data.source
     unit = "characters" if data.kind == "text" else "time steps"
     kind = f"vocabulary {len(data.vocab)}" if data.vocab else f"{data.num_features} feature(s)"
     params = sum(p.numel() for p in model.parameters())
     cfg = model.config
-    begin = f"resuming at step {start} of {opts.steps}" if start else f"{opts.steps} steps"
+    begin = f"resuming at step {start} of {options.steps}" if start else f"{options.steps} steps"
     processes = f", {world_size} processes" if world_size > 1 else ""
-    where, _, rest = describe_device(device, opts.backend, torch.get_num_threads()).partition(";")
+    where, _, rest = describe_device(device, options.backend, torch.get_num_threads()).partition(";")
     return (
         f"device:  {where}{why}{processes};{rest}\n"
         f"data:    {source}: {len(data.train):,} training / {len(data.valid):,} validation "
         f"{unit}, {kind}\n"
         f"model:   {cfg.cell.upper()} {cfg.hidden_size} x {cfg.num_layers} ({cfg.task}), {params:,} "
-        f"parameters; {begin}, batch {opts.batch} x {opts.seq_len}\n"
-        f"files:   {opts.out} (checkpoint every {opts.eval_every} steps), {log.file}, {log.plot_file}"
+        f"parameters; {begin}, batch {options.batch} x {options.seq_len}\n"
+        f"files:   {options.out} (checkpoint every {options.eval_every} steps), {log.file}, {log.plot_file}"
     )
 
 
 def eval_line(step: int, steps: int, metric: str, record: dict[str, Any], rate: float, out: Path) -> str:
     """The line printed per validation when there is no progress bar."""
-    m = metric
+    train, valid = record[f"train_{metric}"], record[f"valid_{metric}"]
     return (
-        f"step {step}/{steps}: train {m} {record[f'train_{m}']:.3f}, validation "
-        f"{m} {record[f'valid_{m}']:.3f}, {rate:,.0f} tok/s, saved {out}"
+        f"step {step}/{steps}: train {metric} {train:.3f}, validation {metric} {valid:.3f}, "
+        f"{rate:,.0f} tok/s, saved {out}"
     )
