@@ -21,7 +21,6 @@ device and memory checks, what the terminal is told) are the modules of `rnndepl
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from collections.abc import Callable
 
@@ -55,12 +54,12 @@ from rnndeploy.training.options import (
     resolve_device,
 )
 from rnndeploy.training.processes import Processes, process_group
-from rnndeploy.training.report import describe_device, eval_line, start_report
+from rnndeploy.training.report import Progress, describe_device, start_report
 from rnndeploy.training.resources import check_device, check_size, estimate_memory
 from rnndeploy.training.runlog import RunLog
 from rnndeploy.training.signals import StopSignals, run_interruptibly
 from rnndeploy.training.step import StepStats, autocast, optimizer_step
-from rnndeploy.training.validation import eval_record, evaluate, metric_of, metric_value
+from rnndeploy.training.validation import eval_record, evaluate, metric_of
 
 __all__ = [
     "AMP_MODES",
@@ -137,7 +136,9 @@ class _Run:
         self.rank, self.world_size = rank, world_size
         self.echo = echo if rank == 0 else None
         self.stop = stop or StopSignals()
-        self.stop_agreed = False  # some rank was signalled (all-reduced with each step's loss: every rank knows)
+        self.stop_agreed = (
+            False  # some rank was signalled (all-reduced with each step's loss: every rank knows)
+        )
         self.done: int | None = None  # steps completed, for the interruption message
         self.device = resolve_device(options.device, local_rank)
         check_device(options, self.device)
@@ -211,37 +212,19 @@ class _Run:
             dynamic_ncols=True,
             disable=not opts.progress or self.rank != 0,
         )
-        loss_sum, loss_count, rate, t_last = 0.0, 0, 0.0, time.perf_counter()
+        echo = self.echo if not opts.progress else None
+        progress = Progress(bar, self.metric, tokens_per_step, opts.steps, self.out, echo)
         with bar:
             for step in range(self.start, opts.steps):
                 loss = self._step(step)
                 self.done = step + 1
                 self.stop.check(self.world_size, agreed=self.stop_agreed)
-                now = time.perf_counter()
-                current = tokens_per_step / (now - t_last)
-                rate = current if rate == 0 else 0.9 * rate + 0.1 * current
-                t_last = now
-                loss_sum, loss_count = loss_sum + loss, loss_count + 1
-                bar.update(1)
-                bar.set_postfix(
-                    {self.metric: f"{metric_value(self.metric, loss):.3f}", "tok/s": f"{rate:,.0f}"},
-                    refresh=False,
-                )
+                progress.stepped(loss)
                 if (step + 1) % opts.eval_every == 0 or step + 1 == opts.steps:
-                    record = self._validate_and_save(step + 1, loss_sum / loss_count, rate)
-                    loss_sum, loss_count = 0.0, 0
-                    if record is not None and self.echo is not None and not opts.progress:
-                        self.echo(eval_line(step + 1, opts.steps, self.metric, record, rate, self.out))
-                    if record is not None:
-                        bar.set_postfix(
-                            {
-                                self.metric: f"{record[f'train_{self.metric}']:.3f}",
-                                f"val_{self.metric}": f"{record[f'valid_{self.metric}']:.3f}",
-                                "tok/s": f"{rate:,.0f}",
-                            }
-                        )
+                    record = self._validate_and_save(step + 1, progress.train_loss, progress.rate)
+                    progress.validated(step + 1, record)
                     self.stop.check(self.world_size)
-                t_last = time.perf_counter()
+                progress.restart_clock()
         return self._finish()
 
     def _finish(self) -> TrainResult:
