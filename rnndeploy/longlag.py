@@ -15,7 +15,7 @@
 
 `train_on_task` trains a `SequenceModel` (rnndeploy's own RNN/LSTM/GRU, any
 backend) online on fresh sequences with Adam and gradient-norm clipping, through the step function of
-``rnndeploy train`` (`rnndeploy.train.optimizer_step`), and stops when the paper's criterion holds on
+``rnndeploy train`` (`rnndeploy.training.step.optimizer_step`), and stops when the paper's criterion holds on
 the training stream. `run_benchmark` runs every cell and
 ``T``; ``rnndeploy bench memory`` prints the table and writes JSON, CSV and PNGs.
 """
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from rnndeploy.models import ModelConfig, SequenceModel
-from rnndeploy.train import optimizer_step
+from rnndeploy.training.step import optimizer_step
 
 #: The paper's figures (Hochreiter & Schmidhuber 1997, Table 7): T -> training sequences until stopped,
 #: wrong predictions out of 2,560 test sequences.

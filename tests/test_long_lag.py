@@ -158,3 +158,12 @@ def test_the_untrained_model_scores_near_the_baseline():
     error, correct = evaluate_task(model, task, test, chunk=100)
     baseline, _ = task.baseline(test)
     assert error > baseline and 0 <= correct < 0.5
+
+
+def test_the_benchmark_steps_through_the_training_step_function():
+    """One step function for `rnndeploy train` and this benchmark, not a copy: backward, clipping and the
+    update are the same code in both."""
+    import rnndeploy.longlag
+    import rnndeploy.train
+
+    assert rnndeploy.longlag.optimizer_step is rnndeploy.train.optimizer_step

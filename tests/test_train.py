@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from rnndeploy import train as train_module
+import rnndeploy.training as training_package
 from rnndeploy.checkpoint import load_checkpoint
 from rnndeploy.data import builtin_text
 from rnndeploy.models import SequenceModel
@@ -23,6 +27,7 @@ from rnndeploy.train import (
     options_for_resume,
     train,
 )
+from rnndeploy.training import checkpoints as checkpoints_module
 
 TINY = dict(hidden=24, embed=8, seq_len=12, batch=4, lr=1e-2, progress=False)
 
@@ -144,14 +149,15 @@ def test_bf16_training_on_gpu(corpus, tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
 def test_a_signal_during_a_checkpoint_write_lets_it_finish_then_stops(corpus, tmp_path, monkeypatch, signum):
     """The signal arrives inside the step-2 write: the write completes, training stops, the message is exact."""
-    real_save = train_module.save_checkpoint
+    real_save = checkpoints_module.save_checkpoint
+    before = signal.getsignal(signum)
 
     def save_then_signal(path, model, **kwargs):
         if kwargs["step"] == 2:
             os.kill(os.getpid(), signum)  # delivered to this (main) thread before the write below
         return real_save(path, model, **kwargs)
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_signal)
+    monkeypatch.setattr(checkpoints_module, "save_checkpoint", save_then_signal)
     out = tmp_path / "m.pt"
     with pytest.raises(TrainingInterrupted) as caught:
         train(TrainOptions(data=str(corpus), steps=50, eval_every=1, out=out, **TINY))
@@ -160,7 +166,7 @@ def test_a_signal_during_a_checkpoint_write_lets_it_finish_then_stops(corpus, tm
     assert f"after step 2 of 50; {out} holds step 2 (the last validation)" in str(caught.value)
     records = [json.loads(line) for line in out.with_name("m.log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "eval"] == [0, 1, 2]
-    assert signal.getsignal(signum) is not train_module._StopSignals._handle  # handlers restored
+    assert signal.getsignal(signum) == before  # handlers restored
 
 
 def test_resume_refuses_other_data_unless_allowed(corpus, tmp_path):
@@ -218,3 +224,43 @@ def test_resume_refuses_series_statistics_of_the_wrong_type(tmp_path):
     torch.save(payload, out)
     with pytest.raises(TrainError, match=r"is not the series checkpoint .*s\.pt was trained on"):
         train(options_for_resume(out, steps=2))
+
+
+TRAINING = Path(training_package.__file__).parent
+PIECES = sorted(p.stem for p in TRAINING.glob("*.py") if p.stem != "__init__")
+
+
+def _imported_pieces(module: str) -> set[str]:
+    """The modules of rnndeploy.training (and rnndeploy.train) that ``module`` imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse((TRAINING / f"{module}.py").read_text(encoding="utf-8"))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module == "rnndeploy.training":
+            names = [f"rnndeploy.training.{a.name}" for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            names = [node.module]
+        found |= {n.removeprefix("rnndeploy.training.") for n in names if n.startswith("rnndeploy.train")}
+    return found
+
+
+def test_the_training_pieces_import_without_a_circle_and_never_the_entry_module():
+    graph = {m: _imported_pieces(m) for m in PIECES}
+    assert all("rnndeploy.train" not in imported for imported in graph.values()), graph
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import circle: {' -> '.join((*path, module))}"
+        if module not in done:
+            for imported in graph[module]:
+                visit(imported, (*path, module))
+            done.add(module)
+
+    for module in PIECES:
+        visit(module, ())
+
+
+@pytest.mark.parametrize("module", PIECES)
+def test_each_training_piece_imports_on_its_own(module):
+    code = f"import rnndeploy.training.{module}"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
