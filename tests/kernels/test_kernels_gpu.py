@@ -11,7 +11,7 @@ import torch
 
 from rnndeploy import kernels
 from rnndeploy.bench.kernels import headline
-from rnndeploy.kernels.common import H100, STRATEGIES, forced_handoff, make_config, plan_layer
+from rnndeploy.kernels.plan import H100, STRATEGIES, forced_handoff, make_config, plan_layer
 
 from .test_kernels import TOL, assert_matches_reference, make_layer
 

@@ -12,16 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from rnndeploy.kernels.common import (
-    _first,
-    _pieces,
-    _poll,
-    _poll_lsb,
-    _put,
-    _put_lsb,
-    _sum_partials,
-    _tag_word,
-)
+from rnndeploy.kernels.common import _first, _poll, _poll_lsb, _put, _put_lsb, _sum_partials
+from rnndeploy.kernels.launch import _tag_word
+from rnndeploy.kernels.plan import _pieces
 
 from .test_kernels import DEVICE
 
