@@ -143,8 +143,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "fp16 tagged words with masked batch rows",
-        "the fp16 tagged forward with masked batch rows spills per step at 255 registers, where bf16 and full "
-        "16-row blocks do not",
+        "the fp16 tagged forward with masked batch rows spills per step, where bf16 and full 16-row blocks do not",
         backward=False,
         dtypes=frozenset({"fp16"}),
         split=True,
@@ -162,7 +161,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "GRU fp32 tagged partial sums at K=512 with masked batch rows",
-        "GRU's fp32 partial sums with masked batch rows spill per step at H=512 (not at H=256 or 768)",
+        "GRU's fp32 partial sums with masked batch rows spill per step over K=512",
         cells=frozenset({"gru"}),
         dtypes=_FP32,
         tagged=True,
