@@ -18,6 +18,7 @@ from kernels_aot import GRID_B, GRID_DTYPES, GRID_H
 from rnndeploy.kernels import launch
 from rnndeploy.kernels import plan as planner
 from rnndeploy.kernels.plan import H100, make_config, model_regs, model_shared, plan_layer
+from rnndeploy.kernels.rules import RULES, refusal
 
 CUDA = torch.device("cuda")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -121,6 +122,39 @@ def test_a_release_never_gets_the_picks_its_compile_spilled(
     other = make_config(cell, B, H, dtype, CUDA, None, backward, H100, precision)
     assert _shape(other) != spilled, f"triton {release} plans the configuration its compile spilled: {other}"
     assert other.step_us >= kept.step_us, other
+
+
+def test_every_refusal_rule_is_the_one_that_refuses_some_grid_candidate():
+    """No row of the rules table is dead: each is the first to refuse a candidate over the grid that the
+    resource models admit, under some release; its text says what it refuses and, release-bound, for which."""
+    unseen = set(range(len(RULES)))
+    for cell in ("rnn", "lstm", "gru"):
+        for dtype_name, precision in GRID_DTYPES:
+            for B in GRID_B:
+                for H in GRID_H:
+                    for backward in (False, True):
+                        for strategy in ("resident", "split", "split-stream", "stream"):
+                            for cfg in planner._candidates(cell, B, H, strategy, backward, cpu=False):
+                                if planner._does_not_fit(cfg, B, H, DTYPES[dtype_name], H100):
+                                    continue
+                                for release in RELEASES:
+                                    first = next(
+                                        (i for i, rule in enumerate(RULES)
+                                         if rule.matches(cfg, B, dtype_name, precision, release)),
+                                        None,
+                                    )  # fmt: skip
+                                    unseen.discard(first)
+                                if not unseen:
+                                    return
+    assert not unseen, "rows that refuse nothing: " + "; ".join(RULES[i].refuses for i in sorted(unseen))
+
+
+def test_a_release_bound_refusal_names_its_release():
+    cfg = make_config("lstm", 1, 64, torch.float32, CUDA, None, True, H100, "ieee")
+    assert refusal(cfg, 1, torch.float32, "ieee", (3, 8)) is None
+    text = refusal(cfg, 1, torch.float32, "ieee", (3, 9))
+    assert text == "triton 3.9: LSTM IEEE fp32 backward in one program aborts the compiler", text
+    assert all(rule.refuses and rule.reason for rule in RULES)
 
 
 def test_the_rules_follow_the_installed_release():
