@@ -35,7 +35,7 @@ def _provenance() -> dict:
 def static(grid: bool) -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels")
-    from rnndeploy.kernels.aot import grid_cases, picks, results_stem, static_report
+    from kernels_aot import grid_cases, picks, results_stem, static_report
 
     env = _provenance()
     header = "\n".join(f"- {k}: {v}" for k, v in env.items())

@@ -144,7 +144,7 @@ def triton_layer(
     `reference_layer` (nothing to launch).
 
     Args:
-        strategy: force a launch strategy (``rnndeploy.kernels.common.STRATEGIES``); ``None`` picks one.
+        strategy: force a launch strategy (``rnndeploy.kernels.plan.STRATEGIES``); ``None`` picks one.
 
     Raises:
         RuntimeError: ``T == 0``, as torch.nn's recurrent layers do; double backward.
@@ -168,9 +168,9 @@ def triton_layer(
         # empty outputs and zero weight gradients
         return reference_layer(cell, x, state, weights, lengths, reverse, nonlinearity)
 
-    from .common import plan_layer
     from .gru import GRUFunction
     from .lstm import LSTMFunction
+    from .plan import plan_layer
     from .rnn import RNNFunction
 
     w_ih, w_hh, b_ih, b_hh = (None if w is None else w.contiguous() for w in weights)

@@ -11,9 +11,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .autograd import first_order_only
+from .autograd import first_order_only, previous_states, projection_grads
 from .common import (
-    KernelConfig,
     _bwd_partial,
     _bwd_product,
     _dot,
@@ -28,10 +27,9 @@ from .common import (
     _sigmoid,
     _split4,
     _tanh,
-    launch,
-    previous_states,
-    projection_grads,
 )
+from .launch import launch
+from .plan import KernelConfig
 
 # NOTE: store, not recompute. The forward writes the gate activations and c_{t-1} (5 values per unit, input
 # dtype) for the backward. Recomputing them would add a full W_hh product to every backward step, and that
@@ -177,7 +175,7 @@ def lstm_bwd_kernel(
     PRECISION: tl.constexpr,
     TAGGED: tl.constexpr,  # exchange through tagged words, no grid barrier (common._poll)
     PARTIAL: tl.constexpr,  # by partial sums of dh (common._bwd_partial): W_hh rows held as forward
-    NJ1: tl.constexpr,  # NSPLIT as two powers of two (common.KernelConfig.NJ)
+    NJ1: tl.constexpr,  # NSPLIT as two powers of two (plan.KernelConfig.NJ)
     NJ2: tl.constexpr,
     HDIV: tl.constexpr,  # a power of two H is a multiple of (1: nothing to add)
     REVERSE: tl.constexpr,

@@ -13,7 +13,7 @@ import rnndeploy
 from rnndeploy import kernels
 from rnndeploy.export import export_onnx
 
-from .tolerances import ORT_TOL, TOL
+from .tolerances import EXACT, ORT_TOL, TOL
 
 TORCH = {"rnn": nn.RNNCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}
 OURS = {"rnn": rnndeploy.RNNCell, "lstm": rnndeploy.LSTMCell, "gru": rnndeploy.GRUCell}
@@ -62,7 +62,7 @@ def test_cell_is_torchs_and_state_dicts_move_both_ways(cell, nl, bias):
         for module in (ours, back):
             for a, b in zip(_step(module, x, state), _step(theirs, x, state), strict=True):
                 assert a.shape == (B, H)
-                torch.testing.assert_close(a, b, atol=0, rtol=0)
+                torch.testing.assert_close(a, b, atol=EXACT[0], rtol=EXACT[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

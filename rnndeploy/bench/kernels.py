@@ -24,7 +24,7 @@ from triton.testing import do_bench
 
 from rnndeploy.checkpoint import atomic_write
 from rnndeploy.kernels import reference_layer, triton_layer
-from rnndeploy.kernels.common import plan_layer
+from rnndeploy.kernels.plan import plan_layer
 from rnndeploy.provenance import git_commit
 
 PROVIDERS = ("triton", "cudnn", "reference")
@@ -183,7 +183,7 @@ def run_benchmark(
             ms, p20, p80 = do_bench(step, quantiles=QUANTILES, rep=rep_ms)
             strategy = ""
             if provider == "triton":
-                # after the run: a strategy that failed to launch has been replaced (common.launch)
+                # after the run: a strategy that failed to launch has been replaced (rnndeploy.kernels.launch)
                 strategy = plan_layer(cell, B, H, dtype, torch.device("cuda")).strategy
             result = Row(cell, mode, provider, dtype_name, B, H, T, ms, p20, p80, _peak_mib(step), strategy)
             rows.append(result)

@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
-from rnndeploy.kernels.aot import SUBSET, grid_cases, picks
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # kernels_aot: not installed
+
+from kernels_aot import SUBSET, grid_cases, picks  # noqa: E402
 
 
 def main(argv: list[str]) -> None:

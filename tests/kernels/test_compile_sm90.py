@@ -4,7 +4,7 @@ Each pick must fit one block (shared memory <= 232,448 B, registers <= 255), spi
 loop of a split grid, whose programs wait on each other every step (a few bytes spilled once before the loop
 cost nothing per step; the table lists them as ``stack``), and stay within make_config's shared-memory model
 (an upper bound). The picks, and so the check, follow the installed triton: make_config refuses what a
-release's code generation spills (common._triton_spills); run it under each release the product meets (3.6,
+release's code generation spills (rnndeploy.kernels.rules); run it under each release the product meets (3.6,
 3.8, 3.9). The default run compiles a representative subset (tests/kernels/compile_sm90.py); the whole grid of
 the issue (every cell, fp32 TF32/IEEE, bf16, fp16, seven batches, ten hidden sizes, both passes) is opt-in:
 ``RNNDEPLOY_COMPILE_GRID=1 python -m pytest tests/kernels/test_compile_sm90.py`` (about 30 minutes on 2

@@ -1,7 +1,7 @@
 """The split strategies' cross-program hand-offs, executed: every program of a launch in its own interpreter
 thread (tests/kernels/concurrent_programs.py), under greedy and seeded random schedules.
 
-Each case plans a split grid through the planner's own candidates (``common._candidates``, the list
+Each case plans a split grid through the planner's own candidates (``plan._candidates``, the list
 ``make_config`` chooses from; the product refuses split strategies off a GPU), runs forward and backward, and
 checks outputs, final states and every gradient against the fp32 reference and against the one-program
 ``resident`` kernel on the same inputs.
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-import rnndeploy.kernels.common  # noqa: F401 (product_kernels.common)
+import rnndeploy.kernels.plan  # noqa: F401 (product_kernels.plan)
 from rnndeploy import kernels as product_kernels
 
 from .concurrent_programs import (
@@ -48,32 +48,30 @@ def split_plan(mod: ModuleType, cell: str, B: int, H: int, strategy: str, tagged
     """The layer plan of a split grid from the planner's interpreter-sized candidates (``cpu=True``), with
     ``BH`` units per program (``cdiv(H, BH)`` programs per batch block) and the hand-off and backward form
     asked for."""
-    common = mod.common
 
     def pick(backward: bool):
         # NOTE: the RNN forward's candidates start at 64 units per program (one warpgroup's rows on sm_90), none
         # below H=65; its forward fields are the gated cells' (K pieces over H, the same chunk and warps)
         source = "gru" if cell == "rnn" and not backward and H <= 64 else cell
-        for cfg in common._candidates(source, B, H, strategy, backward, cpu=True):
+        for cfg in mod.plan._candidates(source, B, H, strategy, backward, cpu=True):
             if cfg.tagged == tagged and cfg.PARTIAL == (backward and partial):
                 return replace(cfg, cell=cell, BH=BH, NSPLIT=triton.cdiv(H, BH))
         raise AssertionError(
             f"no {strategy} candidate of {cell} B={B} H={H} tagged={tagged} partial={partial}"
         )
 
-    return common.LayerPlan(pick(False), pick(True))
+    return mod.plan.LayerPlan(pick(False), pick(True))
 
 
 @contextlib.contextmanager
 def planned(mod: ModuleType, plan):
-    """Inside, ``mod.triton_layer`` runs ``plan`` (it looks ``plan_layer`` up in ``common`` at each call)."""
-    common = mod.common
-    saved = common.plan_layer
-    common.plan_layer = lambda *args, **kwargs: plan
+    """Inside, ``mod.triton_layer`` runs ``plan`` (it looks ``plan_layer`` up in ``mod.plan`` at each call)."""
+    saved = mod.plan.plan_layer
+    mod.plan.plan_layer = lambda *args, **kwargs: plan
     try:
         yield
     finally:
-        common.plan_layer = saved
+        mod.plan.plan_layer = saved
 
 
 def run_layer(mod, cell, nl, x, state, weights, plan, probes=None):
@@ -90,7 +88,7 @@ def check_split(mod, cell, nl, B, T, H, dtype, strategy, tagged, partial, schedu
     ``resident``; returns what the launches did. ``split_forward=False``: the forward runs ``resident`` (the
     backward's hand-off alone is exercised)."""
     x, state, weights, _ = make_layer(cell, B, T, H, dtype)
-    resident = mod.common.plan_layer(cell, B, H, dtype, x.device, "resident")
+    resident = mod.plan.plan_layer(cell, B, H, dtype, x.device, "resident")
     plan = plan or split_plan(mod, cell, B, H, strategy, tagged, partial, BH)
     if not split_forward:
         plan = replace(plan, forward=resident.forward)
@@ -209,7 +207,7 @@ MUTANTS = {
     "single-buffer": [
         *[(f, "(s % 2) *", "0 *") for f in ("common.py", "rnn.py", "lstm.py", "gru.py")],
         ("common.py", "((s + 1) % 2) *", "0 *"),
-        ("common.py", "scr[1, :, :H]", "scr[0, :, :H]"),  # h_0 where step 0 now reads it
+        ("launch.py", "scr[1, :, :H]", "scr[0, :, :H]"),  # h_0 where step 0 now reads it
     ],
     # readers wait for the wrong tag: one step ahead in the tagged words, the other parity in the partial sums
     "wrong-tag": [
@@ -254,7 +252,7 @@ def kernels_copy(tmp_path):
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
-        module.common = importlib.import_module(f"{module_name}.common")
+        module.plan = importlib.import_module(f"{module_name}.plan")
         return module
 
     yield make
@@ -372,10 +370,10 @@ H100_SIZES = [(3, 96), (16, 128), (3, 160), (16, 256)]
 
 def _h100_split_pick(cell: str, handoff: str):
     """The dispatcher's own plan at the smallest of :data:`H100_SIZES` where a pass of it is a split grid."""
-    common = product_kernels.common
+    planner = product_kernels.plan
     for B, H in H100_SIZES:
-        with common.forced_handoff(handoff):
-            plan = common.plan_layer(cell, B, H, torch.float32, torch.device("cuda"), None, gpu=common.H100)
+        with planner.forced_handoff(handoff):
+            plan = planner.plan_layer(cell, B, H, torch.float32, torch.device("cuda"), None, gpu=planner.H100)
         if plan.forward.NSPLIT > 1 or plan.backward.NSPLIT > 1:
             return B, H, plan
     raise AssertionError(f"the H100 dispatcher picks no split grid for {cell} at {H100_SIZES}: add a size")

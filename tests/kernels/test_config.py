@@ -13,14 +13,16 @@ import warnings
 import pytest
 import torch
 import triton
+from kernels_aot import GRID_B, GRID_DTYPES, GRID_H
 
-from rnndeploy.kernels import common
-from rnndeploy.kernels.aot import GRID_B, GRID_DTYPES, GRID_H
-from rnndeploy.kernels.common import H100, make_config, model_regs, model_shared, plan_layer
+from rnndeploy.kernels import launch
+from rnndeploy.kernels import plan as planner
+from rnndeploy.kernels.plan import H100, make_config, model_regs, model_shared, plan_layer
+from rnndeploy.kernels.rules import RULES, refusal
 
 CUDA = torch.device("cuda")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-INSTALLED = common.TRITON_VERSION  # before any test sets it
+INSTALLED = planner.TRITON_VERSION  # before any test sets it
 # the triton releases the product meets: the GPU image's, the dev install's, the one torch 2.15 pins
 RELEASES = [(3, 6), (3, 8), (3, 9)]
 
@@ -29,14 +31,14 @@ RELEASES = [(3, 6), (3, 8), (3, 9)]
 def _triton_3_8(monkeypatch):
     """Plans as under triton 3.8, whatever is installed: the picks these tests name are 3.8's; the rules of the
     other releases have tests of their own, which set the version themselves."""
-    monkeypatch.setattr(common, "TRITON_VERSION", (3, 8))
+    monkeypatch.setattr(planner, "TRITON_VERSION", (3, 8))
 
 
 @pytest.mark.parametrize("release", RELEASES)
 def test_every_grid_pick_fits_the_model(monkeypatch, release):
     """No configuration make_config returns exceeds shared memory, registers or the co-resident grid, under
     each release's rules."""
-    monkeypatch.setattr(common, "TRITON_VERSION", release)
+    monkeypatch.setattr(planner, "TRITON_VERSION", release)
     picked = refused = 0
     for cell in ("rnn", "lstm", "gru"):
         for dtype_name, precision in GRID_DTYPES:
@@ -60,7 +62,7 @@ def test_every_grid_pick_fits_the_model(monkeypatch, release):
                             not cfg.STREAM_W
                         ):  # the held K pieces cover the product's K, per gate when resident
                             per_gate = cfg.strategy == "resident" or not backward or cfg.PARTIAL
-                            assert cfg.BK1 + cfg.BK2 >= (H if per_gate else common.GATES[cell] * H), name
+                            assert cfg.BK1 + cfg.BK2 >= (H if per_gate else planner.GATES[cell] * H), name
     assert picked > 0.9 * (picked + refused), f"{refused} of {picked + refused} shapes have no configuration"
 
 
@@ -116,10 +118,43 @@ def test_a_release_never_gets_the_picks_its_compile_spilled(
     dtype, precision = DTYPES["fp32" if kind == "ieee" else kind], "ieee" if kind == "ieee" else "tf32"
     kept = make_config(cell, B, H, dtype, CUDA, None, backward, H100, precision)
     assert _shape(kept) == spilled, f"under 3.8 the estimate's pick is {kept}"
-    monkeypatch.setattr(common, "TRITON_VERSION", release)
+    monkeypatch.setattr(planner, "TRITON_VERSION", release)
     other = make_config(cell, B, H, dtype, CUDA, None, backward, H100, precision)
     assert _shape(other) != spilled, f"triton {release} plans the configuration its compile spilled: {other}"
     assert other.step_us >= kept.step_us, other
+
+
+def test_every_refusal_rule_is_the_one_that_refuses_some_grid_candidate():
+    """No row of the rules table is dead: each is the first to refuse a candidate over the grid that the
+    resource models admit, under some release; its text says what it refuses and, release-bound, for which."""
+    unseen = set(range(len(RULES)))
+    for cell in ("rnn", "lstm", "gru"):
+        for dtype_name, precision in GRID_DTYPES:
+            for B in GRID_B:
+                for H in GRID_H:
+                    for backward in (False, True):
+                        for strategy in ("resident", "split", "split-stream", "stream"):
+                            for cfg in planner._candidates(cell, B, H, strategy, backward, cpu=False):
+                                if planner._does_not_fit(cfg, B, H, DTYPES[dtype_name], H100):
+                                    continue
+                                for release in RELEASES:
+                                    first = next(
+                                        (i for i, rule in enumerate(RULES)
+                                         if rule.matches(cfg, B, dtype_name, precision, release)),
+                                        None,
+                                    )  # fmt: skip
+                                    unseen.discard(first)
+                                if not unseen:
+                                    return
+    assert not unseen, "rows that refuse nothing: " + "; ".join(RULES[i].refuses for i in sorted(unseen))
+
+
+def test_a_release_bound_refusal_names_its_release():
+    cfg = make_config("lstm", 1, 64, torch.float32, CUDA, None, True, H100, "ieee")
+    assert refusal(cfg, 1, torch.float32, "ieee", (3, 8)) is None
+    text = refusal(cfg, 1, torch.float32, "ieee", (3, 9))
+    assert text == "triton 3.9: LSTM IEEE fp32 backward in one program aborts the compiler", text
+    assert all(rule.refuses and rule.reason for rule in RULES)
 
 
 def test_the_rules_follow_the_installed_release():
@@ -132,12 +167,12 @@ def test_the_rules_follow_the_installed_release():
                           (3072, 256, (2048, 1024)), (2304, 256, (2048, 256))],
 )  # fmt: skip
 def test_k_pieces(K, unit, expected):
-    assert common._pieces(K, unit) == expected
+    assert planner._pieces(K, unit) == expected
 
 
 @pytest.mark.parametrize("H, expected", [(1000, 8), (100, 4), (20, 4), (768, 1), (1024, 1), (33, 1), (1, 1)])
 def test_h_divisor_states_what_the_launch_specialization_does_not(H, expected):
-    assert common.h_divisor(H) == expected
+    assert planner.h_divisor(H) == expected
 
 
 def test_ieee_streamed_forward_takes_chunks_that_did_not_spill():
@@ -187,7 +222,7 @@ def test_split_launch_is_cooperative_and_gets_aligned_buffers(monkeypatch, hando
     assert cfg.TAGGED == (handoff == "tagged")
     kernel = FakeKernel()
     h0 = torch.randn(16, 100)
-    ran = common.launch(kernel, cfg, _tensors(100), 2, 16, 100, 1, h0)
+    ran = launch.launch(kernel, cfg, _tensors(100), 2, 16, 100, 1, h0)
     assert ran == cfg
     (grid, args, kwargs), = kernel.launches  # fmt: skip
     assert grid == (1, cfg.NSPLIT) and kwargs["launch_cooperative_grid"] is True and kwargs["HDIV"] == 4
@@ -203,30 +238,30 @@ def test_split_launch_is_cooperative_and_gets_aligned_buffers(monkeypatch, hando
         assert torch.equal(bits, h0.bfloat16())
     resident = make_config("lstm", 16, 64, torch.bfloat16, CUDA, "resident", False, H100)
     kernel = FakeKernel()
-    common.launch(kernel, resident, _tensors(64), 2, 16, 64, 1)
+    launch.launch(kernel, resident, _tensors(64), 2, 16, 64, 1)
     assert "launch_cooperative_grid" not in kernel.launches[0][2]
 
 
 def test_resource_failure_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr(common, "_FAILED", set())
-    monkeypatch.setattr(common, "_WARNED", set())
+    monkeypatch.setattr(planner, "_FAILED", set())
+    monkeypatch.setattr(launch, "_WARNED", set())
     cfg = make_config("lstm", 16, 768, torch.bfloat16, CUDA, None, False, H100)
     assert cfg.strategy == "split"
     error = triton.runtime.errors.OutOfResources(262144, 232448, "shared memory")
     kernel = FakeKernel([error])
     with pytest.warns(RuntimeWarning, match=r"strategy 'split' failed to launch .*running 'split-stream'"):
-        ran = common.launch(kernel, cfg, _tensors(768), 2, 16, 768, 1, gpu=H100)
+        ran = launch.launch(kernel, cfg, _tensors(768), 2, 16, 768, 1, gpu=H100)
     assert ran.strategy == "split-stream" and len(kernel.launches) == 2
     assert make_config("lstm", 16, 768, torch.bfloat16, CUDA, None, False, H100).strategy != "split"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same shape failing again does not warn twice
-        common.launch(FakeKernel([error]), cfg, _tensors(768), 2, 16, 768, 1, gpu=H100)
+        launch.launch(FakeKernel([error]), cfg, _tensors(768), 2, 16, 768, 1, gpu=H100)
 
 
 def test_other_launch_errors_are_not_swallowed():
     cfg = make_config("lstm", 16, 768, torch.bfloat16, CUDA, None, False, H100)
     with pytest.raises(TypeError, match="bad argument"):
-        common.launch(FakeKernel([TypeError("bad argument")]), cfg, _tensors(768), 2, 16, 768, 1, gpu=H100)
+        launch.launch(FakeKernel([TypeError("bad argument")]), cfg, _tensors(768), 2, 16, 768, 1, gpu=H100)
 
 
 def test_the_estimate_chooses_each_pass_its_hand_off(monkeypatch):
@@ -244,19 +279,19 @@ def test_the_estimate_chooses_each_pass_its_hand_off(monkeypatch):
     for p in ("forward", "backward"):
         chosen = getattr(auto, p).step_us
         assert chosen <= min(getattr(barrier, p).step_us, getattr(tagged, p).step_us) + 1e-9, p
-    est_b = common.estimate(barrier.forward, 768, torch.bfloat16)
-    est_t = common.estimate(auto.forward, 768, torch.bfloat16)
+    est_b = planner.estimate(barrier.forward, 768, torch.bfloat16)
+    est_t = planner.estimate(auto.forward, 768, torch.bfloat16)
     assert est_b["barrier_clk"] == H100.barrier_clk and est_t["barrier_clk"] == 0
     # tagged: value and tag per element of the [BB, H] operand, bf16 -> 4 bytes
     assert est_t["l2_bytes"] == 16 * 768 * 4 and est_b["l2_bytes"] == 16 * 768 * 2
     # the partial backward: its [BB, H] partial written, its [BB, BH] columns of all 48 read, fp32 either way
     for plan in (auto, barrier):
         assert (
-            common.estimate(plan.backward, 768, torch.bfloat16)["l2_bytes"] == (16 * 768 + 48 * 16 * 16) * 4
+            planner.estimate(plan.backward, 768, torch.bfloat16)["l2_bytes"] == (16 * 768 + 48 * 16 * 16) * 4
         )
     # exchanged gate gradients would read [BB, 4H]: the partial sums move half the bytes (a quarter the values)
     dg = make_config("lstm", 16, 768, torch.bfloat16, CUDA, "split-stream", True, H100)
-    assert not dg.PARTIAL and common.estimate(dg, 768, torch.bfloat16)["l2_bytes"] >= 16 * 3072 * 2
+    assert not dg.PARTIAL and planner.estimate(dg, 768, torch.bfloat16)["l2_bytes"] >= 16 * 3072 * 2
     # one-program strategies have no hand-off to choose: the switch leaves them alone
     resident = make_config("lstm", 16, 64, torch.bfloat16, CUDA, "resident", False, H100)
     assert not resident.TAGGED
@@ -270,11 +305,11 @@ def test_a_bad_hand_off_setting_is_refused_by_name(monkeypatch):
 
 def test_forced_handoff_restores_the_environment(monkeypatch):
     monkeypatch.delenv("RNNDEPLOY_HANDOFF", raising=False)
-    with common.forced_handoff("tagged"):
+    with planner.forced_handoff("tagged"):
         assert make_config("lstm", 16, 768, torch.bfloat16, CUDA, None, True, H100).TAGGED
     assert "RNNDEPLOY_HANDOFF" not in os.environ
     monkeypatch.setenv("RNNDEPLOY_HANDOFF", "barrier")
-    with common.forced_handoff("tagged"):
+    with planner.forced_handoff("tagged"):
         pass
     assert os.environ["RNNDEPLOY_HANDOFF"] == "barrier"
 
@@ -284,7 +319,7 @@ def test_triton_3_9_never_plans_the_lstm_ieee_backward_its_compiler_aborts_on(mo
     planner gives 3.9 something else, or refuses with the reason, and 3.8 keeps its pick."""
     kept = make_config("lstm", 1, 64, torch.float32, CUDA, None, True, H100, "ieee")
     assert kept.NSPLIT == 1, kept
-    monkeypatch.setattr(common, "TRITON_VERSION", (3, 9))
+    monkeypatch.setattr(planner, "TRITON_VERSION", (3, 9))
     try:
         other = make_config("lstm", 1, 64, torch.float32, CUDA, None, True, H100, "ieee")
     except ValueError as error:

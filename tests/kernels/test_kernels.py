@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnndeploy
 from rnndeploy import kernels
-from rnndeploy.kernels.common import make_config
+from rnndeploy.kernels.plan import make_config
 
 from ..tolerances import EXTREME_TOL, TOL
 

@@ -12,17 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
-from rnndeploy.kernels.common import (
-    _first,
-    _pieces,
-    _poll,
-    _poll_lsb,
-    _put,
-    _put_lsb,
-    _sum_partials,
-    _tag_word,
-)
+from rnndeploy.kernels.common import _first, _poll, _poll_lsb, _put, _put_lsb, _sum_partials
+from rnndeploy.kernels.launch import _tag_word
+from rnndeploy.kernels.plan import _pieces
 
+from ..tolerances import PARTIAL_SUM_TOL
 from .test_kernels import DEVICE
 
 N = 64
@@ -109,4 +103,5 @@ def test_each_program_sums_its_columns_of_everyones_partials(tagged, B, H, BH, s
     out = torch.full((B, H), float("nan"), device=DEVICE)
     _sum_kernel[(triton.cdiv(B, 16), nsplit)](scr, out, step, B, H, SP, BB=16, BH=BH, NSPLIT=nsplit, NJ1=nj1,
                                               NJ2=nj2, TAGGED=tagged)  # fmt: skip
-    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-5)
+    atol, rtol = PARTIAL_SUM_TOL
+    torch.testing.assert_close(out, want, atol=atol, rtol=rtol)

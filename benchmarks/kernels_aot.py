@@ -2,7 +2,8 @@
 
 Triton's compiler targets sm_90 (H100/H200) from a CPU; the result tells what a launch would need (shared
 memory, registers, spills) and what a step executes (instructions in PTX and SASS). Used by the compile
-tests and the static cost report. Run with ``TRITON_INTERPRET`` unset: the interpreter replaces kernels.
+tests (tests/kernels/compile_sm90.py) and the static cost report (bench_kernels.py static); not part of
+the installed package. Run with ``TRITON_INTERPRET`` unset: the interpreter replaces kernels.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .common import KernelConfig, h_divisor
+from rnndeploy.kernels import GATES
+from rnndeploy.kernels.plan import H100, KernelConfig, estimate, h_divisor, make_config
 
 TARGET = GPUTarget("cuda", 90, 32)
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -51,7 +53,7 @@ def results_stem(kind: str) -> str:
 
 
 def _kernel(cell: str, backward: bool):
-    module = importlib.import_module(f".{cell}", __package__)
+    module = importlib.import_module(f"rnndeploy.kernels.{cell}")
     return getattr(module, f"{cell}_{'bwd' if backward else 'fwd'}_kernel")
 
 
@@ -103,7 +105,7 @@ def _compile(config, b16, h16, hdiv, dtype, precision, lengths, reverse, bias, s
             signature[name] = _POINTER.get(name, f"*{_TRITON_DTYPE[dtype]}")
             if name == "p_scr" and config.PARTIAL:  # fp32 partial sums, tagged in their lowest bit
                 signature[name] = "*i32" if config.TAGGED else "*fp32"
-            elif name == "p_scr" and config.TAGGED:  # value and tag in one word (common._put)
+            elif name == "p_scr" and config.TAGGED:  # value and tag in one word (kernels/common.py _put)
                 signature[name] = "*i64" if dtype == torch.float32 else "*i32"
         else:
             signature[name] = "i32"
@@ -204,8 +206,6 @@ def picks(cases, gpu=None):
     """Compiles what `plan_layer` picks for each
     ``(cell, dtype, precision, B, H, strategy)`` (both passes, lengths and reverse on), yielding
     `Pick` or, where no configuration fits, ``(case, ValueError)``."""
-    from .common import H100, make_config
-
     gpu = gpu or H100
     for cell, dtype_name, precision, B, H, strategy in cases:
         dtype = DTYPES[dtype_name]
@@ -276,8 +276,6 @@ def step_costs(pick: Pick, gpu=None) -> dict:
     trip count; the grid barrier's spin loop once (one poll); a tagged poll's retries not at all (its first load is
     counted where it sits). Global bytes are per program (all threads).
     """
-    from .common import GATES, H100, estimate
-
     gpu = gpu or H100
     cfg, H = pick.config, pick.H
     G = GATES[pick.cell]
@@ -359,8 +357,6 @@ CUDNN_US = {"fwd": 2.0e3 / 1024, "bwd": (5.2e3 - 2.0e3) / 1024}
 def static_report(cases=REPORT_CASES, gpu=None) -> tuple[list[dict], str]:
     """Compiles ``cases`` for sm_90 and returns one row per kernel (`step_costs` plus the configuration)
     and a Markdown report: the table, the rates the estimate uses, and the headline against the targets."""
-    from .common import H100
-
     gpu = gpu or H100
     rows = []
     for pick in picks(cases, gpu):
