@@ -153,7 +153,7 @@ def test_a_release_bound_refusal_names_its_release():
     cfg = make_config("lstm", 1, 64, torch.float32, CUDA, None, True, H100, "ieee")
     assert refusal(cfg, 1, torch.float32, "ieee", (3, 8)) is None
     text = refusal(cfg, 1, torch.float32, "ieee", (3, 9))
-    assert text == "triton 3.9: LSTM IEEE fp32 backward in one program aborts the compiler", text
+    assert text == "triton 3.9: LSTM IEEE fp32 backward in one program over 64 or more rows aborts the compiler", text
     assert all(rule.refuses and rule.reason for rule in RULES)
 
 
@@ -315,8 +315,9 @@ def test_forced_handoff_restores_the_environment(monkeypatch):
 
 
 def test_triton_3_9_never_plans_the_lstm_ieee_backward_its_compiler_aborts_on(monkeypatch):
-    """Triton 3.9 aborts the process compiling LSTM's IEEE fp32 backward in one program (B=1, H=64); the
-    planner gives 3.9 something else, or refuses with the reason, and 3.8 keeps its pick."""
+    """Triton 3.9 aborts the process compiling LSTM's IEEE fp32 backward in one program with a 64-row block
+    (B=1, H=64); the planner gives 3.9 something else, or refuses with the reason, and 3.8 keeps its pick.
+    Smaller blocks compile (the sm_90 grid, H=16), so 3.9 keeps one program there."""
     kept = make_config("lstm", 1, 64, torch.float32, CUDA, None, True, H100, "ieee")
     assert kept.NSPLIT == 1, kept
     monkeypatch.setattr(planner, "TRITON_VERSION", (3, 9))
@@ -328,3 +329,6 @@ def test_triton_3_9_never_plans_the_lstm_ieee_backward_its_compiler_aborts_on(mo
         assert other.NSPLIT > 1, f"triton 3.9 plans the one-program kernel its compiler aborts on: {other}"
     tf32 = make_config("lstm", 1, 64, torch.float32, CUDA, None, True, H100, "tf32")
     assert tf32.NSPLIT == 1, "the TF32 form compiles under 3.9 and keeps its pick"
+    for H in (16, 32):
+        small = make_config("lstm", 1, H, torch.float32, CUDA, None, True, H100, "ieee")
+        assert small.NSPLIT == 1 and small.BH == H, f"16- and 32-row blocks compile under 3.9: {small}"
