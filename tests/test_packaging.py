@@ -76,6 +76,13 @@ def test_wheel_installs_one_namespace(wheel, installed, tmp_path):
     assert tops == {"rnndeploy", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, tops
     assert "rnndeploy/bench/memory.py" in names
     assert not [n for n in names if n.startswith("rnndeploy/kernels/benchmark")], "benchmarks in the kernels"
+    assert "rnndeploy/kernels/aot.py" not in names, (
+        "the ahead-of-time tooling is a benchmark, not the runtime"
+    )
+    # pyproject lists packages by name: one left out would be missing from every installed copy
+    sources = {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "rnndeploy").rglob("__init__.py")}
+    shipped = {n.rsplit("/", 1)[0] for n in names if n.endswith("/__init__.py")}
+    assert sources <= shipped, f"packages missing from the wheel: {sorted(sources - shipped)}"
 
     python, site = installed
     probe = (
