@@ -113,7 +113,9 @@ def check_split(mod, cell, nl, B, T, H, dtype, strategy, tagged, partial, schedu
         except AssertionError as e:
             # NOTE: where the one-program kernel itself misses the reference (bf16 ReLU with two batch blocks,
             # where torch.nn.RNN in bf16 misses it by more), the split grid is held to that kernel alone (above)
-            # and the case reports the kernel's error as xfail
+            # and the case reports the kernel's error as xfail; anywhere else a miss is a failure
+            if not (cell == "rnn" and nl == "relu" and dtype is torch.bfloat16):
+                raise
             pytest.xfail(f"resident misses the reference: {e}")
         assert_near(f"{name} (reference)", a, ref, dtype)
     return stats
