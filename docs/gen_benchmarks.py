@@ -90,7 +90,8 @@ def step_graph_section() -> list[str]:
     out = [
         "## The one-step graph (CPU)",
         "",
-        "`python benchmarks/bench_step_graph.py` (`benchmarks/results/step-graph.json`): one time step as plain "
+        "`rnndeploy bench runtime`, with int8 accuracy on trained checkpoints `python benchmarks/bench_step_graph.py` "
+        "(`benchmarks/results/step-graph.json`): one time step as plain "
         f"ONNX operators (`rnndeploy export --step-graph`) against the sequence graph's RNN node; {m['method']}.",
         "",
         _caption(m, ("date", "cpu", "cores", "python", "onnxruntime", "numpy", "torch", "commit")),

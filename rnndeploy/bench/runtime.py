@@ -20,7 +20,9 @@ model) is driven by two clients: tritonclient.http threads and rnndeploy.bench.l
 server with its default batcher, HTTP and gRPC on, by the stock clients of each protocol (tritonclient.http,
 tritonclient.grpc unary ``infer``, tritonclient.grpc a stream per sequence), through rnndeploy.bench.serving:
 per-step latency at 1 sequence and steps per second at 16 and 64.
-Prints tables and writes runtime.json, runtime.csv and runtime.png into ``out`` (default: ./bench-results).
+Then each model as a one-step graph (fp32, int8) against its sequence graph (`rnndeploy.bench.forms`).
+Prints tables and writes runtime.json, runtime.csv and runtime.png (and step-graph.*) into ``out`` (default:
+./bench-results).
 
     python benchmarks/bench_runtime.py [--quick] [--out DIR]     or     rnndeploy bench runtime [--quick]
 """
@@ -561,8 +563,10 @@ def write_csv(path: str, results: dict) -> None:
                 writer.writerow(row)
 
 
-def main(quick: bool = False, out: Path | None = None, server: bool = True) -> dict:
-    """Run the benchmarks, print tables, write runtime.json / .csv / .png into ``out``; return the results."""
+def main(quick: bool = False, out: Path | None = None, server: bool = True, forms: bool = True) -> dict:
+    """Run the benchmarks, print tables, write runtime.json / .csv / .png into ``out``; return the results.
+
+    ``forms``: also the one-step graph against the sequence graph (`rnndeploy.bench.forms`, step-graph.*)."""
     from rnndeploy.checkpoint import atomic_write
 
     out = Path(out) if out is not None else DEFAULT_OUT
@@ -614,4 +618,9 @@ def main(quick: bool = False, out: Path | None = None, server: bool = True) -> d
         out / "runtime.png", lambda tmp: plot(Path(tmp), latency, step_many, streams, serving, protocols)
     )
     print(f"\nwrote {out / 'runtime.json'}, runtime.csv, runtime.png")
+    if forms:
+        from rnndeploy.bench import forms as step_forms
+
+        print("\nThe one-step graph against the sequence graph")
+        step_forms.run(out, *((20, 2) if quick else (200, 15)))
     return results
