@@ -196,3 +196,36 @@ def test_mismatched_pair_is_refused(exported, tmp_path):
         StreamingSession(gru_seq, step_graph=gru_step, step_form="fast")
     with pytest.raises(FileNotFoundError, match="step graph file"):
         StreamingSession(gru_seq, step_graph=tmp_path / "missing.onnx")
+
+
+def test_a_repository_version_serves_its_step_graph_beside_the_sequence_graph(exported, tmp_path):
+    from rnndeploy.server import open_repository
+    from rnndeploy.server.core import STEP_GRAPH_FILE
+
+    model, seq, step = exported["gru-lm", "fp32"]
+    version = tmp_path / "lm" / "1"
+    version.mkdir(parents=True)
+    (version / "model.onnx").write_bytes(seq.read_bytes())
+    (tmp_path / "lm" / "config.pbtxt").write_text(
+        'name: "lm"\nbackend: "onnxruntime"\nmax_batch_size: 4\n'
+        'input [ { name: "input" data_type: TYPE_INT64 dims: [ -1 ] } ]\n'
+        'output [ { name: "output" data_type: TYPE_FP32 dims: [ -1, 11 ] } ]\n'
+        "sequence_batching { max_sequence_idle_microseconds: 5000000 direct { } }\n"
+    )
+    assert open_repository(tmp_path).get("lm").session.describe()["step_form"] is None  # no step graph there
+    (version / STEP_GRAPH_FILE).write_bytes(step.read_bytes())
+    assert open_repository(tmp_path).get("lm").session.describe()["step_form"] is None  # not asked for
+    served = open_repository(tmp_path, step_form="step").get("lm").session
+    assert served.describe()["step_form"]["path"] == str(version / STEP_GRAPH_FILE)
+    x = np.array([[3, 1, 4, 1]])
+    got = np.concatenate(
+        [served.step(x[:, :2])["output"], served.step(x[:, 2:3])["output"], served.step(x[:, 3:])["output"]],
+        1,
+    )
+    with torch.no_grad():
+        expected, _ = model(torch.from_numpy(x))
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=1e-4)
+    _, lstm_seq, lstm_step = exported["lstm-regression", "fp32"]
+    (version / STEP_GRAPH_FILE).write_bytes(lstm_step.read_bytes())
+    with pytest.raises(ValueError, match=rf"{version / 'model.onnx'}.*not the same model"):
+        open_repository(tmp_path, step_form="auto")
