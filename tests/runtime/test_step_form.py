@@ -188,6 +188,20 @@ def test_mismatched_pair_is_refused(exported, tmp_path):
     other = export_step_graph(model, tmp_path / "vocab.onnx", vocab=[chr(97 + i) for i in range(11)])
     with pytest.raises(ModelError, match=r"not the same model: their rnndeploy.vocab differ"):
         StreamingSession(gru_seq, step_graph=other, step_form="step")
+    # the same metadata over a state of another size: the shapes tell them apart
+    import onnx
+
+    wider = SequenceModel(ModelConfig(embed_dim=5, hidden_size=7, **MODELS["gru-lm"])).eval()
+    proto = onnx.load(str(export_step_graph(wider, tmp_path / "wider.onnx")))
+    seq_meta = {p.key: p.value for p in onnx.load(str(gru_seq)).metadata_props}
+    for prop in proto.metadata_props:
+        if prop.key in ("rnndeploy.config", "rnndeploy.states"):
+            prop.value = seq_meta[prop.key]
+    onnx.save(proto, tmp_path / "wider.onnx")
+    with pytest.raises(
+        ModelError, match=rf"{gru_seq} and {tmp_path / 'wider.onnx'} differ in h0: .*6.* vs .*7"
+    ):
+        StreamingSession(gru_seq, step_graph=tmp_path / "wider.onnx", step_form="sequence")
     with pytest.raises(ModelError, match=rf"{gru_seq} is not a step graph"):
         StreamingSession(gru_seq, step_graph=gru_seq)
     with pytest.raises(ModelError, match=rf"{gru_step} is not a sequence graph"):
