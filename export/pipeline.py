@@ -16,12 +16,11 @@ import torch
 from rnndeploy.checkpoint import Checkpoint, atomic_write, load_checkpoint
 from rnndeploy.data import DataError, load_data
 from rnndeploy.models import SequenceModel
-from rnndeploy.runtime.generate import log_probs
 
 from .exporter import DEFAULT_OPSET, OutputExistsError, example_input, export_onnx
 from .step_graph import export_step_graph, quantize_step_graph, step_int8_accuracy, verify_step_graph
 from .variants import latency_us, quantize_int8, to_fp16
-from .verification import VerifyReport, accuracy_inputs, session
+from .verification import VerifyReport, int8_accuracy_lines
 from .verification import verify as verify_graph
 
 
@@ -229,44 +228,7 @@ def int8_accuracy(
     character or mean squared error against the next step). Without it: random inputs, compared with fp32.
     Language models and classifiers also report top-1 agreement with fp32; regression the RMS difference.
     """
-    c = model.config
-    x, target, label = accuracy_inputs(model, validation, batch, time)
-    label = label or f"random inputs, batch {batch} x time {time}; the checkpoint names no data"
-    feeds = {
-        "input": x,
-        **{
-            f"{s}0": np.zeros(st.shape, np.float32)
-            for s, st in zip(c.state_names, model.init_state(batch), strict=True)
-        },
-    }
-    y32 = session(fp32_path).run(["output"], feeds)[0]
-    y8 = session(int8_path, precision="int8").run(["output"], feeds)[0]
-    lines = [f"int8 accuracy change ({label}):"]
-    if c.task == "regression":
-        rms = float(np.sqrt(np.mean((y8 - y32) ** 2)))
-        if target is not None:
-            mse32, mse8 = float(np.mean((y32 - target) ** 2)), float(np.mean((y8 - target) ** 2))
-            lines.append(f"  validation MSE (normalised): fp32 {mse32:.5f}, int8 {mse8:.5f}")
-        return [
-            *lines,
-            f"  RMS(int8 - fp32) = {rms:.3e}, {rms / (float(y32.std()) or 1.0):.2%} of the output std",
-        ]
-    top32, top8 = y32.argmax(-1), y8.argmax(-1)
-    logp32 = log_probs(y32, c.head)
-    logp8 = log_probs(y8, c.head)
-    if target is not None:
-        bits32 = -np.take_along_axis(logp32, target[..., None], -1).mean() / np.log(2)
-        bits8 = -np.take_along_axis(logp8, target[..., None], -1).mean() / np.log(2)
-        lines.append(f"  validation bits/char: fp32 {bits32:.4f}, int8 {bits8:.4f} ({bits8 - bits32:+.4f})")
-    else:
-        picked32 = np.take_along_axis(logp32, top32[..., None], -1).mean()
-        picked8 = np.take_along_axis(logp8, top32[..., None], -1).mean()
-        lines.append(f"  mean log-prob of the fp32 top-1 class: fp32 {picked32:.4f}, int8 {picked8:.4f}")
-    return [
-        *lines,
-        f"  top-1 agreement with fp32: {float((top32 == top8).mean()):.2%}",
-        f"  max |int8 - fp32| over outputs: {float(np.abs(y8 - y32).max()):.3e}",
-    ]
+    return int8_accuracy_lines(model, fp32_path, int8_path, validation, batch, time, stepwise=False)
 
 
 def int8_speed(model: SequenceModel, fp32_path: Path, int8_path: Path) -> list[str]:

@@ -44,7 +44,7 @@ from .exporter import (
     set_metadata,
 )
 from .variants import to_fp16
-from .verification import TOLERANCES, VerifyReport, _run_stepwise, accuracy_inputs, compare, session
+from .verification import TOLERANCES, VerifyReport, _run_stepwise, compare, int8_accuracy_lines, session
 
 FORM_KEY = "rnndeploy.form"
 RECURRENT_OPS = ("RNN", "LSTM", "GRU", "Loop", "Scan", "If")
@@ -192,47 +192,7 @@ def step_int8_accuracy(
             split is cut into ``batch`` contiguous streams scored against their next step (bits per character
             or mean squared error). ``None``: random inputs, compared with fp32 only.
     """
-    from rnndeploy.runtime.generate import log_probs
-
-    c = model.config
-    x, target, label = accuracy_inputs(model, validation, batch, time)
-    label = label or f"random inputs, batch {batch} x time {time}"
-    state_in = [f"{s}0" for s in c.state_names]
-    zeros = [np.zeros(s.shape, np.float32) for s in model.init_state(batch)]
-    y32 = _run_stepwise(session(fp32_path), ["output"] + [f"{s}n" for s in c.state_names], state_in, x, zeros)
-    y8 = _run_stepwise(
-        session(int8_path, precision="int8"),
-        ["output"] + [f"{s}n" for s in c.state_names],
-        state_in,
-        x,
-        zeros,
-    )
-    y32, y8 = y32[0], y8[0]
-    lines = [f"int8 step-graph accuracy change ({label}):"]
-    if c.task == "regression":
-        rms = float(np.sqrt(np.mean((y8 - y32) ** 2)))
-        if target is not None:
-            mse32, mse8 = float(np.mean((y32 - target) ** 2)), float(np.mean((y8 - target) ** 2))
-            lines.append(
-                f"  validation MSE (normalised): fp32 {mse32:.5f}, int8 {mse8:.5f} ({mse8 / mse32 - 1:+.2%})"
-            )
-        return [
-            *lines,
-            f"  RMS(int8 - fp32) = {rms:.3e}, {rms / (float(y32.std()) or 1.0):.2%} of the output std",
-        ]
-    logp32, logp8 = log_probs(y32, c.head), log_probs(y8, c.head)
-    if target is not None:
-        bits32 = float(-np.take_along_axis(logp32, target[..., None], -1).mean() / np.log(2))
-        bits8 = float(-np.take_along_axis(logp8, target[..., None], -1).mean() / np.log(2))
-        lines.append(
-            f"  validation bits/char: fp32 {bits32:.4f}, int8 {bits8:.4f} ({bits8 / bits32 - 1:+.2%})"
-        )
-    top32, top8 = y32.argmax(-1), y8.argmax(-1)
-    return [
-        *lines,
-        f"  top-1 agreement with fp32: {float((top32 == top8).mean()):.2%}",
-        f"  max |int8 - fp32| over outputs: {float(np.abs(y8 - y32).max()):.3e}",
-    ]
+    return int8_accuracy_lines(model, fp32_path, int8_path, validation, batch, time, stepwise=True)
 
 
 # NOTE: per cell, whether the input and recurrent products of a layer are one MatMul over concat([x, h]) (the

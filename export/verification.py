@@ -232,3 +232,71 @@ def accuracy_inputs(
     length = len(data) // batch
     split = data[: batch * length].reshape(batch, length, *data.shape[1:])
     return split[:, :-1].numpy(), split[:, 1:].numpy(), label
+
+
+def int8_accuracy_lines(
+    model: SequenceModel,
+    fp32_path: str | Path,
+    int8_path: str | Path,
+    validation: tuple[torch.Tensor, str] | None,
+    batch: int,
+    time: int,
+    *,
+    stepwise: bool,
+) -> list[str]:
+    """How much int8 changes a graph's outputs, as printable lines: both graphs on the same `accuracy_inputs`.
+
+    Args:
+        validation: ``[N]`` token ids or ``[N, F]`` features and a label; the split is cut into ``batch``
+            contiguous streams scored against their next step (bits per character or mean squared error).
+            ``None``: random inputs ``[batch, time]``, compared with fp32 only.
+        stepwise: run one step per call with the state fed back (a step graph), else each stream as one
+            sequence (a sequence graph).
+
+    Language models and classifiers also report top-1 agreement with fp32; regression the RMS difference.
+    """
+    from rnndeploy.runtime.generate import log_probs
+
+    c = model.config
+    x, target, label = accuracy_inputs(model, validation, batch, time)
+    label = label or f"random inputs, batch {batch} x time {time}; no validation data given"
+    names = ["output"] + [f"{s}n" for s in c.state_names]
+    state_in = [f"{s}0" for s in c.state_names]
+    zeros = [np.zeros(s.shape, np.float32) for s in model.init_state(batch)]
+
+    def run(path: str | Path, precision: str) -> np.ndarray:
+        sess = session(path, precision=precision)
+        if stepwise:
+            return _run_stepwise(sess, names, state_in, x, zeros)[0]
+        return sess.run(["output"], {"input": x, **dict(zip(state_in, zeros, strict=True))})[0]
+
+    y32, y8 = run(fp32_path, "fp32"), run(int8_path, "int8")
+    lines = [f"int8 {'step-graph ' if stepwise else ''}accuracy change ({label}):"]
+    if c.task == "regression":
+        rms = float(np.sqrt(np.mean((y8 - y32) ** 2)))
+        if target is not None:
+            mse32, mse8 = float(np.mean((y32 - target) ** 2)), float(np.mean((y8 - target) ** 2))
+            lines.append(
+                f"  validation MSE (normalised): fp32 {mse32:.5f}, int8 {mse8:.5f} ({mse8 / mse32 - 1:+.2%})"
+            )
+        return [
+            *lines,
+            f"  RMS(int8 - fp32) = {rms:.3e}, {rms / (float(y32.std()) or 1.0):.2%} of the output std",
+        ]
+    top32, top8 = y32.argmax(-1), y8.argmax(-1)
+    logp32, logp8 = log_probs(y32, c.head), log_probs(y8, c.head)
+    if target is not None:
+        bits32 = float(-np.take_along_axis(logp32, target[..., None], -1).mean() / np.log(2))
+        bits8 = float(-np.take_along_axis(logp8, target[..., None], -1).mean() / np.log(2))
+        lines.append(
+            f"  validation bits/char: fp32 {bits32:.4f}, int8 {bits8:.4f} ({bits8 / bits32 - 1:+.2%})"
+        )
+    else:
+        picked32 = np.take_along_axis(logp32, top32[..., None], -1).mean()
+        picked8 = np.take_along_axis(logp8, top32[..., None], -1).mean()
+        lines.append(f"  mean log-prob of the fp32 top-1 class: fp32 {picked32:.4f}, int8 {picked8:.4f}")
+    return [
+        *lines,
+        f"  top-1 agreement with fp32: {float((top32 == top8).mean()):.2%}",
+        f"  max |int8 - fp32| over outputs: {float(np.abs(y8 - y32).max()):.3e}",
+    ]

@@ -8,7 +8,8 @@ Modules: ``session`` (the session), ``stores`` (where a stream's state lives bet
 IOBinding buffers, CUDA device buffers, CUDA graphs), ``discovery`` (which inputs and outputs are states),
 ``metadata`` (the ``rnndeploy.*`` metadata, checked), ``specs`` (tensor and state descriptions, input checks),
 ``normalization`` (a forecaster's original units), ``providers`` (execution providers, loading a model),
-``errors``, ``generate``, ``testing`` (small ONNX models for tests).
+``forms`` (whether a model's sequence or step graph serves one-step calls), ``errors``, ``generate``,
+``testing`` (small ONNX models for tests).
 """
 
 from rnndeploy.runtime.errors import ModelError, ProviderError, StepInputError

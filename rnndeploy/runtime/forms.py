@@ -23,6 +23,7 @@ from rnndeploy.runtime.providers import default_session_options, load_session
 
 FORM_KEY = "rnndeploy.form"
 FORMS = ("sequence", "step")
+TIME_AXIS = "time"  # the name of the sequence graph's dynamic time dimension
 # NOTE: the step graph must win by this fraction: timings of two close forms flip between loads with machine
 # noise, and a tie keeps the sequence graph, which serves every request length.
 DEFAULT_MARGIN = 0.03
@@ -79,22 +80,41 @@ def choose_step_form(
             two describe different models.
         ValueError: ``prefer``, ``batch``, ``calls`` or ``blocks`` out of range.
     """
-    if prefer not in ("auto", *FORMS):
-        raise ValueError(f"prefer must be 'auto', 'sequence' or 'step', got {prefer!r}")
-    for name, value in (("batch", batch), ("calls", calls), ("blocks", blocks)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    _check_arguments(prefer, batch, calls, blocks)
     sequence_path, step_path = os.fspath(sequence_path), os.fspath(step_path)
     options = default_session_options(threads)
     sessions = {
         "sequence": load_session(sequence_path, options, list(providers)),
         "step": load_session(step_path, options, list(providers)),
     }
-    _check_pair(sessions, sequence_path, step_path)
-    paths = {"sequence": sequence_path, "step": step_path}
+    return choose_loaded(
+        sessions,
+        {"sequence": sequence_path, "step": step_path},
+        prefer=prefer,
+        batch=batch,
+        calls=calls,
+        blocks=blocks,
+        margin=margin,
+    )
+
+
+def choose_loaded(
+    sessions: dict[str, ort.InferenceSession],
+    paths: dict[str, str],
+    *,
+    prefer: str = "auto",
+    batch: int = 1,
+    calls: int = 50,
+    blocks: int = 5,
+    margin: float = DEFAULT_MARGIN,
+) -> FormChoice:
+    """`choose_step_form` on sessions already loaded (``{"sequence": ..., "step": ...}``); ``paths`` names their
+    files in messages and in the result."""
+    _check_arguments(prefer, batch, calls, blocks)
+    check_pair(sessions, paths["sequence"], paths["step"])
     if prefer != "auto":
         return FormChoice(prefer, paths[prefer], None, None)
-    loops = {form: _step_loop(session, batch) for form, session in sessions.items()}
+    loops = {form: _step_loop(sessions[form], batch) for form in FORMS}
     medians: dict[str, list[float]] = {form: [] for form in FORMS}
     for loop in loops.values():  # warm-up: first-run allocations and prepacking
         loop(min(calls, 10))
@@ -106,7 +126,18 @@ def choose_step_form(
     return FormChoice(form, paths[form], sequence_us, step_us)
 
 
-def _check_pair(sessions: dict[str, ort.InferenceSession], sequence_path: str, step_path: str) -> None:
+def _check_arguments(prefer: str, batch: int, calls: int, blocks: int) -> None:
+    if prefer not in ("auto", *FORMS):
+        raise ValueError(f"prefer must be 'auto', 'sequence' or 'step', got {prefer!r}")
+    for name, value in (("batch", batch), ("calls", calls), ("blocks", blocks)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def check_pair(sessions: dict[str, ort.InferenceSession], sequence_path: str, step_path: str) -> None:
+    """Refuse two graphs that are not the sequence and step graph of one model (`ModelError`, a ValueError,
+    naming both files and the difference): forms, model metadata, and every input and output's name, dtype
+    and shape, the step graph's time axis being 1."""
     meta = {form: s.get_modelmeta().custom_metadata_map for form, s in sessions.items()}
     if meta["step"].get(FORM_KEY) != "step":
         raise ModelError(
@@ -132,6 +163,15 @@ def _check_pair(sessions: dict[str, ort.InferenceSession], sequence_path: str, s
         raise ModelError(
             f"{sequence_path} and {step_path} have different inputs/outputs: {names['sequence']} vs {names['step']}"
         )
+    graph_io = {form: [*s.get_inputs(), *s.get_outputs()] for form, s in sessions.items()}
+    for seq, step in zip(graph_io["sequence"], graph_io["step"], strict=True):
+        # the step graph has the sequence graph's dims, with 1 for the time axis
+        expected = [1 if d == TIME_AXIS else d for d in seq.shape]
+        if seq.type != step.type or expected != list(step.shape):
+            raise ModelError(
+                f"{sequence_path} and {step_path} differ in {seq.name}: {seq.type}{list(seq.shape)} vs "
+                f"{step.type}{list(step.shape)} (the step graph needs the same dtype and dims, time 1)"
+            )
 
 
 def _step_loop(session: ort.InferenceSession, batch: int):
@@ -139,7 +179,7 @@ def _step_loop(session: ort.InferenceSession, batch: int):
     inputs = session.get_inputs()
     feed = {}
     for arg in inputs:
-        shape = [d if isinstance(d, int) else (1 if d == "time" else batch) for d in arg.shape]
+        shape = [d if isinstance(d, int) else (1 if d == TIME_AXIS else batch) for d in arg.shape]
         dtype = np.int64 if arg.type == "tensor(int64)" else np.float32
         feed[arg.name] = np.zeros(shape, dtype)
     states = [arg.name for arg in inputs[1:]]

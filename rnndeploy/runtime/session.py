@@ -16,6 +16,7 @@ How a step runs:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import operator
 import os
@@ -28,6 +29,7 @@ import onnxruntime as ort
 
 from rnndeploy.runtime.discovery import state_pairs
 from rnndeploy.runtime.errors import ORT_RUN_ERRORS, ModelError, ProviderError, StepInputError, step_error
+from rnndeploy.runtime.forms import FORMS, TIME_AXIS, FormChoice, choose_loaded
 from rnndeploy.runtime.metadata import ModelMetadata, read_metadata
 from rnndeploy.runtime.normalization import Normalization
 from rnndeploy.runtime.providers import (
@@ -142,6 +144,14 @@ class StreamingSession:
             return outputs in the original units: inputs are normalised with the training statistics and
             outputs mapped back (`normalization`). False feeds the graph raw values.
         session_options: replaces `default_session_options`.
+        step_graph: the same model's one-step graph (``rnndeploy export --step-graph``), path or bytes: steps of
+            one time step (``T = 1``) then run through whichever graph ``step_form`` picks, longer chunks through
+            ``model`` (the sequence graph); each stream keeps one state across both. The two files must describe
+            one model (same metadata, inputs, outputs and states; the step graph's time axis 1), else
+            `ModelError`. Not with ``cuda_graph``.
+        step_form: with ``step_graph``: ``"auto"`` times one step of both graphs at batch 1 when the session opens
+            and keeps the faster (`rnndeploy.runtime.forms.choose_step_form`); ``"step"`` or ``"sequence"``
+            forces one. ``step_form_choice`` and `describe` tell which serves one-step calls.
 
     The main (data) inputs are the graph inputs that are neither states nor constants. ``step`` takes them
     with or without the batch axis (then outputs come without it too); a stream's batch size is fixed by its
@@ -172,7 +182,16 @@ class StreamingSession:
         cuda_graph: bool = False,
         normalize: bool = True,
         session_options: ort.SessionOptions | None = None,
+        step_graph: str | os.PathLike | bytes | None = None,
+        step_form: str = "auto",
     ) -> None:
+        if step_form not in ("auto", *FORMS):
+            raise ValueError(f"step_form must be 'auto', 'sequence' or 'step', got {step_form!r}")
+        if step_graph is not None and cuda_graph:
+            raise ModelError(
+                "cuda_graph=True replays one captured graph per stream; it cannot serve a step graph beside the "
+                "sequence graph: drop step_graph or cuda_graph"
+            )
         requested = resolve_providers(providers)
         options = session_options or default_session_options(threads)
         provider_list: list = list(requested)
@@ -288,6 +307,51 @@ class StreamingSession:
         else:
             kind = CudaGraphStore if cuda_graph else DeviceStore
         self._state_store: StateStore = kind(self._graph)
+        # one-step calls go to ``_step_store`` when the step graph serves them; it shares the cells (state
+        # buffers) of ``_state_store``, so a stream carries one state across both graphs
+        self._step_store: StateStore | None = None
+        self.step_form_choice: FormChoice | None = None
+        if step_graph is not None:
+            self._open_step_graph(model, step_graph, step_form, options, kind)
+
+    def _open_step_graph(
+        self,
+        model: str | os.PathLike | bytes,
+        step_graph: str | os.PathLike | bytes,
+        step_form: str,
+        options: ort.SessionOptions,
+        kind: type[StateStore],
+    ) -> None:
+        """Load ``step_graph`` on this session's providers, check it is ``model``'s step graph, pick the form
+        for one-step calls and, when it is the step graph, the store that runs them."""
+        source = os.fspath(step_graph) if isinstance(step_graph, str | os.PathLike) else step_graph
+        if isinstance(source, str) and not Path(source).is_file():
+            raise FileNotFoundError(f"step graph file {source} does not exist")
+        paths = {
+            "sequence": os.fspath(model)
+            if isinstance(model, str | os.PathLike)
+            else "the sequence graph bytes",
+            "step": source if isinstance(source, str) else "the step graph bytes",
+        }
+        session = load_session(source, options, self.providers)
+        choice = choose_loaded({"sequence": self._session, "step": session}, paths, prefer=step_form)
+        self.step_form_choice = choice
+        missing = [n for n in self.inputs if TIME_AXIS not in self.inputs[n].shape]
+        if missing:
+            raise ModelError(
+                f"{paths['sequence']}: inputs {missing} have no {TIME_AXIS!r} axis, so one-step calls cannot be "
+                "told from chunks; serve it without a step graph"
+            )
+        self._time_axes = {n: t.shape.index(TIME_AXIS) for n, t in self.inputs.items()}
+        if choice.form == "step":
+            self._step_store = kind(dataclasses.replace(self._graph, session=session))
+
+    def _store_for(self, arrays: Mapping[str, np.ndarray]) -> StateStore:
+        """The store that runs a step on ``arrays`` (with the batch axis): the step graph's for one time step."""
+        step_store = self._step_store
+        if step_store is not None and all(arrays[n].shape[t] == 1 for n, t in self._time_axes.items()):
+            return step_store
+        return self._state_store
 
     def _check_vocab(self, checked: ModelMetadata) -> None:
         """A language model's vocabulary must match its output: one score per token id."""
@@ -606,7 +670,7 @@ class StreamingSession:
             if entry.rows is not None:
                 self._load(entry)
         try:
-            return store.step(entry.cell, x, arrays, added)
+            return self._store_for(arrays).step(entry.cell, x, arrays, added)
         except ORT_RUN_ERRORS as error:
             if new:  # a failed first step leaves no stream behind
                 with self._lock:
@@ -687,16 +751,15 @@ class StreamingSession:
                     n: np.concatenate([checked[s][0][n] for s in members], axis=tensor.batch_axis)
                     for n, tensor in self.inputs.items()
                 }
-            feed = self._graph.normalized(feed)
+            graph = self._store_for(feed).graph
+            feed = graph.normalized(feed)
             with self._lock:
                 feed.update(self._gather(members, [self._streams.get(s) for s in members], batches))
             try:
-                outs = self._session.run(
-                    self._graph.output_names, {**feed, **self.constants}, self._graph.run_options
-                )
+                outs = graph.session.run(graph.output_names, {**feed, **self.constants}, graph.run_options)
             except ORT_RUN_ERRORS as error:
                 raise self._run_error(error, {s: checked[s][0] for s in members}) from error
-            outputs = self._graph.denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
+            outputs = graph.denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
             rows = _Rows(
                 {p.input: o for p, o in zip(self.states, outs[n_out:], strict=True)}, members, batches
             )
@@ -852,16 +915,15 @@ class StreamingSession:
                 states = self._gather(members, entries, [batch] * len(members))
             else:
                 states = again.states
+        graph = self._store_for(feed).graph
         try:
-            outs = self._session.run(
-                self._graph.output_names,
-                {**self._graph.normalized(feed), **states, **self.constants},
-                self._graph.run_options,
+            outs = graph.session.run(
+                graph.output_names, {**graph.normalized(feed), **states, **self.constants}, graph.run_options
             )
         except ORT_RUN_ERRORS as error:
             raise self._run_error(error, given()) from error
         n_out = len(self.outputs)
-        outputs = self._graph.denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
+        outputs = graph.denormalized(dict(zip(self.outputs, outs[:n_out], strict=True)))
         new_states = {p.input: o for p, o in zip(self.states, outs[n_out:], strict=True)}
         if again is not None:  # the block belongs to this call's streams alone: no other call touches it
             again.states = new_states
@@ -906,7 +968,9 @@ class StreamingSession:
         return self._load(entry)
 
     def describe(self) -> dict:
-        """Inputs, outputs, state pairs, constants, providers, normalization and metadata as a JSON-able dict."""
+        """Inputs, outputs, state pairs, constants, providers, normalization, metadata and, with a step graph,
+        ``step_form``: which graph serves one-step calls (``form``, ``path``) and the timings that chose it
+        (``sequence_us``, ``step_us``, microseconds per step; None when forced) as a JSON-able dict."""
         return {
             "inputs": [s.describe() for s in self.inputs.values()],
             "outputs": [s.describe() for s in self.outputs.values()],
@@ -916,6 +980,7 @@ class StreamingSession:
             "io_binding": self.io_binding,
             "normalization": None if self.normalization is None else self.normalization.to_json(),
             "metadata": self.metadata,
+            "step_form": None if self.step_form_choice is None else dataclasses.asdict(self.step_form_choice),
         }
 
 

@@ -40,6 +40,7 @@ from rnndeploy.server.repository import (
 )
 
 # the platform Triton reports for a backend whose config names none
+STEP_GRAPH_FILE = "model.step.onnx"  # a version's step graph, beside its sequence graph
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx"}
 
 
@@ -371,6 +372,7 @@ def open_repository(
     providers: str | None = None,
     threads: int = 1,
     worker_thread: bool = True,
+    step_form: str | None = None,
 ) -> ModelSet:
     """Every ready version of every model of a Triton-style model repository, each a `ModelServer`.
 
@@ -378,12 +380,17 @@ def open_repository(
     per batched step), and from ``sequence_batching`` the idle timeout, the queue delay and the state pairs
     (else the graph's ``rnndeploy.states`` metadata). ``onnxruntime`` models run their model file, ``python``
     models (``rnndeploy export --triton-backend python``) the ``model.onnx`` next to their ``model.py``.
-    ``limits`` apply to each model. Raises `RepositoryError` naming the file and the problem.
+    ``limits`` apply to each model. ``step_form`` (``"auto"``, ``"step"`` or ``"sequence"``; None: none):
+    a version folder holding a step graph ``STEP_GRAPH_FILE`` beside its sequence graph serves them as one
+    `StreamingSession` pair (``step_graph``, ``step_form``), one-step requests through the form it picks.
+    Raises `RepositoryError` naming the file and the problem.
     """
     servers = []
     for entry in read_repository(root).values():
         for version in entry.ready_versions:
-            servers.append(_repository_model(entry, version, limits, providers, threads, worker_thread))
+            servers.append(
+                _repository_model(entry, version, limits, providers, threads, worker_thread, step_form)
+            )
     return ModelSet(servers)
 
 
@@ -394,6 +401,7 @@ def _repository_model(
     providers: str | None,
     threads: int,
     worker_thread: bool,
+    step_form: str | None = None,
 ) -> ModelServer:
     if entry.kind in ("onnxruntime", "onnxruntime_onnx"):
         path = entry.model_file(version)
@@ -407,6 +415,12 @@ def _repository_model(
     if not path.is_file():
         hint = " (rnndeploy serve runs the model.onnx next to model.py)" if entry.kind == "python" else ""
         raise RepositoryError(f"{path}: missing; model {entry.name!r} version {version} needs it{hint}")
+    step_graph = path.with_name(STEP_GRAPH_FILE) if step_form is not None else None
+    pair = (
+        {}
+        if step_graph is None or not step_graph.is_file()
+        else {"step_graph": step_graph, "step_form": step_form}
+    )
     seq = entry.sequence_batching
     states = {s.input_name: s.output_name for s in seq.state} if seq is not None and seq.state else None
     try:
@@ -416,6 +430,7 @@ def _repository_model(
             batch_axes=dict.fromkeys(states or (), 0),  # Triton's implicit state is batch-first
             providers=providers,
             threads=threads,
+            **pair,
         )
     except ModelError as error:
         raise RepositoryError(f"{path}: {error}") from None
