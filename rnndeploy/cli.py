@@ -387,6 +387,30 @@ def _session_options(command):
     return command
 
 
+def _step_form_options(command):
+    """--step-graph and --step-form: a model's one-step graph held beside its sequence graph."""
+    options = [
+        click.option(
+            "--step-graph",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="The same model's one-step graph (rnndeploy export --step-graph): one-step calls run through "
+            "it when --step-form picks it, longer chunks through MODEL; each stream keeps one state.",
+        ),
+        click.option(
+            "--step-form",
+            type=click.Choice(["auto", "step", "sequence"]),
+            default="auto",
+            show_default=True,
+            help="With --step-graph (or a repository version holding model.step.onnx): which graph serves "
+            "one-step calls; auto times both when the model loads and keeps the faster.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
     pairs = {}
     for value in values:
@@ -404,6 +428,8 @@ def _open_session(
     provider: str | None,
     threads: int,
     normalize: bool = True,
+    step_graph: Path | None = None,
+    step_form: str = "auto",
 ):
     """A StreamingSession for a command; its errors as click errors in the command line's terms."""
     import json
@@ -426,6 +452,8 @@ def _open_session(
             providers=provider,
             threads=threads,
             normalize=normalize,
+            step_graph=step_graph,
+            step_form=step_form,
         )
     except ProviderError as error:
         if error.reason is None:
@@ -466,8 +494,20 @@ def _open_session(
     help="Feed the graph raw values: no normalisation with the model's rnndeploy.data_stats.",
 )
 @_session_options
+@_step_form_options
 def run_command(
-    model, input_path, text, temperature, seed, raw, states, constants, provider, threads
+    model,
+    input_path,
+    text,
+    temperature,
+    seed,
+    raw,
+    states,
+    constants,
+    provider,
+    threads,
+    step_graph,
+    step_form,
 ) -> None:
     """Run a stateful ONNX model step by step and print each step's outputs as a JSON line.
 
@@ -488,7 +528,16 @@ def run_command(
 
     from rnndeploy.runtime import StepInputError
 
-    session = _open_session(model, states, constants, provider, threads, normalize=not raw)
+    session = _open_session(
+        model,
+        states,
+        constants,
+        provider,
+        threads,
+        normalize=not raw,
+        step_graph=step_graph,
+        step_form=step_form,
+    )
     if text is not None:
         if input_path is not None:
             raise click.UsageError("give --text or --input, not both")
@@ -710,6 +759,7 @@ def info_command(model, states, constants, provider, threads) -> None:
     help="Run batches in a worker thread (off: on the event loop, no hand-off; for steps of ~1 ms or less).",
 )
 @_session_options
+@_step_form_options
 def serve_command(
     model,
     host,
@@ -738,6 +788,8 @@ def serve_command(
     constants,
     provider,
     threads,
+    step_graph,
+    step_form,
 ) -> None:
     """Serve a model with the KServe v2 protocol of Triton Inference Server over HTTP and gRPC.
 
@@ -778,14 +830,26 @@ def serve_command(
                 f"{', '.join(given)} apply to one .onnx file; {model} is a model repository, whose "
                 "config.pbtxt files name the models and their inputs"
             )
+        if step_graph is not None:
+            raise click.ClickException(
+                f"--step-graph applies to one .onnx file; in the model repository {model} a version's step "
+                "graph is the model.step.onnx beside its model file"
+            )
         try:
             session = open_repository(
-                model, limits=limits, providers=provider, threads=threads, worker_thread=worker_thread
+                model,
+                limits=limits,
+                providers=provider,
+                threads=threads,
+                worker_thread=worker_thread,
+                step_form=step_form,
             )
         except (RepositoryError, ProviderError) as error:
             raise click.ClickException(str(error)) from error
     else:
-        session = _open_session(model, states, constants, provider, threads)
+        session = _open_session(
+            model, states, constants, provider, threads, step_graph=step_graph, step_form=step_form
+        )
 
     def ready(where: dict) -> None:
         model_url = f"{where['http']}/v2/models/{where['model']}"

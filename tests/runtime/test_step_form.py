@@ -243,3 +243,36 @@ def test_a_repository_version_serves_its_step_graph_beside_the_sequence_graph(ex
     (version / STEP_GRAPH_FILE).write_bytes(lstm_step.read_bytes())
     with pytest.raises(ValueError, match=rf"{version / 'model.onnx'}.*not the same model"):
         open_repository(tmp_path, step_form="auto")
+
+
+def test_run_and_serve_take_the_step_graph_from_the_command_line(exported, tmp_path):
+    """`rnndeploy run --step-graph/--step-form` prints what the sequence graph alone prints; a mismatched pair
+    and a step graph given for a repository are refused in one line."""
+    import json
+
+    from click.testing import CliRunner
+
+    from rnndeploy.cli import main
+
+    _, seq, step = exported["gru-lm", "fp32"]
+    tokens = tmp_path / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, 11, 9))
+
+    def run(*extra: str) -> list[dict]:
+        result = CliRunner().invoke(main, ["run", str(seq), "--input", str(tokens), *extra])
+        assert result.exit_code == 0, result.output
+        return [json.loads(line) for line in result.output.splitlines()]
+
+    alone = run()
+    paired = run("--step-graph", str(step), "--step-form", "step")
+    assert len(paired) == len(alone) == 9
+    for a, b in zip(alone, paired, strict=True):
+        np.testing.assert_allclose(np.asarray(b["output"]), np.asarray(a["output"]), rtol=1e-4, atol=1e-5)
+    other = export_step_graph(make_model("lstm-regression"), tmp_path / "other.onnx")
+    refused = CliRunner().invoke(main, ["run", str(seq), "--input", str(tokens), "--step-graph", str(other)])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output, refused.output
+    assert str(other) in refused.output, refused.output
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    refused = CliRunner().invoke(main, ["serve", str(repository), "--step-graph", str(step)])
+    assert refused.exit_code == 1 and "model.step.onnx" in refused.output, refused.output
