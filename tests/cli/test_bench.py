@@ -6,7 +6,7 @@ from rnndeploy import cli
 
 
 def test_server_part_names_the_missing_clients(monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "_module_available", lambda name: name != "aiohttp")
+    monkeypatch.setattr(cli.bench, "_module_available", lambda name: name != "aiohttp")
     result = CliRunner().invoke(cli.main, ["bench", "runtime", "--quick", "--out", str(tmp_path)])
     assert result.exit_code == 1, result.output
     assert "needs aiohttp" in result.output and "rnndeploy[bench]" in result.output
@@ -15,5 +15,5 @@ def test_server_part_names_the_missing_clients(monkeypatch, tmp_path):
 
 
 def test_module_available_handles_a_missing_parent_package():
-    assert cli._module_available("json")
-    assert not cli._module_available("no_such_package_rnndeploy.http")
+    assert cli.bench._module_available("json")
+    assert not cli.bench._module_available("no_such_package_rnndeploy.http")
