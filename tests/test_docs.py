@@ -8,19 +8,15 @@ a fresh folder holding ``runs/lm.pt`` (a small character language model) and ``l
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+
+from .serve_subprocess import serving
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -53,48 +49,6 @@ def fixtures(tmp_path_factory) -> Path:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _ready(http_port: int, grpc_port: int) -> bool:
-    import tritonclient.grpc as grpcclient
-
-    try:
-        if httpx.get(f"http://127.0.0.1:{http_port}/v2/health/ready").status_code != 200:
-            return False
-        return grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}").is_server_ready()
-    except (httpx.TransportError, grpcclient.InferenceServerException):
-        return False
-
-
-@contextlib.contextmanager
-def serving(model: Path, name: str) -> Iterator[tuple[int, int]]:
-    """``rnndeploy serve MODEL --name NAME`` on free HTTP and gRPC ports until the block has run."""
-    http_port, grpc_port = _free_port(), _free_port()
-    command = [sys.executable, "-m", "rnndeploy", "serve", str(model), "--name", name,
-               "--port", str(http_port), "--grpc-port", str(grpc_port)]  # fmt: skip
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, f"serve exited {server.returncode}: {server.stderr.read()[-2000:]}"
-            if _ready(http_port, grpc_port):
-                break
-            assert time.monotonic() < deadline, "rnndeploy serve was not ready within 120 s"
-            time.sleep(0.2)
-        yield http_port, grpc_port
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-
-
 @pytest.mark.parametrize("page", CODE_PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_python_blocks_run(page: Path, fixtures: Path, tmp_path, monkeypatch):
     found = blocks(page)
@@ -109,7 +63,8 @@ def test_python_blocks_run(page: Path, fixtures: Path, tmp_path, monkeypatch):
             continue
         if marker.startswith("server"):
             name = marker.split()[1]
-            with serving(tmp_path / "lm.onnx", name) as (http_port, grpc_port):
+            with serving(tmp_path / "lm.onnx", name=name, grpc=True) as served:
+                http_port, grpc_port = served.http_port, served.grpc_port
                 code = code.replace("127.0.0.1:8000", f"127.0.0.1:{http_port}")
                 code = code.replace("127.0.0.1:8001", f"127.0.0.1:{grpc_port}")
                 exec(compile(code, where, "exec"), namespace)

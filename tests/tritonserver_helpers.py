@@ -15,7 +15,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -29,6 +28,7 @@ import onnxruntime as ort
 import pytest
 
 from rnndeploy import SequenceModel
+from rnndeploy.bench.serving import free_port
 from rnndeploy.export import export_onnx
 
 STARTUP_S = 120
@@ -53,12 +53,6 @@ def _server_files() -> Path:
     if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
         pytest.skip(f"the Python-backend stub links libpython{pyver}.so; this Python is built without it")
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

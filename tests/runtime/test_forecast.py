@@ -18,7 +18,7 @@ from rnndeploy.models import ModelConfig, SequenceModel
 from rnndeploy.runtime import ModelError, StreamingSession
 from rnndeploy.train import TrainOptions, train
 
-from ._serving import infer, serving
+from ..serve_subprocess import infer, serving
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 
@@ -72,8 +72,8 @@ def test_run_forecasts_in_the_units_of_the_training_csv(forecaster):
 
 def test_serve_forecasts_in_the_units_of_the_training_csv(forecaster):
     ckpt, path, rows = forecaster
-    with serving(path) as url:
-        got = infer(url, rows, "FP32")
+    with serving(path) as served:
+        got = infer(served.url, rows, "FP32")
     np.testing.assert_allclose(got, torch_forecast(ckpt, rows), **TOL)
 
 

@@ -16,7 +16,7 @@ from rnndeploy.export.verification import TOLERANCES
 from rnndeploy.models import ModelConfig, SequenceModel
 from rnndeploy.runtime.providers import uses_float16
 
-from ._serving import infer, serving
+from ..serve_subprocess import infer, serving
 
 VOCAB = list("abcdefgh ")
 ATOL, RTOL = TOLERANCES["fp16"]
@@ -92,8 +92,8 @@ def test_generate_picks_what_the_fp32_graph_ranks_first(models):
 
 def test_serve_answers_and_stops_on_sigterm(models):
     fp32, fp16 = models
-    with serving(fp16) as url:
-        got = infer(url, np.array(TOKENS), "INT64")
+    with serving(fp16) as served:
+        got = infer(served.url, np.array(TOKENS), "INT64")
     np.testing.assert_allclose(got, fp32_outputs(fp32, TOKENS), atol=ATOL, rtol=RTOL)
 
 
