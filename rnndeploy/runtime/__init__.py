@@ -5,7 +5,8 @@ into one call; `generate` samples text from a character language model, `read_te
 through one.
 
 Modules: ``session`` (the session), ``stores`` (where a stream's state lives between steps: host arrays,
-IOBinding buffers, CUDA device buffers, CUDA graphs), ``discovery`` (which inputs and outputs are states),
+IOBinding buffers, CUDA device buffers, CUDA graphs), ``streams`` (each stream's batch size and where its
+state is, the rows a batched step leaves to its streams), ``discovery`` (which inputs and outputs are states),
 ``metadata`` (the ``rnndeploy.*`` metadata, checked), ``specs`` (tensor and state descriptions, input checks),
 ``normalization`` (a forecaster's original units), ``providers`` (execution providers, loading a model),
 ``forms`` (whether a model's sequence or step graph serves one-step calls), ``errors``, ``generate``,
